@@ -1,0 +1,65 @@
+"""`learner:` section: the FSDP2 learner group, optimizer and checkpoints."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from common.config.base import Section
+
+
+class LoraConfig(Section):
+    """Low-rank adapters; when enabled only adapters train and only adapters are synced."""
+
+    enabled: bool = Field(default=False, description="Train LoRA adapters instead of the full model.")
+    r: int = Field(default=64, ge=1, description="Adapter rank.")
+    alpha: float = Field(default=64.0, gt=0.0, description="Adapter scale numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
+        description="Linear layer names inside each block that get adapters.",
+    )
+
+
+class LearnerConfig(Section):
+    """Learner ranks, optimization and checkpointing."""
+
+    num_ranks: int = Field(default=1, ge=1, description="Learner ranks (Ray actors in one torch.distributed group).")
+    num_gpus_per_rank: float = Field(default=0.0, ge=0.0, description="GPUs per learner rank.")
+    num_cpus_per_rank: float = Field(default=1.0, gt=0.0, description="CPUs per learner rank.")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="torch.distributed backend; auto picks nccl with GPUs, gloo without."
+    )
+    groups_per_step: int = Field(default=4, ge=1, description="Prompt groups consumed per optimizer step.")
+    micro_batch_tokens: int = Field(
+        default=4096, ge=1, description="Token budget of one micro-batch (sequences x length)."
+    )
+    lr: float = Field(default=1e-5, gt=0.0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.99), description="AdamW betas.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine"] = Field(default="constant", description="LR schedule after warm-up.")
+    grad_clip: float = Field(default=1.0, gt=0.0, description="Global gradient-norm clip.")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="FSDP2 mixed-precision parameter dtype."
+    )
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="FSDP2 gradient reduce dtype."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adapters.")
+    weight_transport: Literal["auto", "nccl", "cuda_ipc", "object_store"] = Field(
+        default="auto",
+        description="How weights reach rollout actors: auto picks cuda_ipc when colocated on one GPU, "
+        "nccl across GPUs, object_store on CPU.",
+    )
+    checkpoint_every: int = Field(default=0, ge=0, description="Save a checkpoint every n steps (0: only at the end).")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
+    max_bad_steps: int = Field(
+        default=3, ge=1, description="Consecutive NaN/Inf steps tolerated (skipped) before the run stops."
+    )
+
+    @model_validator(mode="after")
+    def _backend(self) -> "LearnerConfig":
+        if self.backend == "nccl" and self.num_gpus_per_rank == 0:
+            raise ValueError("backend nccl needs learner.num_gpus_per_rank > 0")
+        return self

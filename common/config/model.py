@@ -1,0 +1,36 @@
+"""`model:` section: which network to load or build."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from common.config.base import Section
+
+
+class ModelConfig(Section):
+    """Where the policy's weights come from and how they are held in memory."""
+
+    path: str | None = Field(
+        default=None,
+        description="HF-format LLaDA checkpoint directory (config.json + safetensors). "
+        "Relative paths resolve against the repository root. None builds `preset` with random weights.",
+    )
+    preset: Literal["tiny", "100m", "1b", "llada-8b"] | None = Field(
+        default=None, description="Architecture preset used when `path` is None (random init)."
+    )
+    vocab_size: int | None = Field(
+        default=None, ge=8, description="Override the preset's vocabulary size (e.g. to a tokenizer's size)."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Parameter dtype for rollout and the learner's compute."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute each transformer block in backward to save activation memory."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.path is None and self.preset is None:
+            raise ValueError("set either model.path (a checkpoint directory) or model.preset")
+        return self

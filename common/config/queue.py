@@ -1,0 +1,22 @@
+"""`queue:` section: the Arrow replay queue between rollout and learner."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.config.base import Section
+
+
+class QueueConfig(Section):
+    """Capacity, staleness budget and spill of the replay queue."""
+
+    capacity_groups: int = Field(default=64, ge=1, description="Prompt groups held before producers block.")
+    max_staleness: int = Field(
+        default=0,
+        ge=0,
+        description="Policy versions a group may lag the learner when consumed; 0 is synchronous on-policy.",
+    )
+    spill: bool = Field(
+        default=True,
+        description="Append every admitted group to Arrow IPC files in the run directory, with a ledger of "
+        "consumed ids, so a restarted queue recovers and trajectories stay for analysis.",
+    )

@@ -1,0 +1,24 @@
+"""`rollout:` section: the pool of rollout actors."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.config.base import Section
+
+
+class RolloutConfig(Section):
+    """How many rollout actors run, what each one holds, and how much each generates per call."""
+
+    num_workers: int = Field(default=1, ge=0, description="Rollout actors; changeable while running (`unmask scale`).")
+    num_gpus_per_worker: float = Field(
+        default=0.0, ge=0.0, description="GPUs per rollout actor (fractional when colocated with the learner)."
+    )
+    num_cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs per rollout actor.")
+    group_size: int = Field(default=8, ge=2, description="Samples per prompt (G); advantages are group-relative.")
+    prompts_per_call: int = Field(
+        default=4, ge=1, description="Prompts a worker generates per `generate` call (batch = prompts x group_size)."
+    )
+    max_prompt_tokens: int = Field(
+        default=256, ge=1, description="Prompts longer than this are rejected with a logged reason."
+    )
+    max_restarts: int = Field(default=3, ge=0, description="Ray restarts of a rollout actor that died.")

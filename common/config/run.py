@@ -1,0 +1,25 @@
+"""`run:` section: the loop, its directory and where Ray lives."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.config.base import Section
+
+
+class RunConfig(Section):
+    """Length of the run, evaluation and the run directory."""
+
+    name: str = Field(default="tiny-countdown", description="Run name; the run directory is <root>/<name>-<timestamp>.")
+    root: str = Field(default="runs", description="Directory under which run directories are created.")
+    seed: int = Field(default=0, description="Global seed.")
+    total_steps: int = Field(default=20, ge=0, description="Learner optimizer steps.")
+    eval_every: int = Field(default=0, ge=0, description="Evaluate every n steps (0: before and after only).")
+    eval_sampling_steps: list[int] = Field(
+        default_factory=list, description="Extra sampling-step counts evaluated at the end (accuracy vs steps)."
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address; None attaches to RAY_ADDRESS or starts a local instance."
+    )
+    colocated: bool = Field(
+        default=False, description="Rollout and learner share one GPU (fractional num_gpus, CUDA IPC weight sync)."
+    )

@@ -1,0 +1,67 @@
+"""`sampler:` section: LLaDA-style iterative unmasking."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from common.config.base import Section
+
+
+class SamplerConfig(Section):
+    """Decoding schedule and sampling distribution of the iterative-unmasking sampler."""
+
+    gen_length: int = Field(default=32, ge=1, description="Completion tokens generated per sample (G in LLaDA).")
+    block_length: int = Field(default=32, ge=1, description="Semi-autoregressive block length; divides gen_length.")
+    steps: int = Field(default=32, ge=1, description="Total denoising steps; a multiple of gen_length/block_length.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Gumbel-max temperature; 0 is greedy argmax.")
+    top_k: int | None = Field(default=None, ge=1, description="Sample only among the k most likely tokens.")
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Nucleus sampling: smallest support with mass >= top_p."
+    )
+    remasking: Literal["low_confidence", "random", "margin", "entropy"] = Field(
+        default="low_confidence",
+        description="Which masked positions to commit each step: highest probability, random, "
+        "largest top1-top2 margin, or lowest entropy.",
+    )
+    threshold: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Confidence-threshold parallel decoding: commit every masked token of the block whose "
+        "confidence exceeds this (at least one per step) instead of the fixed schedule.",
+    )
+    cfg_scale: float = Field(default=0.0, ge=0.0, description="Classifier-free guidance scale (0 disables).")
+    logits_eos_inf: bool = Field(default=False, description="LLaDA option: never sample EOS.")
+    confidence_eos_eot_inf: bool = Field(
+        default=False, description="LLaDA option: EOS/EoT never win the confidence ranking."
+    )
+    stop_on_eos_block: bool = Field(
+        default=False, description="Stop a row once a whole block decodes to EOS and fill the rest with EOS."
+    )
+    kernel: Literal["auto", "triton", "torch"] = Field(
+        default="auto", description="Fused sampling kernel: Triton on CUDA, the pure-torch reference elsewhere."
+    )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "SamplerConfig":
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"block_length {self.block_length} must divide gen_length {self.gen_length}"
+            )
+        if self.steps % self.num_blocks:
+            raise ValueError(
+                f"steps {self.steps} must be a multiple of the number of blocks "
+                f"(gen_length/block_length = {self.num_blocks})"
+            )
+        if self.top_k is not None and self.temperature == 0.0:
+            raise ValueError("top_k has no effect at temperature 0; unset it or raise the temperature")
+        return self

@@ -1,0 +1,169 @@
+"""The LLaDA masked-diffusion transformer: bidirectional attention, RoPE, RMSNorm, SwiGLU.
+
+Parameter names equal LLaDA's checkpoint keys (``model.transformer.blocks.{i}.q_proj.weight`` ...).
+Shapes: B batch, L sequence, D model width, H heads, Dh head width, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from common.model.configuration import LLaDAConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, as LLaDA does, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions_BL: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, L, Dh] in fp32 (LLaDA keeps RoPE in full precision)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BL.device, dtype=torch.float32) / head_dim))
+    freqs = positions_BL.float()[..., None] * inv_freq  # [B, L, Dh/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x = x_BHLD.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x_BHLD.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm transformer block with LLaDA's layer names."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, kv = config.d_model, config.n_kv_heads * config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.rope_theta = config.rope_theta
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+
+    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor | None):
+        B, L, _ = x_BLD.shape
+        h = self.attn_norm(x_BLD)
+        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        x_BLD = x_BLD + self.attn_out(att.transpose(1, 2).reshape(B, L, -1))
+        h = self.ff_norm(x_BLD)
+        return x_BLD + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDATransformer(nn.Module):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.embedding_size, config.d_model)
+        self.blocks = nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers))
+        self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
+        if not config.weight_tying:
+            self.ff_out = nn.Linear(config.d_model, config.embedding_size, bias=False)
+
+
+class LLaDAModel(nn.Module):
+    """Holds ``transformer`` so parameter paths read ``model.transformer.*`` as in LLaDA."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.transformer = LLaDATransformer(config)
+
+
+@dataclass
+class LLaDAOutput:
+    logits: torch.Tensor
+
+
+class LLaDAModelLM(PreTrainedModel):
+    """LLaDA mask predictor: ``model(input_ids, attention_mask).logits`` is [B, L, V]."""
+
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LLaDABlock"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.activation_checkpointing = False
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    @property
+    def transformer(self) -> LLaDATransformer:
+        return self.model.transformer
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward (trades compute for activation memory)."""
+        self.activation_checkpointing = enabled
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, L, D]. ``attention_mask`` [B, L] marks real (1) vs padding (0) keys."""
+        B, L = input_ids.shape
+        x = self.transformer.wte(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        attn_bias = None
+        if attention_mask is not None:
+            attn_bias = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
+        for block in self.transformer.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, attn_bias, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_bias)
+        return self.transformer.ln_f(x)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states [..., D] to vocabulary logits [..., V]."""
+        weight = self.transformer.wte.weight if self.config.weight_tying else self.transformer.ff_out.weight
+        return F.linear(hidden, weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_: object,
+    ) -> LLaDAOutput:
+        return LLaDAOutput(logits=self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids)))

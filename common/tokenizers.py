@@ -1,0 +1,118 @@
+"""Tokenizers behind one small interface: a checkpoint's own HF tokenizer, or a built-in character one.
+
+The character tokenizer is saved into the checkpoint directory (``unmask_tokenizer.json``), so a
+save/load round-trip restores exactly the same ids.
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Protocol, Sequence
+
+CHAR_TOKENIZER_FILE = "unmask_tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    """What the sampler, tasks and learner need from a tokenizer."""
+
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    eot_id: int | None
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str: ...
+    def format_prompt(self, user: str, system: str | None = None) -> str: ...
+    def save(self, directory: str | Path) -> None: ...
+
+
+class CharTokenizer:
+    """One id per character; ids 0..4 are PAD, BOS, EOS, MASK, EOT. Unknown characters map to '?'."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>", "<eot>")
+
+    def __init__(self, alphabet: str | None = None):
+        self.alphabet = alphabet if alphabet is not None else string.printable[:95] + "\n"
+        if len(set(self.alphabet)) != len(self.alphabet):
+            raise ValueError("character tokenizer alphabet has duplicate characters")
+        self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.eot_id = range(len(self.SPECIALS))
+        offset = len(self.SPECIALS)
+        self._id = {c: i + offset for i, c in enumerate(self.alphabet)}
+        self._char = {i: c for c, i in self._id.items()}
+        self._unknown = self._id.get("?", offset)
+        self.vocab_size = offset + len(self.alphabet)
+
+    def encode(self, text: str) -> list[int]:
+        return [self._id.get(c, self._unknown) for c in text]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i in self._char:
+                out.append(self._char[i])
+            elif not skip_special and 0 <= i < len(self.SPECIALS):
+                out.append(self.SPECIALS[i])
+        return "".join(out)
+
+    def format_prompt(self, user: str, system: str | None = None) -> str:
+        return user if system is None else f"{system}\n{user}"
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CHAR_TOKENIZER_FILE
+        path.write_text(json.dumps({"type": "char", "specials": list(self.SPECIALS), "alphabet": self.alphabet}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CharTokenizer":
+        file = Path(directory) / CHAR_TOKENIZER_FILE
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
+        if data.get("type") != "char" or data.get("specials") != list(cls.SPECIALS):
+            raise ValueError(f"{file}: not an Unmask character tokenizer")
+        return cls(data["alphabet"])
+
+
+class HFTokenizer:
+    """A checkpoint's own tokenizer (LLaDA's), loaded from local files only, chat template applied."""
+
+    def __init__(self, directory: str | Path, mask_id: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        vocab = self.tok.get_vocab()
+        self.mask_id = mask_id if mask_id is not None else vocab.get("<|mdm_mask|>", 126336)
+        self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab.get("<|endoftext|>", 126081)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos_id = self.tok.bos_token_id
+        self.eot_id = vocab.get("<|eot_id|>")
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def format_prompt(self, user: str, system: str | None = None) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        if self.tok.chat_template:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tok.bos_token + user if self.tok.bos_token else user
+
+    def save(self, directory: str | Path) -> None:
+        self.tok.save_pretrained(str(directory))
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved in a checkpoint directory: ours if present, else the HF files there."""
+    directory = Path(directory)
+    if (directory / CHAR_TOKENIZER_FILE).is_file():
+        return CharTokenizer.load(directory)
+    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return HFTokenizer(directory)
+    raise ValueError(f"{directory}: no tokenizer files (tokenizer.json or {CHAR_TOKENIZER_FILE})")

@@ -1,0 +1,69 @@
+"""The in-memory form of rollouts, shared by the sampler (producer), the Arrow schema and the learner.
+
+Letters: B samples, P prompt length (left-padded), G completion length, T denoising steps.
+The wire format (Arrow) lives in ``common.schema``; this is what both ends hold as torch tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class Trajectory:
+    """Everything a batch of rollouts recorded; enough for the learner to rebuild every state exactly.
+
+    Per completion token (``_BG``): the global step (0..T-1) at which it was committed, its log-prob
+    under the distribution it was drawn from (temperature + support), the entropy and top1-top2
+    probability margin of that distribution, and the support cut-off (the smallest temperature-scaled
+    logit kept by top-k/top-p; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
+    entropy and mean margin over the block's still-masked positions before the step, and how many
+    tokens the step committed.
+    """
+
+    prompt_ids_BP: torch.Tensor  # int64, left-padded with the pad id
+    prompt_mask_BP: torch.Tensor  # bool, True on real prompt tokens
+    completion_ids_BG: torch.Tensor  # int64
+    unmask_step_BG: torch.Tensor  # int64, step index in [0, T)
+    logp_BG: torch.Tensor  # float32
+    entropy_BG: torch.Tensor  # float32
+    margin_BG: torch.Tensor  # float32
+    cutoff_BG: torch.Tensor  # float32, -inf where the full vocabulary was the support
+    step_entropy_BT: torch.Tensor  # float32
+    step_margin_BT: torch.Tensor  # float32
+    step_committed_BT: torch.Tensor  # int64
+    temperature: float = 0.0
+    block_length: int = 0
+    # Filled after generation by the rollout actor:
+    rewards_B: torch.Tensor | None = None  # float32
+    group_B: torch.Tensor | None = None  # int64: samples of one prompt share a group index
+    policy_version_B: torch.Tensor | None = None  # int64
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def sequences_BL(self) -> torch.Tensor:
+        """[prompt | completion], the contract's ``sequences``."""
+        return torch.cat([self.prompt_ids_BP, self.completion_ids_BG], dim=1)
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_entropy_BT.shape[1]
+
+    def __len__(self) -> int:
+        return self.completion_ids_BG.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> "Trajectory":
+        """Rows ``index`` of every per-sample tensor."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return Trajectory(**out)
+
+    def to(self, device: torch.device | str) -> "Trajectory":
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return Trajectory(**out)

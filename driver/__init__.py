@@ -1,0 +1,1 @@
+"""The single controller and the `unmask` command line."""

@@ -1,0 +1,1 @@
+"""Rollout side: the iterative-unmasking sampler, its fused kernels, and the rollout actor."""
