@@ -16,8 +16,8 @@ class Trajectory:
 
     Per completion token (``_BG``): the global step (0..T-1) at which it was committed, its log-prob
     under the distribution it was drawn from (temperature + support), the entropy and top1-top2
-    probability margin of that distribution, and the support cut-off (the smallest temperature-scaled
-    logit kept by top-k/top-p; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
+    probability margin of that distribution, and the support cut-off (the smallest raw logit kept by
+    top-k/top-p; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
     entropy and mean margin over the block's still-masked positions before the step, and how many
     tokens the step committed.
     """
@@ -35,6 +35,7 @@ class Trajectory:
     step_committed_BT: torch.Tensor  # int64
     temperature: float = 0.0
     block_length: int = 0
+    banned_ids: tuple[int, ...] = ()  # token ids whose logits the sampler set to -inf (LLaDA's logits_eos_inf)
     # Filled after generation by the rollout actor:
     rewards_B: torch.Tensor | None = None  # float32
     group_B: torch.Tensor | None = None  # int64: samples of one prompt share a group index

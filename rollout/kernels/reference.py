@@ -20,6 +20,28 @@ class RowStats:
     confidence_N: torch.Tensor  # softmax(logits)[token] at temperature 1 (LLaDA's remasking score)
 
 
+def support_cutoff(logits_NV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+    """Per-row smallest raw logit kept by top-k and/or top-p (nucleus at ``temperature``), or None.
+
+    Storing this one float per token lets the learner rebuild the sampler's support exactly.
+    Logits equal to the cut-off are kept.
+    """
+    if top_k is None and top_p is None:
+        return None
+    x = logits_NV.float()
+    cutoff = torch.full(x.shape[:1], float("-inf"), device=x.device)
+    if top_k is not None and top_k < x.shape[-1]:
+        cutoff = x.topk(top_k, dim=-1).values[:, -1]
+    if top_p is not None and top_p < 1.0:
+        scaled = x.masked_fill(x < cutoff[:, None], float("-inf")) / (temperature if temperature > 0 else 1.0)
+        sorted_scaled, order = scaled.sort(dim=-1, descending=True)
+        mass_before = sorted_scaled.softmax(-1).cumsum(-1) - sorted_scaled.softmax(-1)
+        keep = (mass_before < top_p).sum(-1).clamp(min=1)  # tokens needed to reach top_p
+        kept_last = x.gather(1, order.gather(1, (keep - 1)[:, None]))[:, 0]
+        cutoff = torch.maximum(cutoff, kept_last)
+    return cutoff
+
+
 def sample_rows_reference(
     logits_NV: torch.Tensor,
     temperature: float,
