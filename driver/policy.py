@@ -1,26 +1,2 @@
-"""Build or load the policy and its tokenizer from the `model:` config section."""
-from __future__ import annotations
-
-from pathlib import Path
-
-from common.config import ModelConfig
-from common.config.loader import REPO_ROOT
-
-
-def resolve_path(path: str) -> Path:
-    """Relative paths are taken against the repository root, so presets work from any directory."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
-
-
-def load_policy(cfg: ModelConfig, device: str = "cpu"):
-    """(model, tokenizer) from a checkpoint directory, or a random preset with the char tokenizer."""
-    from common.model import build_model, load_pretrained, preset_config
-    from common.tokenizers import CharTokenizer, load_tokenizer
-
-    if cfg.path is not None:
-        directory = resolve_path(cfg.path)
-        return load_pretrained(directory, dtype=cfg.dtype, device=device), load_tokenizer(directory)
-    overrides = {"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}
-    model = build_model(preset_config(cfg.preset, **overrides), dtype=cfg.dtype, device=device)
-    return model, CharTokenizer()
+"""Moved to ``common.policy`` (both sides load the policy); kept until every caller is updated."""
+from common.policy import load_policy, resolve_path  # noqa: F401

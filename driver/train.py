@@ -7,7 +7,7 @@ from common.config import UnmaskConfig
 def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     import torch
 
-    from driver.policy import load_policy
+    from common.policy import load_policy
 
     model, tokenizer = load_policy(cfg.model)
     ids = torch.tensor([tokenizer.encode("1,2,3 -> 6")])
