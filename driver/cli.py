@@ -20,6 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
+    ev = sub.add_parser("eval", help="held-out accuracy of a checkpoint per sampling-step count")
+    _add_config_args(ev)
+    ev.add_argument("--model", help="checkpoint directory (overrides model.path)")
+    ev.add_argument("--task", help="task name (overrides task.name)")
+    ev.add_argument("--steps", default=None, help="comma-separated sampling-step counts, e.g. 8,16,32")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out items")
+    ev.add_argument("--out", default=None, help="directory for eval.json and accuracy_vs_steps.png")
+
+    scale = sub.add_parser("scale", help="change the number of rollout workers of a running run")
+    scale.add_argument("run_dir", metavar="RUN")
+    scale.add_argument("--rollout-workers", type=int, required=True)
+
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     return parser
@@ -27,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv if argv is not None else (sys.argv[1:] or ["train"]))
+    if args.command == "scale":
+        return _scale(args.run_dir, args.rollout_workers)
+    if args.command == "eval":
+        args.overrides = list(args.overrides)
+        if args.model:
+            args.overrides += [f"model.path={args.model}", "model.preset=null"]
+        if args.task:
+            args.overrides.append(f"task.name={args.task}")
     from common.config import ConfigError, load_config
     from common.config.loader import dump_config
 
@@ -38,6 +58,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "eval":
+        from driver.evaluate import evaluate_checkpoint
+
+        steps = [int(s) for s in args.steps.split(",")] if args.steps else [cfg.sampler.steps]
+        evaluate_checkpoint(cfg, steps, out_dir=args.out, limit=args.limit)
+        return 0
     from driver.train import train
 
     return train(cfg, resume=args.resume)
+
+
+def _scale(run_dir: str, n: int) -> int:
+    from pathlib import Path
+
+    from driver.runtime import write_control
+
+    if not (Path(run_dir) / "config.yaml").is_file():
+        print(f"unmask: {run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    if n < 0:
+        print("unmask: --rollout-workers must be >= 0", file=sys.stderr)
+        return 2
+    write_control(Path(run_dir), rollout_workers=n)
+    print(f"{run_dir}: rollout workers -> {n} (the driver applies it within a second)")
+    return 0

@@ -1,0 +1,128 @@
+"""PNG plots of a run directory: what a person would rather look at than read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(records: list[dict], out: Path) -> Path | None:
+    """Training reward/accuracy per step and held-out accuracy at each evaluation."""
+    train = [r for r in records if "reward" in r and "version" in r]
+    evals = [r for r in records if "eval_accuracy" in r]
+    if not train and not evals:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["reward"] for r in train], label="train reward", alpha=0.8)
+        ax.plot(steps, [r["accuracy"] for r in train], label="train accuracy", alpha=0.8)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy")
+    ax.set_xlabel("learner step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarray] | None:
+    """Per-step entropy/margin of up to ``limit`` spilled trajectories, with their correctness."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    rows = {"step_entropy": [], "step_margin": [], "correct": [], "policy_version": []}
+    for file in sorted(spill_dir.glob("*.arrow")):
+        try:
+            with pa.OSFile(str(file)) as f:
+                table = ipc.open_stream(f).read_all()
+        except (pa.ArrowInvalid, OSError):
+            continue
+        for name in rows:
+            rows[name].extend(table.column(name).to_pylist())
+    if not rows["correct"]:
+        return None
+    idx = np.linspace(0, len(rows["correct"]) - 1, min(limit, len(rows["correct"]))).astype(int)
+    width = max(len(rows["step_entropy"][i]) for i in idx)
+    out = {}
+    for name in ("step_entropy", "step_margin"):
+        mat = np.full((len(idx), width), np.nan)
+        for j, i in enumerate(idx):
+            mat[j, : len(rows[name][i])] = rows[name][i]
+        out[name] = mat
+    out["correct"] = np.array([rows["correct"][i] for i in idx], dtype=bool)
+    out["policy_version"] = np.array([rows["policy_version"][i] for i in idx])
+    return out
+
+
+def plot_confusion_zones(profiles: dict[str, np.ndarray], out: Path, title: str = "") -> Path:
+    """Heatmaps of per-step entropy and margin across trajectories, failures on top, successes below."""
+    plt = _plt()
+    order = np.argsort(profiles["correct"], kind="stable")
+    n_fail = int((~profiles["correct"]).sum())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    for ax, name, cmap, label in ((axes[0], "step_entropy", "magma", "mean entropy of masked positions"),
+                                  (axes[1], "step_margin", "viridis", "mean top1-top2 margin")):
+        im = ax.imshow(profiles[name][order], aspect="auto", interpolation="nearest", cmap=cmap)
+        ax.axhline(n_fail - 0.5, color="white", lw=1.5)
+        ax.set_xlabel("denoising step")
+        ax.set_title(label)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    axes[0].set_ylabel(f"trajectories (top {n_fail}: failed, below: succeeded)")
+    fig.suptitle(title or "zones of confusion")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy_vs_steps(points: dict[str, list[tuple[int, float]]], out: Path) -> Path:
+    """Held-out accuracy against the number of sampling steps, one line per model/method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in points.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Every plot a run directory supports, written to ``<run_dir>/plots``."""
+    from common.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+    if (run_dir / "metrics.jsonl").is_file():
+        records = read_metrics(run_dir / "metrics.jsonl")
+        if (p := plot_curves(records, plots / "reward_accuracy.png")) is not None:
+            made.append(p)
+        at_steps = [(r["eval_sampling_steps"], r["eval_accuracy_at_steps"]) for r in records if "eval_sampling_steps" in r]
+        if at_steps:
+            made.append(plot_accuracy_vs_steps({"trained policy": at_steps}, plots / "accuracy_vs_steps.png"))
+    profiles = load_step_profiles(run_dir / "trajectories")
+    if profiles is not None:
+        made.append(plot_confusion_zones(profiles, plots / "confusion_zones.png"))
+    return made

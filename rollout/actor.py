@@ -1,0 +1,151 @@
+"""The rollout actor: turns prompts into scored trajectory groups and puts them into the replay queue.
+
+The driver dispatches work (``rollout(items)``) and weights (``set_weights``) as actor calls; Ray runs
+an actor's calls one at a time, so weights change only between rollouts and every group is stamped with
+the policy version that produced it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+
+from common.config import ModelConfig, SamplerConfig, TaskConfig
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → left-padded ids [B, P] and attention mask [B, P]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """Decode a completion up to its first EOS/EoT (LLaDA fills the tail with EOS)."""
+    stops = {tokenizer.eos_id} | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set())
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids)
+
+
+class Generator:
+    """Policy + tokenizer + task on one device: prompts in, trajectories and rewards out."""
+
+    def __init__(self, model_cfg: ModelConfig, sampler_cfg: SamplerConfig, task_cfg: TaskConfig,
+                 device: str | None = None):
+        from common.policy import load_policy
+        from common.tasks import get_task
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_policy(model_cfg, device=self.device)
+        self.model.eval().requires_grad_(False)
+        self.sampler_cfg = sampler_cfg
+        self.task = get_task(task_cfg)
+
+    def encode_prompts(self, items) -> list[list[int]]:
+        return [self.tokenizer.encode(self.task.prompt(item, self.tokenizer)) for item in items]
+
+    @torch.no_grad()
+    def generate(self, prompt_rows: list[list[int]], seed: int, sampler_cfg: SamplerConfig | None = None):
+        from rollout.sampler import generate
+
+        ids, mask = left_pad(prompt_rows, self.tokenizer.pad_id)
+        tok = self.tokenizer
+        return generate(self.model, ids.to(self.device), mask.to(self.device), sampler_cfg or self.sampler_cfg,
+                        mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id, pad_id=tok.pad_id, seed=seed)
+
+    def score(self, traj, items_per_row) -> tuple[list[str], list[Any]]:
+        texts = [completion_text(self.tokenizer, row.tolist()) for row in traj.completion_ids_BG.cpu()]
+        return texts, [self.task.reward(text, item) for text, item in zip(texts, items_per_row)]
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        missing = set(own) - set(state)
+        if missing:
+            raise ValueError(f"weight update lacks {sorted(missing)[0]!r} ({len(missing)} tensors missing)")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(state[name])
+
+
+class RolloutWorker:
+    """Ray actor body (wrapped with ``ray.remote`` by the driver with per-worker resources)."""
+
+    def __init__(self, worker_id: str, model_cfg: ModelConfig, sampler_cfg: SamplerConfig, task_cfg: TaskConfig,
+                 group_size: int, queue, seed: int):
+        from common.metrics import RayMetrics
+
+        self.worker_id = worker_id
+        self.gen = Generator(model_cfg, sampler_cfg, task_cfg)
+        self.group_size = group_size
+        self.queue = queue
+        self.seed = seed
+        self.version = 0
+        self.calls = 0
+        self.metrics = RayMetrics()
+
+    def ready(self) -> dict[str, Any]:
+        return {"worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": self.gen.device, "version": self.version}
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Swap in new policy weights (called between rollouts) and adopt their version."""
+        self.gen.load_state_dict(state)
+        self.version = version
+        return version
+
+    def rollout(self, items: list, call_id: int) -> dict[str, Any]:
+        """Generate ``group_size`` samples for each item, score them, put one Arrow group per item."""
+        import ray
+
+        from common.schema import group_to_record_batch
+
+        t0 = time.perf_counter()
+        G = self.group_size
+        rows = [r for r in self.gen.encode_prompts(items) for _ in range(G)]
+        traj = self.gen.generate(rows, seed=self.seed * 1_000_003 + call_id)
+        t_gen = time.perf_counter() - t0
+        items_per_row = [item for item in items for _ in range(G)]
+        t1 = time.perf_counter()
+        _, rewards = self.gen.score(traj, items_per_row)
+        t_reward = time.perf_counter() - t1
+        traj = traj.to("cpu")
+        put, dropped = [], 0
+        for g, item in enumerate(items):
+            sl = slice(g * G, (g + 1) * G)
+            rs = rewards[sl]
+            components = {k: [r.components[k] for r in rs] for k in rs[0].components}
+            batch = group_to_record_batch(
+                traj.select(sl), group_id=f"{call_id}:{item.id}", task=self.gen.task.name,
+                worker_id=self.worker_id, policy_version=self.version, rewards=[r.total for r in rs],
+                correct=[bool(r.correct) for r in rs], components=components,
+                timings={"gen_seconds": t_gen / len(items), "reward_seconds": t_reward / len(items)})
+            if ray.get(self.queue.put.remote(batch)):
+                put.append(batch.num_rows)
+            else:
+                dropped += 1
+        tokens = traj.completion_ids_BG.numel()
+        self.metrics.record("rollout_tokens_per_s", tokens / max(t_gen, 1e-9), {"worker": self.worker_id})
+        self.metrics.record("rollout_groups", float(len(put)), {"worker": self.worker_id})
+        return {"worker": self.worker_id, "groups": len(put), "dropped_stale": dropped, "tokens": tokens,
+                "gen_seconds": t_gen, "reward_seconds": t_reward, "version": self.version,
+                "reward": sum(r.total for r in rewards) / len(rewards),
+                "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards)}
+
+    def evaluate(self, items: list, sampler_overrides: dict[str, Any] | None = None, seed: int = 0) -> list[dict]:
+        """Greedy (or configured) decoding of held-out items; one record per item."""
+        cfg = self.gen.sampler_cfg.model_copy(update=sampler_overrides or {})
+        cfg = type(cfg).model_validate(cfg.model_dump())
+        traj = self.gen.generate(self.gen.encode_prompts(items), seed=seed, sampler_cfg=cfg)
+        texts, rewards = self.gen.score(traj, items)
+        return [{"id": item.id, "completion": text, "reward": r.total, "correct": bool(r.correct)}
+                for item, text, r in zip(items, texts, rewards)]
