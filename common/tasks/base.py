@@ -1,0 +1,173 @@
+"""What every task shares: the ``Item`` and ``Reward`` records, the ``Task`` interface, answer extraction.
+
+Reward shaping (all tasks, following d1 / TinyZero): ``total = (1 - w) * score + w * format`` with
+``w = TaskConfig.format_weight``. ``score`` is the task's correctness credit in [0, 1] (1/0 for
+Countdown, GSM8K and MATH; the fraction of blank cells right for Sudoku), ``format`` is 1 when the answer
+is well formed (chat: inside ``<answer>`` tags and parseable; compact: parseable). So a correct,
+well-formed answer scores exactly 1.0 and, with the default w = 0.1, a parseable wrong answer scores 0.1,
+the TinyZero Countdown setup. ``Reward.components`` reports ``score``, ``format`` and ``correct``.
+
+Two prompt styles:
+  * ``compact``: a few characters for the tiny character-level models; the completion is the bare answer
+    on one line (each task module documents its exact format).
+  * ``chat``: d1/AGRPO style; ``SYSTEM_PROMPT`` asks for ``<reasoning>...</reasoning><answer>...</answer>``
+    and ``tokenizer.format_prompt(user, system)`` applies the checkpoint's chat template.
+
+Completions are hostile input: every reward bounds the text it looks at (``MAX_COMPLETION_CHARS``) and
+never evaluates it as code.
+"""
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from common.config.task import TaskConfig
+    from common.tokenizers import Tokenizer
+
+# Longer completions are judged on their first MAX_COMPLETION_CHARS characters (and, for tags, the last
+# ones): regexes stay linear and nothing downstream sees unbounded text.
+MAX_COMPLETION_CHARS = 8192
+
+SYSTEM_PROMPT = (
+    "Respond in the following format:\n"
+    "<reasoning>\n...\n</reasoning>\n"
+    "<answer>\n...\n</answer>"
+)
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_OPEN = "<answer>"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt of a task: picklable, hashable, cheap to ship to a rollout actor.
+
+    ``question`` is the task input (Countdown: "30,100,93"; Sudoku: 16 digits with 0 = blank; GSM8K /
+    MATH: the problem text), ``answer`` the gold answer as text (Countdown: the target), ``numbers`` the
+    Countdown numbers, ``solution`` a worked solution when the data has one (GSM8K, MATH).
+    """
+
+    id: str
+    question: str
+    answer: str
+    numbers: tuple[int, ...] = ()
+    solution: str = ""
+
+
+@dataclass(frozen=True)
+class Reward:
+    """Scalar reward plus its parts; ``correct`` is what accuracy counts."""
+
+    total: float
+    correct: bool
+    components: dict[str, float] = field(default_factory=dict)
+
+
+def shaped_reward(score: float, well_formed: bool, correct: bool, format_weight: float, **extra: float) -> Reward:
+    """``(1 - w) * score + w * format`` with the components every task reports, plus task-specific ``extra``."""
+    fmt = 1.0 if well_formed else 0.0
+    total = (1.0 - format_weight) * score + format_weight * fmt
+    components = {"score": float(score), "format": fmt, "correct": float(correct), **extra}
+    return Reward(total=total, correct=correct, components=components)
+
+
+def extract_tagged_answer(completion: str) -> str | None:
+    """The text inside the last closed ``<answer>...</answer>``, or after a final unclosed ``<answer>``; None if no tag."""
+    text = completion[-MAX_COMPLETION_CHARS:]
+    matches = _ANSWER_RE.findall(text)
+    if matches:
+        return matches[-1].strip()
+    # A completion cut at the generation length may lose its closing tag; d1 accepts that too.
+    idx = text.rfind(_ANSWER_OPEN)
+    return text[idx + len(_ANSWER_OPEN):].strip() if idx >= 0 else None
+
+
+def first_line(completion: str) -> str:
+    """The compact-style answer: the first non-empty line, stripped (trailing junk lines are ignored)."""
+    for line in completion[:MAX_COMPLETION_CHARS].splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def chat_completion(reasoning: str, answer: str) -> str:
+    """A completion in the chat format the system prompt asks for."""
+    return f"<reasoning>\n{reasoning.strip()}\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+def resolve_data_path(cfg: "TaskConfig", name: str) -> Path:
+    """``name`` relative to ``cfg.data_dir``; ``data_dir`` itself relative to the repository root."""
+    from common.config.loader import REPO_ROOT
+
+    base = Path(cfg.data_dir)
+    if not base.is_absolute():
+        base = REPO_ROOT / base
+    path = Path(name)
+    return path if path.is_absolute() else base / path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a clear error names the file and line that is broken."""
+    if not path.is_file():
+        raise ValueError(f"{path}: data file not found (set task.data_dir / task.train_file / task.eval_file)")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+class Task(ABC):
+    """A reasoning task: training stream, held-out set, prompt template, reward."""
+
+    name: str = ""
+
+    def __init__(self, cfg: "TaskConfig"):
+        self.cfg = cfg
+        self._eval: list[Item] | None = None
+
+    @abstractmethod
+    def _load_eval(self) -> list[Item]:
+        """The full held-out set in its file order."""
+
+    @abstractmethod
+    def train_items(self, seed: int) -> Iterator[Item]:
+        """An infinite, seed-deterministic stream of training items, none of them in the held-out set."""
+
+    @abstractmethod
+    def prompt(self, item: Item, tokenizer: "Tokenizer") -> str:
+        """The prompt text in ``cfg.prompt_style``."""
+
+    @abstractmethod
+    def reward(self, completion: str, item: Item) -> Reward:
+        """Score one completion (decoded text, already cut at EOS) against its item."""
+
+    @abstractmethod
+    def reference_completion(self, item: Item) -> str | None:
+        """A correct completion in the configured style (SFT data), or None when there is none."""
+
+    def eval_items(self, n: int | None = None) -> list[Item]:
+        """The first ``n`` held-out items (all when None), in the file's stable order."""
+        if self._eval is None:
+            self._eval = self._load_eval()
+        return list(self._eval if n is None else self._eval[:n])
+
+    @property
+    def chat(self) -> bool:
+        return self.cfg.prompt_style == "chat"
+
+    def answer_text(self, completion: str) -> tuple[str | None, bool]:
+        """The answer region of a completion and whether it came from ``<answer>`` tags (chat) or the first line (compact)."""
+        if self.chat:
+            ans = extract_tagged_answer(completion)
+            return ans, ans is not None
+        return first_line(completion), True

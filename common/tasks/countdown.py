@@ -1,0 +1,165 @@
+"""Countdown: combine the given numbers (each exactly once) with + - * / and parentheses to hit the target.
+
+Data: the held-out Countdown-3 set ``countdown/cd3_test.jsonl`` (``{"input": "30,100,93", "output": "23"}``,
+the set d1, SPG and AGRPO report on). Countdown-4 has no shared test file: its held-out set is 256 items
+drawn by the generator from a reserved seed (or ``task.eval_file`` in the same JSONL format).
+Training items come from a seeded generator: numbers uniform in 1..100, target drawn uniformly from
+the integers in 1..100 reachable from them (so every item is solvable), never an item of the held-out
+set (compared as multiset of numbers plus target).
+
+Compact format (tiny char models)::
+
+    prompt:      "30,100,93=23\\n"        numbers in item order, '=', target, newline
+    completion:  "30-(100-93)"            one expression on the first line
+
+The reward reads the first non-empty line; an optional ``=...`` suffix is ignored. Reference
+completions are the solver's shortest expression (at most 12 characters for 3 numbers of 1..100, 17 for 4).
+
+Chat format: d1's Countdown prompt in our words, answer inside ``<answer>`` tags, no equals sign.
+
+Reward: the expression goes through ``arith.evaluate`` (own parser, exact ``Fraction`` arithmetic, no
+powers, bounded length and depth). ``format`` = it parses; ``correct`` = it uses exactly the given numbers
+(as a multiset) and equals the target exactly; extra component ``numbers`` = the multiset matches.
+"""
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+from functools import lru_cache
+from typing import Iterator
+
+from common.tasks.arith import ArithError, evaluate
+from common.tasks.base import SYSTEM_PROMPT, Item, Reward, Task, chat_completion, read_jsonl, resolve_data_path, shaped_reward
+
+DEFAULT_EVAL_FILE = "countdown/cd3_test.jsonl"
+GENERATED_EVAL_SIZE = 256
+_EVAL_SEED = "countdown-heldout"
+NUMBER_RANGE = (1, 100)
+TARGET_RANGE = (1, 100)
+
+# Precedence of a printed sub-expression: 3 atom, 2 product/quotient, 1 sum/difference.
+_ATOM, _MUL, _ADD = 3, 2, 1
+
+
+def _combine(a: tuple[str, int], op: str, b: tuple[str, int]) -> tuple[str, int]:
+    """Print ``a op b`` with the fewest parentheses that keep its value."""
+    (sa, pa), (sb, pb) = a, b
+    if op == "+":
+        return f"{sa}+{sb}", _ADD
+    if op == "-":
+        return f"{sa}-({sb})" if pb == _ADD else f"{sa}-{sb}", _ADD
+    left = f"({sa})" if pa == _ADD else sa
+    if op == "*":
+        return f"{left}*({sb})" if pb == _ADD else f"{left}*{sb}", _MUL
+    return f"{left}/({sb})" if pb != _ATOM else f"{left}/{sb}", _MUL
+
+
+@lru_cache(maxsize=4096)
+def reachable(numbers: tuple[int, ...]) -> dict[Fraction, str]:
+    """Every value an expression using each number exactly once can take, with its shortest expression."""
+    n = len(numbers)
+    by_mask: dict[int, dict[Fraction, tuple[str, int]]] = {}
+    for i, x in enumerate(numbers):
+        by_mask[1 << i] = {Fraction(x): (str(x), _ATOM)}
+    for mask in sorted(range(1, 1 << n), key=lambda m: bin(m).count("1")):
+        if mask in by_mask:
+            continue
+        out: dict[Fraction, tuple[str, int]] = {}
+        sub = (mask - 1) & mask
+        while sub:
+            rest = mask ^ sub
+            for va, ea in by_mask[sub].items():
+                for vb, eb in by_mask[rest].items():
+                    cands = [(va + vb, "+"), (va - vb, "-"), (va * vb, "*")]
+                    if vb != 0:
+                        cands.append((va / vb, "/"))
+                    for v, op in cands:
+                        e = _combine(ea, op, eb)
+                        if v not in out or len(e[0]) < len(out[v][0]):
+                            out[v] = e
+            sub = (sub - 1) & mask
+        by_mask[mask] = out
+    return {v: e[0] for v, e in by_mask[(1 << n) - 1].items()}
+
+
+def solve(numbers: tuple[int, ...], target: int) -> str | None:
+    """The shortest expression using each number once that equals ``target``, or None if unsolvable."""
+    return reachable(tuple(numbers)).get(Fraction(target))
+
+
+def _key(numbers: tuple[int, ...], target: int) -> tuple[tuple[int, ...], int]:
+    return tuple(sorted(numbers)), int(target)
+
+
+def generate_item(rng: random.Random, num_numbers: int, item_id: str) -> Item:
+    """One solvable item: random numbers, then a target drawn uniformly from the reachable ones in range."""
+    while True:
+        numbers = tuple(rng.randint(*NUMBER_RANGE) for _ in range(num_numbers))
+        lo, hi = TARGET_RANGE
+        targets = sorted(int(v) for v in reachable(numbers) if v.denominator == 1 and lo <= v <= hi)
+        if targets:
+            target = rng.choice(targets)
+            return Item(id=item_id, question=",".join(map(str, numbers)), answer=str(target), numbers=numbers)
+
+
+class CountdownTask(Task):
+    """Countdown with ``cfg.num_numbers`` numbers."""
+
+    name = "countdown"
+
+    def _load_eval(self) -> list[Item]:
+        n = self.cfg.num_numbers
+        if self.cfg.eval_file is None and n != 3:
+            rng = random.Random(f"{_EVAL_SEED}-{n}")
+            return [generate_item(rng, n, f"cd{n}_heldout:{i}") for i in range(GENERATED_EVAL_SIZE)]
+        name = self.cfg.eval_file or DEFAULT_EVAL_FILE
+        path = resolve_data_path(self.cfg, name)
+        items = []
+        for i, row in enumerate(read_jsonl(path)):
+            numbers = tuple(int(x) for x in str(row["input"]).split(","))
+            if len(numbers) != n:
+                raise ValueError(f"{path}: row {i} has {len(numbers)} numbers but task.num_numbers is {n}")
+            items.append(Item(id=f"{path.stem}:{i}", question=",".join(map(str, numbers)), answer=str(int(row["output"])), numbers=numbers))
+        return items
+
+    def train_items(self, seed: int) -> Iterator[Item]:
+        """Generated items, seed-deterministic, skipping every held-out (numbers, target) pair."""
+        held_out = {_key(it.numbers, int(it.answer)) for it in self.eval_items()}
+        rng = random.Random(f"countdown-train-{self.cfg.num_numbers}-{seed}")
+        k = 0
+        while True:
+            item = generate_item(rng, self.cfg.num_numbers, f"cd{self.cfg.num_numbers}_train:{seed}:{k}")
+            k += 1
+            if _key(item.numbers, int(item.answer)) not in held_out:
+                yield item
+
+    def prompt(self, item: Item, tokenizer) -> str:
+        if not self.chat:
+            return f"{item.question}={item.answer}\n"
+        user = (
+            f"Using only the numbers [{', '.join(map(str, item.numbers))}], write an arithmetic expression that "
+            f"equals exactly {item.answer}. Use every number exactly once; you may use +, -, * and / and "
+            "parentheses. After reasoning, give only the expression inside <answer></answer> tags, without an "
+            "equals sign or the target. For example, for numbers [2, 3, 4] and target 5: <answer>2*4-3</answer>"
+        )
+        return tokenizer.format_prompt(user, SYSTEM_PROMPT)
+
+    def reference_completion(self, item: Item) -> str | None:
+        expr = solve(item.numbers, int(item.answer))
+        if expr is None or not self.chat:
+            return expr
+        return chat_completion(f"We need {item.answer} from {', '.join(map(str, item.numbers))}. {expr} = {item.answer}.", expr)
+
+    def reward(self, completion: str, item: Item) -> Reward:
+        region, tagged = self.answer_text(completion)
+        w = self.cfg.format_weight
+        if region is None:
+            return shaped_reward(0.0, False, False, w, numbers=0.0)
+        expr = region.split("=", 1)[0].strip()
+        try:
+            value, used = evaluate(expr)
+        except ArithError:
+            return shaped_reward(0.0, False, False, w, numbers=0.0)
+        numbers_ok = sorted(used) == sorted(item.numbers)
+        correct = numbers_ok and value == int(item.answer)
+        return shaped_reward(float(correct), tagged, correct, w, numbers=float(numbers_ok))

@@ -1,0 +1,148 @@
+"""GSM8K: grade-school word problems with a numeric final answer.
+
+Data: ``gsm8k/{train,test}.jsonl`` (``{"question", "answer"}``, the answer ends with ``#### N``) or any
+file of that format given by ``task.train_file`` / ``task.eval_file``. Training questions that also occur
+in the evaluation file (whitespace-normalised) are dropped; the rest are replayed in a fresh seeded
+order every epoch.
+
+Compact format::
+
+    prompt:      "<question>\\n"
+    completion:  "18"                     the final number on the first line
+
+Chat format: the question with d1's system prompt; the reference completion's reasoning is the dataset
+solution with its ``<<...>>`` calculator annotations removed, the answer the final number.
+
+Answer extraction (in order): the ``<answer>`` tag region if present (else the whole completion), then
+the last ``\\boxed{...}`` in it, then the last number in that text. Numbers are normalised: thousands
+commas, ``$``, ``%`` and trailing zeros are dropped, and the comparison is exact (``18.00`` == ``18``).
+``format`` = chat: answer tags hold a number; compact: the first line is exactly one number.
+"""
+from __future__ import annotations
+
+import random
+import re
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Iterator
+
+from common.tasks.base import (
+    MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, first_line,
+    read_jsonl, resolve_data_path, shaped_reward,
+)
+
+DEFAULT_TRAIN_FILE = "gsm8k/train.jsonl"
+DEFAULT_EVAL_FILE = "gsm8k/test.jsonl"
+MAX_NUMBER_DIGITS = 40
+
+_NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
+_CALC_RE = re.compile(r"<<[^<>]*>>")
+_BOXED = "\\boxed{"
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The exact value of one number written with optional ``$``, commas, ``%``; None if it is not one."""
+    s = text.strip().replace("$", "").replace(",", "").rstrip("%").strip().rstrip(".")
+    if not s or len(s) > MAX_NUMBER_DIGITS or not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s):
+        return None
+    try:
+        return Fraction(Decimal(s))
+    except InvalidOperation:
+        return None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        depth += (text[j] == "{") - (text[j] == "}")
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_number(completion: str) -> Fraction | None:
+    """The final numeric answer of a completion: answer tags, then ``\\boxed{}``, then the last number."""
+    text = completion[:MAX_COMPLETION_CHARS]
+    region = extract_tagged_answer(text)
+    if region is None:
+        region = text
+    boxed = last_boxed(region)
+    if boxed is not None:
+        region = boxed
+    numbers = _NUMBER_RE.findall(region)
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def gold_answer(answer_field: str) -> str:
+    """The number after ``####`` in a GSM8K answer, normalised (commas dropped)."""
+    _, sep, tail = answer_field.rpartition("####")
+    if not sep:
+        raise ValueError("GSM8K answer field has no '#### N' final answer")
+    value = parse_number(tail)
+    if value is None:
+        raise ValueError(f"GSM8K final answer {tail.strip()!r} is not a number")
+    return str(value.numerator) if value.denominator == 1 else tail.strip().replace(",", "")
+
+
+def _norm_question(q: str) -> str:
+    return " ".join(q.split()).lower()
+
+
+class Gsm8kTask(Task):
+    """GSM8K from JSONL files."""
+
+    name = "gsm8k"
+
+    def _read(self, name: str, split: str) -> list[Item]:
+        path = resolve_data_path(self.cfg, name)
+        items = []
+        for i, row in enumerate(read_jsonl(path)):
+            if "question" not in row or "answer" not in row:
+                raise ValueError(f"{path}: row {i} needs 'question' and 'answer' fields")
+            solution = row["answer"]
+            items.append(Item(id=f"gsm8k_{split}:{i}", question=row["question"], answer=gold_answer(solution), solution=solution))
+        return items
+
+    def _load_eval(self) -> list[Item]:
+        return self._read(self.cfg.eval_file or DEFAULT_EVAL_FILE, "test")
+
+    def train_items(self, seed: int) -> Iterator[Item]:
+        """The training file minus held-out questions, reshuffled every epoch from ``seed``."""
+        held_out = {_norm_question(it.question) for it in self.eval_items()}
+        pool = [it for it in self._read(self.cfg.train_file or DEFAULT_TRAIN_FILE, "train") if _norm_question(it.question) not in held_out]
+        if not pool:
+            raise ValueError("GSM8K training file has no items outside the evaluation set")
+        epoch = 0
+        while True:
+            order = list(range(len(pool)))
+            random.Random(f"gsm8k-train-{seed}-{epoch}").shuffle(order)
+            for i in order:
+                yield pool[i]
+            epoch += 1
+
+    def prompt(self, item: Item, tokenizer) -> str:
+        if not self.chat:
+            return f"{item.question}\n"
+        return tokenizer.format_prompt(item.question, SYSTEM_PROMPT)
+
+    def reference_completion(self, item: Item) -> str | None:
+        if not self.chat:
+            return item.answer
+        reasoning = _CALC_RE.sub("", item.solution.rpartition("####")[0]).strip()
+        return chat_completion(reasoning or f"The answer is {item.answer}.", item.answer)
+
+    def reward(self, completion: str, item: Item) -> Reward:
+        text = completion[:MAX_COMPLETION_CHARS]
+        value = extract_number(text if self.chat else first_line(text))
+        gold = parse_number(item.answer)
+        correct = value is not None and value == gold
+        if self.chat:
+            region = extract_tagged_answer(text)
+            well_formed = region is not None and bool(_NUMBER_RE.search(region))
+        else:
+            well_formed = parse_number(first_line(text)) is not None
+        return shaped_reward(float(correct), well_formed, correct, self.cfg.format_weight)
