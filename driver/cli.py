@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
+    sft = sub.add_parser("sft", help="masked-diffusion SFT of a base model on solver-made completions")
+    _add_config_args(sft)
+
     ev = sub.add_parser("eval", help="held-out accuracy of a checkpoint per sampling-step count")
     _add_config_args(ev)
     ev.add_argument("--model", help="checkpoint directory (overrides model.path)")
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "sft":
+        from driver.sft import sft
+
+        return sft(cfg)
     if args.command == "eval":
         from driver.evaluate import evaluate_checkpoint
 

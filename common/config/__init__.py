@@ -16,6 +16,7 @@ from common.config.queue import QueueConfig
 from common.config.rollout import RolloutConfig
 from common.config.run import RunConfig
 from common.config.sampler import SamplerConfig
+from common.config.sft import SftConfig
 from common.config.task import TaskConfig
 
 
@@ -30,10 +31,11 @@ class UnmaskConfig(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AgrpoConfig, description="Policy-gradient estimator.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Task and reward.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run length, directory and Ray address.")
+    sft: SftConfig = Field(default_factory=SftConfig, description="Supervised base-model training (`unmask sft`).")
 
 
 __all__ = [
     "AgrpoConfig", "AlgorithmConfig", "AtpoConfig", "ConfigError", "DiffuGrpoConfig", "LearnerConfig",
-    "LoraConfig", "ModelConfig", "QueueConfig", "RolloutConfig", "RunConfig", "SamplerConfig", "Section",
+    "LoraConfig", "ModelConfig", "QueueConfig", "RolloutConfig", "RunConfig", "SamplerConfig", "Section", "SftConfig",
     "TaskConfig", "UnmaskConfig", "apply_overrides", "load_config",
 ]

@@ -1,0 +1,89 @@
+"""`unmask sft`: masked-diffusion supervised training of a base model on solver-made completions.
+
+Same learner group as RL, with LLaDA's SFT loss (learner/sft.py). The completion is padded with EOS to
+``sampler.gen_length`` (as LLaDA's SFT does), so the model learns to end its answer.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import UnmaskConfig
+from common.trajectory import Trajectory
+
+log = logging.getLogger("unmask")
+
+
+def sft_batch(items: list, task, tokenizer, gen_length: int) -> Trajectory:
+    """Prompt + EOS-padded reference completion of each item as a ``Trajectory`` (ids only)."""
+    from rollout.actor import left_pad
+
+    prompts, completions = [], []
+    for item in items:
+        text = task.reference_completion(item)
+        if text is None:
+            raise ValueError(f"task {task.name} has no reference completions; SFT needs a solver or a dataset")
+        ids = tokenizer.encode(text)[: gen_length - 1] + [tokenizer.eos_id]
+        completions.append(ids + [tokenizer.eos_id] * (gen_length - len(ids)))
+        prompts.append(tokenizer.encode(task.prompt(item, tokenizer)))
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
+    B, G = len(items), gen_length
+    zeros = torch.zeros(B, G)
+    return Trajectory(
+        prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask.bool(), completion_ids_BG=torch.tensor(completions),
+        unmask_step_BG=torch.zeros(B, G, dtype=torch.long), logp_BG=zeros, entropy_BG=zeros, margin_BG=zeros,
+        cutoff_BG=torch.full((B, G), float("-inf")), step_entropy_BT=torch.zeros(B, 1),
+        step_margin_BT=torch.zeros(B, 1), step_committed_BT=torch.zeros(B, 1, dtype=torch.long),
+        rewards_B=torch.zeros(B), group_B=torch.arange(B), policy_version_B=torch.zeros(B, dtype=torch.long))
+
+
+def sft(cfg: UnmaskConfig) -> int:
+    """Train, evaluate greedily on the held-out set every ``sft.eval_every`` steps, export the checkpoint."""
+    import functools
+
+    from common.config.loader import REPO_ROOT
+    from common.metrics import MetricsLog
+    from common.tasks import get_task
+    from common.tokenizers import CharTokenizer, load_tokenizer
+    from common.policy import resolve_path
+    from driver.evaluate import evaluate_checkpoint
+    from driver.runtime import connect_ray, new_run_dir, setup_logging
+    from learner.group import LearnerGroup
+    from learner.sft import SftLoss
+
+    setup_logging()
+    run_dir = new_run_dir(cfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    tokenizer = load_tokenizer(resolve_path(cfg.model.path)) if cfg.model.path else CharTokenizer()
+    task = get_task(cfg.task)
+    connect_ray(cfg.run.ray_address)
+    learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
+                           loss_factory=functools.partial(SftLoss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps))
+    stream = task.train_items(cfg.task.seed)
+    out = Path(cfg.sft.output)
+    out = out if out.is_absolute() else REPO_ROOT / out
+    log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
+    t0 = time.time()
+    try:
+        for step in range(1, cfg.sft.steps + 1):
+            batch = sft_batch(list(itertools.islice(stream, cfg.sft.batch_size)), task, tokenizer, cfg.sampler.gen_length)
+            stats = learner.step(batch, step_seed=cfg.run.seed * 100_003 + step)
+            metrics.log({"step": step, **stats})
+            if step % 50 == 0 or step == cfg.sft.steps:
+                eta = (time.time() - t0) / step * (cfg.sft.steps - step)
+                log.info("sft step %d/%d | loss %.4f | ETA %dm%02ds", step, cfg.sft.steps, stats.get("loss", float("nan")),
+                         eta // 60, eta % 60)
+            if (cfg.sft.eval_every and step % cfg.sft.eval_every == 0) or step == cfg.sft.steps:
+                learner.export_hf(str(out))
+                tokenizer.save(out)
+                eval_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(out)})})
+                res = evaluate_checkpoint(eval_cfg, [cfg.sampler.steps], limit=cfg.sft.eval_size)[cfg.sampler.steps]
+                metrics.log({"step": step, "eval_accuracy": res["accuracy"], "eval_reward": res["mean_reward"]})
+        log.info("SFT done in %.0fs; checkpoint at %s", time.time() - t0, out)
+        return 0
+    finally:
+        learner.shutdown()
