@@ -1,6 +1,8 @@
 """`queue:` section: the Arrow replay queue between rollout and learner."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from common.config.base import Section
@@ -19,4 +21,14 @@ class QueueConfig(Section):
         default=True,
         description="Append every admitted group to Arrow IPC files in the run directory, with a ledger of "
         "consumed ids, so a restarted queue recovers and trajectories stay for analysis.",
+    )
+    spill_file_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Start a new spill file once the current one reaches this many bytes.",
+    )
+    on_corrupt_spill: Literal["skip", "raise"] = Field(
+        default="skip",
+        description="When recovery finds a corrupted or truncated spill record: 'skip' logs a warning, counts it "
+        "(stats()['spill_corrupt']) and loads nothing from it; 'raise' refuses to start the queue.",
     )

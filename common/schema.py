@@ -1,0 +1,319 @@
+"""The trajectory wire format: one versioned Arrow schema, defined here and nowhere else.
+
+One row per sample; one prompt's G samples travel as one RecordBatch (a *group*) and are never split.
+Letters: B samples, P prompt length (left-padded on the torch side), G completion length, T denoising
+steps, K banned ids.
+
+Column notes:
+- ``prompt_ids`` holds the real prompt tokens only (no padding); the learner re-pads on its side.
+- Per-token columns (``completion_ids``, ``unmask_step``, ``logp``, ``entropy``, ``margin``, ``cutoff``)
+  have G entries per row; per-step columns (``step_entropy``, ``step_margin``, ``step_committed``) T.
+  ``unmask_step`` and ``step_committed`` are int16 (T and block sizes stay far below 32767; checked).
+- ``reward_components`` is a ``map<string, float32>``: tasks name their own components (format,
+  correctness, length...) and a map needs no schema change when a task adds one.
+- ``gen_seconds`` / ``reward_seconds`` are the whole group's wall times, repeated on each of its rows.
+- ``created_at`` is the UTC time the group was converted, in microseconds.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from common.trajectory import Trajectory
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"unmask.schema_version"
+TIMING_KEYS = ("gen_seconds", "reward_seconds")
+_INT16_MAX = np.iinfo(np.int16).max
+
+_i32, _f32 = pa.int32(), pa.float32()
+SCHEMA = pa.schema(
+    [
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("sample_index", _i32, nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(_i32), nullable=False),
+        pa.field("completion_ids", pa.list_(_i32), nullable=False),
+        pa.field("unmask_step", pa.list_(pa.int16()), nullable=False),
+        pa.field("logp", pa.list_(_f32), nullable=False),
+        pa.field("entropy", pa.list_(_f32), nullable=False),
+        pa.field("margin", pa.list_(_f32), nullable=False),
+        pa.field("cutoff", pa.list_(_f32), nullable=False),
+        pa.field("step_entropy", pa.list_(_f32), nullable=False),
+        pa.field("step_margin", pa.list_(_f32), nullable=False),
+        pa.field("step_committed", pa.list_(pa.int16()), nullable=False),
+        pa.field("reward", _f32, nullable=False),
+        pa.field("reward_components", pa.map_(pa.string(), _f32), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("policy_version", pa.int64(), nullable=False),
+        pa.field("worker_id", pa.string(), nullable=False),
+        pa.field("temperature", _f32, nullable=False),
+        pa.field("block_length", _i32, nullable=False),
+        pa.field("banned_ids", pa.list_(_i32), nullable=False),
+        pa.field("gen_seconds", _f32, nullable=False),
+        pa.field("reward_seconds", _f32, nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+    metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+PER_TOKEN = ("completion_ids", "unmask_step", "logp", "entropy", "margin", "cutoff")
+PER_STEP = ("step_entropy", "step_margin", "step_committed")
+
+
+# --- writing (rollout side)
+
+
+def _fixed_list(values_BX: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+    """A list column whose every row has the same length X, from a [B, X] array (one copy, no loop)."""
+    B, X = values_BX.shape
+    offsets = pa.array(np.arange(B + 1, dtype=np.int32) * X, pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values_BX.reshape(-1), arrow_type))
+
+
+def _int16(name: str, values: torch.Tensor) -> np.ndarray:
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) > _INT16_MAX):
+        raise ValueError(f"{name} must lie in [0, {_INT16_MAX}] to fit the schema's int16 column")
+    return values.numpy().astype(np.int16)
+
+
+def group_to_record_batch(
+    traj: Trajectory,
+    *,
+    group_id: str,
+    task: str,
+    worker_id: str,
+    policy_version: int,
+    rewards: list[float],
+    correct: list[bool],
+    components: dict[str, list[float]],
+    timings: dict[str, float],
+) -> pa.RecordBatch:
+    """One prompt's G samples (``traj`` holds exactly those rows) as one validated RecordBatch.
+
+    ``timings`` has the group's ``gen_seconds`` and ``reward_seconds``; ``components`` maps each reward
+    component name to its G values.
+    """
+    traj = traj.to("cpu")
+    B = len(traj)
+    if B == 0:
+        raise ValueError("group_to_record_batch needs at least one sample")
+    if len(rewards) != B or len(correct) != B:
+        raise ValueError(f"rewards and correct need one entry per sample ({B}), got {len(rewards)} and {len(correct)}")
+    for name, values in components.items():
+        if len(values) != B:
+            raise ValueError(f"reward component {name!r} has {len(values)} values, expected one per sample ({B})")
+    if set(timings) != set(TIMING_KEYS):
+        raise ValueError(f"timings must have exactly the keys {TIMING_KEYS}, got {sorted(timings)}")
+
+    # Prompts: drop the left padding with one boolean gather; offsets from the per-row counts.
+    mask_BP = traj.prompt_mask_BP.bool()
+    prompt_len_B = mask_BP.sum(dim=1).numpy().astype(np.int32)
+    prompt_offsets = np.zeros(B + 1, dtype=np.int32)
+    np.cumsum(prompt_len_B, out=prompt_offsets[1:])
+    prompt_values = traj.prompt_ids_BP[mask_BP].numpy().astype(np.int32)
+    prompt_col = pa.ListArray.from_arrays(pa.array(prompt_offsets), pa.array(prompt_values, _i32))
+
+    names = list(components)
+    comp_values = np.asarray([components[n] for n in names], dtype=np.float32).reshape(len(names), B)
+    comp_offsets = np.arange(B + 1, dtype=np.int32) * len(names)
+    comp_col = pa.MapArray.from_arrays(
+        pa.array(comp_offsets), pa.array(np.tile(np.asarray(names, dtype=object), B), pa.string()),
+        pa.array(comp_values.T.reshape(-1), _f32),  # row-major: sample b's components are contiguous
+    )
+    banned = np.asarray(traj.banned_ids, dtype=np.int32).reshape(1, -1).repeat(B, axis=0)
+    now = _dt.datetime.now(_dt.timezone.utc)
+
+    columns = {
+        "group_id": pa.array([group_id] * B, pa.string()),
+        "sample_index": pa.array(np.arange(B, dtype=np.int32)),
+        "task": pa.array([task] * B, pa.string()),
+        "prompt_ids": prompt_col,
+        "completion_ids": _fixed_list(traj.completion_ids_BG.numpy().astype(np.int32), _i32),
+        "unmask_step": _fixed_list(_int16("unmask_step", traj.unmask_step_BG), pa.int16()),
+        "logp": _fixed_list(traj.logp_BG.float().numpy(), _f32),
+        "entropy": _fixed_list(traj.entropy_BG.float().numpy(), _f32),
+        "margin": _fixed_list(traj.margin_BG.float().numpy(), _f32),
+        "cutoff": _fixed_list(traj.cutoff_BG.float().numpy(), _f32),
+        "step_entropy": _fixed_list(traj.step_entropy_BT.float().numpy(), _f32),
+        "step_margin": _fixed_list(traj.step_margin_BT.float().numpy(), _f32),
+        "step_committed": _fixed_list(_int16("step_committed", traj.step_committed_BT), pa.int16()),
+        "reward": pa.array(np.asarray(rewards, dtype=np.float32)),
+        "reward_components": comp_col,
+        "correct": pa.array(np.asarray(correct, dtype=bool)),
+        "policy_version": pa.array(np.full(B, policy_version, dtype=np.int64)),
+        "worker_id": pa.array([worker_id] * B, pa.string()),
+        "temperature": pa.array(np.full(B, traj.temperature, dtype=np.float32)),
+        "block_length": pa.array(np.full(B, traj.block_length, dtype=np.int32)),
+        "banned_ids": _fixed_list(banned, _i32),
+        "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
+        "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
+        "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
+    }
+    rb = pa.RecordBatch.from_arrays(list(columns.values()), schema=SCHEMA)
+    validate_group(rb)
+    return rb
+
+
+# --- validation
+
+
+def check_schema(schema: pa.Schema) -> None:
+    """Reject anything that is not this module's schema at ``SCHEMA_VERSION`` (ValueError)."""
+    meta = schema.metadata or {}
+    if VERSION_KEY not in meta:
+        raise ValueError("not an unmask trajectory batch: schema metadata lacks 'unmask.schema_version'")
+    found = meta[VERSION_KEY].decode()
+    if found != str(SCHEMA_VERSION):
+        raise ValueError(
+            f"trajectory schema version {found} but this code reads version {SCHEMA_VERSION}; "
+            "convert the data or run the matching code version"
+        )
+    if not schema.equals(SCHEMA, check_metadata=False):
+        raise ValueError(f"trajectory columns differ from common.schema.SCHEMA v{SCHEMA_VERSION}: {schema}")
+
+
+def _lengths(col: pa.Array) -> np.ndarray:
+    return np.diff(col.offsets.to_numpy())
+
+
+def validate_group(rb: pa.RecordBatch) -> None:
+    """Schema/version check, exactly one group_id, no nulls, consistent list lengths (ValueError)."""
+    check_schema(rb.schema)
+    B = rb.num_rows
+    if B == 0:
+        raise ValueError("a trajectory group needs at least one row")
+    for name in SCHEMA.names:
+        if rb.column(name).null_count:
+            raise ValueError(f"column {name!r} has nulls; every field of a sample must be filled")
+    if pc.count_distinct(rb.column("group_id")).as_py() != 1:
+        raise ValueError("a RecordBatch must hold exactly one group_id (one prompt's samples)")
+    index = np.sort(rb.column("sample_index").to_numpy())
+    if not np.array_equal(index, np.arange(B)):
+        raise ValueError(f"sample_index must be 0..{B - 1} once each, got {index.tolist()}")
+    token_len = _lengths(rb.column("completion_ids"))
+    if (token_len != token_len[0]).any():
+        raise ValueError(f"completions in one group must share a length, got {token_len.tolist()}")
+    for name in PER_TOKEN[1:]:
+        if not np.array_equal(_lengths(rb.column(name)), token_len):
+            raise ValueError(f"{name} must have one entry per completion token ({token_len[0]})")
+    step_len = _lengths(rb.column("step_entropy"))
+    if (step_len != step_len[0]).any():
+        raise ValueError(f"step columns in one group must share T, got {step_len.tolist()}")
+    for name in PER_STEP[1:]:
+        if not np.array_equal(_lengths(rb.column(name)), step_len):
+            raise ValueError(f"{name} must have one entry per denoising step ({step_len[0]})")
+    steps = rb.column("unmask_step").flatten().to_numpy()
+    if steps.size and (steps.min() < 0 or steps.max() >= step_len[0]):
+        raise ValueError(f"unmask_step values must lie in [0, T={step_len[0]})")
+
+
+# --- reading (learner side)
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    return table.column(name).combine_chunks()
+
+
+def _uniform_list(table: pa.Table, name: str, B: int) -> np.ndarray:
+    """A list column whose rows all have one length, as a [B, X] numpy view of the flattened values."""
+    col = _column(table, name)
+    lengths = _lengths(col)
+    if (lengths != lengths[0]).any():
+        raise ValueError(f"{name} rows differ in length ({lengths.min()}..{lengths.max()}); batch one run's groups")
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(B, int(lengths[0]))
+
+
+def _uniform_scalar(table: pa.Table, name: str):
+    values = _column(table, name).to_numpy()
+    if (values != values[0]).any():
+        raise ValueError(f"{name} differs across rows; one learner batch must use one sampler setting")
+    return values[0].item()
+
+
+def _left_pad(col: pa.ListArray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged list rows → ([B, P] left-padded int64, [B, P] bool mask), scattered in one vectorised step."""
+    lengths_B = _lengths(col)
+    B, P = len(lengths_B), int(lengths_B.max(initial=0))
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    row = np.repeat(np.arange(B), lengths_B)
+    starts = np.repeat(np.cumsum(lengths_B) - lengths_B, lengths_B)
+    pos_in_row = np.arange(values.size) - starts
+    col_index = np.repeat(P - lengths_B, lengths_B) + pos_in_row
+    ids_BP = np.full((B, P), pad_id, dtype=np.int64)
+    mask_BP = np.zeros((B, P), dtype=bool)
+    ids_BP[row, col_index] = values
+    mask_BP[row, col_index] = True
+    return ids_BP, mask_BP
+
+
+def _reward_components(table: pa.Table, B: int) -> dict[str, torch.Tensor]:
+    """map column → {name: float32 [B]} with NaN where a row lacks the component."""
+    col = _column(table, "reward_components")
+    keys = col.keys.to_numpy(zero_copy_only=False)
+    items = col.items.to_numpy(zero_copy_only=False)
+    row = np.repeat(np.arange(B), _lengths(col))
+    out = {}
+    for name in np.unique(keys) if keys.size else []:
+        values_B = np.full(B, np.nan, dtype=np.float32)
+        hit = keys == name
+        values_B[row[hit]] = items[hit]
+        out[str(name)] = torch.from_numpy(values_B)
+    return out
+
+
+def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    # Arrow-backed numpy arrays are read-only; torch needs owned memory, so this is the one copy.
+    return torch.from_numpy(np.array(array, copy=True)).to(dtype)
+
+
+def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
+    """A batch of whole groups (as ``ReplayQueue.get`` returns) → one learner ``Trajectory``.
+
+    Prompts are left-padded with ``pad_id``; ``group_B`` numbers groups 0.. in table order. Extras:
+    ``correct_B``, ``sample_index_B``, ``reward_components`` ({name: [B]}), ``group_ids``, ``tasks``,
+    ``worker_ids`` (one per group).
+    """
+    check_schema(table.schema)
+    B = table.num_rows
+    if B == 0:
+        raise ValueError("table_to_trajectory needs at least one row")
+    prompt_ids_BP, prompt_mask_BP = _left_pad(_column(table, "prompt_ids"), pad_id)
+    per_token = {name: _uniform_list(table, name, B) for name in PER_TOKEN}
+    per_step = {name: _uniform_list(table, name, B) for name in PER_STEP}
+    banned_BK = _uniform_list(table, "banned_ids", B)
+    if (banned_BK != banned_BK[:1]).any():
+        raise ValueError("banned_ids differ across rows; one learner batch must use one sampler setting")
+
+    group_codes = pc.dictionary_encode(_column(table, "group_id"))  # codes in order of first appearance
+    first_row = np.unique(group_codes.indices.to_numpy(), return_index=True)[1]
+    return Trajectory(
+        prompt_ids_BP=torch.from_numpy(prompt_ids_BP),
+        prompt_mask_BP=torch.from_numpy(prompt_mask_BP),
+        completion_ids_BG=_tensor(per_token["completion_ids"], torch.int64),
+        unmask_step_BG=_tensor(per_token["unmask_step"], torch.int64),
+        logp_BG=_tensor(per_token["logp"], torch.float32),
+        entropy_BG=_tensor(per_token["entropy"], torch.float32),
+        margin_BG=_tensor(per_token["margin"], torch.float32),
+        cutoff_BG=_tensor(per_token["cutoff"], torch.float32),
+        step_entropy_BT=_tensor(per_step["step_entropy"], torch.float32),
+        step_margin_BT=_tensor(per_step["step_margin"], torch.float32),
+        step_committed_BT=_tensor(per_step["step_committed"], torch.int64),
+        temperature=float(_uniform_scalar(table, "temperature")),
+        block_length=int(_uniform_scalar(table, "block_length")),
+        banned_ids=tuple(int(i) for i in banned_BK[0]),
+        rewards_B=_tensor(_column(table, "reward").to_numpy(), torch.float32),
+        group_B=_tensor(group_codes.indices.to_numpy(), torch.int64),
+        policy_version_B=_tensor(_column(table, "policy_version").to_numpy(), torch.int64),
+        extras={
+            "correct_B": _tensor(_column(table, "correct").to_numpy(zero_copy_only=False), torch.bool),
+            "sample_index_B": _tensor(_column(table, "sample_index").to_numpy(), torch.int64),
+            "reward_components": _reward_components(table, B),
+            "group_ids": group_codes.dictionary.to_pylist(),
+            "tasks": _column(table, "task").take(first_row).to_pylist(),
+            "worker_ids": _column(table, "worker_id").take(first_row).to_pylist(),
+        },
+    )

@@ -1,0 +1,205 @@
+"""The replay queue on a local Ray instance: back-pressure, staleness budget, atomic groups, producer death,
+spill/recover and corrupted-spill detection."""
+import asyncio
+import math
+import sys
+
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from common.config import QueueConfig
+from common.queue import ReplayQueue, ReplayQueueCore
+from common.schema import group_to_record_batch
+from common.spill import SpillCorruptError
+from common.trajectory import Trajectory
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    # Workers cannot import this test module by name; ship its helpers (make_group, Producer) by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_group(group_id: str, version: int = 0, G: int = 4, gen: int = 16, steps: int = 8, seed: int = 0):
+    """One well-formed group with random contents; ``seed`` makes its data distinguishable."""
+    g = torch.Generator().manual_seed(seed)
+    P = 5
+    mask = torch.arange(P)[None, :] >= torch.randint(0, P, (G, 1), generator=g)
+    traj = Trajectory(
+        prompt_ids_BP=torch.randint(5, 100, (G, P), generator=g) * mask,
+        prompt_mask_BP=mask,
+        completion_ids_BG=torch.randint(5, 100, (G, gen), generator=g),
+        unmask_step_BG=torch.randint(0, steps, (G, gen), generator=g),
+        logp_BG=-torch.rand(G, gen, generator=g),
+        entropy_BG=torch.rand(G, gen, generator=g),
+        margin_BG=torch.rand(G, gen, generator=g),
+        cutoff_BG=torch.full((G, gen), -math.inf),
+        step_entropy_BT=torch.rand(G, steps, generator=g),
+        step_margin_BT=torch.rand(G, steps, generator=g),
+        step_committed_BT=torch.randint(0, 3, (G, steps), generator=g),
+        temperature=1.0,
+        block_length=8,
+    )
+    return group_to_record_batch(
+        traj, group_id=group_id, task="t", worker_id="w", policy_version=version, rewards=[1.0] * G,
+        correct=[True] * G, components={}, timings={"gen_seconds": 0.0, "reward_seconds": 0.0},
+    )
+
+
+def ids(table: pa.Table) -> list[str]:
+    return list(dict.fromkeys(table.column("group_id").to_pylist()))
+
+
+def new_queue(groups_per_step=2, spill_dir=None, **cfg):
+    return ReplayQueue.remote(QueueConfig(**cfg), groups_per_step, None if spill_dir is None else str(spill_dir))
+
+
+def test_put_blocks_while_full_and_proceeds_after_get():
+    q = new_queue(capacity_groups=2, max_staleness=10)
+    assert ray.get([q.put.remote(make_group("a")), q.put.remote(make_group("b"))]) == [True, True]
+    blocked = q.put.remote(make_group("c"))
+    ready, _ = ray.wait([blocked], timeout=1.0)
+    assert not ready  # back-pressure: the third put waits
+    stats = ray.get(q.stats.remote())
+    assert stats["depth"] == 2 and stats["admitted"] == 2
+    assert ids(ray.get(q.get.remote(1))) == ["a"]  # a get on the same actor is not blocked by the put
+    assert ray.get(blocked, timeout=30) is True
+    assert ids(ray.get(q.get.remote(2))) == ["b", "c"]
+    assert ray.get(q.stats.remote())["producer_wait_s"] > 0
+    ray.kill(q)
+
+
+def test_staleness_budget_admission():
+    q = new_queue(groups_per_step=2, max_staleness=0)  # strictly synchronous
+    assert ray.get(q.reserve.remote(2)) is True
+    assert ray.get(q.reserve.remote(1)) is False  # the step's 2 groups are all running
+    ray.get(q.release.remote(1))
+    assert ray.get(q.reserve.remote(1)) is True  # a failed rollout's slot came back
+    assert ray.get([q.put.remote(make_group("a")), q.put.remote(make_group("b"))]) == [True, True]
+    assert ray.get(q.stats.remote())["running"] == 0
+    ray.get(q.get.remote(2))
+    assert ray.get(q.reserve.remote(1)) is False  # consumed, but version 0's budget is spent
+    ray.get(q.set_version.remote(1))
+    assert ray.get(q.reserve.remote(2)) is True and ray.get(q.reserve.remote(1)) is False
+    ray.kill(q)
+
+    q = new_queue(groups_per_step=2, max_staleness=1)  # one version ahead: 2 steps' worth may be in flight
+    assert ray.get(q.reserve.remote(4)) is True and ray.get(q.reserve.remote(1)) is False
+    ray.kill(q)
+
+
+def test_stale_groups_are_dropped_and_counted():
+    q = new_queue(max_staleness=1)
+    ray.get(q.set_version.remote(3))
+    assert ray.get(q.put.remote(make_group("old", version=1))) is False
+    assert ray.get(q.put.remote(make_group("ok", version=2))) is True
+    ray.get(q.set_version.remote(4))  # "ok" went stale while waiting: never delivered
+    assert ray.get(q.get.remote(1, timeout_s=0.2)) is None
+    stats = ray.get(q.stats.remote())
+    assert stats["dropped_stale"] == 2 and stats["depth"] == 0 and stats["admitted"] == 1
+    ray.kill(q)
+
+
+def test_get_returns_whole_groups_only():
+    q = new_queue(capacity_groups=8, max_staleness=10)
+    ray.get(q.put.remote(make_group("g3", G=3)))
+    assert ray.get(q.get.remote(2, timeout_s=0.2)) is None  # one group waiting: no partial answer
+    ray.get([q.put.remote(make_group("g5", G=5)), q.put.remote(make_group("g1", G=1))])
+    table = ray.get(q.get.remote(2))
+    assert ids(table) == ["g3", "g5"] and table.num_rows == 8
+    assert ray.get(q.get.remote(1)).num_rows == 1
+    with pytest.raises(ray.exceptions.RayTaskError, match="capacity_groups"):
+        ray.get(q.get.remote(9))
+    ray.kill(q)
+
+
+@ray.remote
+class Producer:
+    def put_one(self, queue, group_id: str) -> bool:
+        # Big enough (~0.5 MB) to travel through the object store rather than inline in the task.
+        return ray.get(queue.put.remote(make_group(group_id, G=8, gen=2048, seed=7)))
+
+
+def test_group_survives_a_killed_producer():
+    q = new_queue(max_staleness=10)
+    producer = Producer.remote()
+    assert ray.get(producer.put_one.remote(q, "p")) is True
+    ray.kill(producer)
+    table = ray.get(q.get.remote(1, timeout_s=30))
+    expected = make_group("p", G=8, gen=2048, seed=7)
+    assert table.column("completion_ids").to_pylist() == expected.column("completion_ids").to_pylist()
+    assert table.column("logp").to_pylist() == expected.column("logp").to_pylist()
+    ray.kill(q)
+
+
+def test_spill_recovers_unconsumed_groups_after_the_queue_dies(tmp_path):
+    q = new_queue(spill_dir=tmp_path, max_staleness=100, spill_file_bytes=20_000)
+    ray.get([q.put.remote(make_group(f"g{i}", seed=i)) for i in range(6)])
+    assert ids(ray.get(q.get.remote(2))) == ["g0", "g1"]
+    assert ray.get(q.stats.remote())["spill_files"] > 1  # rotated by size
+    ray.kill(q)  # a crash: no close, no flush beyond what put already did
+
+    q = new_queue(spill_dir=tmp_path, max_staleness=100, spill_file_bytes=20_000)
+    stats = ray.get(q.stats.remote())
+    assert (stats["depth"], stats["recovered"], stats["admitted"], stats["consumed"]) == (4, 4, 6, 2)
+    assert ids(ray.get(q.get.remote(1))) == ["g2"]
+    assert ray.get(q.put.remote(make_group("g3", seed=3))) is True  # a retried put: not admitted twice
+    ray.get(q.put.remote(make_group("g6", seed=6)))
+    ray.kill(q)
+
+    q = new_queue(spill_dir=tmp_path, max_staleness=100)
+    table = ray.get(q.get.remote(4))
+    assert ids(table) == ["g3", "g4", "g5", "g6"]
+    assert table.slice(0, 4).column("logp").to_pylist() == make_group("g3", seed=3).column("logp").to_pylist()
+    assert ray.get(q.get.remote(1, timeout_s=0.2)) is None  # nothing lost, nothing duplicated
+    ray.kill(q)
+
+
+# Corruption checks run the queue logic in-process: same code path, no actor start-up cost.
+
+
+def _spill(tmp_path, n, **cfg):
+    async def run():
+        q = ReplayQueueCore(QueueConfig(max_staleness=100, spill_file_bytes=1, **cfg), 1, str(tmp_path))
+        for i in range(n):
+            await q.put(make_group(f"g{i}", seed=i))
+        await q.close()
+
+    asyncio.run(run())
+    return sorted(tmp_path.glob("groups-*.arrows"))  # one group per file (spill_file_bytes=1)
+
+
+def _recover(tmp_path, **cfg):
+    async def run():
+        q = ReplayQueueCore(QueueConfig(max_staleness=100, **cfg), 1, str(tmp_path))
+        table = await q.get(q.stats()["depth"], timeout_s=0.1) if q.stats()["depth"] else None
+        return q.stats(), [] if table is None else ids(table)
+
+    return asyncio.run(run())
+
+
+def test_corrupted_spill_record_is_detected_not_loaded(tmp_path):
+    files = _spill(tmp_path, 3)
+    data = bytearray(files[1].read_bytes())
+    data[len(data) * 2 // 3] ^= 0xFF  # one flipped byte inside the record body
+    files[1].write_bytes(bytes(data))
+    stats, got = _recover(tmp_path)
+    assert got == ["g0", "g2"] and stats["spill_corrupt"] == 1
+    with pytest.raises(SpillCorruptError, match="crc32|corrupted"):
+        _recover(tmp_path, on_corrupt_spill="raise")
+
+
+def test_truncated_spill_file_is_detected_not_loaded(tmp_path):
+    files = _spill(tmp_path, 3)
+    files[2].write_bytes(files[2].read_bytes()[:-200])  # a crash mid-write of the last group
+    stats, got = _recover(tmp_path)
+    assert got == ["g0", "g1"] and stats["spill_corrupt"] == 1
+    with pytest.raises(SpillCorruptError, match="truncated"):
+        _recover(tmp_path, on_corrupt_spill="raise")
