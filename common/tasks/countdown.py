@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from fractions import Fraction
 from functools import lru_cache
+from math import gcd
 from typing import Iterator
 
 from common.tasks.arith import ArithError, evaluate
@@ -41,45 +42,66 @@ TARGET_RANGE = (1, 100)
 _ATOM, _MUL, _ADD = 3, 2, 1
 
 
+def _parens(op: str, pa: int, pb: int) -> tuple[bool, bool]:
+    """Whether ``a op b`` needs parentheses around a and around b (by precedence 3 atom, 2 mul, 1 add)."""
+    if op == "+":
+        return False, False
+    if op == "-":
+        return False, pb == _ADD
+    if op == "*":
+        return pa == _ADD, pb == _ADD
+    return pa == _ADD, pb != _ATOM
+
+
 def _combine(a: tuple[str, int], op: str, b: tuple[str, int]) -> tuple[str, int]:
     """Print ``a op b`` with the fewest parentheses that keep its value."""
     (sa, pa), (sb, pb) = a, b
-    if op == "+":
-        return f"{sa}+{sb}", _ADD
-    if op == "-":
-        return f"{sa}-({sb})" if pb == _ADD else f"{sa}-{sb}", _ADD
-    left = f"({sa})" if pa == _ADD else sa
-    if op == "*":
-        return f"{left}*({sb})" if pb == _ADD else f"{left}*{sb}", _MUL
-    return f"{left}/({sb})" if pb != _ATOM else f"{left}/{sb}", _MUL
+    wa, wb = _parens(op, pa, pb)
+    left = f"({sa})" if wa else sa
+    right = f"({sb})" if wb else sb
+    return f"{left}{op}{right}", _ADD if op in "+-" else _MUL
+
+
+def _ops(a: tuple[int, int], b: tuple[int, int]) -> list[tuple[tuple[int, int], str]]:
+    """a+b, a-b, a*b, a/b on normalised (numerator, positive denominator) pairs: faster to hash than Fraction."""
+    (p, q), (r, s) = a, b
+    out = []
+    for num, den, op in ((p * s + r * q, q * s, "+"), (p * s - r * q, q * s, "-"), (p * r, q * s, "*"), (p * s, q * r, "/")):
+        if den == 0:
+            continue
+        if den < 0:
+            num, den = -num, -den
+        g = gcd(num, den)
+        out.append(((num // g, den // g), op))
+    return out
 
 
 @lru_cache(maxsize=4096)
 def reachable(numbers: tuple[int, ...]) -> dict[Fraction, str]:
     """Every value an expression using each number exactly once can take, with its shortest expression."""
     n = len(numbers)
-    by_mask: dict[int, dict[Fraction, tuple[str, int]]] = {}
+    by_mask: dict[int, dict[tuple[int, int], tuple[str, int]]] = {}
     for i, x in enumerate(numbers):
-        by_mask[1 << i] = {Fraction(x): (str(x), _ATOM)}
+        by_mask[1 << i] = {(x, 1): (str(x), _ATOM)}
     for mask in sorted(range(1, 1 << n), key=lambda m: bin(m).count("1")):
         if mask in by_mask:
             continue
-        out: dict[Fraction, tuple[str, int]] = {}
+        out: dict[tuple[int, int], tuple[str, int]] = {}
         sub = (mask - 1) & mask
         while sub:
             rest = mask ^ sub
             for va, ea in by_mask[sub].items():
                 for vb, eb in by_mask[rest].items():
-                    cands = [(va + vb, "+"), (va - vb, "-"), (va * vb, "*")]
-                    if vb != 0:
-                        cands.append((va / vb, "/"))
-                    for v, op in cands:
-                        e = _combine(ea, op, eb)
-                        if v not in out or len(e[0]) < len(out[v][0]):
-                            out[v] = e
+                    for v, op in _ops(va, vb):
+                        # Compare lengths before building the string: most candidates lose.
+                        wa, wb = _parens(op, ea[1], eb[1])
+                        size = len(ea[0]) + len(eb[0]) + 1 + 2 * (wa + wb)
+                        best = out.get(v)
+                        if best is None or size < len(best[0]):
+                            out[v] = _combine(ea, op, eb)
             sub = (sub - 1) & mask
         by_mask[mask] = out
-    return {v: e[0] for v, e in by_mask[(1 << n) - 1].items()}
+    return {Fraction(*v): e[0] for v, e in by_mask[(1 << n) - 1].items()}
 
 
 def solve(numbers: tuple[int, ...], target: int) -> str | None:
@@ -102,6 +124,12 @@ def generate_item(rng: random.Random, num_numbers: int, item_id: str) -> Item:
             return Item(id=item_id, question=",".join(map(str, numbers)), answer=str(target), numbers=numbers)
 
 
+@lru_cache(maxsize=2)
+def _generated_heldout(n: int) -> tuple[Item, ...]:
+    rng = random.Random(f"{_EVAL_SEED}-{n}")
+    return tuple(generate_item(rng, n, f"cd{n}_heldout:{i}") for i in range(GENERATED_EVAL_SIZE))
+
+
 class CountdownTask(Task):
     """Countdown with ``cfg.num_numbers`` numbers."""
 
@@ -110,8 +138,7 @@ class CountdownTask(Task):
     def _load_eval(self) -> list[Item]:
         n = self.cfg.num_numbers
         if self.cfg.eval_file is None and n != 3:
-            rng = random.Random(f"{_EVAL_SEED}-{n}")
-            return [generate_item(rng, n, f"cd{n}_heldout:{i}") for i in range(GENERATED_EVAL_SIZE)]
+            return list(_generated_heldout(n))
         name = self.cfg.eval_file or DEFAULT_EVAL_FILE
         path = resolve_data_path(self.cfg, name)
         items = []

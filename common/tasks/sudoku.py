@@ -13,9 +13,11 @@ Compact format (tiny char models)::
 Chat format: d1's Sudoku prompt in our words (the grid shown as four rows), answer = 16 digits inside
 ``<answer>`` tags (whitespace, commas and '|' between digits are ignored).
 
-Reward (d1): ``score`` = fraction of the originally blank cells whose digit is right (digits are read
-in order from the answer region, missing ones count wrong); ``format`` = the region is exactly 16 digits
-in 1..4 once separators are dropped; ``correct`` = every blank right.
+Reward (d1): ``score`` = fraction of the originally blank cells whose digit matches the stored solution
+(digits are read in order from the answer region, missing ones count wrong); ``format`` = the region is
+exactly 16 digits in 1..4 once separators are dropped; ``correct`` = every blank right. Unlike d1, a
+well-formed complete valid grid that keeps the givens scores 1.0 even when it differs from the stored
+solution: 124 of the 500 d1 test puzzles have more than one solution.
 """
 from __future__ import annotations
 
@@ -72,6 +74,10 @@ def is_valid_solution(grid: str) -> bool:
 def all_grids() -> tuple[str, ...]:
     """All 288 complete 4x4 grids, in a fixed order."""
     return tuple(solutions("0" * 16, limit=1000))
+
+
+def _solves(puzzle: str, grid: str) -> bool:
+    return is_valid_solution(grid) and all(p in ("0", g) for p, g in zip(puzzle, grid))
 
 
 def generate_puzzle(rng: random.Random, blanks: int) -> tuple[str, str]:
@@ -153,7 +159,10 @@ class SudokuTask(Task):
         compact = region[:MAX_COMPLETION_CHARS].translate(_SEPARATORS)
         digits = [c for c in compact if "0" <= c <= "9"][:16]
         blanks = [i for i, c in enumerate(item.question) if c == "0"]
+        well_formed = tagged and len(compact) == 16 and all(c in "1234" for c in compact)
+        if well_formed and _solves(item.question, compact):
+            # 124 of the 500 d1 test puzzles have several solutions; any valid one is right.
+            return shaped_reward(1.0, True, True, w)
         right = sum(1 for i in blanks if i < len(digits) and digits[i] == item.answer[i])
         score = right / len(blanks) if blanks else 1.0
-        well_formed = tagged and len(compact) == 16 and all(c in "1234" for c in compact)
         return shaped_reward(score, well_formed, right == len(blanks), w)
