@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from rollout.kernels.philox import exponential_noise
+
+LOG2E = 1.4426950408889634
+
 
 @dataclass
 class RowStats:
@@ -54,27 +58,28 @@ def sample_rows_reference(
     ``row_ids_N`` are global counters of the rows (so the noise of a row does not depend on which
     other rows are scored together); ``cutoff_N`` removes logits below it (top-k/top-p support).
     At temperature 0 the token is the argmax and the statistics are those of softmax(logits).
+    The noise is the Philox stream of ``rollout.kernels.philox``, the one the Triton kernel draws.
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     x = logits_NV.float()
     if cutoff_N is not None:
-        x = x.masked_fill(x < cutoff_N[:, None], float("-inf"))
-    scaled = x / temperature if temperature > 0 else x
+        x = x.masked_fill(x < cutoff_N[:, None].float(), float("-inf"))
+    t = temperature if temperature > 0 else 1.0
+    # The kernel multiplies by log2(e)/T in fp32; the Gumbel key uses the very same product so
+    # both pick the same token (up to ulp-level ties of their log2 implementations).
+    scaled2 = x * torch.tensor(LOG2E / t, dtype=torch.float32)
+    scaled = x / t
     logz = torch.logsumexp(scaled, dim=-1)
     logp_all = scaled - logz[:, None]
     p = logp_all.exp()
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
     top2 = p.topk(2, dim=-1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
     if temperature > 0:
-        gen = torch.Generator(device=x.device).manual_seed(int(seed))
-        # Noise depends only on (seed, row id, column): draw per-row streams deterministically.
-        u = torch.empty_like(scaled)
-        for i, rid in enumerate(row_ids_N.tolist()):
-            gen.manual_seed(int(seed) * 1_000_003 + int(rid))
-            u[i] = torch.rand(scaled.shape[-1], generator=gen, device=x.device, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-        token = (scaled + gumbel).argmax(-1)
+        exp_NV = exponential_noise(int(seed), row_ids_N, x.shape[-1])
+        token = (scaled2 - torch.log2(exp_NV)).argmax(-1)
     else:
-        token = scaled.argmax(-1)
+        token = x.argmax(-1)
     raw_logz = torch.logsumexp(logits_NV.float(), dim=-1)
     confidence = (logits_NV.float().gather(1, token[:, None])[:, 0] - raw_logz).exp()
     return RowStats(

@@ -1,0 +1,269 @@
+"""Triton fused masked-logit sampling: one read of each row's logits gives the sample and its statistics.
+
+Letters: N scored rows, V vocabulary, S vocabulary splits per row, Q lanes (``NOISE_Q``).
+
+Pass 1 (grid N x S) scans columns in tiles of 4Q; every lane keeps its own online state (max,
+sum of 2^(s-max), sum of 2^(s-max)(s-max), second max, Gumbel-max candidate, full-vocab T=1 max
+and sum), so the loop has no cross-thread reductions; the lanes are reduced once per program and
+written as one partial per (row, split). Pass 2 (grid N) merges the S partials and finishes logp,
+entropy, margin and confidence. S > 1 only when there are too few rows to fill the GPU.
+
+All math is base 2 (exp2/log2 are the hardware's native transcendentals): s = x * log2(e) / T.
+The Gumbel-max key of a column is s - log2(E) with E the Exponential(1) variate of the Philox stream
+in ``rollout.kernels.philox``; inside a lane it is compared as the ratio 2^(s - max) / E, which
+reuses the exp2 of the online sum and so costs one log2 per column instead of two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rollout.kernels.philox import NOISE_Q
+from rollout.kernels.reference import LOG2E, RowStats
+
+_EXCLUDED = -3.0e38  # scaled logit of a column outside the support (finite, so 0 * it is 0)
+_INIT = -1.0e30  # initial lane max: above _EXCLUDED so excluded columns never move it
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _exponential(r):
+    """Exponential(1) variate from a uint32 word; same fp32 formula as philox.exponential_from_uint32."""
+    v = r.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    v = tl.minimum(v, 0.9999999403953552)
+    series = v * (1.0 + v * (0.5 + v * (0.3333333333333333 + v * 0.25)))
+    return tl.where(v < 0.015625, series, tl.log2(1.0 - v) * -0.6931471805599453)
+
+
+@triton.jit
+def _scan_lanes(x_row, cols, end, word, cutoff, scale2,
+                m, se, sx, t2, nb, eb, bk, bi, mf, sf,
+                SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr, SEPARATE_CONF: tl.constexpr):
+    """Fold Q columns (one per lane) into the lanes' online state."""
+    inb = cols < end
+    x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+    keep = inb
+    if HAS_CUTOFF:
+        keep = keep & (x >= cutoff)
+    s = tl.where(keep, tl.maximum(x * scale2, _EXCLUDED), _EXCLUDED)
+    d = s - m
+    up = d > 0
+    e = tl.exp2(-tl.abs(d))  # 2^(s - max) if s <= max, else 2^(old max - s): one exp2 either way
+    se_new = tl.where(up, se * e + 1.0, se + e)
+    sx_new = tl.where(up, e * (sx - d * se), sx + e * d)
+    t2 = tl.maximum(t2, tl.minimum(m, s))
+    if SAMPLE:
+        ex = _exponential(word)
+        cand = tl.where(up, 1.0, e)  # 2^(s - new max)
+        nb = tl.where(up, nb * e, nb)  # the lane's best numerator, rescaled to the new max
+        better = cand * eb > nb * ex  # cand / ex > nb / eb, without a division
+        nb = tl.where(better, cand, nb)
+        eb = tl.where(better, ex, eb)
+        bi = tl.where(better, cols, bi)
+    else:
+        key = tl.where(keep, x, float("-inf"))
+        better = key > bk
+        bk = tl.where(better, key, bk)
+        bi = tl.where(better, cols, bi)
+    if SEPARATE_CONF:
+        f = tl.where(inb, tl.maximum(x * 1.4426950408889634, _EXCLUDED), _EXCLUDED)
+        df = f - mf
+        ef = tl.exp2(-tl.abs(df))
+        sf = tl.where(df > 0, sf * ef + 1.0, sf + ef)
+        mf = tl.maximum(mf, f)
+    m = tl.maximum(m, s)
+    return m, se_new, sx_new, t2, nb, eb, bk, bi, mf, sf
+
+
+@triton.jit
+def _merge_max_sums(m, se, sx):
+    """Merge per-lane (max, sum 2^(s-max), sum 2^(s-max)(s-max)) into one triple."""
+    mt = tl.max(m, axis=0)
+    w = tl.exp2(m - mt)
+    set_ = tl.sum(se * w, axis=0)
+    sxt = tl.sum(w * (sx + (m - mt) * se), axis=0)
+    return mt, set_, sxt
+
+
+@triton.jit
+def _second_max(m, t2, BLOCK: tl.constexpr):
+    """Second largest value over lanes given each lane's max and second max."""
+    idx = tl.arange(0, BLOCK)
+    first = tl.argmax(m, axis=0)
+    return tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(idx == first, _INIT, m), axis=0))
+
+
+@triton.jit
+def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part_i_ptr,
+                    V, cols_per_split, scale2, seed,
+                    Q: tl.constexpr, SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr,
+                    SEPARATE_CONF: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    x_row = x_ptr + row.to(tl.int64) * stride_row
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, V)
+    cutoff = float("-inf")
+    if HAS_CUTOFF:
+        cutoff = tl.load(cutoff_ptr + row).to(tl.float32)
+    lanes = tl.arange(0, Q)
+    m = tl.full([Q], _INIT, tl.float32)
+    t2 = tl.full([Q], _INIT, tl.float32)
+    mf = tl.full([Q], _INIT, tl.float32)
+    se = tl.zeros([Q], tl.float32)
+    sx = tl.zeros([Q], tl.float32)
+    sf = tl.zeros([Q], tl.float32)
+    nb = tl.zeros([Q], tl.float32)
+    eb = tl.full([Q], 1.0, tl.float32)
+    bk = tl.full([Q], float("-inf"), tl.float32)
+    bi = tl.full([Q], 2147483647, tl.int32)
+    counter_row = tl.load(row_ids_ptr + row).to(tl.int64) * tl.cdiv(V, 4 * Q)
+    w0 = lanes.to(tl.uint32)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    for base in range(start, end, 4 * Q):
+        if SAMPLE:
+            counter = (counter_row + base // (4 * Q)) * Q + lanes
+            w0, w1, w2, w3 = tl.randint4x(seed, counter)
+        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
+            x_row, base + lanes, end, w0, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
+            x_row, base + Q + lanes, end, w1, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
+            x_row, base + 2 * Q + lanes, end, w2, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
+            x_row, base + 3 * Q + lanes, end, w3, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+
+    # --- reduce the lanes to one partial of this (row, split)
+    if SAMPLE:
+        bk = m + tl.log2(nb) - tl.log2(eb)  # the lane's best key s - log2(E); nb = 0 gives -inf
+    k = tl.max(bk, axis=0)
+    i = tl.min(tl.where(bk == k, bi, 2147483647), axis=0)  # lowest column among equal keys
+    t2_all = _second_max(m, t2, Q)
+    m_all, se_all, sx_all = _merge_max_sums(m, se, sx)
+    mf_all = tl.max(mf, axis=0)
+    sf_all = tl.sum(sf * tl.exp2(mf - mf_all), axis=0)
+    out = part_f_ptr + (row * n_split + split) * 8
+    tl.store(out + 0, m_all)
+    tl.store(out + 1, se_all)
+    tl.store(out + 2, sx_all)
+    tl.store(out + 3, t2_all)
+    tl.store(out + 4, k)
+    tl.store(out + 5, mf_all)
+    tl.store(out + 6, sf_all)
+    tl.store(part_i_ptr + row * n_split + split, i)
+
+
+@triton.jit
+def _finish_kernel(x_ptr, stride_row, part_f_ptr, part_i_ptr, n_split, V, scale2,
+                   token_ptr, logp_ptr, entropy_ptr, margin_ptr, conf_ptr,
+                   S_BLOCK: tl.constexpr, SEPARATE_CONF: tl.constexpr):
+    row = tl.program_id(0)
+    splits = tl.arange(0, S_BLOCK)
+    ok = splits < n_split
+    part = part_f_ptr + (row * n_split + splits) * 8
+    m = tl.load(part + 0, mask=ok, other=_INIT)
+    se = tl.load(part + 1, mask=ok, other=0.0)
+    sx = tl.load(part + 2, mask=ok, other=0.0)
+    t2 = tl.load(part + 3, mask=ok, other=_INIT)
+    k = tl.load(part + 4, mask=ok, other=float("-inf"))
+    mf = tl.load(part + 5, mask=ok, other=_INIT)
+    sf = tl.load(part + 6, mask=ok, other=0.0)
+    i = tl.load(part_i_ptr + row * n_split + splits, mask=ok, other=2147483647)
+
+    m_all, se_all, sx_all = _merge_max_sums(m, se, sx)
+    t2_all = _second_max(m, t2, S_BLOCK)
+    k_all = tl.max(k, axis=0)
+    token = tl.min(tl.where(k == k_all, i, 2147483647), axis=0)
+    token = tl.where(token < V, token, 0)  # a row of -inf logits: torch.argmax's answer
+    x_tok = tl.load(x_ptr + row.to(tl.int64) * stride_row + token).to(tl.float32)
+
+    log2_se = tl.log2(se_all)
+    log2_z = m_all + log2_se
+    s_tok = tl.maximum(x_tok * scale2, _EXCLUDED)
+    ln2 = 0.6931471805599453
+    if SEPARATE_CONF:
+        mf_all = tl.max(mf, axis=0)
+        log2_zf = mf_all + tl.log2(tl.sum(sf * tl.exp2(mf - mf_all), axis=0))
+    else:
+        log2_zf = log2_z
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(logp_ptr + row, (s_tok - log2_z) * ln2)
+    tl.store(entropy_ptr + row, (log2_se - sx_all / se_all) * ln2)
+    tl.store(margin_ptr + row, tl.exp2(m_all - log2_z) - tl.exp2(t2_all - log2_z))
+    tl.store(conf_ptr + row, tl.exp2(x_tok * 1.4426950408889634 - log2_zf))
+
+
+def _default_splits(N: int, V: int, device: torch.device) -> int:
+    """Vocabulary splits per row: enough programs for ~4 per SM when rows are few, else 1."""
+    if device.type != "cuda":
+        return 1
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    max_splits = triton.cdiv(V, 4 * NOISE_Q)
+    return max(1, min(max_splits, triton.cdiv(4 * n_sm, N)))
+
+
+def sample_rows_triton(
+    logits_NV: torch.Tensor,
+    temperature: float,
+    seed: int,
+    row_ids_N: torch.Tensor,
+    cutoff_N: torch.Tensor | None = None,
+    n_split: int | None = None,
+) -> RowStats:
+    """Triton version of ``sample_rows_reference`` (same stream, same semantics); ``n_split`` is for tests."""
+    if logits_NV.dim() != 2:
+        raise ValueError(f"logits_NV must be [N, V], got shape {tuple(logits_NV.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if logits_NV.stride(1) != 1:
+        logits_NV = logits_NV.contiguous()
+    N, V = logits_NV.shape
+    if V >= 2**31 - 1:
+        raise ValueError(f"vocabulary of {V} columns exceeds the kernel's int32 column index")
+    device = logits_NV.device
+    sample = temperature > 0
+    t = temperature if sample else 1.0
+    has_cutoff = cutoff_N is not None
+    separate_conf = has_cutoff or t != 1.0
+    if n_split is None:
+        n_split = _default_splits(N, V, device)
+    tile = 4 * NOISE_Q
+    cols_per_split = triton.cdiv(triton.cdiv(V, n_split), tile) * tile
+    n_split = triton.cdiv(V, cols_per_split)
+    part_f = torch.empty(N, n_split, 8, device=device, dtype=torch.float32)
+    part_i = torch.empty(N, n_split, device=device, dtype=torch.int32)
+    row_ids = row_ids_N.to(device=device, dtype=torch.int64).contiguous()
+    cutoff = cutoff_N.to(device=device, dtype=torch.float32).contiguous() if has_cutoff else part_f
+    scale2 = LOG2E / t
+    if N > 0:
+        _partial_kernel[(N, n_split)](
+            logits_NV, logits_NV.stride(0), row_ids, cutoff, part_f, part_i,
+            V, cols_per_split, scale2, int(seed),
+            Q=NOISE_Q, SAMPLE=sample, HAS_CUTOFF=has_cutoff, SEPARATE_CONF=separate_conf,
+            num_warps=_NUM_WARPS,
+        )
+    out = RowStats(
+        token_N=torch.empty(N, device=device, dtype=torch.int64),
+        logp_N=torch.empty(N, device=device, dtype=torch.float32),
+        entropy_N=torch.empty(N, device=device, dtype=torch.float32),
+        margin_N=torch.empty(N, device=device, dtype=torch.float32),
+        confidence_N=torch.empty(N, device=device, dtype=torch.float32),
+    )
+    if N > 0:
+        _finish_kernel[(N,)](
+            logits_NV, logits_NV.stride(0), part_f, part_i, n_split, V, scale2,
+            out.token_N, out.logp_N, out.entropy_N, out.margin_N, out.confidence_N,
+            S_BLOCK=max(2, triton.next_power_of_2(n_split)), SEPARATE_CONF=separate_conf,
+            num_warps=1,
+        )
+    return out
