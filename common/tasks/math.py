@@ -66,7 +66,12 @@ def is_hostile(answer: str) -> bool:
             if _POWER_RE.search(exponent) or _BIG_INT_RE.search(exponent):
                 return True
             group_has_power[-1] = True
-            i = j
+            k = j + len(exponent)
+            while k < n and answer[k] == " ":
+                k += 1
+            if answer.startswith(("^", "**"), k):  # an unbracketed tower: 2**3**4
+                return True
+            i = k
             continue
         elif not c.isspace():
             last_closed_had_power = False
