@@ -39,6 +39,12 @@ class LearnerConfig(Section):
     betas: tuple[float, float] = Field(default=(0.9, 0.99), description="AdamW betas.")
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
     schedule: Literal["constant", "cosine"] = Field(default="constant", description="LR schedule after warm-up.")
+    decay_steps: int = Field(
+        default=1000, ge=1, description="Cosine schedule: optimizer steps after warm-up over which the LR decays."
+    )
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Cosine schedule: final LR as a fraction of `lr`."
+    )
     grad_clip: float = Field(default=1.0, gt=0.0, description="Global gradient-norm clip.")
     param_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="FSDP2 mixed-precision parameter dtype."
@@ -53,6 +59,9 @@ class LearnerConfig(Section):
         "nccl across GPUs, object_store on CPU.",
     )
     checkpoint_every: int = Field(default=0, ge=0, description="Save a checkpoint every n steps (0: only at the end).")
+    sync_bucket_mb: int = Field(
+        default=256, ge=1, description="nccl weight sync: size of each of the two flat broadcast buffers (MiB)."
+    )
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
     max_bad_steps: int = Field(
         default=3, ge=1, description="Consecutive NaN/Inf steps tolerated (skipped) before the run stops."

@@ -1,0 +1,71 @@
+"""Low-rank adapters written for our model and FSDP2 (no peft dependency).
+
+Each targeted ``nn.Linear`` becomes a ``LoraLinear`` that keeps its frozen ``weight`` under the same name
+(so base keys stay LLaDA's) and adds ``lora_A`` [r, in] and ``lora_B`` [out, r] (B starts at zero, so the
+adapted model equals the base at step 0). Weight sync and the HF export use merged weights
+``W + (alpha / r) * B @ A``: rollout actors and ``load_pretrained`` never see adapters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import LoraConfig
+
+
+class LoraLinear(nn.Linear):
+    """``x W^T + scale * dropout(x) A^T B^T`` with ``W`` frozen."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = None
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight)
+        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return base + self.scale * update
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
+    """Freeze ``model`` and replace targeted linears inside each block by adapters; returns how many."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    count = 0
+    for block in model.transformer.blocks:
+        for name in cfg.target_modules:
+            base = getattr(block, name, None)
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"learner.lora.target_modules: {name!r} is not a linear layer of a block")
+            setattr(block, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+            count += 1
+    return count
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """A full state dict with adapters folded into their base weights and adapter keys removed.
+
+    ``scales`` maps a module prefix (``...blocks.0.q_proj``) to its ``alpha / r``.
+    """
+    merged = {k: v for k, v in state.items() if not (k.endswith(".lora_A") or k.endswith(".lora_B"))}
+    for prefix, scale in scales.items():
+        weight = merged[f"{prefix}.weight"]
+        delta = state[f"{prefix}.lora_B"].float() @ state[f"{prefix}.lora_A"].float()
+        merged[f"{prefix}.weight"] = (weight.float() + scale * delta).to(weight.dtype)
+    return merged
+
+
+def lora_scales(model: nn.Module) -> dict[str, float]:
+    """``{module prefix: scale}`` for every adapter in ``model`` (empty without LoRA)."""
+    return {name: m.scale for name, m in model.named_modules() if isinstance(m, LoraLinear)}

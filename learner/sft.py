@@ -1,0 +1,68 @@
+"""LLaDA's masked-diffusion SFT loss, with the same interface as the RL losses so SFT runs on the learner group.
+
+Per sample: t ~ U(eps, 1); every completion token is masked independently with probability t; the prompt
+is never masked. Loss = sum over masked tokens of CE / t, divided by the sample's completion length
+(tokens that are not ``pad_id``; LLaDA pads answers with EOS, which count), then by the global batch size.
+
+Letters: B samples, P prompt length, G completion length, L = P + G, N masked tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.trajectory import Trajectory
+from learner.losses.base import per_sample_extra
+
+
+class MaskedDiffusionSFT:
+    """``prepare`` draws t and the mask for the whole batch; ``backward`` trains on one micro-batch."""
+
+    def __init__(self, *, mask_id: int, pad_id: int, eps: float = 1e-3):
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"SFT eps must be in (0, 1), got {eps}")
+        self.mask_id, self.pad_id, self.eps = int(mask_id), int(pad_id), float(eps)
+
+    def prepare(self, batch: Trajectory, *, seed: int) -> Trajectory:
+        """Draw ``sft_t_B`` and ``sft_masked_BG`` into ``extras`` (same seed, same draw on every rank)."""
+        gen = torch.Generator().manual_seed(int(seed))
+        B, G = batch.completion_ids_BG.shape
+        t_B = self.eps + (1.0 - self.eps) * torch.rand(B, generator=gen)
+        masked_BG = torch.rand(B, G, generator=gen) < t_B[:, None]
+        masked_BG &= batch.completion_ids_BG.cpu() != self.pad_id
+        extras = {**batch.extras, "sft_t_B": t_B, "sft_masked_BG": masked_BG}
+        out = batch.select(slice(None))
+        out.extras = extras
+        return out
+
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
+        """Forward + backward of this micro-batch's share of the global mean loss; returns metric sums."""
+        device = next(model.parameters()).device
+        t_B = per_sample_extra(micro, "sft_t_B").to(device)
+        masked_BG = per_sample_extra(micro, "sft_masked_BG").to(device)
+        comp_BG = micro.completion_ids_BG.to(device)
+        prompt_BP = micro.prompt_ids_BP.to(device)
+        P = prompt_BP.shape[1]
+        ids_BL = torch.cat([prompt_BP, comp_BG.masked_fill(masked_BG, self.mask_id)], dim=1)
+        attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
+
+        hidden_BLD = model.hidden_states(ids_BL, attn_BL)
+        rows_B, cols_N = masked_BG.nonzero(as_tuple=True)
+        logits_NV = model.lm_head(hidden_BLD[rows_B, P + cols_N])  # only masked rows reach the vocabulary
+        ce_N = F.cross_entropy(logits_NV.float(), comp_BG[rows_B, cols_N], reduction="none")
+        length_B = (comp_BG != self.pad_id).sum(1).clamp(min=1).float()
+        per_sample_B = torch.zeros(len(micro), device=device).index_add(0, rows_B, ce_N / t_B[rows_B])
+        per_sample_B = per_sample_B / length_B
+        (per_sample_B.sum() / total_samples).backward()
+        # The logged loss is the global mean, whatever ``total_samples`` the caller passed for weighting.
+        return {
+            "loss": float(per_sample_B.detach().sum()) / total_samples if total_samples else 0.0,
+            "samples": float(len(micro)),
+            "masked_tokens": float(len(ce_N)),
+            "masked_ce_sum": float(ce_N.detach().sum()),
+        }
+
+
+def build_sft_loss(*, mask_id: int, pad_id: int, eps: float = 1e-3) -> MaskedDiffusionSFT:
+    """The SFT loss object (a ``loss_factory`` for ``LearnerGroup`` can return this)."""
+    return MaskedDiffusionSFT(mask_id=mask_id, pad_id=pad_id, eps=eps)

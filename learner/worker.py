@@ -1,0 +1,297 @@
+"""One learner rank: the policy under FSDP2, AdamW, the step loop over micro-batches, checkpoints, weight sending.
+
+``LearnerGroup`` runs M of these as Ray actors in one torch.distributed group; tests also run a single
+rank in-process. Every public method is collective: all ranks must call it, in the same order.
+
+Step semantics: every rank receives the whole batch, ``loss.prepare``s it with the step seed (identical
+on all ranks), takes its contiguous shard of samples, cuts it into micro-batches of at most
+``micro_batch_tokens // (P + G)`` samples, and calls ``loss.backward`` per micro-batch with
+``total_samples`` = the global batch size. Every rank runs the same number of micro-batches (FSDP's
+collectives must pair up); a rank short of samples replays one row with ``total_samples=inf`` (zero
+weight). The loss must therefore run the same number of forward/backward passes for every micro-batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common.config import LearnerConfig, ModelConfig
+from common.model import to_dtype
+from common.trajectory import Trajectory
+from common.weights import WeightUpdate, flat_layout
+from learner import checkpoint as ckpt
+from learner.losses.base import select_rows
+from learner.lora import apply_lora, lora_scales, merge_lora_state
+from learner.optim import build_optimizer, lr_at, set_lr
+from learner.weight_sync import build_sender
+
+log = logging.getLogger("unmask.learner")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # not inside Ray (in-process tests): loopback is the only address needed
+        return "127.0.0.1"
+
+
+def shard_bounds(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous split of ``total`` samples; the first ``total % world_size`` ranks get one more."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class LearnerRank:
+    """One rank; construct, then ``setup(master_addr, master_port)`` on every rank at once."""
+
+    def __init__(self, cfg: LearnerConfig, model_cfg: ModelConfig, *, rank: int, world_size: int,
+                 loss_factory: Callable[[], object], seed: int, ref_model: bool = False):
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.rank, self.world_size = rank, world_size
+        self.loss_factory, self.seed, self.use_ref = loss_factory, seed, ref_model
+        self.device = torch.device("cuda", 0) if cfg.num_gpus_per_rank > 0 else torch.device("cpu")
+        self.version = 0  # policy version = optimizer steps taken
+        self.step_count = 0  # step() calls, including skipped ones
+        self.bad_steps = 0  # consecutive skipped steps
+        self.sender = None
+
+    def address(self) -> tuple[str, int]:
+        """(ip, free port) of this rank's node: rank 0's becomes the group's rendezvous."""
+        return node_ip(), free_port()
+
+    # --- setup
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group, build and shard the policy, build the optimizer and the loss."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        from driver.policy import load_policy
+
+        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # In-process tests build several single-rank learners in one process: they share one group.
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                    rank=self.rank, world_size=self.world_size)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+
+        torch.manual_seed(self.seed)  # every rank builds identical initial weights
+        model, tokenizer = load_policy(self.model_cfg)
+        self.hf_config = model.config
+        model = model.float()  # fp32 master weights; MixedPrecisionPolicy casts for compute
+        if self.cfg.lora.enabled:
+            apply_lora(model, self.cfg.lora)
+        self.lora_scales = lora_scales(model)
+        model.set_activation_checkpointing(self.model_cfg.gradient_checkpointing)
+        model.to(self.device)
+        mp = MixedPrecisionPolicy(param_dtype=to_dtype(self.cfg.param_dtype), reduce_dtype=to_dtype(self.cfg.reduce_dtype))
+        for block in model.transformer.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
+        # methods need FSDP's unshard/reshard hooks just like forward.
+        register_fsdp_forward_method(model, "hidden_states")
+        register_fsdp_forward_method(model, "lm_head")
+        model.train()
+        self.model = model
+        self.optimizer = build_optimizer(self.cfg, model.parameters())
+        self.ref_model = None
+        if self.use_ref:
+            torch.manual_seed(self.seed)
+            ref, _ = load_policy(self.model_cfg)
+            self.ref_model = ref.to(self.device, to_dtype(self.cfg.param_dtype)).eval().requires_grad_(False)
+        self.loss = self.loss_factory()
+        self.tokenizer = tokenizer
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.rank == 0:
+            log.info("learner: %d ranks on %s (%s), %.2fM params (%.2fM trainable), lora=%s",
+                     self.world_size, self.device.type, backend, n_params / 1e6, n_train / 1e6, self.cfg.lora.enabled)
+        return {"params": n_params, "trainable_params": n_train, "backend": backend}
+
+    # --- step
+    def step(self, batch: Trajectory, step_seed: int) -> dict[str, float]:
+        """One optimizer step over the whole batch; returns metrics all-reduced over ranks (same on every rank)."""
+        start = time.perf_counter()
+        batch = self.loss.prepare(batch, seed=step_seed)
+        total = len(batch)
+        if total == 0:
+            raise ValueError("learner step got an empty batch")
+        seq_len = batch.prompt_ids_BP.shape[1] + batch.completion_ids_BG.shape[1]
+        per_micro = max(1, self.cfg.micro_batch_tokens // seq_len)
+        lo, hi = shard_bounds(total, self.world_size, self.rank)
+        num_micro = math.ceil(math.ceil(total / self.world_size) / per_micro)
+        sums: dict[str, float] = {}
+        for i in range(num_micro):
+            self.model.set_requires_gradient_sync(i == num_micro - 1)
+            a, b = lo + i * per_micro, min(hi, lo + (i + 1) * per_micro)
+            if a < b:
+                metrics = self.loss.backward(self.model, select_rows(batch, slice(a, b)).to(self.device),
+                                             total_samples=total, ref_model=self.ref_model)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            else:  # zero-weight replay so this rank's FSDP collectives pair with the other ranks'
+                self.loss.backward(self.model, select_rows(batch, slice(0, 1)).to(self.device),
+                                   total_samples=math.inf, ref_model=self.ref_model)
+        metrics = self._all_reduce_sums(sums)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)))
+        loss_value = metrics.get("loss", 0.0)
+        lr = lr_at(self.cfg, self.version)
+        self.step_count += 1
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_value))
+        if skipped:
+            self.bad_steps += 1
+            reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'grad norm'} " \
+                     f"(loss={loss_value}, grad_norm={grad_norm})"
+            if self.rank == 0:
+                log.warning("learner step %d skipped: %s", self.step_count, reason)
+            if self.bad_steps > self.cfg.max_bad_steps:
+                raise RuntimeError(f"{self.bad_steps} consecutive learner steps had a {reason}; more than "
+                                   f"learner.max_bad_steps={self.cfg.max_bad_steps}: lower learner.lr or check the data")
+        else:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+            self.version += 1
+            self.bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        metrics.update({
+            "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds, "tokens": float(total * seq_len),
+            "tokens_per_s": total * seq_len / seconds, "batch_samples": float(total), "micro_batches": float(num_micro),
+            "skipped": float(skipped), "version": float(self.version),
+        })
+        return metrics
+
+    def _all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        gathered: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, sums)
+        out: dict[str, float] = {}
+        for part in gathered:
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    # --- checkpoints
+    def save(self, root: str, data_position: dict) -> str:
+        """Checkpoint into ``root/step_<version>`` and prune to ``keep_checkpoints``; returns the directory."""
+        directory = ckpt.step_dir(root, self.version)
+        meta = {"step": self.step_count, "version": self.version, "data_position": data_position,
+                "world_size": self.world_size, "bad_steps": self.bad_steps}
+        ckpt.save_checkpoint(directory, self.model, self.optimizer, meta=meta, rank=self.rank)
+        if self.rank == 0:
+            ckpt.prune_checkpoints(Path(root), self.cfg.keep_checkpoints)
+        dist.barrier()
+        return str(directory)
+
+    def load(self, directory: str) -> dict:
+        """Restore from a complete checkpoint directory; returns its record (incl. ``data_position``)."""
+        meta = ckpt.load_checkpoint(Path(directory), self.model, self.optimizer, rank=self.rank)
+        self.step_count, self.version, self.bad_steps = meta["step"], meta["version"], meta.get("bad_steps", 0)
+        return meta
+
+    def full_state(self) -> dict | None:
+        """Unsharded model and optimizer state on CPU (rank 0; None elsewhere), for tests and debugging."""
+        model = ckpt.full_model_state(self.model)
+        optim = ckpt.full_optimizer_state(self.model, self.optimizer)
+        if self.rank != 0:
+            return None
+        return {"model": model, "optim": optim, "version": self.version, "step": self.step_count}
+
+    def export_hf(self, directory: str) -> str | None:
+        """HF-format policy (LoRA merged) in the model's dtype, written by rank 0."""
+        state = ckpt.full_model_state(self.model)
+        if self.rank != 0:
+            return None
+        state = merge_lora_state(state, self.lora_scales)
+        return str(ckpt.export_hf(state, self.hf_config, directory, dtype=self.model_cfg.dtype))
+
+    # --- weight sync
+    def sync_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective generator: full tensors in state-dict order, LoRA merged, in the rollout dtype."""
+        dtype = to_dtype(self.model_cfg.dtype)
+        state = self.model.state_dict()
+        for name, tensor in state.items():
+            if name.endswith((".lora_A", ".lora_B")):
+                continue
+            full = _full(tensor.detach())
+            prefix = name.removesuffix(".weight")
+            if prefix in self.lora_scales:
+                delta = _full(state[f"{prefix}.lora_B"].detach()).float() @ _full(state[f"{prefix}.lora_A"].detach()).float()
+                full = full.float() + self.lora_scales[prefix] * delta
+            yield name, full.to(dtype)
+
+    def state_dict_for_sync(self) -> dict[str, torch.Tensor] | None:
+        """What a weight sync sends, as CPU tensors (rank 0; None elsewhere)."""
+        out = {name: t.cpu() for name, t in self.sync_tensors()}
+        return out if self.rank == 0 else None
+
+    def sync_layout(self):
+        """The wire layout of the synced tensors (names, global shapes, rollout dtype)."""
+        dtype = to_dtype(self.model_cfg.dtype)
+        specs = [(n, tuple(t.shape), dtype) for n, t in self.model.state_dict().items()
+                 if not n.endswith((".lora_A", ".lora_B"))]
+        return flat_layout(specs)
+
+    def init_weight_sync(self, transport: str, num_receivers: int = 0) -> dict | None:
+        """Build rank 0's sender; for nccl returns the rendezvous (host, port, world_size) receivers need."""
+        if self.rank != 0:
+            return None
+        info: dict = {"transport": transport}
+        kwargs: dict = {}
+        if transport == "nccl":
+            if num_receivers < 1:
+                raise ValueError("nccl weight sync needs num_receivers >= 1 (the rollout actors)")
+            layout, total = self.sync_layout()
+            host, port = node_ip(), free_port()
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            info.update(host=host, port=port, world_size=num_receivers + 1, backend=backend,
+                        bucket_bytes=self.cfg.sync_bucket_mb << 20)
+            kwargs = dict(host=host, port=port, world_size=num_receivers + 1, layout=layout, total_bytes=total,
+                          bucket_bytes=self.cfg.sync_bucket_mb << 20, backend=backend, device=self.device)
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = build_sender(transport, **kwargs)
+        return info
+
+    def sync_weights(self) -> WeightUpdate | None:
+        """Collective: gather full weights and send them as the current version (rank 0 returns the update)."""
+        tensors = self.sync_tensors()
+        if self.rank != 0:
+            for _ in tensors:  # take part in every gather rank 0 makes
+                pass
+            return None
+        if self.sender is None:
+            raise ValueError("call init_weight_sync(transport) before sync_weights()")
+        return self.sender.send(tensors, self.version)
+
+    def shutdown(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        if getattr(self, "_owns_group", False) and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""Weight receivers (rollout actors): object_store, cuda_ipc, nccl. Senders live in learner/weight_sync.py.
+
+A rollout actor builds one receiver for its transport and calls ``receive(model, update)`` between
+rollouts with the ``WeightUpdate`` the driver forwards; it returns the version now loaded.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from common.weights import WeightReceiver, WeightUpdate, bucketize, check_layout, connect_group, load_views, model_layout, view_in
+
+
+class ObjectStoreReceiver(WeightReceiver):
+    """``ray.get`` the flat buffer (zero-copy from shared memory on the same node) and copy into the model."""
+
+    name = "object_store"
+
+    def __init__(self):
+        self.last_seconds = 0.0
+
+    def receive(self, model: torch.nn.Module, update: WeightUpdate) -> int:
+        import ray
+
+        start = time.perf_counter()
+        check_layout(update, model)
+        array = ray.get(update.payload)
+        with warnings.catch_warnings():  # the shared-memory array is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            buffer_U8 = torch.from_numpy(array)
+        load_views(model, ((m.name, view_in(buffer_U8, m)) for m in update.layout))
+        self.last_seconds = time.perf_counter() - start
+        return update.version
+
+
+class CudaIpcReceiver(WeightReceiver):
+    """Open the learner's shared CUDA buffer once (again only when it is reallocated) and copy from it."""
+
+    name = "cuda_ipc"
+
+    def __init__(self):
+        self._buffer_id = ""
+        self._buffer_U8: torch.Tensor | None = None
+        self.last_seconds = 0.0
+
+    def receive(self, model: torch.nn.Module, update: WeightUpdate) -> int:
+        start = time.perf_counter()
+        check_layout(update, model)
+        buffer_id, (rebuild, args) = update.payload
+        if buffer_id != self._buffer_id:
+            args = list(args)
+            # Argument 6 is the device index as the sender numbered it; the GPU is the same one, but this
+            # process may see it under another index (Ray sets CUDA_VISIBLE_DEVICES per actor).
+            args[6] = torch.cuda.current_device()
+            self._buffer_U8 = rebuild(*args)
+            self._buffer_id = buffer_id
+        load_views(model, ((m.name, view_in(self._buffer_U8, m)) for m in update.layout))
+        torch.cuda.synchronize()  # the sender may overwrite the buffer once we return
+        self.last_seconds = time.perf_counter() - start
+        return update.version
+
+    def close(self) -> None:
+        self._buffer_U8 = None
+        self._buffer_id = ""
+
+
+class NcclReceiver(WeightReceiver):
+    """Group rank ``rank`` (>= 1) of the learner's weight broadcast group; buckets mirror the sender's.
+
+    ``receive`` must run while the learner's ``send`` of the same version runs (the driver launches both).
+    """
+
+    name = "nccl"
+
+    def __init__(self, *, host: str, port: int, rank: int, world_size: int, bucket_bytes: int = 256 << 20,
+                 backend: str = "nccl", device: str | torch.device = "cuda"):
+        if rank < 1:
+            raise ValueError("nccl receivers take group ranks 1..world_size-1; rank 0 is the learner")
+        self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
+        self.bucket_bytes, self.backend, self.device = bucket_bytes, backend, torch.device(device)
+        self._group = None
+        self.last_seconds = 0.0
+
+    def receive(self, model: torch.nn.Module, update: WeightUpdate | None = None) -> int:
+        """Receive the next broadcast (``update`` is optional: the header carries the version)."""
+        start = time.perf_counter()
+        layout, total = model_layout(model)
+        buckets = bucketize(layout, self.bucket_bytes)
+        if self._group is None:
+            self._group = connect_group(self.host, self.port, self.rank, self.world_size, self.backend)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        header = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._group.broadcast([header], opts).wait()
+        version, count, nbytes = header.tolist()
+        if (count, nbytes) != (len(layout), total):
+            raise ValueError(f"nccl weight sync: learner sends {count} tensors / {nbytes} bytes, this model has "
+                             f"{len(layout)} / {total}; learner and rollout models differ")
+        size = max(b.nbytes for b in buckets)
+        buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        targets = model.state_dict()
+        pending = self._group.broadcast([buffers[0][: buckets[0].nbytes]], opts)
+        with torch.no_grad():
+            for i, bucket in enumerate(buckets):
+                pending.wait()
+                if i + 1 < len(buckets):  # receive the next bucket while this one is unpacked
+                    pending = self._group.broadcast([buffers[(i + 1) % 2][: buckets[i + 1].nbytes]], opts)
+                for meta in bucket.metas:
+                    targets[meta.name].copy_(view_in(buffers[i % 2], meta))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_seconds = time.perf_counter() - start
+        return int(version)
+
+    def close(self) -> None:
+        self._group = None
+
+
+def build_receiver(name: str, **kwargs) -> WeightReceiver:
+    """A receiver by transport name (``nccl`` needs host, port, rank, world_size)."""
+    receivers = {"object_store": ObjectStoreReceiver, "cuda_ipc": CudaIpcReceiver, "nccl": NcclReceiver}
+    if name not in receivers:
+        raise ValueError(f"unknown weight transport {name!r}; choose one of {sorted(receivers)}")
+    return receivers[name](**kwargs)

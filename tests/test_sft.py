@@ -1,0 +1,106 @@
+"""The masked-diffusion SFT loss: LLaDA's objective, deterministic preparation, micro-batch invariance."""
+import torch
+import torch.nn.functional as F
+
+from common.model import build_model, preset_config
+from common.trajectory import Trajectory
+from learner.losses.base import select_rows
+from learner.sft import MaskedDiffusionSFT
+
+MASK, PAD = 3, 0
+
+
+def make_batch(B=6, P=5, G=9, seed=0) -> Trajectory:
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(5, 101, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.bool)
+    prompt[0, :2], prompt_mask[0, :2] = PAD, False  # one left-padded prompt
+    comp = torch.randint(5, 101, (B, G), generator=g)
+    comp[1, -3:] = PAD  # one completion with padding that must not count
+    zf, T = torch.zeros(B, G), 3
+    return Trajectory(prompt, prompt_mask, comp, torch.zeros(B, G, dtype=torch.long), zf, zf, zf, zf,
+                      torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.long))
+
+
+def tiny(seed=0):
+    return build_model(preset_config("tiny"), seed=seed)
+
+
+def test_prepare_is_deterministic_and_masks_only_completion_tokens():
+    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    batch = make_batch(B=64, G=32)
+    a, b = loss.prepare(batch, seed=7), loss.prepare(batch, seed=7)
+    assert torch.equal(a.extras["sft_masked_BG"], b.extras["sft_masked_BG"])
+    assert torch.equal(a.extras["sft_t_B"], b.extras["sft_t_B"])
+    assert not torch.equal(loss.prepare(batch, seed=8).extras["sft_masked_BG"], a.extras["sft_masked_BG"])
+    masked, t = a.extras["sft_masked_BG"], a.extras["sft_t_B"]
+    assert not masked[batch.completion_ids_BG == PAD].any()
+    assert ((t >= 1e-3) & (t <= 1)).all()
+    # The masked fraction tracks t (32 tokens per row): correlation across rows is strong.
+    frac = masked.float().mean(1)
+    assert torch.corrcoef(torch.stack([frac, t]))[0, 1] > 0.8
+
+
+def test_loss_equals_llada_formula():
+    torch.manual_seed(0)
+    model, loss = tiny(), MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    batch = loss.prepare(make_batch(), seed=3)
+    metrics = loss.backward(model, batch, total_samples=len(batch))
+
+    masked, t = batch.extras["sft_masked_BG"], batch.extras["sft_t_B"]
+    noisy = torch.where(masked, MASK, batch.completion_ids_BG)
+    ids = torch.cat([batch.prompt_ids_BP, noisy], 1)
+    attn = torch.cat([batch.prompt_mask_BP, torch.ones_like(noisy, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attn).logits[:, batch.prompt_ids_BP.shape[1]:]
+    ce = F.cross_entropy(logits.transpose(1, 2), batch.completion_ids_BG, reduction="none")
+    length = (batch.completion_ids_BG != PAD).sum(1)
+    expected = ((ce * masked / t[:, None]).sum(1) / length).mean()
+    assert abs(metrics["loss"] - expected.item()) < 1e-5
+    assert metrics["masked_tokens"] == masked.sum().item()
+
+
+def test_prompt_is_never_masked_in_the_model_input():
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def hidden_states(self, ids, mask):
+            seen["ids"] = ids
+            return self.model.hidden_states(ids, mask)
+
+        def lm_head(self, h):
+            return self.model.lm_head(h)
+
+    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    batch = loss.prepare(make_batch(), seed=0)
+    loss.backward(Spy(tiny()), batch, total_samples=len(batch))
+    P = batch.prompt_ids_BP.shape[1]
+    assert torch.equal(seen["ids"][:, :P], batch.prompt_ids_BP)
+    assert torch.equal(seen["ids"][:, P:] == MASK, batch.extras["sft_masked_BG"])
+
+
+def test_gradients_identical_for_one_and_two_micro_batches():
+    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    batch = loss.prepare(make_batch(B=5), seed=1)
+    one, two = tiny(), tiny()
+    m1 = loss.backward(one, batch, total_samples=5)
+    m2 = {}
+    for rows in (slice(0, 2), slice(2, 5)):
+        for k, v in loss.backward(two, select_rows(batch, rows), total_samples=5).items():
+            m2[k] = m2.get(k, 0.0) + v
+    assert abs(m1["loss"] - m2["loss"]) < 1e-6
+    for (name, p1), p2 in zip(one.named_parameters(), two.parameters()):
+        assert torch.allclose(p1.grad, p2.grad, atol=1e-7, rtol=1e-5), name
+
+
+def test_infinite_total_samples_contributes_zero_gradient():
+    # The learner replays a row with total_samples=inf on ranks that ran out of samples.
+    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    batch = loss.prepare(make_batch(B=2), seed=1)
+    model = tiny()
+    loss.backward(model, batch, total_samples=float("inf"))
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
