@@ -19,7 +19,6 @@ never evaluates it as code.
 from __future__ import annotations
 
 import json
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,8 @@ SYSTEM_PROMPT = (
     "<answer>\n...\n</answer>"
 )
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_OPEN = "<answer>"
+_ANSWER_CLOSE = "</answer>"
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,11 @@ def shaped_reward(score: float, well_formed: bool, correct: bool, format_weight:
 def extract_tagged_answer(completion: str) -> str | None:
     """The text inside the last closed ``<answer>...</answer>``, or after a final unclosed ``<answer>``; None if no tag."""
     text = completion[-MAX_COMPLETION_CHARS:]
-    matches = _ANSWER_RE.findall(text)
-    if matches:
-        return matches[-1].strip()
+    # rfind instead of a lazy regex: linear even on thousands of unclosed "<answer>" tags.
+    end = text.rfind(_ANSWER_CLOSE)
+    start = text.rfind(_ANSWER_OPEN, 0, end) if end >= 0 else -1
+    if start >= 0:
+        return text[start + len(_ANSWER_OPEN):end].strip()
     # A completion cut at the generation length may lose its closing tag; d1 accepts that too.
     idx = text.rfind(_ANSWER_OPEN)
     return text[idx + len(_ANSWER_OPEN):].strip() if idx >= 0 else None
