@@ -22,7 +22,7 @@ class TaskConfig(Section):
     train_file: str | None = Field(default=None, description="Training prompts file (GSM8K/MATH format); None uses the task's default or generator.")
     eval_file: str | None = Field(default=None, description="Held-out evaluation file; None uses the task's default test set.")
     eval_size: int = Field(default=256, ge=1, description="Held-out items evaluated.")
-    format_weight: float = Field(default=0.1, ge=0.0, le=1.0, description="Reward credit for a well-formed answer (tags, numbers used).")
+    format_weight: float = Field(default=0.1, ge=0.0, le=1.0, description="Weight w of format credit: reward = (1 - w) * correctness score + w * (answer well formed: tags present, parses).")
     seed: int = Field(default=0, description="Seed of the training-item generator / shuffle.")
 
     @model_validator(mode="after")

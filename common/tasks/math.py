@@ -187,9 +187,9 @@ class MathTask(Task):
             epoch += 1
 
     def prompt(self, item: Item, tokenizer) -> str:
-        user = f"{item.question}\nPut the final answer inside <answer></answer> tags, in LaTeX."
         if not self.chat:
             return f"{item.question}\n"
+        user = f"{item.question}\nPut the final answer inside <answer></answer> tags, in LaTeX."
         return tokenizer.format_prompt(user, SYSTEM_PROMPT)
 
     def reference_completion(self, item: Item) -> str | None:
