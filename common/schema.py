@@ -17,13 +17,19 @@ Column notes:
 from __future__ import annotations
 
 import datetime as _dt
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from common.trajectory import Trajectory
+if TYPE_CHECKING:
+    import torch
+
+    from common.trajectory import Trajectory
+
+# torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
+# validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"unmask.schema_version"
@@ -74,7 +80,7 @@ def _fixed_list(values_BX: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values_BX.reshape(-1), arrow_type))
 
 
-def _int16(name: str, values: torch.Tensor) -> np.ndarray:
+def _int16(name: str, values: "torch.Tensor") -> np.ndarray:
     if values.numel() and (int(values.min()) < 0 or int(values.max()) > _INT16_MAX):
         raise ValueError(f"{name} must lie in [0, {_INT16_MAX}] to fit the schema's int16 column")
     return values.numpy().astype(np.int16)
@@ -250,8 +256,10 @@ def _left_pad(col: pa.ListArray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids_BP, mask_BP
 
 
-def _reward_components(table: pa.Table, B: int) -> dict[str, torch.Tensor]:
+def _reward_components(table: pa.Table, B: int) -> dict[str, "torch.Tensor"]:
     """map column → {name: float32 [B]} with NaN where a row lacks the component."""
+    import torch
+
     col = _column(table, "reward_components")
     keys = col.keys.to_numpy(zero_copy_only=False)
     items = col.items.to_numpy(zero_copy_only=False)
@@ -265,7 +273,9 @@ def _reward_components(table: pa.Table, B: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(array: np.ndarray, dtype: "torch.dtype") -> "torch.Tensor":
+    import torch
+
     # Arrow-backed numpy arrays are read-only; torch needs owned memory, so this is the one copy.
     return torch.from_numpy(np.array(array, copy=True)).to(dtype)
 
@@ -277,6 +287,10 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
     ``correct_B``, ``sample_index_B``, ``reward_components`` ({name: [B]}), ``group_ids``, ``tasks``,
     ``worker_ids`` (one per group).
     """
+    import torch
+
+    from common.trajectory import Trajectory
+
     check_schema(table.schema)
     B = table.num_rows
     if B == 0:

@@ -57,13 +57,18 @@ def ids(table: pa.Table) -> list[str]:
     return list(dict.fromkeys(table.column("group_id").to_pylist()))
 
 
+def put_in_order(q, groups) -> list[bool]:
+    # An async actor may run concurrent calls in any order; FIFO is the order puts were admitted.
+    return [ray.get(q.put.remote(g)) for g in groups]
+
+
 def new_queue(groups_per_step=2, spill_dir=None, **cfg):
     return ReplayQueue.remote(QueueConfig(**cfg), groups_per_step, None if spill_dir is None else str(spill_dir))
 
 
 def test_put_blocks_while_full_and_proceeds_after_get():
     q = new_queue(capacity_groups=2, max_staleness=10)
-    assert ray.get([q.put.remote(make_group("a")), q.put.remote(make_group("b"))]) == [True, True]
+    assert put_in_order(q, [make_group("a"), make_group("b")]) == [True, True]
     blocked = q.put.remote(make_group("c"))
     ready, _ = ray.wait([blocked], timeout=1.0)
     assert not ready  # back-pressure: the third put waits
@@ -111,7 +116,7 @@ def test_get_returns_whole_groups_only():
     q = new_queue(capacity_groups=8, max_staleness=10)
     ray.get(q.put.remote(make_group("g3", G=3)))
     assert ray.get(q.get.remote(2, timeout_s=0.2)) is None  # one group waiting: no partial answer
-    ray.get([q.put.remote(make_group("g5", G=5)), q.put.remote(make_group("g1", G=1))])
+    put_in_order(q, [make_group("g5", G=5), make_group("g1", G=1)])
     table = ray.get(q.get.remote(2))
     assert ids(table) == ["g3", "g5"] and table.num_rows == 8
     assert ray.get(q.get.remote(1)).num_rows == 1
@@ -122,18 +127,21 @@ def test_get_returns_whole_groups_only():
 
 @ray.remote
 class Producer:
-    def put_one(self, queue, group_id: str) -> bool:
-        # Big enough (~0.5 MB) to travel through the object store rather than inline in the task.
-        return ray.get(queue.put.remote(make_group(group_id, G=8, gen=2048, seed=7)))
+    def put_one(self, queue, ipc_bytes: bytes) -> bool:
+        # The batch the queue receives is built here, so the object holding it is owned by this actor.
+        # (Taking bytes rather than a Trajectory keeps torch out of this worker: seconds faster to start.)
+        from common.schema import SCHEMA
+
+        return ray.get(queue.put.remote(pa.ipc.read_record_batch(pa.py_buffer(ipc_bytes), SCHEMA)))
 
 
 def test_group_survives_a_killed_producer():
     q = new_queue(max_staleness=10)
+    expected = make_group("p", G=8, gen=2048, seed=7)  # ~0.5 MB: travels through the object store
     producer = Producer.remote()
-    assert ray.get(producer.put_one.remote(q, "p")) is True
+    assert ray.get(producer.put_one.remote(q, expected.serialize().to_pybytes())) is True
     ray.kill(producer)
     table = ray.get(q.get.remote(1, timeout_s=30))
-    expected = make_group("p", G=8, gen=2048, seed=7)
     assert table.column("completion_ids").to_pylist() == expected.column("completion_ids").to_pylist()
     assert table.column("logp").to_pylist() == expected.column("logp").to_pylist()
     ray.kill(q)
@@ -141,7 +149,7 @@ def test_group_survives_a_killed_producer():
 
 def test_spill_recovers_unconsumed_groups_after_the_queue_dies(tmp_path):
     q = new_queue(spill_dir=tmp_path, max_staleness=100, spill_file_bytes=20_000)
-    ray.get([q.put.remote(make_group(f"g{i}", seed=i)) for i in range(6)])
+    put_in_order(q, [make_group(f"g{i}", seed=i) for i in range(6)])
     assert ids(ray.get(q.get.remote(2))) == ["g0", "g1"]
     assert ray.get(q.stats.remote())["spill_files"] > 1  # rotated by size
     ray.kill(q)  # a crash: no close, no flush beyond what put already did
