@@ -83,7 +83,7 @@ class LearnerRank:
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group, build and shard the policy, build the optimizer and the loss."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         from driver.policy import load_policy
 
@@ -110,6 +110,11 @@ class LearnerRank:
         for block in model.transformer.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        # Losses already divide by the global sample count, so ranks must SUM gradients (FSDP averages by default).
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
         # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
         # methods need FSDP's unshard/reshard hooks just like forward.
         register_fsdp_forward_method(model, "hidden_states")
