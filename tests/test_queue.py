@@ -211,3 +211,26 @@ def test_truncated_spill_file_is_detected_not_loaded(tmp_path):
     assert got == ["g0", "g1"] and stats["spill_corrupt"] == 1
     with pytest.raises(SpillCorruptError, match="truncated"):
         _recover(tmp_path, on_corrupt_spill="raise")
+
+
+def test_close_wakes_waiters_and_metrics_are_built():
+    async def run():
+        q = ReplayQueueCore(QueueConfig(capacity_groups=1, max_staleness=10), 1)
+        assert q._metrics is not None  # Ray is up in this process: metrics export is on
+        await q.put(make_group("a"))
+        blocked_put = asyncio.create_task(q.put(make_group("b")))
+        waiting_get = asyncio.create_task(q.get(1))
+        first = await waiting_get
+        assert ids(first) == ["a"] and await blocked_put is True
+        waiting_get = asyncio.create_task(q.get(1, timeout_s=None))
+        assert ids(await waiting_get) == ["b"]
+        waiting_get = asyncio.create_task(q.get(1))
+        await asyncio.sleep(0)
+        await q.close()
+        assert await waiting_get is None
+        with pytest.raises(RuntimeError, match="closed"):
+            await q.put(make_group("c"))
+        with pytest.raises(ValueError, match="release"):
+            q.release(1)
+
+    asyncio.run(run())
