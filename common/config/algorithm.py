@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config.base import Section
 
@@ -49,6 +49,19 @@ class AtpoConfig(_PolicyGradient):
     score_floor: float = Field(
         default=0.1, ge=0.0, le=1.0, description="Mixing weight of the uniform distribution in `sample`, keeping every step reachable."
     )
+    batch_mix: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the batch-averaged per-step score profile mixed into each trajectory's own "
+        "(normalised) scores; 0 uses only the trajectory's own scores.",
+    )
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "AtpoConfig":
+        if self.selection == "sample" and self.score_floor <= 0.0:
+            raise ValueError("selection 'sample' needs score_floor > 0 so every step stays reachable (unbiasedness)")
+        return self
 
 
 class DiffuGrpoConfig(_PolicyGradient):

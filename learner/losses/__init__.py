@@ -1,0 +1,26 @@
+"""Policy-gradient losses behind one interface (``PolicyLoss``), built from the ``algorithm:`` section.
+
+    loss = build_loss(cfg, mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id)
+    batch = loss.prepare(batch, seed=step)                     # whole batch, before splitting
+    for micro in micro_batches:                                # rows via learner.losses.select_rows
+        metrics = loss.backward(model, micro, total_samples=global_batch_size, ref_model=ref)
+"""
+from __future__ import annotations
+
+from learner.losses.agrpo import AgrpoLoss
+from learner.losses.atpo import AtpoLoss
+from learner.losses.base import PolicyLoss, select_rows
+from learner.losses.diffu_grpo import DiffuGrpoLoss
+
+LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": AgrpoLoss, "atpo": AtpoLoss, "diffu_grpo": DiffuGrpoLoss}
+
+
+def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> PolicyLoss:
+    """The loss for an ``AgrpoConfig | AtpoConfig | DiffuGrpoConfig``. ``eos_id`` defines the eligible
+    steps (those committing a non-EOS token) and d1's completion mask; None treats EOS like any token."""
+    if cfg.name not in LOSSES:
+        raise ValueError(f"unknown algorithm {cfg.name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[cfg.name](cfg, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id)
+
+
+__all__ = ["LOSSES", "AgrpoLoss", "AtpoLoss", "DiffuGrpoLoss", "PolicyLoss", "build_loss", "select_rows"]

@@ -1,0 +1,101 @@
+"""diffu-GRPO (d1): per-token log-probs from ONE forward pass with the whole completion masked and the
+prompt randomly masked; PPO-clip + beta * k3 KL. A biased, mean-field estimate of log pi; kept as the
+baseline row of every comparison.
+
+Letters: B samples, P prompt length, G completion length, L = P + G, V vocabulary.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from common.trajectory import Trajectory
+from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, k3_kl, per_sample_extra
+
+_BATCH_KEYS = itertools.count()
+
+
+class DiffuGrpoLoss(PolicyLoss):
+    """d1's estimator. "Old" log-probs are the one-pass log-probs of the policy when a prepared batch's
+    row is first seen (cached per row): ratio 1 on the first inner epoch, PPO ratios on later ones."""
+
+    def __init__(self, cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None):
+        super().__init__(cfg, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id)
+        self._old_key: int | None = None
+        self._old_logp: dict[int, torch.Tensor] = {}
+
+    def prepare(self, batch: Trajectory, *, seed: int) -> Trajectory:
+        """Advantages, the random prompt mask, the completion-token mask and row ids for the old-logp cache."""
+        out = batch.select(slice(None))
+        out.extras = dict(batch.extras)
+        device = batch.completion_ids_BG.device
+        gen = torch.Generator().manual_seed(int(seed))
+        u_BP = torch.rand(batch.prompt_ids_BP.shape, generator=gen)
+        out.extras["advantages_B"] = self._advantages(batch).to(device)
+        out.extras["prompt_masked_BP"] = ((u_BP < self.cfg.prompt_mask_prob) & batch.prompt_mask_BP.cpu().bool()).to(device)
+        out.extras["completion_mask_BG"] = self._completion_mask(batch.completion_ids_BG)
+        out.extras["row_id_B"] = torch.arange(len(batch), device=device)
+        out.extras["batch_key"] = next(_BATCH_KEYS)
+        return out
+
+    def _completion_mask(self, completion_ids_BG: torch.Tensor) -> torch.Tensor:
+        """d1 scores tokens up to and including the first EOS (all tokens when eos_id is unknown)."""
+        if self.eos_id is None:
+            return torch.ones_like(completion_ids_BG, dtype=torch.bool)
+        is_eos_BG = completion_ids_BG == self.eos_id
+        before_BG = is_eos_BG.long().cumsum(1) - is_eos_BG.long()  # EOS tokens strictly before each position
+        return before_BG == 0
+
+    def _inputs(self, micro: Trajectory, device):
+        prompt_BP = micro.prompt_ids_BP.to(device).masked_fill(per_sample_extra(micro, "prompt_masked_BP").to(device), self.mask_id)
+        comp_BG = torch.full_like(micro.completion_ids_BG, self.mask_id, device=device)
+        ids_BL = torch.cat([prompt_BP, comp_BG], 1)
+        attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
+        return ids_BL, attn_BL
+
+    def _logp_BG(self, model, ids_BL, attn_BL, tokens_BG):
+        G = tokens_BG.shape[1]
+        logits_BGV = model.lm_head(model.hidden_states(ids_BL, attn_BL)[:, -G:]).float()
+        return logits_BGV.gather(2, tokens_BG[..., None])[..., 0] - torch.logsumexp(logits_BGV, dim=-1)
+
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
+        """One pass; per-sample mean over scored tokens, summed over samples / ``total_samples``."""
+        if total_samples <= 0:
+            raise ValueError(f"total_samples must be the global batch size (> 0), got {total_samples}")
+        if self.cfg.beta_kl > 0 and ref_model is None:
+            raise ValueError("beta_kl > 0 needs ref_model (the frozen reference policy)")
+        device = next(model.parameters()).device
+        adv_B = per_sample_extra(micro, "advantages_B").to(device).float()
+        cmask_BG = per_sample_extra(micro, "completion_mask_BG").to(device)
+        tokens_BG = micro.completion_ids_BG.to(device)
+        ids_BL, attn_BL = self._inputs(micro, device)
+        logp_BG = self._logp_BG(model, ids_BL, attn_BL, tokens_BG)
+        old_BG = self._old(micro, logp_BG)
+        tok_loss_BG, ratio_BG, low_BG, high_BG = clipped_pg(logp_BG, old_BG, adv_B[:, None], self.clip_low, self.clip_high)
+        kl_BG = None
+        if self.cfg.beta_kl > 0:
+            with torch.no_grad():
+                ref_BG = self._logp_BG(ref_model, ids_BL, attn_BL, tokens_BG)
+            kl_BG = k3_kl(logp_BG, ref_BG)
+            tok_loss_BG = tok_loss_BG + self.cfg.beta_kl * kl_BG
+        per_sample_B = (tok_loss_BG * cmask_BG).sum(1) / cmask_BG.sum(1).clamp(min=1)
+        loss = per_sample_B.sum() / total_samples
+        loss.backward()
+        m = MetricSums()
+        m.add("loss", loss)
+        sel = cmask_BG
+        m.token_stats(ratio_BG[sel], low_BG[sel], high_BG[sel], None if kl_BG is None else kl_BG[sel])
+        m.add("samples", len(micro))
+        return m.result()
+
+    def _old(self, micro: Trajectory, logp_BG: torch.Tensor) -> torch.Tensor:
+        """Cached one-pass log-probs of each row from its first visit (the policy before this batch's updates)."""
+        key = micro.extras.get("batch_key")
+        if key != self._old_key:
+            self._old_key, self._old_logp = key, {}
+        rows = per_sample_extra(micro, "row_id_B").tolist()
+        for i, r in enumerate(rows):
+            if r not in self._old_logp:
+                self._old_logp[r] = logp_BG[i].detach().clone()
+        return torch.stack([self._old_logp[r] for r in rows])
