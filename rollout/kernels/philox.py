@@ -42,12 +42,15 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def philox4x32_10(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Four uint32 words (as int64) per non-negative int64 ``counter``, equal to ``tl.randint4x(seed, counter)``."""
-    c0 = counter & _MASK32
-    c1 = counter >> 32
-    c2 = torch.zeros_like(counter)
-    c3 = torch.zeros_like(counter)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    zero = torch.zeros_like(counter)
+    return philox_rounds((counter & _MASK32, counter >> 32, zero, zero), (seed & _MASK32, (seed >> 32) & _MASK32))
+
+
+def philox_rounds(counter: tuple[torch.Tensor, ...], key: tuple[int, int], n_rounds: int = 10):
+    """Philox4x32 on a 4-word counter (uint32 values in int64 tensors) and a 2-word key."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(n_rounds):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
@@ -71,9 +74,11 @@ def _noise_words(seed: int, row_ids_N: torch.Tensor, V: int) -> torch.Tensor:
     """Raw uint32 words (int64) of the stream for rows ``row_ids_N`` and columns 0..V-1: [N, V]."""
     tile = 4 * NOISE_Q
     n_tiles = -(-V // tile)
+    counter_row_N = row_ids_N.to(torch.int64)[:, None] * (n_tiles * NOISE_Q)
+    if V <= NOISE_Q:  # one tile, word 0 only: skip the counters no column uses
+        return philox4x32_10(seed, counter_row_N + torch.arange(V, device=row_ids_N.device))[0]
     lane_C = torch.arange(n_tiles * NOISE_Q, device=row_ids_N.device, dtype=torch.int64)
-    counter_NC = row_ids_N.to(torch.int64)[:, None] * (n_tiles * NOISE_Q) + lane_C[None, :]
-    words = philox4x32_10(seed, counter_NC)
+    words = philox4x32_10(seed, counter_row_N + lane_C[None, :])
     N = row_ids_N.shape[0]
     # word q of counter (tile t, lane i) belongs to column t * 4Q + q * Q + i
     words_NTWQ = torch.stack([w.view(N, n_tiles, NOISE_Q) for w in words], dim=2)
