@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -77,6 +78,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _root_cause(e: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of the first per-rank failure inside a DCP exception, on one line."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # (exception, stack summary)
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
 def save_checkpoint(directory: Path, model, optimizer, *, meta: dict, rank: int) -> Path:
     """Collective: every rank writes its shards and RNG state; rank 0 then writes the record."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,9 +108,8 @@ def load_checkpoint(directory: Path, model, optimizer, *, rank: int) -> dict:
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     try:
         dcp.load(state, checkpoint_id=str(directory))
-    except Exception as e:  # DCP wraps per-rank failures; reduce them to one line that names the directory
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{directory}: cannot load checkpoint shards ({type(e).__name__}: {first})") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures; reduce them to one line that names the directory
+        raise CheckpointError(f"{directory}: cannot load checkpoint shards ({_root_cause(e)})") from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = directory / f"rng_rank{rank}.pt"

@@ -105,8 +105,9 @@ class LearnerGroup:
         try:
             meta = self._all("load", str(directory))
         except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(e.cause, Exception) else e
-            raise CheckpointError(str(cause).strip().splitlines()[-1]) from None
+            if not isinstance(e.cause, CheckpointError):
+                raise
+            raise CheckpointError(" ".join(str(e.cause).split())) from None
         self.version = meta["version"]
         return meta
 
