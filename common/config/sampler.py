@@ -39,6 +39,23 @@ class SamplerConfig(Section):
     stop_on_eos_block: bool = Field(
         default=False, description="Stop a row once a whole block decodes to EOS and fill the rest with EOS."
     )
+    ban_mask_token: bool = Field(
+        default=True,
+        description="Never draw the mask token (its logit is -inf, recorded in banned_ids): a committed MASK "
+        "would leave the position undecoded. LLaDA's reference does not ban it, so set False for bit-exact "
+        "reference equivalence on models that give the mask token probability mass (trained ones give none).",
+    )
+    position_ids: Literal["absolute", "packed"] = Field(
+        default="absolute",
+        description="RoPE positions: 'absolute' numbers every column 0..L-1 as LLaDA's reference does (a "
+        "padded prompt then sits at shifted positions); 'packed' numbers only real tokens, so padding does "
+        "not change the output. The learner must rebuild states with the same choice.",
+    )
+    compile_forward: Literal["none", "default", "reduce-overhead"] = Field(
+        default="none",
+        description="torch.compile the model's hidden-state forward ('reduce-overhead' adds CUDA graphs, "
+        "which pays off at small batch where launch overhead dominates); the LM head and sampling stay eager.",
+    )
     kernel: Literal["auto", "triton", "torch"] = Field(
         default="auto", description="Fused sampling kernel: Triton on CUDA, the pure-torch reference elsewhere."
     )

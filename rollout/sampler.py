@@ -1,0 +1,298 @@
+"""LLaDA-style iterative-unmasking sampler that records everything the learner needs.
+
+x = [prompt | MASK x G] is decoded block by block (semi-autoregressive); each of a block's
+``steps / num_blocks`` steps runs the model once, scores only the block's still-masked positions
+(their hidden states are gathered before the LM head, so the vocabulary projection is [N, D] -> [N, V],
+never [B, L, D] -> [B, L, V]), draws a token for each through the fused kernel ``rollout.kernels.sample_rows``
+and commits some of them (by confidence, at random, by margin, by entropy, or by a confidence threshold).
+
+Letters: B samples, P prompt length, G completion length, L = P + G, K block length, R scored positions
+per sample in this step, N = B * R scored rows, D model width, V vocabulary, T denoising steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from common.config.sampler import SamplerConfig
+from common.trajectory import Trajectory
+from rollout.kernels import sample_rows, support_cutoff
+
+_MASK32 = 0xFFFFFFFF
+_RANDOM_REMASK_SALT = 0x5EED_0F_5
+# Ranks EOS/EoT below every real score but above the -inf of positions that are not candidates.
+_BANNED_SCORE = -1e30
+
+
+def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
+    """LLaDA's linear schedule: tokens committed at each step of a block, an even split with the remainder first."""
+    base, remainder = divmod(block_length, steps_per_block)
+    return [base + (1 if i < remainder else 0) for i in range(steps_per_block)]
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A counter-based 32-bit integer hash on int64 tensors holding values in [0, 2^32); no overflow."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_uniform(seed: int, row_ids_N: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 per row id, a pure function of (seed, row id): independent of batch composition."""
+    key = _hash32(torch.full_like(row_ids_N, (seed ^ _RANDOM_REMASK_SALT) & _MASK32))
+    key = _hash32((row_ids_N >> 32) & _MASK32 ^ key)
+    key = _hash32(row_ids_N & _MASK32 ^ key)
+    return (key >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def left_pad(prompt_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None, pad_id: int):
+    """Move every row's real tokens to the right end (order kept); returns (ids filled with pad_id, mask)."""
+    if attention_mask_BP is None:
+        return prompt_ids_BP.clone(), torch.ones_like(prompt_ids_BP, dtype=torch.bool)
+    mask_BP = attention_mask_BP.bool()
+    order_BP = torch.argsort(mask_BP.to(torch.int8), dim=1, stable=True)  # padding first, real tokens in order
+    mask_BP = mask_BP.gather(1, order_BP)
+    ids_BP = prompt_ids_BP.gather(1, order_BP).masked_fill(~mask_BP, pad_id)
+    return ids_BP, mask_BP
+
+
+_COMPILED: dict[tuple[int, str], object] = {}
+
+
+def _forward_fn(model, mode: str):
+    """The model's hidden-state forward, torch.compiled once per (model, mode) when asked."""
+    if mode == "none":
+        return model.hidden_states
+    key = (id(model), mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(model.hidden_states, mode=mode, dynamic=False)
+    return _COMPILED[key]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: SamplerConfig,
+    *,
+    mask_id: int,
+    eos_id: int,
+    eot_id: int | None = None,
+    pad_id: int = 0,
+    seed: int = 0,
+    row_offset: int = 0,
+) -> Trajectory:
+    """Sample completions for ``prompt_ids`` [B, P] (left- or right-padded per ``attention_mask``) and record them.
+
+    With temperature 0 and low-confidence remasking the committed tokens equal LLaDA's reference
+    ``generate()``. Padded batches: prompts are left-padded first; with ``position_ids='absolute'`` (the
+    reference's choice) each column keeps position 0..L-1, so a padded prompt decodes like the reference
+    given the same left-padded input, but not necessarily like the same prompt unpadded; ``'packed'``
+    numbers real tokens only and makes the output independent of padding. The noise of sample b at step t,
+    completion position j is keyed by ((row_offset + b) * T + t) * G + j, so it never repeats and does not
+    depend on the rest of the batch.
+    """
+    if pad_id == mask_id:
+        raise ValueError(f"pad_id {pad_id} equals mask_id; give the tokenizer a distinct pad token")
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    prompt_BP, prompt_mask_BP = left_pad(prompt_ids, attention_mask, pad_id)
+    if bool((prompt_BP.eq(mask_id) & prompt_mask_BP).any()):
+        raise ValueError(f"a prompt contains the mask token {mask_id}; prompts must be fully observed")
+
+    B, P = prompt_BP.shape
+    G, K, T = config.gen_length, config.block_length, config.steps
+    spb = config.steps_per_block
+    x_BL = torch.cat([prompt_BP, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)
+
+    # --- model inputs that stay fixed for the whole decode
+    padded = not bool(prompt_mask_BP.all())
+    attn_BL = torch.cat([prompt_mask_BP, torch.ones(B, G, dtype=torch.bool, device=device)], 1) if padded else None
+    pos_BL = None
+    if config.position_ids == "packed" and padded:
+        pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
+    if config.cfg_scale > 0:
+        attn_BL = None if attn_BL is None else torch.cat([attn_BL, attn_BL])
+        pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
+    forward = _forward_fn(model, config.compile_forward)
+
+    # --- records
+    f32 = dict(dtype=torch.float32, device=device)
+    rec = dict(
+        unmask_step=torch.full((B, G), -1, dtype=torch.long, device=device),
+        logp=torch.zeros(B, G, **f32),
+        entropy=torch.zeros(B, G, **f32),
+        margin=torch.zeros(B, G, **f32),
+        cutoff=torch.full((B, G), float("-inf"), **f32),
+    )
+    step_entropy_BT, step_margin_BT = torch.zeros(B, T, **f32), torch.zeros(B, T, **f32)
+    step_committed_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+    filled_BG = torch.zeros(B, G, dtype=torch.bool, device=device)
+    active_B = torch.ones(B, dtype=torch.bool, device=device)
+    banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
+    demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
+    schedule = transfer_schedule(K, spb)
+    sample_B = torch.arange(B, device=device) + row_offset
+
+    for block in range(config.num_blocks):
+        start = P + block * K
+        for i in range(spb):
+            t = block * spb + i
+            if config.threshold is None:
+                width = K - sum(schedule[:i])  # every unfinished row has exactly this many masked positions
+                n_B = torch.full((B,), schedule[i], dtype=torch.long, device=device)
+            else:
+                remaining_B = x_BL[:, start:start + K].eq(mask_id).sum(1)
+                width = int(remaining_B.max())  # host sync: threshold decoding skips finished blocks
+                if width == 0:
+                    break
+                steps_left = spb - i
+                n_B = torch.minimum(((remaining_B + steps_left - 1) // steps_left).clamp(min=1), remaining_B)
+
+            # --- forward, then the LM head on the block's masked rows only
+            h_BLD = _hidden(forward, x_BL, attn_BL, pos_BL, config, P, mask_id)
+            block_BK = x_BL[:, start:start + K]
+            masked_BK = block_BK.eq(mask_id)
+            idx_BR = torch.argsort((~masked_BK).to(torch.int8), dim=1, stable=True)[:, :width]  # masked first
+            valid_BR = masked_BK.gather(1, idx_BR)
+            logits_NV = _block_logits(model, h_BLD, start, idx_BR, config.cfg_scale, B)
+            for token in banned:
+                logits_NV[:, token] = float("-inf")
+
+            # --- sample every scored row
+            pos_BR = idx_BR + block * K  # completion positions
+            row_ids_N = (((sample_B[:, None] * T + t) * G) + pos_BR).reshape(-1)
+            cutoff_N = _robust_cutoff(logits_NV, support_cutoff(logits_NV, config.temperature, config.top_k,
+                                                                 config.top_p))
+            stats = sample_rows(logits_NV, config.temperature, seed, row_ids_N, cutoff_N, kernel=config.kernel)
+            shape = (B, width)
+            token_BR = stats.token_N.view(shape)
+
+            # --- choose what to commit: rank by score, take the n_B best (and all above the threshold)
+            score_BR = _remask_score(config.remasking, stats, seed, row_ids_N).view(shape)
+            for token in demoted:
+                score_BR = score_BR.masked_fill(token_BR.eq(token), _BANNED_SCORE)
+            score_BR = score_BR.masked_fill(~valid_BR, float("-inf"))
+            order_BR = torch.argsort(score_BR, dim=1, descending=True, stable=True)
+            rank_BR = torch.empty_like(order_BR).scatter_(1, order_BR, torch.arange(width, device=device).expand(shape))
+            commit_BR = valid_BR & (rank_BR < n_B[:, None])
+            if config.threshold is not None:
+                commit_BR |= valid_BR & (stats.confidence_N.view(shape) > config.threshold)
+
+            # --- write tokens and records
+            x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, mask_id))
+            cutoff_BR = cutoff_N.view(shape).float() if cutoff_N is not None else None
+            _record(rec["unmask_step"], pos_BR, commit_BR, torch.full(shape, t, dtype=torch.long, device=device))
+            _record(rec["logp"], pos_BR, commit_BR, stats.logp_N.view(shape).float())
+            _record(rec["entropy"], pos_BR, commit_BR, stats.entropy_N.view(shape).float())
+            _record(rec["margin"], pos_BR, commit_BR, stats.margin_N.view(shape).float())
+            if cutoff_BR is not None:
+                _record(rec["cutoff"], pos_BR, commit_BR, cutoff_BR)
+            n_valid_B = valid_BR.sum(1).clamp(min=1)
+            step_entropy_BT[:, t] = (stats.entropy_N.view(shape).float() * valid_BR).sum(1) / n_valid_B
+            step_margin_BT[:, t] = (stats.margin_N.view(shape).float() * valid_BR).sum(1) / n_valid_B
+            step_committed_BT[:, t] = commit_BR.sum(1)
+
+        if config.stop_on_eos_block:
+            active_B = _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec, filled_BG, step_committed_BT)
+            if not bool(active_B.any()):
+                break
+
+    if bool(x_BL[:, P:].eq(mask_id).any()):
+        raise RuntimeError("the model drew the mask token, leaving positions undecoded; set ban_mask_token")
+    return Trajectory(
+        prompt_ids_BP=prompt_BP,
+        prompt_mask_BP=prompt_mask_BP,
+        completion_ids_BG=x_BL[:, P:].clone(),
+        unmask_step_BG=rec["unmask_step"],
+        logp_BG=rec["logp"],
+        entropy_BG=rec["entropy"],
+        margin_BG=rec["margin"],
+        cutoff_BG=rec["cutoff"],
+        step_entropy_BT=step_entropy_BT,
+        step_margin_BT=step_margin_BT,
+        step_committed_BT=step_committed_BT,
+        temperature=config.temperature,
+        block_length=K,
+        banned_ids=banned,
+        extras={"filled_BG": filled_BG, "position_ids": config.position_ids},
+    )
+
+
+def _hidden(forward, x_BL, attn_BL, pos_BL, config: SamplerConfig, P: int, mask_id: int) -> torch.Tensor:
+    """Final hidden states [B, L, D], or [2B, L, D] (conditional, then prompt-masked) under guidance."""
+    if config.cfg_scale > 0:
+        un_x_BL = x_BL.clone()
+        un_x_BL[:, :P] = mask_id  # LLaDA masks every prompt column, padding included
+        x_BL = torch.cat([x_BL, un_x_BL])
+    if config.compile_forward == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+    return forward(x_BL, attn_BL, pos_BL)
+
+
+def _block_logits(model, h_BLD: torch.Tensor, start: int, idx_BR: torch.Tensor, cfg_scale: float, B: int):
+    """Logits [B * R, V] of the gathered block positions; guidance combines the two halves in fp32."""
+    D, R = h_BLD.shape[-1], idx_BR.shape[1]
+    idx_XRD = idx_BR.repeat(h_BLD.shape[0] // B, 1)[..., None].expand(-1, R, D)  # X = B, or 2B under guidance
+    h_XRD = h_BLD[:, start:].gather(1, idx_XRD)
+    logits = model.lm_head(h_XRD.reshape(-1, D))
+    if cfg_scale > 0:
+        cond, uncond = logits.float().chunk(2)
+        return uncond + (cfg_scale + 1) * (cond - uncond)
+    return logits
+
+
+def _robust_cutoff(logits_NV: torch.Tensor, cutoff_N: torch.Tensor | None) -> torch.Tensor | None:
+    """Move the cut-off from the smallest kept logit to halfway to the largest dropped one (same support).
+
+    The learner recomputes logits with other kernels; a cut-off equal to a kept logit loses that token
+    to one ulp of difference, the midpoint only to half the gap. -inf where nothing is dropped.
+    """
+    if cutoff_N is None:
+        return None
+    x_NV = logits_NV.float()
+    below_N = x_NV.masked_fill(x_NV >= cutoff_N[:, None], float("-inf")).amax(dim=-1)
+    return torch.where(torch.isneginf(below_N), below_N, (cutoff_N + below_N) * 0.5)
+
+
+def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor) -> torch.Tensor:
+    """Higher is committed first."""
+    if remasking == "low_confidence":
+        return stats.confidence_N.float()
+    if remasking == "margin":
+        return stats.margin_N.float()
+    if remasking == "entropy":
+        return -stats.entropy_N.float()
+    if remasking == "random":
+        return counter_uniform(seed, row_ids_N)
+    raise ValueError(f"unknown remasking {remasking!r}; choose low_confidence, random, margin or entropy")
+
+
+def _record(dest_BG: torch.Tensor, pos_BR: torch.Tensor, commit_BR: torch.Tensor, value_BR: torch.Tensor) -> None:
+    """dest[b, pos] = value where committed; other gathered positions keep their value."""
+    dest_BG.scatter_(1, pos_BR, torch.where(commit_BR, value_BR, dest_BG.gather(1, pos_BR)))
+
+
+def _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec, filled_BG, step_committed_BT) -> torch.Tensor:
+    """Rows whose just-finished block is all EOS stop: the rest of the completion becomes EOS.
+
+    The filled tokens count as committed at the step the block finished (they were never sampled:
+    logp/entropy/margin 0, ``filled_BG`` True), so every completion token keeps a step.
+    """
+    done_B = active_B & x_BL[:, start:start + K].eq(eos_id).all(1)
+    end = start + K - P  # first completion position after the block
+    G = x_BL.shape[1] - P
+    if end == G:
+        return active_B & ~done_B
+    rest_BG = torch.zeros_like(filled_BG)
+    rest_BG[:, end:] = True
+    fill_BG = rest_BG & done_B[:, None]
+    x_BL[:, P:] = x_BL[:, P:].masked_fill(fill_BG, eos_id)
+    last_step_B = rec["unmask_step"][:, end - K:end].max(1).values
+    rec["unmask_step"].copy_(torch.where(fill_BG, last_step_B[:, None], rec["unmask_step"]))
+    step_committed_BT.scatter_add_(1, last_step_B[:, None].clamp(min=0), fill_BG.sum(1, keepdim=True))
+    filled_BG |= fill_BG
+    return active_B & ~done_B
