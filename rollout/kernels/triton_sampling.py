@@ -18,28 +18,34 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from rollout.kernels.philox import NOISE_Q
 from rollout.kernels.reference import LOG2E, RowStats
 
-_EXCLUDED = -3.0e38  # scaled logit of a column outside the support (finite, so 0 * it is 0)
-_INIT = -1.0e30  # initial lane max: above _EXCLUDED so excluded columns never move it
+_EXCLUDED = tl.constexpr(-3.0e38)  # scaled logit of a column outside the support (finite, so 0 * it is 0)
+_INIT = tl.constexpr(-1.0e30)  # initial lane max: above _EXCLUDED so excluded columns never move it
 _NUM_WARPS = 4
 
 
 @triton.jit
-def _exponential(r):
+def _exponential(r, FAST_LOG2: tl.constexpr):
     """Exponential(1) variate from a uint32 word; same fp32 formula as philox.exponential_from_uint32."""
     v = r.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
     v = tl.minimum(v, 0.9999999403953552)
     series = v * (1.0 + v * (0.5 + v * (0.3333333333333333 + v * 0.25)))
-    return tl.where(v < 0.015625, series, tl.log2(1.0 - v) * -0.6931471805599453)
+    if FAST_LOG2:  # lg2.approx: |error| < 2^-22 on log2(1 - v) <= -0.022, E off by < 1e-5 relative
+        log2_w = libdevice.fast_log2f(1.0 - v)
+    else:  # the interpreter has no libdevice
+        log2_w = tl.log2(1.0 - v)
+    return tl.where(v < 0.015625, series, log2_w * -0.6931471805599453)
 
 
 @triton.jit
 def _scan_lanes(x_row, cols, end, word, cutoff, scale2,
                 m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-                SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr, SEPARATE_CONF: tl.constexpr):
+                SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr, SEPARATE_CONF: tl.constexpr,
+                FAST_LOG2: tl.constexpr):
     """Fold Q columns (one per lane) into the lanes' online state."""
     inb = cols < end
     x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
@@ -54,7 +60,7 @@ def _scan_lanes(x_row, cols, end, word, cutoff, scale2,
     sx_new = tl.where(up, e * (sx - d * se), sx + e * d)
     t2 = tl.maximum(t2, tl.minimum(m, s))
     if SAMPLE:
-        ex = _exponential(word)
+        ex = _exponential(word, FAST_LOG2)
         cand = tl.where(up, 1.0, e)  # 2^(s - new max)
         nb = tl.where(up, nb * e, nb)  # the lane's best numerator, rescaled to the new max
         better = cand * eb > nb * ex  # cand / ex > nb / eb, without a division
@@ -98,7 +104,7 @@ def _second_max(m, t2, BLOCK: tl.constexpr):
 def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part_i_ptr,
                     V, cols_per_split, scale2, seed,
                     Q: tl.constexpr, SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr,
-                    SEPARATE_CONF: tl.constexpr):
+                    SEPARATE_CONF: tl.constexpr, FAST_LOG2: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -130,16 +136,16 @@ def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part
             w0, w1, w2, w3 = tl.randint4x(seed, counter)
         m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
             x_row, base + lanes, end, w0, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
         m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
             x_row, base + Q + lanes, end, w1, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
         m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
             x_row, base + 2 * Q + lanes, end, w2, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
         m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
             x_row, base + 3 * Q + lanes, end, w3, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF)
+            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
 
     # --- reduce the lanes to one partial of this (row, split)
     if SAMPLE:
@@ -250,7 +256,7 @@ def sample_rows_triton(
             logits_NV, logits_NV.stride(0), row_ids, cutoff, part_f, part_i,
             V, cols_per_split, scale2, int(seed),
             Q=NOISE_Q, SAMPLE=sample, HAS_CUTOFF=has_cutoff, SEPARATE_CONF=separate_conf,
-            num_warps=_NUM_WARPS,
+            FAST_LOG2=device.type == "cuda", num_warps=_NUM_WARPS,
         )
     out = RowStats(
         token_N=torch.empty(N, device=device, dtype=torch.int64),
