@@ -209,7 +209,7 @@ def _driver_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_every_documented_driver_command_parses_and_resolves():
-    from common.config.loader import resolve_config_path
+    from common.config import load_config
     from driver.cli import build_parser
 
     commands = _driver_commands()
@@ -223,7 +223,7 @@ def test_every_documented_driver_command_parses_and_resolves():
             continue
         args = parser.parse_args(argv)
         if getattr(args, "config", None) and PLACEHOLDER not in args.config:
-            resolve_config_path(args.config)
+            load_config(args.config, args.overrides)  # the preset exists and the overrides validate
             presets_used.add(args.config)
     assert "llada8b_gsm8k" in presets_used
     # The job's module is importable from the image's working directory.
