@@ -122,7 +122,8 @@ def run(args) -> dict:
             entry["methods"][name] = {"ms": ms, "gbs": gbs, "pct_copy": None if ms is None else 100 * gbs / copy_gbs}
         if "triton" in methods:
             want = sample_rows_reference(logits, T, 1, ids).token_N
-            entry["triton_tokens_equal_reference"] = float((methods["triton"](logits, ids).token_N == want).float().mean())
+            same = methods["triton"](logits, ids).token_N == want
+            entry["triton_tokens_equal_reference"] = float(same.float().mean())
         results.append(entry)
         print(_row_line(entry), flush=True)
         del logits
@@ -162,7 +163,11 @@ def to_markdown(res: dict, command: str) -> str:
         for n in names:
             m = e["methods"][n]
             cells.append("OOM" if m["ms"] is None else f"{m['ms']:.3f} ms, {m['gbs']:.3g} GB/s ({m['pct_copy']:.3g}%)")
-        lines.append(f"| {e['rows']} x {e['vocab']} | {floor_ms:.3f} ms | {e['copy_gbs']:.3g} | " + " | ".join(cells) + " |")
+        head = f"| {e['rows']} x {e['vocab']} | {floor_ms:.3f} ms | {e['copy_gbs']:.3g} | "
+        lines.append(head + " | ".join(cells) + " |")
+    if res["device"] == "cpu":
+        lines += ["", "CPU mode: torch paths on small shapes only, on whatever CPU ran it (a shared box gives noisy "
+                  "numbers); the kernel's numbers come from a CUDA run."]
     eq = [e for e in res["results"] if "triton_tokens_equal_reference" in e]
     if eq:
         lines += ["", "Triton tokens equal to the reference's (same Philox stream): " + ", ".join(

@@ -212,8 +212,10 @@ def test_gpu_kernel_matches_reference_at_full_size(temperature, top_k):
     if temperature == 0:
         assert not bool(differ.any())
     else:
-        # GPU log2/exp2 differ from torch's in the last ulp: only near-ties of the Gumbel key may flip
-        x = logits.float() if cutoff is None else logits.float().masked_fill(logits.float() < cutoff[:, None], -math.inf)
+        # the kernel's lg2.approx/ex2.approx are off by ~1e-5 in the key: only near-ties may flip
+        x = logits.float()
+        if cutoff is not None:
+            x = x.masked_fill(x < cutoff[:, None], -math.inf)
         key = x * torch.tensor(LOG2E / temperature, device="cuda") - exponential_noise(7, rows, x.shape[1]).log2()
         gap = key.gather(1, want.token_N[:, None]) - key.gather(1, got.token_N[:, None])
         assert int(differ.sum()) <= 2 and bool((gap.abs() < 1e-4).all())

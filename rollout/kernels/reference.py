@@ -76,7 +76,7 @@ def sample_rows_reference(
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
     top2 = p.topk(2, dim=-1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
     if temperature > 0:
-        exp_NV = exponential_noise(int(seed), row_ids_N, x.shape[-1])
+        exp_NV = exponential_noise(int(seed), row_ids_N.to(x.device), x.shape[-1])
         token = (scaled2 - torch.log2(exp_NV)).argmax(-1)
     else:
         token = x.argmax(-1)

@@ -25,7 +25,7 @@ from rollout.kernels.reference import LOG2E, RowStats
 
 _EXCLUDED = tl.constexpr(-3.0e38)  # scaled logit of a column outside the support (finite, so 0 * it is 0)
 _INIT = tl.constexpr(-1.0e30)  # initial lane max: above _EXCLUDED so excluded columns never move it
-_NUM_WARPS = 4
+_NUM_WARPS = 8  # 84 registers at T>0 on sm_90: 3 programs (24 warps) per SM hide the exp2/lg2 latency
 
 
 @triton.jit
@@ -49,10 +49,12 @@ def _scan_lanes(x_row, cols, end, word, cutoff, scale2,
     """Fold Q columns (one per lane) into the lanes' online state."""
     inb = cols < end
     x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+    # masked loads give -inf, which the maximum turns into _EXCLUDED like any -inf logit
+    s = tl.maximum(x * scale2, _EXCLUDED)
     keep = inb
     if HAS_CUTOFF:
         keep = keep & (x >= cutoff)
-    s = tl.where(keep, tl.maximum(x * scale2, _EXCLUDED), _EXCLUDED)
+        s = tl.where(keep, s, _EXCLUDED)
     d = s - m
     up = d > 0
     e = tl.exp2(-tl.abs(d))  # 2^(s - max) if s <= max, else 2^(old max - s): one exp2 either way
@@ -68,12 +70,14 @@ def _scan_lanes(x_row, cols, end, word, cutoff, scale2,
         eb = tl.where(better, ex, eb)
         bi = tl.where(better, cols, bi)
     else:
-        key = tl.where(keep, x, float("-inf"))
+        key = x
+        if HAS_CUTOFF:
+            key = tl.where(keep, x, float("-inf"))
         better = key > bk
         bk = tl.where(better, key, bk)
         bi = tl.where(better, cols, bi)
     if SEPARATE_CONF:
-        f = tl.where(inb, tl.maximum(x * 1.4426950408889634, _EXCLUDED), _EXCLUDED)
+        f = tl.maximum(x * 1.4426950408889634, _EXCLUDED)
         df = f - mf
         ef = tl.exp2(-tl.abs(df))
         sf = tl.where(df > 0, sf * ef + 1.0, sf + ef)
