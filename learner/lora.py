@@ -3,7 +3,7 @@
 Each targeted ``nn.Linear`` becomes a ``LoraLinear`` that keeps its frozen ``weight`` under the same name
 (so base keys stay LLaDA's) and adds ``lora_A`` [r, in] and ``lora_B`` [out, r] (B starts at zero, so the
 adapted model equals the base at step 0). Weight sync and the HF export use merged weights
-``W + (alpha / r) * B @ A``: rollout actors and ``load_pretrained`` never see adapters.
+``W + (alpha / r) * B @ A`` (``LearnerRank.sync_tensors``): rollout actors and ``load_pretrained`` never see adapters.
 """
 from __future__ import annotations
 
@@ -51,19 +51,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
             setattr(block, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
             count += 1
     return count
-
-
-def merge_lora_state(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
-    """A full state dict with adapters folded into their base weights and adapter keys removed.
-
-    ``scales`` maps a module prefix (``...blocks.0.q_proj``) to its ``alpha / r``.
-    """
-    merged = {k: v for k, v in state.items() if not (k.endswith(".lora_A") or k.endswith(".lora_B"))}
-    for prefix, scale in scales.items():
-        weight = merged[f"{prefix}.weight"]
-        delta = state[f"{prefix}.lora_B"].float() @ state[f"{prefix}.lora_A"].float()
-        merged[f"{prefix}.weight"] = (weight.float() + scale * delta).to(weight.dtype)
-    return merged
 
 
 def lora_scales(model: nn.Module) -> dict[str, float]:

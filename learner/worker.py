@@ -28,7 +28,7 @@ from common.trajectory import Trajectory
 from common.weights import WeightUpdate, flat_layout
 from learner import checkpoint as ckpt
 from learner.losses.base import select_rows
-from learner.lora import apply_lora, lora_scales, merge_lora_state
+from learner.lora import apply_lora, lora_scales
 from learner.optim import build_optimizer, lr_at, set_lr
 from learner.weight_sync import build_sender
 
@@ -230,10 +230,9 @@ class LearnerRank:
 
     def export_hf(self, directory: str) -> str | None:
         """HF-format policy (LoRA merged) in the model's dtype, written by rank 0."""
-        state = ckpt.full_model_state(self.model)
+        state = self.state_dict_for_sync()  # the same tensors rollout actors get: LoRA merged, model dtype
         if self.rank != 0:
             return None
-        state = merge_lora_state(state, self.lora_scales)
         return str(ckpt.export_hf(state, self.hf_config, directory, dtype=self.model_cfg.dtype))
 
     # --- weight sync

@@ -94,7 +94,7 @@ def test_nan_guard_skips_then_stops(local_group):
         rank.step(make_batch(), step_seed=2)
 
 
-def test_lora_trains_only_adapters_and_syncs_merged_weights(local_group):
+def test_lora_trains_only_adapters_and_syncs_merged_weights(local_group, tmp_path):
     cfg = learner_cfg(lora={"enabled": True, "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "ff_out"]})
     rank = local_rank(cfg)
     base = {k: v.clone() for k, v in rank.state_dict_for_sync().items()}
@@ -104,6 +104,9 @@ def test_lora_trains_only_adapters_and_syncs_merged_weights(local_group):
     assert set(synced) == set(build_model(preset_config("tiny")).state_dict())
     changed = {k for k in base if not torch.equal(base[k], synced[k])}
     assert changed and all(k.endswith(("q_proj.weight", "ff_out.weight")) for k in changed)
+    # The HF export holds the same merged weights and no adapter keys.
+    exported = load_pretrained(rank.export_hf(str(tmp_path / "hf"))).state_dict()
+    assert all(torch.equal(exported[k], synced[k]) for k in synced) and set(exported) == set(synced)
 
 
 # --- two gloo ranks under Ray vs the single in-process rank
