@@ -55,17 +55,17 @@ def left_pad(prompt_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None
     return ids_BP, mask_BP
 
 
-_COMPILED: dict[tuple[int, str], object] = {}
-
-
 def _forward_fn(model, mode: str):
-    """The model's hidden-state forward, torch.compiled once per (model, mode) when asked."""
+    """The model's hidden-state forward, torch.compiled once per (model, mode) when asked.
+
+    The compiled callables live on the model, so they go away with it and weight updates in place reuse them.
+    """
     if mode == "none":
         return model.hidden_states
-    key = (id(model), mode)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(model.hidden_states, mode=mode, dynamic=False)
-    return _COMPILED[key]
+    compiled = model.__dict__.setdefault("_unmask_compiled_forward", {})
+    if mode not in compiled:
+        compiled[mode] = torch.compile(model.hidden_states, mode=mode, dynamic=False)
+    return compiled[mode]
 
 
 @torch.no_grad()
