@@ -52,11 +52,15 @@ class DiffuGrpoLoss(PolicyLoss):
         comp_BG = torch.full_like(micro.completion_ids_BG, self.mask_id, device=device)
         ids_BL = torch.cat([prompt_BP, comp_BG], 1)
         attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
-        return ids_BL, attn_BL
+        pos_BL = None  # positions as the sampler numbered them (see base.state_inputs)
+        if micro.extras.get("position_ids", "absolute") == "packed":
+            pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
+        return ids_BL, attn_BL, pos_BL
 
-    def _logp_BG(self, model, ids_BL, attn_BL, tokens_BG):
+    def _logp_BG(self, model, ids_BL, attn_BL, pos_BL, tokens_BG):
+        """log softmax of the raw logits (temperature 1, full vocabulary), as d1 scores its tokens."""
         G = tokens_BG.shape[1]
-        logits_BGV = model.lm_head(model.hidden_states(ids_BL, attn_BL)[:, -G:]).float()
+        logits_BGV = model.lm_head(model.hidden_states(ids_BL, attn_BL, pos_BL)[:, -G:]).float()
         return logits_BGV.gather(2, tokens_BG[..., None])[..., 0] - torch.logsumexp(logits_BGV, dim=-1)
 
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
@@ -69,14 +73,14 @@ class DiffuGrpoLoss(PolicyLoss):
         adv_B = per_sample_extra(micro, "advantages_B").to(device).float()
         cmask_BG = per_sample_extra(micro, "completion_mask_BG").to(device)
         tokens_BG = micro.completion_ids_BG.to(device)
-        ids_BL, attn_BL = self._inputs(micro, device)
-        logp_BG = self._logp_BG(model, ids_BL, attn_BL, tokens_BG)
+        ids_BL, attn_BL, pos_BL = self._inputs(micro, device)
+        logp_BG = self._logp_BG(model, ids_BL, attn_BL, pos_BL, tokens_BG)
         old_BG = self._old(micro, logp_BG)
         tok_loss_BG, ratio_BG, low_BG, high_BG = clipped_pg(logp_BG, old_BG, adv_B[:, None], self.clip_low, self.clip_high)
         kl_BG = None
         if self.cfg.beta_kl > 0:
             with torch.no_grad():
-                ref_BG = self._logp_BG(ref_model, ids_BL, attn_BL, tokens_BG)
+                ref_BG = self._logp_BG(ref_model, ids_BL, attn_BL, pos_BL, tokens_BG)
             kl_BG = k3_kl(logp_BG, ref_BG)
             tok_loss_BG = tok_loss_BG + self.cfg.beta_kl * kl_BG
         per_sample_B = (tok_loss_BG * cmask_BG).sum(1) / cmask_BG.sum(1).clamp(min=1)
