@@ -29,6 +29,27 @@ _NUM_WARPS = 8  # 84 registers at T>0 on sm_90: 3 programs (24 warps) per SM hid
 
 
 @triton.jit
+def _philox4x32_10(c0, c1, k0, k1):
+    """Philox4x32-10 of counter (c0, c1, 0, 0) and key (k0, k1), bit-equal to ``tl.randint4x``.
+
+    Each 32x32 product is one 64-bit multiply of zero-extended words (one IMAD.WIDE giving high
+    and low halves) instead of separate multiply-high and multiply-low instructions.
+    """
+    c2 = c0 * 0
+    c3 = c2
+    for _ in tl.static_range(10):
+        p_b = c2.to(tl.uint64) * 0xCD9E8D57
+        p_a = c0.to(tl.uint64) * 0xD2511F53
+        c0 = (p_b >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (p_a >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = p_b.to(tl.uint32)
+        c3 = p_a.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _exponential(r, FAST_LOG2: tl.constexpr):
     """Exponential(1) variate from a uint32 word; same fp32 formula as philox.exponential_from_uint32."""
     v = r.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
@@ -130,6 +151,9 @@ def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part
     bk = tl.full([Q], float("-inf"), tl.float32)
     bi = tl.full([Q], 2147483647, tl.int32)
     counter_row = tl.load(row_ids_ptr + row).to(tl.int64) * tl.cdiv(V, 4 * Q)
+    seed64 = tl.full([], seed, tl.int64)  # seed < 2**63, so the bits equal the uint64 key
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
     w0 = lanes.to(tl.uint32)
     w1 = w0
     w2 = w0
@@ -137,7 +161,7 @@ def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part
     for base in range(start, end, 4 * Q):
         if SAMPLE:
             counter = (counter_row + base // (4 * Q)) * Q + lanes
-            w0, w1, w2, w3 = tl.randint4x(seed, counter)
+            w0, w1, w2, w3 = _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
         m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
             x_row, base + lanes, end, w0, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
             SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
