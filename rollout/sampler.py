@@ -91,6 +91,13 @@ def generate(
     numbers real tokens only and makes the output independent of padding. The noise of sample b at step t,
     completion position j is keyed by ((row_offset + b) * T + t) * G + j, so it never repeats and does not
     depend on the rest of the batch.
+
+    Beyond the reference: the mask token is never drawn by default (``ban_mask_token``); with
+    ``confidence_eos_eot_inf`` EOS/EoT rank last in every remasking rule (the reference's statement only
+    zeroes EoT's probability); ``threshold`` commits max(#confidence > tau, ceil(masked / steps left), 1)
+    so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
+    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids``
+    and ``cfg_scale``: the learner needs all three to rebuild the sampled distributions.
     """
     if pad_id == mask_id:
         raise ValueError(f"pad_id {pad_id} equals mask_id; give the tokenizer a distinct pad token")
@@ -218,7 +225,7 @@ def generate(
         temperature=config.temperature,
         block_length=K,
         banned_ids=banned,
-        extras={"filled_BG": filled_BG, "position_ids": config.position_ids},
+        extras={"filled_BG": filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale},
     )
 
 
