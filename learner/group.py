@@ -59,7 +59,6 @@ class LearnerGroup:
             actor_cls.options(
                 num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
-                name=None,
             ).remote(cfg, model_cfg, rank=rank, world_size=cfg.num_ranks, loss_factory=loss_factory, seed=seed,
                      ref_model=ref_model)
             for rank in range(cfg.num_ranks)

@@ -42,12 +42,10 @@ def free_port() -> int:
 
 
 def node_ip() -> str:
-    try:
-        import ray
+    """This node's address as Ray reports it (works inside and outside a Ray worker)."""
+    import ray
 
-        return ray.util.get_node_ip_address()
-    except Exception:  # not inside Ray (in-process tests): loopback is the only address needed
-        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
 
 
 def shard_bounds(total: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -98,7 +96,7 @@ class LearnerRank:
         mesh = init_device_mesh(self.device.type, (self.world_size,))
 
         torch.manual_seed(self.seed)  # every rank builds identical initial weights
-        model, tokenizer = load_policy(self.model_cfg)
+        model, _ = load_policy(self.model_cfg)
         self.hf_config = model.config
         model = model.float()  # fp32 master weights; MixedPrecisionPolicy casts for compute
         if self.cfg.lora.enabled:
@@ -128,7 +126,6 @@ class LearnerRank:
             ref, _ = load_policy(self.model_cfg)
             self.ref_model = ref.to(self.device, to_dtype(self.cfg.param_dtype)).eval().requires_grad_(False)
         self.loss = self.loss_factory()
-        self.tokenizer = tokenizer
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.rank == 0:

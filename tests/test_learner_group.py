@@ -161,3 +161,23 @@ def test_object_store_sync_makes_a_fresh_model_equal(two_ranks):
     expected = two.state_dict_for_sync()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.ray
+def test_nccl_transport_code_from_the_group_over_gloo(two_ranks):
+    # On CPU the nccl transport runs over a gloo weight group: learner rank 0 broadcasts, this process receives.
+    from rollout.weight_sync import NcclReceiver
+
+    info = two_ranks.init_weight_sync("nccl", num_receivers=1)
+    assert info["backend"] == "gloo" and info["world_size"] == 2
+    pending = two_ranks.sync_weights(block=False)
+    receiver = NcclReceiver(host=info["host"], port=info["port"], rank=1, world_size=2, backend="gloo",
+                            device="cpu", bucket_bytes=info["bucket_bytes"])
+    fresh = build_model(preset_config("tiny"), seed=321)
+    assert receiver.receive(fresh) == two_ranks.version
+    import ray
+
+    assert ray.get(pending).metrics["sync/gb_per_s"] > 0
+    expected = two_ranks.state_dict_for_sync()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
