@@ -109,6 +109,16 @@ def test_lora_trains_only_adapters_and_syncs_merged_weights(local_group, tmp_pat
     assert all(torch.equal(exported[k], synced[k]) for k in synced) and set(exported) == set(synced)
 
 
+def test_reference_model_is_a_frozen_copy_of_the_initial_policy(local_group):
+    rank = LearnerRank(learner_cfg(), MODEL, rank=0, world_size=1, loss_factory=SFT, seed=0, ref_model=True)
+    rank.setup("127.0.0.1", 0)
+    initial = rank.state_dict_for_sync()
+    rank.step(make_batch(), step_seed=0)
+    ref = rank.ref_model.state_dict()
+    assert not any(p.requires_grad for p in rank.ref_model.parameters())
+    assert all(torch.equal(ref[k], initial[k]) for k in initial)
+
+
 # --- two gloo ranks under Ray vs the single in-process rank
 @pytest.fixture(scope="module")
 def two_ranks():
