@@ -11,6 +11,8 @@ per sample in this step, N = B * R scored rows, D model width, V vocabulary, T d
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from common.config.sampler import SamplerConfig
@@ -126,18 +128,7 @@ def generate(
         pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
     forward = _forward_fn(model, config.compile_forward)
 
-    # --- records
-    f32 = dict(dtype=torch.float32, device=device)
-    rec = dict(
-        unmask_step=torch.full((B, G), -1, dtype=torch.long, device=device),
-        logp=torch.zeros(B, G, **f32),
-        entropy=torch.zeros(B, G, **f32),
-        margin=torch.zeros(B, G, **f32),
-        cutoff=torch.full((B, G), float("-inf"), **f32),
-    )
-    step_entropy_BT, step_margin_BT = torch.zeros(B, T, **f32), torch.zeros(B, T, **f32)
-    step_committed_BT = torch.zeros(B, T, dtype=torch.long, device=device)
-    filled_BG = torch.zeros(B, G, dtype=torch.bool, device=device)
+    rec = _Records.empty(B, G, T, device)
     active_B = torch.ones(B, dtype=torch.bool, device=device)
     banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
     demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
@@ -175,36 +166,16 @@ def generate(
             cutoff_N = _robust_cutoff(logits_NV, support_cutoff(logits_NV, config.temperature, config.top_k,
                                                                  config.top_p))
             stats = sample_rows(logits_NV, config.temperature, seed, row_ids_N, cutoff_N, kernel=config.kernel)
-            shape = (B, width)
-            token_BR = stats.token_N.view(shape)
+            token_BR = stats.token_N.view(B, width)
 
-            # --- choose what to commit: rank by score, take the n_B best (and all above the threshold)
-            score_BR = _remask_score(config.remasking, stats, seed, row_ids_N).view(shape)
-            for token in demoted:
-                score_BR = score_BR.masked_fill(token_BR.eq(token), _BANNED_SCORE)
-            score_BR = score_BR.masked_fill(~valid_BR, float("-inf"))
-            order_BR = torch.argsort(score_BR, dim=1, descending=True, stable=True)
-            rank_BR = torch.empty_like(order_BR).scatter_(1, order_BR, torch.arange(width, device=device).expand(shape))
-            commit_BR = valid_BR & (rank_BR < n_B[:, None])
-            if config.threshold is not None:
-                commit_BR |= valid_BR & (stats.confidence_N.view(shape) > config.threshold)
+            commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N)
 
             # --- write tokens and records
             x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, mask_id))
-            cutoff_BR = cutoff_N.view(shape).float() if cutoff_N is not None else None
-            _record(rec["unmask_step"], pos_BR, commit_BR, torch.full(shape, t, dtype=torch.long, device=device))
-            _record(rec["logp"], pos_BR, commit_BR, stats.logp_N.view(shape).float())
-            _record(rec["entropy"], pos_BR, commit_BR, stats.entropy_N.view(shape).float())
-            _record(rec["margin"], pos_BR, commit_BR, stats.margin_N.view(shape).float())
-            if cutoff_BR is not None:
-                _record(rec["cutoff"], pos_BR, commit_BR, cutoff_BR)
-            n_valid_B = valid_BR.sum(1).clamp(min=1)
-            step_entropy_BT[:, t] = (stats.entropy_N.view(shape).float() * valid_BR).sum(1) / n_valid_B
-            step_margin_BT[:, t] = (stats.margin_N.view(shape).float() * valid_BR).sum(1) / n_valid_B
-            step_committed_BT[:, t] = commit_BR.sum(1)
+            rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
 
         if config.stop_on_eos_block:
-            active_B = _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec, filled_BG, step_committed_BT)
+            active_B = _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec)
             if not bool(active_B.any()):
                 break
 
@@ -214,18 +185,18 @@ def generate(
         prompt_ids_BP=prompt_BP,
         prompt_mask_BP=prompt_mask_BP,
         completion_ids_BG=x_BL[:, P:].clone(),
-        unmask_step_BG=rec["unmask_step"],
-        logp_BG=rec["logp"],
-        entropy_BG=rec["entropy"],
-        margin_BG=rec["margin"],
-        cutoff_BG=rec["cutoff"],
-        step_entropy_BT=step_entropy_BT,
-        step_margin_BT=step_margin_BT,
-        step_committed_BT=step_committed_BT,
+        unmask_step_BG=rec.unmask_step_BG,
+        logp_BG=rec.logp_BG,
+        entropy_BG=rec.entropy_BG,
+        margin_BG=rec.margin_BG,
+        cutoff_BG=rec.cutoff_BG,
+        step_entropy_BT=rec.step_entropy_BT,
+        step_margin_BT=rec.step_margin_BT,
+        step_committed_BT=rec.step_committed_BT,
         temperature=config.temperature,
         block_length=K,
         banned_ids=banned,
-        extras={"filled_BG": filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale},
+        extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale},
     )
 
 
@@ -278,12 +249,73 @@ def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor) -> 
     raise ValueError(f"unknown remasking {remasking!r}; choose low_confidence, random, margin or entropy")
 
 
-def _record(dest_BG: torch.Tensor, pos_BR: torch.Tensor, commit_BR: torch.Tensor, value_BR: torch.Tensor) -> None:
+def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N) -> torch.Tensor:
+    """Positions to commit [B, R]: the n_B best-scored candidates, plus all above the confidence threshold."""
+    B, R = token_BR.shape
+    score_BR = _remask_score(config.remasking, stats, seed, row_ids_N).view(B, R)
+    for token in demoted:
+        score_BR = score_BR.masked_fill(token_BR.eq(token), _BANNED_SCORE)
+    score_BR = score_BR.masked_fill(~valid_BR, float("-inf"))
+    # Vectorised per-row top-n: rank of each position in its row's order (stable: ties go left first).
+    order_BR = torch.argsort(score_BR, dim=1, descending=True, stable=True)
+    rank_BR = torch.empty_like(order_BR).scatter_(1, order_BR, torch.arange(R, device=order_BR.device).expand(B, R))
+    commit_BR = valid_BR & (rank_BR < n_B[:, None])
+    if config.threshold is not None:
+        commit_BR |= valid_BR & (stats.confidence_N.view(B, R) > config.threshold)
+    return commit_BR
+
+
+@dataclass
+class _Records:
+    """The per-token (_BG) and per-step (_BT) records of one decode, filled in place step by step."""
+
+    unmask_step_BG: torch.Tensor
+    logp_BG: torch.Tensor
+    entropy_BG: torch.Tensor
+    margin_BG: torch.Tensor
+    cutoff_BG: torch.Tensor
+    filled_BG: torch.Tensor
+    step_entropy_BT: torch.Tensor
+    step_margin_BT: torch.Tensor
+    step_committed_BT: torch.Tensor
+
+    @classmethod
+    def empty(cls, B: int, G: int, T: int, device) -> "_Records":
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            unmask_step_BG=torch.full((B, G), -1, dtype=torch.long, device=device),
+            logp_BG=torch.zeros(B, G, **f32),
+            entropy_BG=torch.zeros(B, G, **f32),
+            margin_BG=torch.zeros(B, G, **f32),
+            cutoff_BG=torch.full((B, G), float("-inf"), **f32),
+            filled_BG=torch.zeros(B, G, dtype=torch.bool, device=device),
+            step_entropy_BT=torch.zeros(B, T, **f32),
+            step_margin_BT=torch.zeros(B, T, **f32),
+            step_committed_BT=torch.zeros(B, T, dtype=torch.long, device=device),
+        )
+
+    def write(self, t: int, pos_BR, valid_BR, commit_BR, stats, cutoff_N) -> None:
+        """Record step t: committed tokens' statistics, and means over the candidates (the still-masked rows)."""
+        shape = pos_BR.shape
+        entropy_BR, margin_BR = stats.entropy_N.view(shape).float(), stats.margin_N.view(shape).float()
+        _scatter_where(self.unmask_step_BG, pos_BR, commit_BR, torch.full_like(pos_BR, t))
+        _scatter_where(self.logp_BG, pos_BR, commit_BR, stats.logp_N.view(shape).float())
+        _scatter_where(self.entropy_BG, pos_BR, commit_BR, entropy_BR)
+        _scatter_where(self.margin_BG, pos_BR, commit_BR, margin_BR)
+        if cutoff_N is not None:
+            _scatter_where(self.cutoff_BG, pos_BR, commit_BR, cutoff_N.view(shape).float())
+        n_valid_B = valid_BR.sum(1).clamp(min=1)
+        self.step_entropy_BT[:, t] = (entropy_BR * valid_BR).sum(1) / n_valid_B
+        self.step_margin_BT[:, t] = (margin_BR * valid_BR).sum(1) / n_valid_B
+        self.step_committed_BT[:, t] = commit_BR.sum(1)
+
+
+def _scatter_where(dest_BG: torch.Tensor, pos_BR: torch.Tensor, commit_BR: torch.Tensor, value_BR) -> None:
     """dest[b, pos] = value where committed; other gathered positions keep their value."""
     dest_BG.scatter_(1, pos_BR, torch.where(commit_BR, value_BR, dest_BG.gather(1, pos_BR)))
 
 
-def _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec, filled_BG, step_committed_BT) -> torch.Tensor:
+def _stop_eos_rows(x_BL, active_B, start: int, K: int, P: int, eos_id: int, rec: _Records) -> torch.Tensor:
     """Rows whose just-finished block is all EOS stop: the rest of the completion becomes EOS.
 
     The filled tokens count as committed at the step the block finished (they were never sampled:
@@ -294,12 +326,10 @@ def _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec, filled_BG, step_com
     G = x_BL.shape[1] - P
     if end == G:
         return active_B & ~done_B
-    rest_BG = torch.zeros_like(filled_BG)
-    rest_BG[:, end:] = True
-    fill_BG = rest_BG & done_B[:, None]
+    fill_BG = (torch.arange(G, device=x_BL.device) >= end)[None, :] & done_B[:, None]
     x_BL[:, P:] = x_BL[:, P:].masked_fill(fill_BG, eos_id)
-    last_step_B = rec["unmask_step"][:, end - K:end].max(1).values
-    rec["unmask_step"].copy_(torch.where(fill_BG, last_step_B[:, None], rec["unmask_step"]))
-    step_committed_BT.scatter_add_(1, last_step_B[:, None].clamp(min=0), fill_BG.sum(1, keepdim=True))
-    filled_BG |= fill_BG
+    last_step_B = rec.unmask_step_BG[:, end - K:end].max(1).values
+    rec.unmask_step_BG.copy_(torch.where(fill_BG, last_step_B[:, None], rec.unmask_step_BG))
+    rec.step_committed_BT.scatter_add_(1, last_step_B[:, None].clamp(min=0), fill_BG.sum(1, keepdim=True))
+    rec.filled_BG |= fill_BG
     return active_B & ~done_B
