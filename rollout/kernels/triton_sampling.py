@@ -63,48 +63,44 @@ def _exponential(r, FAST_LOG2: tl.constexpr):
 
 
 @triton.jit
-def _scan_lanes(x_row, cols, end, word, cutoff, scale2,
-                m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-                SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr, SEPARATE_CONF: tl.constexpr,
-                FAST_LOG2: tl.constexpr):
-    """Fold Q columns (one per lane) into the lanes' online state."""
-    inb = cols < end
-    x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+def _load_scaled(x_row, cols, end, cutoff, scale2, HAS_CUTOFF: tl.constexpr):
+    """Q columns as fp32 logits x and scaled logits s (``_EXCLUDED`` outside the support)."""
+    x = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
     # masked loads give -inf, which the maximum turns into _EXCLUDED like any -inf logit
     s = tl.maximum(x * scale2, _EXCLUDED)
-    keep = inb
     if HAS_CUTOFF:
-        keep = keep & (x >= cutoff)
-        s = tl.where(keep, s, _EXCLUDED)
-    d = s - m
-    up = d > 0
-    e = tl.exp2(-tl.abs(d))  # 2^(s - max) if s <= max, else 2^(old max - s): one exp2 either way
-    se_new = tl.where(up, se * e + 1.0, se + e)
-    sx_new = tl.where(up, e * (sx - d * se), sx + e * d)
-    t2 = tl.maximum(t2, tl.minimum(m, s))
+        s = tl.where(x >= cutoff, s, _EXCLUDED)
+    return x, s
+
+
+@triton.jit
+def _top2(t1, t2, s):
+    """Insert s into each lane's (largest, second largest)."""
+    return tl.maximum(t1, s), tl.maximum(t2, tl.minimum(t1, s))
+
+
+@triton.jit
+def _accumulate(x, s, cols, word, m, se, sx, nb, eb, bk, bi, cutoff,
+                SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr, FAST_LOG2: tl.constexpr):
+    """Add Q columns to the lanes' sums relative to their (already updated) max m, and the sample."""
+    d = s - m  # <= 0; _EXCLUDED columns give e = 0 and e * d = 0
+    e = tl.exp2(d)
+    se = se + e
+    sx = sx + e * d
     if SAMPLE:
         ex = _exponential(word, FAST_LOG2)
-        cand = tl.where(up, 1.0, e)  # 2^(s - new max)
-        nb = tl.where(up, nb * e, nb)  # the lane's best numerator, rescaled to the new max
-        better = cand * eb > nb * ex  # cand / ex > nb / eb, without a division
-        nb = tl.where(better, cand, nb)
+        better = e * eb > nb * ex  # 2^(s-m) / E beats the lane's best nb / eb, without a division
+        nb = tl.where(better, e, nb)
         eb = tl.where(better, ex, eb)
         bi = tl.where(better, cols, bi)
     else:
         key = x
         if HAS_CUTOFF:
-            key = tl.where(keep, x, float("-inf"))
+            key = tl.where(x >= cutoff, x, float("-inf"))
         better = key > bk
         bk = tl.where(better, key, bk)
         bi = tl.where(better, cols, bi)
-    if SEPARATE_CONF:
-        f = tl.maximum(x * 1.4426950408889634, _EXCLUDED)
-        df = f - mf
-        ef = tl.exp2(-tl.abs(df))
-        sf = tl.where(df > 0, sf * ef + 1.0, sf + ef)
-        mf = tl.maximum(mf, f)
-    m = tl.maximum(m, s)
-    return m, se_new, sx_new, t2, nb, eb, bk, bi, mf, sf
+    return se, sx, nb, eb, bk, bi
 
 
 @triton.jit
@@ -162,18 +158,42 @@ def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part
         if SAMPLE:
             counter = (counter_row + base // (4 * Q)) * Q + lanes
             w0, w1, w2, w3 = _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
-        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
-            x_row, base + lanes, end, w0, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
-        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
-            x_row, base + Q + lanes, end, w1, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
-        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
-            x_row, base + 2 * Q + lanes, end, w2, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
-        m, se, sx, t2, nb, eb, bk, bi, mf, sf = _scan_lanes(
-            x_row, base + 3 * Q + lanes, end, w3, cutoff, scale2, m, se, sx, t2, nb, eb, bk, bi, mf, sf,
-            SAMPLE, HAS_CUTOFF, SEPARATE_CONF, FAST_LOG2)
+        c0 = base + lanes
+        c1 = c0 + Q
+        c2 = c1 + Q
+        c3 = c2 + Q
+        x0, s0 = _load_scaled(x_row, c0, end, cutoff, scale2, HAS_CUTOFF)
+        x1, s1 = _load_scaled(x_row, c1, end, cutoff, scale2, HAS_CUTOFF)
+        x2, s2 = _load_scaled(x_row, c2, end, cutoff, scale2, HAS_CUTOFF)
+        x3, s3 = _load_scaled(x_row, c3, end, cutoff, scale2, HAS_CUTOFF)
+        # one max update (and one rescale of the sums) per lane per 4 columns, not per column
+        m_old = m
+        m, t2 = _top2(m, t2, s0)
+        m, t2 = _top2(m, t2, s1)
+        m, t2 = _top2(m, t2, s2)
+        m, t2 = _top2(m, t2, s3)
+        shift = m_old - m  # <= 0, finite: both are >= _INIT
+        corr = tl.exp2(shift)
+        sx = corr * (sx + shift * se)
+        se = se * corr
+        nb = nb * corr
+        se, sx, nb, eb, bk, bi = _accumulate(x0, s0, c0, w0, m, se, sx, nb, eb, bk, bi, cutoff,
+                                             SAMPLE, HAS_CUTOFF, FAST_LOG2)
+        se, sx, nb, eb, bk, bi = _accumulate(x1, s1, c1, w1, m, se, sx, nb, eb, bk, bi, cutoff,
+                                             SAMPLE, HAS_CUTOFF, FAST_LOG2)
+        se, sx, nb, eb, bk, bi = _accumulate(x2, s2, c2, w2, m, se, sx, nb, eb, bk, bi, cutoff,
+                                             SAMPLE, HAS_CUTOFF, FAST_LOG2)
+        se, sx, nb, eb, bk, bi = _accumulate(x3, s3, c3, w3, m, se, sx, nb, eb, bk, bi, cutoff,
+                                             SAMPLE, HAS_CUTOFF, FAST_LOG2)
+        if SEPARATE_CONF:  # full vocabulary at T=1; -inf logits give 2^-inf = 0, no guard needed
+            f0 = x0 * 1.4426950408889634
+            f1 = x1 * 1.4426950408889634
+            f2 = x2 * 1.4426950408889634
+            f3 = x3 * 1.4426950408889634
+            mf_new = tl.maximum(tl.maximum(tl.maximum(mf, f0), tl.maximum(f1, f2)), f3)
+            sf = sf * tl.exp2(mf - mf_new) + tl.exp2(f0 - mf_new) + tl.exp2(f1 - mf_new) \
+                + tl.exp2(f2 - mf_new) + tl.exp2(f3 - mf_new)
+            mf = mf_new
 
     # --- reduce the lanes to one partial of this (row, split)
     if SAMPLE:
