@@ -249,7 +249,7 @@ class LearnerRank:
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor] | None:
         """What a weight sync sends, as CPU tensors (rank 0; None elsewhere)."""
-        out = {name: t.cpu() for name, t in self.sync_tensors()}
+        out = {name: t.to("cpu", copy=True) for name, t in self.sync_tensors()}  # never alias live parameters
         return out if self.rank == 0 else None
 
     def sync_layout(self):
