@@ -1,4 +1,4 @@
-"""The sampler's counter-based random stream in pure torch, bit-exact with Triton's ``tl.randint4x``.
+"""The sampler's counter-based random stream in pure torch: Philox4x32-10 as ``tl.randint4x`` computes it.
 
 Letters: N rows, V vocabulary, C Philox counters of a row.
 
@@ -41,7 +41,7 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32_10(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Four uint32 words (as int64) per non-negative int64 ``counter``, equal to ``tl.randint4x(seed, counter)``."""
+    """Four uint32 words (as int64) per int64 ``counter`` >= 0; equals ``tl.randint4x(seed, counter)`` (Triton 3.9)."""
     zero = torch.zeros_like(counter)
     return philox_rounds((counter & _MASK32, counter >> 32, zero, zero), (seed & _MASK32, (seed >> 32) & _MASK32))
 
