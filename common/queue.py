@@ -72,6 +72,7 @@ class ReplayQueueCore:
         self.cfg, self.groups_per_step = cfg, groups_per_step
         self._groups: collections.deque[tuple[str, int, pa.RecordBatch]] = collections.deque()
         self._seen: set[str] = set()  # every admitted id: a retried put must not admit a group twice
+        self._dropped: set[str] = set()  # ids dropped as stale at put time (their reservation is settled)
         self._cond = asyncio.Condition()
         self._version = 0
         self._closed = False
@@ -121,6 +122,17 @@ class ReplayQueueCore:
             raise ValueError(f"release({n}) but only {self._n['running']} reservations are running")
         self._n["running"] -= n
 
+    def release_call(self, group_id_prefix: str, reserved: int) -> int:
+        """A rollout call that reserved ``reserved`` slots died: give back those its groups never settled.
+
+        Its groups were put with ids starting ``group_id_prefix``; each put (admitted or dropped stale)
+        already settled one reservation. Returns how many were released.
+        """
+        settled = sum(1 for g in self._seen | self._dropped if g.startswith(group_id_prefix))
+        n = max(0, min(reserved - settled, self._n["running"]))
+        self._n["running"] -= n
+        return n
+
     def _too_stale(self, policy_version: int) -> bool:
         return policy_version < self._version - self.cfg.max_staleness
 
@@ -146,6 +158,7 @@ class ReplayQueueCore:
                 return True
             self._n["running"] = max(0, self._n["running"] - 1)
             if self._too_stale(policy_version):
+                self._dropped.add(group_id)
                 self._count_stale(1)
                 return False
             if self._spill is not None:
