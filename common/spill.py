@@ -72,8 +72,11 @@ def _corrupt(message: str, on_corrupt: str, rec: Recovered) -> None:
     rec.corrupt += 1
 
 
-def recover(spill_dir: Path, on_corrupt: str) -> Recovered:
-    """Read every spill file in order; return the admitted-but-unconsumed groups, each once."""
+def recover(spill_dir: Path, on_corrupt: str, keep_consumed: bool = False) -> Recovered:
+    """Read every spill file in order; return the admitted-but-unconsumed groups, each once.
+
+    ``keep_consumed`` returns consumed groups too (offline analysis of a finished run).
+    """
     consumed_ids = _read_ledger(spill_dir / LEDGER)
     rec = Recovered()
     seen: set[str] = set()
@@ -112,7 +115,7 @@ def recover(spill_dir: Path, on_corrupt: str) -> Recovered:
             rb = pa.ipc.read_record_batch(rb.serialize(), SCHEMA)  # own the memory, not the file mapping
             if group_id in consumed_ids:
                 rec.consumed += 1
-            else:
+            if keep_consumed or group_id not in consumed_ids:
                 rec.groups.append(rb)
     rec.admitted = len(seen)
     return rec

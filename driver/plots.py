@@ -41,18 +41,14 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
 
 def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarray] | None:
     """Per-step entropy/margin of up to ``limit`` spilled trajectories, with their correctness."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
+    from common.spill import recover
 
     rows = {"step_entropy": [], "step_margin": [], "correct": [], "policy_version": []}
-    for file in sorted(spill_dir.glob("*.arrow")):
-        try:
-            with pa.OSFile(str(file)) as f:
-                table = ipc.open_stream(f).read_all()
-        except (pa.ArrowInvalid, OSError):
-            continue
+    if not spill_dir.is_dir():
+        return None
+    for rb in recover(spill_dir, "skip", keep_consumed=True).groups:
         for name in rows:
-            rows[name].extend(table.column(name).to_pylist())
+            rows[name].extend(rb.column(name).to_pylist())
     if not rows["correct"]:
         return None
     idx = np.linspace(0, len(rows["correct"]) - 1, min(limit, len(rows["correct"]))).astype(int)
