@@ -62,9 +62,9 @@ class RolloutPool:
         self.busy[ref] = Call(worker_id, call_id, items, reserved)
         return ref
 
-    def broadcast(self, weights, version: int) -> list:
-        """Queue a weight swap on every worker; it runs after the worker's current rollout."""
-        return [w.set_weights.remote(weights, version) for wid, w in self.workers.items() if wid not in self.retiring]
+    def broadcast(self, update) -> list:
+        """Queue a weight swap (a ``WeightUpdate``) on every worker; it runs after the worker's current rollout."""
+        return [w.set_weights.remote(update) for wid, w in self.workers.items() if wid not in self.retiring]
 
     def shutdown(self) -> None:
         import ray

@@ -39,6 +39,7 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     import ray
 
     from common.metrics import MetricsLog, RayMetrics
+    from common.weights import resolve_transport
     from common.queue import ReplayQueue
     from common.schema import table_to_trajectory
     from common.tasks import get_task
@@ -78,12 +79,18 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
                            ref_model=cfg.algorithm.beta_kl > 0)
     log.info("learner group: %d rank(s), algorithm %s", cfg.learner.num_ranks, cfg.algorithm.name)
     state = {"step": 0, "version": 0, "data_position": 0, "call_id": 0}
-    if resume:
-        latest = sorted((run_dir / "checkpoints").glob("step_*"))
-        if latest:
-            state.update(learner.load(str(latest[-1])))
-            log.info("resumed from %s: step %d, version %d", latest[-1].name, state["step"], state["version"])
+    if resume and any((run_dir / "checkpoints").glob("step_*")):
+        record = learner.load(str(run_dir / "checkpoints"))
+        state.update(record.get("data_position", {}))
+        log.info("resumed: step %d, version %d, data position %d", state["step"], state["version"], state["data_position"])
     ray.get(queue.set_version.remote(state["version"]))
+    transport = resolve_transport(cfg.learner.weight_transport, learner_gpus=cfg.learner.num_gpus_per_rank,
+                                  rollout_gpus=cfg.rollout.num_gpus_per_worker, colocated=cfg.run.colocated)
+    if transport == "nccl":
+        log.warning("nccl weight transport is not wired into the driver yet; using object_store")
+        transport = "object_store"
+    learner.init_weight_sync(transport)
+    log.info("weight transport: %s", transport)
     # --- rollout pool
     worker_cls = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
@@ -95,8 +102,9 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     pool.resize(read_control(run_dir)["rollout_workers"])
     ray.get([w.ready.remote() for w in pool.workers.values()])
     log.info("rollout pool: %d worker(s)", pool.size)
-    if state["version"] > 0:
-        ray.get(pool.broadcast(learner.state_dict_for_sync(), state["version"]))
+    update = learner.sync_weights() if state["version"] > 0 else None
+    if update is not None:
+        ray.get(pool.broadcast(update))
 
     eval_items = task.eval_items(cfg.task.eval_size)
     prompts = itertools.islice(task.train_items(cfg.task.seed), state["data_position"], None)
@@ -107,13 +115,14 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
             metrics.log({"step": 0, "eval_accuracy": before["accuracy"], "eval_reward": before["reward"]})
         t_start, steps_at_start = time.time(), state["step"]
         learner_future: Future | None = None
+        pending_sync: list = []
         batch_info: dict = {}
         while state["step"] < cfg.run.total_steps:
             # --- pool size follows `unmask scale`
             for wid in pool.resize(int(read_control(run_dir).get("rollout_workers", pool.size))):
                 log.info("rollout worker %s joined the pool", wid)
-                if state["version"] > 0:
-                    pool.workers[wid].set_weights.remote(learner.state_dict_for_sync(), state["version"])
+                if update is not None:
+                    pool.workers[wid].set_weights.remote(update)
             ray_metrics.record("rollout_workers", float(pool.size))
             # --- dispatch rollouts within the staleness budget
             for wid in pool.idle():
@@ -148,22 +157,24 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
                 except ray.exceptions.RayError as e:
                     log.warning("rollout call %d on %s failed (%s); its slots are released",
                                 call.call_id, call.worker_id, type(e).__name__)
-                    ray.get(queue.release_call.remote(f"{call.call_id}:", call.reserved))
-                    if state["version"] > 0 and call.worker_id in pool.workers:
-                        pool.workers[call.worker_id].set_weights.remote(learner.state_dict_for_sync(), state["version"])
+                    queue.release_call.remote(f"{call.call_id}:", call.reserved)
+                    if update is not None and call.worker_id in pool.workers:
+                        pool.workers[call.worker_id].set_weights.remote(update)  # a restarted actor has base weights
             if learner_future is not None and learner_future.done():
                 out = learner_future.result()
                 learner_future = None
                 state["step"] += 1
                 state["version"] += 1
                 t_sync = time.perf_counter()
-                weights = learner.state_dict_for_sync()
-                pool.broadcast(weights, state["version"])
+                if transport == "cuda_ipc":
+                    ray.get(pending_sync)  # one shared buffer: receivers of the last version must be done
+                update = learner.sync_weights()
+                pending_sync = pool.broadcast(update)
                 ray.get(queue.set_version.remote(state["version"]))
                 sync_s = time.perf_counter() - t_sync
                 qstats = ray.get(queue.stats.remote())
                 record = {"step": state["step"], "version": state["version"], **batch_info, **out,
-                          "weight_sync_seconds": sync_s, "queue_depth": qstats.get("depth", 0),
+                          "weight_sync_seconds": sync_s, **update.metrics, "queue_depth": qstats.get("depth", 0),
                           "dropped_stale": qstats.get("dropped_stale", 0), "rollout_workers": pool.size}
                 elapsed = time.time() - t_start
                 eta = elapsed / (state["step"] - steps_at_start) * (cfg.run.total_steps - state["step"])
@@ -176,7 +187,7 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
                     mid = evaluate(pool, eval_items, label=f"held-out at step {state['step']}")
                     metrics.log({"step": state["step"], "eval_accuracy": mid["accuracy"], "eval_reward": mid["reward"]})
                 if cfg.learner.checkpoint_every and state["step"] % cfg.learner.checkpoint_every == 0:
-                    learner.save(str(run_dir / "checkpoints" / f"step_{state['step']:06d}"), extra=dict(state))
+                    learner.save(str(run_dir / "checkpoints"), data_position=dict(state))
         # --- the end: evaluate, checkpoint, export, plot
         for ref in list(pool.busy):
             try:
@@ -191,7 +202,7 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
             for steps in cfg.run.eval_sampling_steps:
                 res = evaluate(pool, eval_items, {"steps": steps}, label=f"held-out at {steps} sampling steps")
                 metrics.log({"step": state["step"], "eval_sampling_steps": steps, "eval_accuracy_at_steps": res["accuracy"]})
-        learner.save(str(run_dir / "checkpoints" / f"step_{state['step']:06d}"), extra=dict(state))
+        learner.save(str(run_dir / "checkpoints"), data_position=dict(state))
         learner.export_hf(str(run_dir / "policy"))
         tokenizer.save(run_dir / "policy")
         plot_run(run_dir)

@@ -67,15 +67,6 @@ class Generator:
         texts = [completion_text(self.tokenizer, row.tolist()) for row in traj.completion_ids_BG.cpu()]
         return texts, [self.task.reward(text, item) for text, item in zip(texts, items_per_row)]
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.model.state_dict()
-        missing = set(own) - set(state)
-        if missing:
-            raise ValueError(f"weight update lacks {sorted(missing)[0]!r} ({len(missing)} tensors missing)")
-        with torch.no_grad():
-            for name, tensor in own.items():
-                tensor.copy_(state[name])
-
 
 class RolloutWorker:
     """Ray actor body (wrapped with ``ray.remote`` by the driver with per-worker resources)."""
@@ -92,16 +83,21 @@ class RolloutWorker:
         self.version = 0
         self.calls = 0
         self.metrics = RayMetrics()
+        self.receivers: dict[str, Any] = {}
 
     def ready(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": self.gen.device, "version": self.version}
 
-    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
-        """Swap in new policy weights (called between rollouts) and adopt their version."""
-        self.gen.load_state_dict(state)
-        self.version = version
-        return version
+    def set_weights(self, update) -> dict[str, float]:
+        """Swap in a new policy version (Ray runs this between rollouts) through its transport's receiver."""
+        from rollout.weight_sync import build_receiver
+
+        if update.transport not in self.receivers:
+            self.receivers[update.transport] = build_receiver(update.transport)
+        start = time.perf_counter()
+        self.version = self.receivers[update.transport].receive(self.gen.model, update)
+        return {"version": self.version, "seconds": time.perf_counter() - start}
 
     def rollout(self, items: list, call_id: int) -> dict[str, Any]:
         """Generate ``group_size`` samples for each item, score them, put one Arrow group per item."""
