@@ -325,9 +325,10 @@ def test_errors_say_what_to_fix(model):
         loss.backward(model, batch, total_samples=4)
     loss = build_loss(AgrpoConfig(), mask_id=MASK, pad_id=PAD)
     batch = loss.prepare(traj, seed=0)
+    micro = batch.select(slice(0, 2))
+    micro.extras = dict(batch.extras)  # what a select that does not slice extras would hand over
     with pytest.raises(ValueError, match="select_rows"):
-        loss.backward(model, batch.select(slice(0, 2)) if len(batch.select(slice(0, 2)).extras["advantages_B"]) != 2
-                      else _unsliced(batch), total_samples=4)
+        loss.backward(model, micro, total_samples=4)
     traj.rewards_B = None
     with pytest.raises(ValueError, match="rewards_B"):
         loss.prepare(traj, seed=0)
@@ -335,7 +336,9 @@ def test_errors_say_what_to_fix(model):
         AtpoConfig(selection="sample", score_floor=0.0)
 
 
-def _unsliced(batch):
-    micro = select_rows(batch, slice(0, 2))
-    micro.extras = dict(batch.extras)
-    return micro
+
+def test_step_blocks_ignore_the_filled_tail():
+    unmask_BG = torch.tensor([[0, 1, 1, 1]])  # block length 2: step 1 drew position 1, then "filled" 2 and 3
+    assert S.step_blocks(unmask_BG, 2, 3).tolist() == [[0, 1, -1]]
+    drawn_BG = torch.tensor([[True, True, False, False]])
+    assert S.step_blocks(unmask_BG, 2, 3, drawn_BG).tolist() == [[0, 0, -1]]
