@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_sampler --out benchmarks/results/sampler.md          # CUDA, LLaDA-8B shape
     python -m benchmarks.bench_sampler --cpu --out benchmarks/results/sampler_cpu.md
+    # the forward compiled at the larger batches too (each shape compiles once, ~minutes for 8B):
+    python -m benchmarks.bench_sampler --batches 8 32 --compile-batches 8 32 --compile-modes default \
+        --out benchmarks/results/sampler_compiled.md
 
 GPU mode: LLaDA-8B shape with random bf16 weights, prompt 64, gen 256, block 32, 128 steps, batch 1/8/32,
 temperature 0 and 0.9; at batch 1 also our sampler with the model forward under torch.compile
@@ -31,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=None, help="block_length (default 32 GPU / 16 CPU)")
     p.add_argument("--steps", type=int, default=None, help="total steps (default 128 GPU / 32 CPU)")
     p.add_argument("--preset", default=None, help="model preset (default llada-8b GPU / tiny CPU)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per row (the median is reported)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row, median reported (1 GPU / 3 CPU)")
     p.add_argument("--skip-reference", action="store_true")
     return p.parse_args(argv)
 
@@ -73,6 +76,9 @@ def run(args) -> dict:
     if gpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; pass --cpu for the CPU mode")
     device = torch.device("cuda" if gpu else "cpu")
+    repeats = args.repeats or (1 if gpu else 3)
+    if not gpu:
+        torch.set_num_threads(1)  # tiny shapes: intra-op threads only add noise on shared cores
     preset = args.preset or ("llada-8b" if gpu else "tiny")
     P = args.prompt or (64 if gpu else 16)
     G = args.gen or (256 if gpu else 64)
@@ -108,7 +114,7 @@ def run(args) -> dict:
                                   lambda s=T, k=K, m=mode: ours(x_BP, temperature, m, s, k)))
             for name, fn in impls:
                 warm = _timed(lambda: fn(2, G), device, 2 if "compile" in name else 1)  # same shapes, 2 steps
-                seconds = None if warm is None else _timed(fn, device, args.repeats)
+                seconds = None if warm is None else _timed(fn, device, repeats)
                 row = dict(impl=name, batch=B, temperature=temperature, seconds=seconds,
                            tok_per_s=None if seconds is None else B * G / seconds)
                 rows.append(row)
