@@ -57,6 +57,25 @@ def left_pad(prompt_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None
     return ids_BP, mask_BP
 
 
+def model_inputs_at_step(traj: Trajectory, t, mask_id: int) -> dict[str, torch.Tensor | None]:
+    """The model inputs the sampler ran before step ``t`` (int, or a [B] tensor of per-sample steps).
+
+    Completion tokens committed at step >= t are masked again; attention mask and positions follow the
+    sampler's choices, so ``model(**inputs)`` reproduces the logits the recorded tokens were drawn from
+    (classifier-free guidance, ``extras['cfg_scale']``, is the caller's to apply).
+    """
+    t_B1 = torch.as_tensor(t, device=traj.unmask_step_BG.device).reshape(-1, 1)
+    completion_BG = traj.completion_ids_BG.masked_fill(traj.unmask_step_BG >= t_B1, mask_id)
+    input_ids_BL = torch.cat([traj.prompt_ids_BP, completion_BG], dim=1)
+    if bool(traj.prompt_mask_BP.all()):
+        return dict(input_ids=input_ids_BL, attention_mask=None, position_ids=None)
+    attn_BL = torch.cat([traj.prompt_mask_BP, torch.ones_like(completion_BG, dtype=torch.bool)], dim=1)
+    pos_BL = None
+    if traj.extras.get("position_ids", "absolute") == "packed":
+        pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
+    return dict(input_ids=input_ids_BL, attention_mask=attn_BL, position_ids=pos_BL)
+
+
 def _forward_fn(model, mode: str):
     """The model's hidden-state forward, torch.compiled once per (model, mode) when asked.
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from common.config.sampler import SamplerConfig
 from common.model import build_model, preset_config
-from rollout.sampler import counter_uniform, generate, transfer_schedule
+from rollout.sampler import counter_uniform, generate, model_inputs_at_step, transfer_schedule
 from tests.llada_reference import generate as reference_generate
 
 PAD, EOS, MASK, EOT = 0, 2, 3, 4
@@ -43,12 +43,7 @@ def _run(model, prompt_ids, mask=None, **cfg):
 def _rebuild_logp(model, traj, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recorded and recomputed log-probs of the tokens committed at step t, from the state rebuilt via unmask_step."""
     P = traj.prompt_ids_BP.shape[1]
-    completion_BG = traj.completion_ids_BG.masked_fill(traj.unmask_step_BG >= t, MASK)
-    x_BL = torch.cat([traj.prompt_ids_BP, completion_BG], dim=1)
-    attn_BL = None
-    if not bool(traj.prompt_mask_BP.all()):
-        attn_BL = torch.cat([traj.prompt_mask_BP, torch.ones_like(completion_BG, dtype=torch.bool)], dim=1)
-    logits_BGV = model(x_BL, attention_mask=attn_BL).logits[:, P:].float()
+    logits_BGV = model(**model_inputs_at_step(traj, t, MASK)).logits[:, P:].float()
     for token in traj.banned_ids:
         logits_BGV[..., token] = float("-inf")
     chosen_BG = (traj.unmask_step_BG == t) & ~traj.extras["filled_BG"]
@@ -212,6 +207,10 @@ def test_packed_positions_make_padding_irrelevant(model):
     right = _run(model, right_BP, right_mask_BP, **opts)
     assert torch.equal(left.prompt_ids_BP, left_BP) and torch.equal(right.prompt_ids_BP, left_BP)
     assert torch.equal(left.completion_ids_BG, right.completion_ids_BG)
+    sampled = _run(model, right_BP, right_mask_BP, temperature=0.8, top_p=0.9, seed=4, **opts)
+    for t in range(8):
+        recorded, rebuilt = _rebuild_logp(model, sampled, t)
+        torch.testing.assert_close(recorded, rebuilt, atol=1e-5, rtol=0)
     for b, row in enumerate(rows):
         alone = _run(model, row[None], None, **opts)
         assert torch.equal(alone.completion_ids_BG[0], left.completion_ids_BG[b])
