@@ -89,14 +89,17 @@ def test_matches_reference_with_guidance_and_eos_ban(model):
     assert ours.banned_ids == (EOS,) and not bool(ours.completion_ids_BG.eq(EOS).any())
 
 
-def test_left_padded_batch_matches_reference_with_absolute_positions(model):
+@pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
+def test_left_padded_batch_matches_reference_with_absolute_positions(model, cfg_scale):
     prompt_BP = _prompts(3, 8, 11)
     mask_BP = torch.ones(3, 8, dtype=torch.bool)
     mask_BP[0, :3] = False
     mask_BP[2, :5] = False
     prompt_BP = prompt_BP.masked_fill(~mask_BP, PAD)
-    ours = _run(model, prompt_BP, mask_BP, gen_length=16, block_length=8, steps=8, ban_mask_token=False)
-    ref = reference_generate(model, prompt_BP, mask_BP.long(), steps=8, gen_length=16, block_length=8, mask_id=MASK)
+    ours = _run(model, prompt_BP, mask_BP, gen_length=16, block_length=8, steps=8, ban_mask_token=False,
+                cfg_scale=cfg_scale)
+    ref = reference_generate(model, prompt_BP, mask_BP.long(), steps=8, gen_length=16, block_length=8, mask_id=MASK,
+                             cfg_scale=cfg_scale)
     assert torch.equal(ours.sequences_BL, ref)
     assert torch.equal(ours.prompt_mask_BP, mask_BP)
 
