@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: `filled` and `position_ids`, which the learner needs to rebuild states exactly
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -60,6 +60,8 @@ SCHEMA = pa.schema(
         pa.field("temperature", _f32, nullable=False),
         pa.field("block_length", _i32, nullable=False),
         pa.field("banned_ids", pa.list_(_i32), nullable=False),
+        pa.field("filled", pa.list_(pa.bool_()), nullable=False),  # EOS filled by stop_on_eos_block, never sampled
+        pa.field("position_ids", pa.string(), nullable=False),  # "absolute" (LLaDA's) or "packed"
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -131,6 +133,9 @@ def group_to_record_batch(
         pa.array(comp_values.T.reshape(-1), _f32),  # row-major: sample b's components are contiguous
     )
     banned = np.asarray(traj.banned_ids, dtype=np.int32).reshape(1, -1).repeat(B, axis=0)
+    filled_BG = traj.extras.get("filled_BG")
+    filled = (filled_BG.cpu().numpy().astype(bool) if filled_BG is not None
+              else np.zeros(tuple(traj.completion_ids_BG.shape), dtype=bool))
     now = _dt.datetime.now(_dt.timezone.utc)
 
     columns = {
@@ -155,6 +160,8 @@ def group_to_record_batch(
         "temperature": pa.array(np.full(B, traj.temperature, dtype=np.float32)),
         "block_length": pa.array(np.full(B, traj.block_length, dtype=np.int32)),
         "banned_ids": _fixed_list(banned, _i32),
+        "filled": _fixed_list(filled, pa.bool_()),
+        "position_ids": pa.array([str(traj.extras.get("position_ids", "absolute"))] * B, pa.string()),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -234,10 +241,10 @@ def _uniform_list(table: pa.Table, name: str, B: int) -> np.ndarray:
 
 
 def _uniform_scalar(table: pa.Table, name: str):
-    values = _column(table, name).to_numpy()
+    values = _column(table, name).to_numpy(zero_copy_only=False)
     if (values != values[0]).any():
         raise ValueError(f"{name} differs across rows; one learner batch must use one sampler setting")
-    return values[0].item()
+    return values[0].item() if isinstance(values[0], np.generic) else values[0]
 
 
 def _left_pad(col: pa.ListArray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -329,5 +336,7 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
             "group_ids": group_codes.dictionary.to_pylist(),
             "tasks": _column(table, "task").take(first_row).to_pylist(),
             "worker_ids": _column(table, "worker_id").take(first_row).to_pylist(),
+            "filled_BG": _tensor(_uniform_list(table, "filled", B), torch.bool),
+            "position_ids": str(_uniform_scalar(table, "position_ids")),
         },
     )

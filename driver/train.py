@@ -74,7 +74,8 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         cfg.queue, cfg.learner.groups_per_step, str(run_dir / "trajectories") if cfg.queue.spill else None)
     log.info("replay queue: capacity %d groups, max_staleness %d", cfg.queue.capacity_groups, cfg.queue.max_staleness)
     # --- learner group
-    loss_factory = functools.partial(build_loss, cfg.algorithm, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id)
+    loss_factory = functools.partial(build_loss, cfg.algorithm, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id,
+                                     eos_id=tokenizer.eos_id)
     learner = LearnerGroup(cfg.learner, cfg.model, loss_factory=loss_factory, seed=cfg.run.seed,
                            ref_model=cfg.algorithm.beta_kl > 0)
     log.info("learner group: %d rank(s), algorithm %s", cfg.learner.num_ranks, cfg.algorithm.name)
