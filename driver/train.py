@@ -53,6 +53,10 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     from rollout.actor import RolloutWorker
 
     setup_logging()
+    if cfg.sampler.cfg_scale > 0:
+        log.error("unmask: sampler.cfg_scale > 0 cannot be trained on (the learner cannot rebuild guided "
+                  "distributions); use guidance only with `unmask eval`")
+        return 2
     # --- run directory
     if resume:
         run_dir = Path(resume).resolve()

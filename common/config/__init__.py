@@ -5,7 +5,7 @@ naming the field path.
 """
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from common.config.algorithm import AgrpoConfig, AlgorithmConfig, AtpoConfig, DiffuGrpoConfig
 from common.config.base import Section
@@ -22,13 +22,6 @@ from common.config.task import TaskConfig
 
 class UnmaskConfig(Section):
     """The whole run: each component receives only its own section."""
-
-    @model_validator(mode="after")
-    def _trainable_rollouts(self) -> "UnmaskConfig":
-        if self.sampler.cfg_scale > 0:
-            raise ValueError("sampler.cfg_scale > 0: the learner cannot rebuild guided sampling distributions, "
-                             "so RL rollouts must be unguided (use guidance only with `unmask eval --set`)")
-        return self
 
     model: ModelConfig = Field(description="Policy weights.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Iterative-unmasking sampler.")
