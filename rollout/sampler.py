@@ -11,7 +11,6 @@ per sample in this step, N = B * R scored rows, D model width, V vocabulary, T d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
@@ -147,12 +146,12 @@ def generate(
         pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
     forward = _forward_fn(model, config.compile_forward)
 
-    rec = _Records.empty(B, G, T, device)
+    rec = _Records(B, G, T, device)
     active_B = torch.ones(B, dtype=torch.bool, device=device)
     banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
     demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
     schedule = transfer_schedule(K, spb)
-    sample_B = torch.arange(B, device=device) + row_offset
+    row_base_B1 = ((torch.arange(B, device=device) + row_offset) * (T * G))[:, None]
 
     for block in range(config.num_blocks):
         start = P + block * K
@@ -160,7 +159,7 @@ def generate(
             t = block * spb + i
             if config.threshold is None:
                 width = K - sum(schedule[:i])  # every unfinished row has exactly this many masked positions
-                n_B = torch.full((B,), schedule[i], dtype=torch.long, device=device)
+                n_B = schedule[i]
             else:
                 remaining_B = x_BL[:, start:start + K].eq(mask_id).sum(1)
                 width = int(remaining_B.max())  # host sync: threshold decoding skips finished blocks
@@ -173,7 +172,8 @@ def generate(
             h_BLD = _hidden(forward, x_BL, attn_BL, pos_BL, config, P, mask_id)
             block_BK = x_BL[:, start:start + K]
             masked_BK = block_BK.eq(mask_id)
-            idx_BR = torch.argsort((~masked_BK).to(torch.int8), dim=1, stable=True)[:, :width]  # masked first
+            # masked positions first, in position order (stable sort)
+            idx_BR = torch.argsort(masked_BK.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
             valid_BR = masked_BK.gather(1, idx_BR)
             logits_NV = _block_logits(model, h_BLD, start, idx_BR, config.cfg_scale, B)
             for token in banned:
@@ -181,7 +181,7 @@ def generate(
 
             # --- sample every scored row
             pos_BR = idx_BR + block * K  # completion positions
-            row_ids_N = (((sample_B[:, None] * T + t) * G) + pos_BR).reshape(-1)
+            row_ids_N = (row_base_B1 + (pos_BR + t * G)).reshape(-1)  # ((row_offset + b) * T + t) * G + pos
             cutoff_N = _robust_cutoff(logits_NV, support_cutoff(logits_NV, config.temperature, config.top_k,
                                                                  config.top_p))
             stats = sample_rows(logits_NV, config.temperature, seed, row_ids_N, cutoff_N, kernel=config.kernel)
@@ -204,13 +204,13 @@ def generate(
         prompt_ids_BP=prompt_BP,
         prompt_mask_BP=prompt_mask_BP,
         completion_ids_BG=x_BL[:, P:].clone(),
-        unmask_step_BG=rec.unmask_step_BG,
-        logp_BG=rec.logp_BG,
-        entropy_BG=rec.entropy_BG,
-        margin_BG=rec.margin_BG,
-        cutoff_BG=rec.cutoff_BG,
-        step_entropy_BT=rec.step_entropy_BT,
-        step_margin_BT=rec.step_margin_BT,
+        unmask_step_BG=rec.unmask_step_BG.contiguous(),
+        logp_BG=rec.token_stat(0),
+        entropy_BG=rec.token_stat(1),
+        margin_BG=rec.token_stat(2),
+        cutoff_BG=rec.token_stat(3),
+        step_entropy_BT=rec.step_stats_2BT[0].contiguous(),
+        step_margin_BT=rec.step_stats_2BT[1].contiguous(),
         step_committed_BT=rec.step_committed_BT,
         temperature=config.temperature,
         block_length=K,
@@ -233,7 +233,8 @@ def _hidden(forward, x_BL, attn_BL, pos_BL, config: SamplerConfig, P: int, mask_
 def _block_logits(model, h_BLD: torch.Tensor, start: int, idx_BR: torch.Tensor, cfg_scale: float, B: int):
     """Logits [B * R, V] of the gathered block positions; guidance combines the two halves in fp32."""
     D, R = h_BLD.shape[-1], idx_BR.shape[1]
-    idx_XRD = idx_BR.repeat(h_BLD.shape[0] // B, 1)[..., None].expand(-1, R, D)  # X = B, or 2B under guidance
+    idx_XR = idx_BR if h_BLD.shape[0] == B else idx_BR.repeat(2, 1)  # X = B, or 2B under guidance
+    idx_XRD = idx_XR[..., None].expand(-1, R, D)
     h_XRD = h_BLD[:, start:].gather(1, idx_XRD)
     logits = model.lm_head(h_XRD.reshape(-1, D))
     if cfg_scale > 0:
@@ -269,7 +270,8 @@ def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor) -> 
 
 
 def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N) -> torch.Tensor:
-    """Positions to commit [B, R]: the n_B best-scored candidates, plus all above the confidence threshold."""
+    """Positions to commit [B, R]: each row's n_B (an int, or [B]) best-scored candidates, plus all above
+    the confidence threshold."""
     B, R = token_BR.shape
     score_BR = _remask_score(config.remasking, stats, seed, row_ids_N).view(B, R)
     for token in demoted:
@@ -278,60 +280,51 @@ def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed
     # Vectorised per-row top-n: rank of each position in its row's order (stable: ties go left first).
     order_BR = torch.argsort(score_BR, dim=1, descending=True, stable=True)
     rank_BR = torch.empty_like(order_BR).scatter_(1, order_BR, torch.arange(R, device=order_BR.device).expand(B, R))
-    commit_BR = valid_BR & (rank_BR < n_B[:, None])
+    commit_BR = valid_BR & (rank_BR < (n_B if isinstance(n_B, int) else n_B[:, None]))
     if config.threshold is not None:
         commit_BR |= valid_BR & (stats.confidence_N.view(B, R) > config.threshold)
     return commit_BR
 
 
-@dataclass
 class _Records:
-    """The per-token (_BG) and per-step (_BT) records of one decode, filled in place step by step."""
+    """The per-token (_BG) and per-step (_BT) records of one decode, filled in place step by step.
 
-    unmask_step_BG: torch.Tensor
-    logp_BG: torch.Tensor
-    entropy_BG: torch.Tensor
-    margin_BG: torch.Tensor
-    cutoff_BG: torch.Tensor
-    filled_BG: torch.Tensor
-    step_entropy_BT: torch.Tensor
-    step_margin_BT: torch.Tensor
-    step_committed_BT: torch.Tensor
+    Per-token statistics share one [4, B, G + 1] tensor (logp, entropy, margin, cut-off) so a step writes
+    them with one scatter; column G is a spare that absorbs the writes of non-candidate rows.
+    """
 
-    @classmethod
-    def empty(cls, B: int, G: int, T: int, device) -> "_Records":
-        f32 = dict(dtype=torch.float32, device=device)
-        return cls(
-            unmask_step_BG=torch.full((B, G), -1, dtype=torch.long, device=device),
-            logp_BG=torch.zeros(B, G, **f32),
-            entropy_BG=torch.zeros(B, G, **f32),
-            margin_BG=torch.zeros(B, G, **f32),
-            cutoff_BG=torch.full((B, G), float("-inf"), **f32),
-            filled_BG=torch.zeros(B, G, dtype=torch.bool, device=device),
-            step_entropy_BT=torch.zeros(B, T, **f32),
-            step_margin_BT=torch.zeros(B, T, **f32),
-            step_committed_BT=torch.zeros(B, T, dtype=torch.long, device=device),
-        )
+    def __init__(self, B: int, G: int, T: int, device):
+        self.G = G
+        self.stats_FBG = torch.zeros(4, B, G + 1, dtype=torch.float32, device=device)
+        self.stats_FBG[3] = float("-inf")  # cut-off: the whole vocabulary unless top-k/top-p cut it
+        self.step_BG = torch.full((B, G + 1), -1, dtype=torch.long, device=device)
+        self.filled_BG = torch.zeros(B, G, dtype=torch.bool, device=device)
+        self.step_stats_2BT = torch.zeros(2, B, T, dtype=torch.float32, device=device)
+        self.step_committed_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+
+    @property
+    def unmask_step_BG(self) -> torch.Tensor:
+        return self.step_BG[:, : self.G]
+
+    def token_stat(self, f: int) -> torch.Tensor:
+        return self.stats_FBG[f, :, : self.G].contiguous()
 
     def write(self, t: int, pos_BR, valid_BR, commit_BR, stats, cutoff_N) -> None:
-        """Record step t: committed tokens' statistics, and means over the candidates (the still-masked rows)."""
-        shape = pos_BR.shape
-        entropy_BR, margin_BR = stats.entropy_N.view(shape).float(), stats.margin_N.view(shape).float()
-        _scatter_where(self.unmask_step_BG, pos_BR, commit_BR, torch.full_like(pos_BR, t))
-        _scatter_where(self.logp_BG, pos_BR, commit_BR, stats.logp_N.view(shape).float())
-        _scatter_where(self.entropy_BG, pos_BR, commit_BR, entropy_BR)
-        _scatter_where(self.margin_BG, pos_BR, commit_BR, margin_BR)
-        if cutoff_N is not None:
-            _scatter_where(self.cutoff_BG, pos_BR, commit_BR, cutoff_N.view(shape).float())
-        n_valid_B = valid_BR.sum(1).clamp(min=1)
-        self.step_entropy_BT[:, t] = (entropy_BR * valid_BR).sum(1) / n_valid_B
-        self.step_margin_BT[:, t] = (margin_BR * valid_BR).sum(1) / n_valid_B
+        """Record step t: the candidates' statistics, and their means over the block's still-masked rows.
+
+        Every candidate is written each step; a position stops being a candidate once committed, so the
+        value it keeps is the one of its commit step.
+        """
+        B, R = pos_BR.shape
+        dest_BR = torch.where(valid_BR, pos_BR, self.G)
+        per_row = [stats.logp_N, stats.entropy_N, stats.margin_N] + ([cutoff_N] if cutoff_N is not None else [])
+        values_FBR = torch.stack(per_row).float().view(len(per_row), B, R)
+        self.stats_FBG[: len(per_row)].scatter_(2, dest_BR.expand(len(per_row), B, R), values_FBR)
+        self.step_BG.scatter_(1, dest_BR, t)
+        valid_f_BR = valid_BR.float()
+        n_valid_B = valid_f_BR.sum(1).clamp(min=1)
+        self.step_stats_2BT[:, :, t] = (values_FBR[1:3] * valid_f_BR).sum(-1) / n_valid_B
         self.step_committed_BT[:, t] = commit_BR.sum(1)
-
-
-def _scatter_where(dest_BG: torch.Tensor, pos_BR: torch.Tensor, commit_BR: torch.Tensor, value_BR) -> None:
-    """dest[b, pos] = value where committed; other gathered positions keep their value."""
-    dest_BG.scatter_(1, pos_BR, torch.where(commit_BR, value_BR, dest_BG.gather(1, pos_BR)))
 
 
 def _stop_eos_rows(x_BL, active_B, start: int, K: int, P: int, eos_id: int, rec: _Records) -> torch.Tensor:
