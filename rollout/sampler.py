@@ -11,7 +11,6 @@ per sample in this step, N = B * R scored rows, D model width, V vocabulary, T d
 """
 from __future__ import annotations
 
-
 import torch
 
 from common.config.sampler import SamplerConfig
@@ -19,7 +18,7 @@ from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
 
 _MASK32 = 0xFFFFFFFF
-_RANDOM_REMASK_SALT = 0x5EED_0F_5
+_RANDOM_REMASK_SALT = 0x5EED0F5  # keeps random remasking independent of the kernel's Gumbel noise
 # Ranks EOS/EoT below every real score but above the -inf of positions that are not candidates.
 _BANNED_SCORE = -1e30
 
@@ -40,8 +39,8 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def counter_uniform(seed: int, row_ids_N: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) float32 per row id, a pure function of (seed, row id): independent of batch composition."""
     key = _hash32(torch.full_like(row_ids_N, (seed ^ _RANDOM_REMASK_SALT) & _MASK32))
-    key = _hash32((row_ids_N >> 32) & _MASK32 ^ key)
-    key = _hash32(row_ids_N & _MASK32 ^ key)
+    key = _hash32(((row_ids_N >> 32) & _MASK32) ^ key)
+    key = _hash32((row_ids_N & _MASK32) ^ key)
     return (key >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
