@@ -16,8 +16,9 @@ class Trajectory:
 
     Per completion token (``_BG``): the global step (0..T-1) at which it was committed, its log-prob
     under the distribution it was drawn from (temperature + support), the entropy and top1-top2
-    probability margin of that distribution, and the support cut-off (the smallest raw logit kept by
-    top-k/top-p; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
+    probability margin of that distribution, and the support cut-off (a raw-logit threshold between the
+    smallest logit top-k/top-p kept and the largest it dropped, so "keep logits >= cutoff" rebuilds the
+    support despite rounding; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
     entropy and mean margin over the block's still-masked positions before the step, and how many
     tokens the step committed.
     """
@@ -55,11 +56,14 @@ class Trajectory:
         return self.completion_ids_BG.shape[0]
 
     def select(self, index: torch.Tensor | slice) -> "Trajectory":
-        """Rows ``index`` of every per-sample tensor."""
+        """Rows ``index`` of every per-sample tensor, those in ``extras`` (leading dim B) included."""
+        B = len(self)
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        out["extras"] = {k: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
+                         for k, v in self.extras.items()}
         return Trajectory(**out)
 
     def to(self, device: torch.device | str) -> "Trajectory":
@@ -67,4 +71,5 @@ class Trajectory:
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        out["extras"] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()}
         return Trajectory(**out)

@@ -48,18 +48,8 @@ class PolicyLoss(ABC):
 
 
 def select_rows(batch: Trajectory, index: torch.Tensor | slice) -> Trajectory:
-    """``batch.select(index)`` that also slices the per-sample tensors in ``extras`` (leading dim B).
-
-    ``Trajectory.select`` passes ``extras`` through unsliced; use this (or a ``select`` that slices
-    extras) to cut a prepared batch into micro-batches.
-    """
-    out = batch.select(index)
-    B = len(batch)
-    out.extras = {
-        k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v)
-        for k, v in batch.extras.items()
-    }
-    return out
+    """Rows of a prepared batch, per-sample ``extras`` included (``Trajectory.select`` slices them)."""
+    return batch.select(index)
 
 
 def per_sample_extra(micro: Trajectory, key: str) -> torch.Tensor:
