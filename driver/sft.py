@@ -53,7 +53,7 @@ def sft(cfg: UnmaskConfig) -> int:
     from driver.evaluate import evaluate_checkpoint
     from driver.runtime import connect_ray, new_run_dir, setup_logging
     from learner.group import LearnerGroup
-    from learner.sft import SftLoss
+    from learner.sft import build_sft_loss
 
     setup_logging()
     run_dir = new_run_dir(cfg)
@@ -62,7 +62,8 @@ def sft(cfg: UnmaskConfig) -> int:
     task = get_task(cfg.task)
     connect_ray(cfg.run.ray_address)
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
-                           loss_factory=functools.partial(SftLoss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps))
+                           loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id,
+                                                         pad_id=tokenizer.pad_id, eps=cfg.sft.eps))
     stream = task.train_items(cfg.task.seed)
     out = Path(cfg.sft.output)
     out = out if out.is_absolute() else REPO_ROOT / out

@@ -21,7 +21,7 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def evaluate(pool, items: list, overrides: dict | None = None, label: str = "eval") -> dict:
+def evaluate(pool, items: list, overrides: dict, label: str = "eval") -> dict:
     """Held-out accuracy, the items spread over every rollout worker."""
     import ray
 
@@ -112,11 +112,12 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         ray.get(pool.broadcast(update))
 
     eval_items = task.eval_items(cfg.task.eval_size)
+    eval_overrides = {"temperature": cfg.run.eval_temperature, "top_k": None, "top_p": None}
     prompts = itertools.islice(task.train_items(cfg.task.seed), state["data_position"], None)
     executor = ThreadPoolExecutor(max_workers=1)
     try:
         if state["step"] == 0:
-            before = evaluate(pool, eval_items, label="held-out before training")
+            before = evaluate(pool, eval_items, eval_overrides, label="held-out before training")
             metrics.log({"step": 0, "eval_accuracy": before["accuracy"], "eval_reward": before["reward"]})
         t_start, steps_at_start = time.time(), state["step"]
         learner_future: Future | None = None
@@ -189,7 +190,7 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
                          state["step"], cfg.run.total_steps, batch_info["reward"], batch_info["accuracy"],
                          out.get("loss", float("nan")), batch_info["staleness"], pool.size, _fmt_eta(eta))
                 if cfg.run.eval_every and state["step"] % cfg.run.eval_every == 0 and state["step"] < cfg.run.total_steps:
-                    mid = evaluate(pool, eval_items, label=f"held-out at step {state['step']}")
+                    mid = evaluate(pool, eval_items, eval_overrides, label=f"held-out at step {state['step']}")
                     metrics.log({"step": state["step"], "eval_accuracy": mid["accuracy"], "eval_reward": mid["reward"]})
                 if cfg.learner.checkpoint_every and state["step"] % cfg.learner.checkpoint_every == 0:
                     learner.save(str(run_dir / "checkpoints"), data_position=dict(state))
@@ -200,12 +201,13 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
             except ray.exceptions.RayError:
                 pass
             pool.busy.pop(ref)
-        after = evaluate(pool, eval_items, label="held-out after training")
+        after = evaluate(pool, eval_items, eval_overrides, label="held-out after training")
         metrics.log({"step": state["step"], "eval_accuracy": after["accuracy"], "eval_reward": after["reward"]})
         (run_dir / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after["records"]))
         if cfg.run.eval_sampling_steps:
             for steps in cfg.run.eval_sampling_steps:
-                res = evaluate(pool, eval_items, {"steps": steps}, label=f"held-out at {steps} sampling steps")
+                res = evaluate(pool, eval_items, {**eval_overrides, "steps": steps},
+                               label=f"held-out at {steps} sampling steps")
                 metrics.log({"step": state["step"], "eval_sampling_steps": steps, "eval_accuracy_at_steps": res["accuracy"]})
         learner.save(str(run_dir / "checkpoints"), data_position=dict(state))
         learner.export_hf(str(run_dir / "policy"))

@@ -14,6 +14,9 @@ class RunConfig(Section):
     seed: int = Field(default=0, description="Global seed.")
     total_steps: int = Field(default=20, ge=0, description="Learner optimizer steps.")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every n steps (0: before and after only).")
+    eval_temperature: float = Field(
+        default=0.0, ge=0.0, description="Sampling temperature of held-out evaluations (0: greedy, as papers report)."
+    )
     eval_sampling_steps: list[int] = Field(
         default_factory=list, description="Extra sampling-step counts evaluated at the end (accuracy vs steps)."
     )
