@@ -17,7 +17,7 @@ def _plt():
 
 def plot_curves(records: list[dict], out: Path) -> Path | None:
     """Training reward/accuracy per step and held-out accuracy at each evaluation."""
-    train = [r for r in records if "reward" in r and "version" in r]
+    train = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_accuracy" in r]
     if not train and not evals:
         return None
