@@ -84,7 +84,7 @@ def recover(spill_dir: Path, on_corrupt: str, keep_consumed: bool = False) -> Re
         rec.next_file_index = index + 1
         try:
             reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-        except (pa.ArrowInvalid, OSError) as err:
+        except (pa.ArrowException, OSError) as err:
             if path.stat().st_size == 0:  # created, crashed before the schema was written
                 continue
             _corrupt(f"spill file {path} has an unreadable header ({err})", on_corrupt, rec)
@@ -95,11 +95,16 @@ def recover(spill_dir: Path, on_corrupt: str, keep_consumed: bool = False) -> Re
                 rb, meta = reader.read_next_batch_with_custom_metadata()
             except StopIteration:
                 break
-            except (pa.ArrowInvalid, OSError) as err:
+            except (pa.ArrowException, OSError) as err:
                 # Stream framing is lost: nothing after this point of the file can be trusted.
                 _corrupt(f"spill file {path} is truncated or corrupted after record {position} ({err})", on_corrupt, rec)
                 break
             position += 1
+            try:
+                rb.validate(full=True)  # bounds-check offsets first: touching corrupt buffers can abort
+            except pa.ArrowException as err:
+                _corrupt(f"spill file {path} record {position - 1} is malformed ({err})", on_corrupt, rec)
+                continue
             if meta is None or _CRC_KEY not in meta or int(meta[_CRC_KEY]) != _crc(rb):
                 _corrupt(f"spill file {path} record {position - 1} fails its crc32 check", on_corrupt, rec)
                 continue

@@ -200,8 +200,23 @@ def test_corrupted_spill_record_is_detected_not_loaded(tmp_path):
     files[1].write_bytes(bytes(data))
     stats, got = _recover(tmp_path)
     assert got == ["g0", "g2"] and stats["spill_corrupt"] == 1
-    with pytest.raises(SpillCorruptError, match="crc32|corrupted"):
+    with pytest.raises(SpillCorruptError, match="crc32|corrupted|malformed"):
         _recover(tmp_path, on_corrupt_spill="raise")
+
+
+def test_a_flipped_byte_anywhere_in_a_spill_file_never_crashes_recovery(tmp_path):
+    files = _spill(tmp_path / "src", 2)
+    good, original = files[0].read_bytes(), files[1].read_bytes()
+    for position in range(0, len(original), max(1, len(original) // 60)):
+        data = bytearray(original)
+        data[position] ^= 0xFF
+        trial = tmp_path / f"trial-{position}"  # recovery consumes what it returns: a fresh copy each time
+        trial.mkdir()
+        (trial / files[0].name).write_bytes(good)
+        (trial / files[1].name).write_bytes(bytes(data))
+        stats, got = _recover(trial)
+        assert got[:1] == ["g0"], position  # the good file is always recovered
+        assert got == ["g0", "g1"] or stats["spill_corrupt"] >= 1, position
 
 
 def test_truncated_spill_file_is_detected_not_loaded(tmp_path):
