@@ -61,7 +61,8 @@ class RayMetrics:
         if kind == "gauge":
             metric.set(value, tags=tags)
         elif kind == "counter":
-            metric.inc(value, tags=tags)
+            if value > 0:  # Ray counters reject zero increments
+                metric.inc(value, tags=tags)
         else:
             metric.observe(value, tags=tags)
 

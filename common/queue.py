@@ -75,6 +75,7 @@ class ReplayQueueCore:
         self._dropped: set[str] = set()  # ids dropped as stale at put time (their reservation is settled)
         self._cond = asyncio.Condition()
         self._version = 0
+        self._admit_offset = 0  # re-bases admission after a version rollback
         self._closed = False
         self._n = dict.fromkeys(
             ("admitted", "consumed", "dropped_stale", "running", "duplicates", "recovered", "spill_corrupt"), 0
@@ -105,7 +106,7 @@ class ReplayQueueCore:
 
     def _capacity(self) -> int:
         budget = (self.cfg.max_staleness + self._version + 1) * self.groups_per_step
-        return budget - (self._n["admitted"] + self._n["running"])
+        return budget - (self._n["admitted"] - self._admit_offset + self._n["running"])
 
     def reserve(self, n: int = 1) -> bool:
         """True (and n rollouts counted as running) if n groups may start now under the staleness budget."""
@@ -153,10 +154,10 @@ class ReplayQueueCore:
             self._record_wait("producer", time.monotonic() - start)
             if self._closed:
                 raise RuntimeError("replay queue is closed")
+            self._n["running"] = max(0, self._n["running"] - 1)  # the put settles its reservation either way
             if group_id in self._seen:
                 self._n["duplicates"] += 1  # a retried put of a group we already hold: idempotent
                 return True
-            self._n["running"] = max(0, self._n["running"] - 1)
             if self._too_stale(policy_version):
                 self._dropped.add(group_id)
                 self._count_stale(1)
@@ -212,11 +213,21 @@ class ReplayQueueCore:
 
     # --- versions, stats, lifecycle
 
-    async def set_version(self, v: int) -> None:
-        """The learner's current policy version; may free admission budget and stale-out waiting groups."""
-        if v < self._version:
+    async def set_version(self, v: int, rebase: bool = False) -> None:
+        """The learner's current policy version; may free admission budget and stale-out waiting groups.
+
+        ``rebase=True`` is for a learner that (re)starts from a checkpoint, on a resumed run or after a rank
+        died: the version may go backwards, and the admission budget is re-based as if ``v *
+        groups_per_step`` groups had been consumed, so groups still waiting are trained first and
+        rollouts resume without a deadlock.
+        """
+        if v < self._version and not rebase:
             raise ValueError(f"policy version may not go backwards ({self._version} -> {v})")
         async with self._cond:
+            if rebase:
+                self._admit_offset = self._n["admitted"] - (v * self.groups_per_step + len(self._groups))
+                log.info("replay queue: admission re-based at policy version %d (%d groups waiting)", v,
+                         len(self._groups))
             self._version = v
             self._cond.notify_all()
 

@@ -51,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.task:
             args.overrides.append(f"task.name={args.task}")
     from common.config import ConfigError, load_config
+
+    if getattr(args, "resume", None):
+        from pathlib import Path
+
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            print(f"unmask: {args.resume} is not a run directory (no config.yaml)", file=sys.stderr)
+            return 2
+        args.config = str(saved)  # a resumed run keeps its own config (plus any --set given now)
     from common.config.loader import dump_config
 
     try:

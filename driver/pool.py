@@ -14,7 +14,7 @@ class Call:
     """One dispatched rollout: which worker, which prompts, how many queue slots it reserved."""
 
     worker_id: str
-    call_id: int
+    call_id: str  # "<driver incarnation>.<call counter>": prefixes the ids of the groups it puts
     items: list
     reserved: int
 
@@ -57,7 +57,7 @@ class RolloutPool:
         running = {c.worker_id for c in self.busy.values()}
         return [w for w in self.workers if w not in running and w not in self.retiring]
 
-    def dispatch(self, worker_id: str, items: list, call_id: int, reserved: int):
+    def dispatch(self, worker_id: str, items: list, call_id: str, reserved: int):
         ref = self.workers[worker_id].rollout.remote(items, call_id)
         self.busy[ref] = Call(worker_id, call_id, items, reserved)
         return ref

@@ -1,5 +1,11 @@
 """`unmask train`: the single controller. Builds queue, learner group and rollout pool, then loops:
 rollouts stream into the queue, the learner consumes batches and steps, weights go back to the pool.
+
+Faults it survives (docs/RELIABILITY.md): a rollout actor dying mid-rollout (Ray restarts it, its
+reservations are released, it gets the current weights), the queue actor dying (restarted, recovers
+from its spill files), a learner rank dying (the group is rebuilt from the last checkpoint and the
+batch retried), NaN/Inf steps (skipped; repeated ones stop the run with a checkpoint), and the
+driver dying (`unmask train --resume RUN_DIR`).
 """
 from __future__ import annotations
 
@@ -21,11 +27,27 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _ledger_lines(run_dir: Path) -> int:
+    path = run_dir / "trajectories" / "consumed.ledger"
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def _truncate_ledger(run_dir: Path, lines: int) -> int:
+    """Forget groups consumed after the checkpoint we resume from: their training step was lost."""
+    path = run_dir / "trajectories" / "consumed.ledger"
+    if not path.is_file():
+        return 0
+    data = path.read_bytes().split(b"\n")
+    kept = b"".join(line + b"\n" for line in data[:lines] if line)
+    path.write_bytes(kept)
+    return max(0, len([x for x in data if x]) - lines)
+
+
 def evaluate(pool, items: list, overrides: dict, label: str = "eval") -> dict:
     """Held-out accuracy, the items spread over every rollout worker."""
     import ray
 
-    workers = list(pool.workers.values())
+    workers = [w for wid, w in pool.workers.items() if wid not in pool.retiring]
     chunks = [items[i::len(workers)] for i in range(len(workers))]
     refs = [w.evaluate.remote(chunk, overrides) for w, chunk in zip(workers, chunks) if chunk]
     records = [r for chunk in ray.get(refs) for r in chunk]
@@ -35,29 +57,327 @@ def evaluate(pool, items: list, overrides: dict, label: str = "eval") -> dict:
     return {"accuracy": acc, "reward": reward, "n": len(records), "records": records}
 
 
-def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
-    import ray
+class Controller:
+    """Owns the run's components and the loop. Each component gets only its own config section."""
 
-    from common.metrics import MetricsLog, RayMetrics
-    from common.weights import resolve_transport
-    from common.queue import ReplayQueue
-    from common.schema import table_to_trajectory
-    from common.tasks import get_task
-    from common.tokenizers import CharTokenizer, load_tokenizer
-    from common.policy import resolve_path
-    from driver.plots import plot_run
-    from driver.pool import RolloutPool
-    from driver.runtime import connect_ray, new_run_dir, read_control, setup_logging, write_control
-    from learner.group import LearnerGroup
-    from learner.losses import build_loss
-    from rollout.actor import RolloutWorker
+    def __init__(self, cfg: UnmaskConfig, run_dir: Path, resume: bool):
+        import ray
+
+        from common.metrics import MetricsLog, RayMetrics
+        from common.policy import resolve_path
+        from common.tasks import get_task
+        from common.tokenizers import CharTokenizer, load_tokenizer
+        from common.weights import resolve_transport
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.ray_metrics = RayMetrics()
+        self.tokenizer = load_tokenizer(resolve_path(cfg.model.path)) if cfg.model.path else CharTokenizer()
+        self.task = get_task(cfg.task)
+        # incarnation: how many drivers this run has had; it prefixes group ids so a resumed driver never
+        # produces an id an earlier one already admitted (the queue would take it for a retried put).
+        self.state = {"step": 0, "version": 0, "data_position": 0, "call_id": 0, "ledger_lines": 0, "incarnation": 0}
+        self.transport = resolve_transport(cfg.learner.weight_transport, learner_gpus=cfg.learner.num_gpus_per_rank,
+                                           rollout_gpus=cfg.rollout.num_gpus_per_worker, colocated=cfg.run.colocated)
+        if self.transport == "nccl":
+            log.warning("nccl weight transport is not wired into the driver yet; using object_store")
+            self.transport = "object_store"
+        # --- learner group (first: a resumed run's state decides what the queue may recover)
+        self.learner = self._build_learner()
+        if resume and any((run_dir / "checkpoints").glob("step_*")):
+            self.state.update(self.learner.load(str(run_dir / "checkpoints")).get("data_position", {}))
+            self.state["incarnation"] += 1
+            forgotten = _truncate_ledger(run_dir, self.state["ledger_lines"])
+            log.info("resumed: step %d, version %d, data position %d (%d groups consumed after the checkpoint "
+                     "are queued again)", self.state["step"], self.state["version"], self.state["data_position"],
+                     forgotten)
+        # --- replay queue
+        from common.queue import ReplayQueue
+
+        self.queue_name = f"unmask-queue-{run_dir.name}"
+        self.queue = ReplayQueue.options(name=self.queue_name, max_restarts=-1).remote(
+            cfg.queue, cfg.learner.groups_per_step, str(run_dir / "trajectories") if cfg.queue.spill else None)
+        ray.get(self.queue.set_version.remote(self.state["version"], rebase=True))
+        log.info("replay queue: capacity %d groups, max_staleness %d, spill %s", cfg.queue.capacity_groups,
+                 cfg.queue.max_staleness, "on" if cfg.queue.spill else "off")
+        # --- rollout pool
+        self.pool = self._build_pool()
+        self.update = self._sync_weights(block=True) if self.state["version"] > 0 else None
+        self.prompts = itertools.islice(self.task.train_items(cfg.task.seed), self.state["data_position"], None)
+        self.eval_items = self.task.eval_items(cfg.task.eval_size)
+        self.eval_overrides = {"temperature": cfg.run.eval_temperature, "top_k": None, "top_p": None}
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.learner_future: Future | None = None
+        self.batch = None
+        self.batch_info: dict = {}
+        self.pending_sync: list = []
+
+    # --- building
+
+    def _build_learner(self):
+        from learner.group import LearnerGroup
+        from learner.losses import build_loss
+
+        tok = self.tokenizer
+        loss_factory = functools.partial(build_loss, self.cfg.algorithm, mask_id=tok.mask_id, pad_id=tok.pad_id,
+                                         eos_id=tok.eos_id)
+        learner = LearnerGroup(self.cfg.learner, self.cfg.model, loss_factory=loss_factory, seed=self.cfg.run.seed,
+                               ref_model=self.cfg.algorithm.beta_kl > 0)
+        learner.init_weight_sync(self.transport)
+        log.info("learner group: %d rank(s), algorithm %s, weight transport %s", self.cfg.learner.num_ranks,
+                 self.cfg.algorithm.name, self.transport)
+        return learner
+
+    def _build_pool(self):
+        import ray
+
+        from driver.pool import RolloutPool
+        from driver.runtime import read_control, write_control
+        from rollout.actor import RolloutWorker
+
+        cfg = self.cfg
+        worker_cls = ray.remote(RolloutWorker).options(
+            num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
+            resources=cfg.rollout.resources or None, max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
+        seeds = itertools.count(cfg.run.seed * 7919 + self.state["call_id"])
+        pool = RolloutPool(lambda wid: worker_cls.remote(wid, cfg.model, cfg.sampler, cfg.task, cfg.rollout.group_size,
+                                                         self.queue_name, next(seeds)))
+        desired = read_control(self.run_dir).get("rollout_workers", cfg.rollout.num_workers)
+        write_control(self.run_dir, rollout_workers=desired)
+        pool.resize(desired)
+        ray.get([w.ready.remote() for w in pool.workers.values()])
+        log.info("rollout pool: %d worker(s)", pool.size)
+        return pool
+
+    def _sync_weights(self, block: bool = False):
+        import ray
+
+        if self.transport == "cuda_ipc":
+            ray.get(self.pending_sync)  # one shared buffer: receivers of the last version must be done
+        update = self.learner.sync_weights()
+        self.pending_sync = self.pool.broadcast(update)
+        if block:
+            ray.get(self.pending_sync)
+        return update
+
+    # --- the loop
+
+    def run(self) -> int:
+        if self.state["step"] == 0:
+            self._evaluate("held-out before training")
+        t_start, steps_at_start = time.time(), self.state["step"]
+        while self.state["step"] < self.cfg.run.total_steps:
+            self._follow_scale()
+            self._dispatch_rollouts()
+            self._feed_learner()
+            self._collect_rollouts()
+            if self.learner_future is not None and self.learner_future.done():
+                if not self._finish_step():
+                    return 1
+                done = self.state["step"] - steps_at_start
+                self._log_step(eta=(time.time() - t_start) / done * (self.cfg.run.total_steps - self.state["step"]))
+                self._periodic()
+        self._finish()
+        return 0
+
+    def _follow_scale(self) -> None:
+        from driver.runtime import read_control
+
+        for wid in self.pool.resize(int(read_control(self.run_dir).get("rollout_workers", self.pool.size))):
+            log.info("rollout worker %s joined the pool", wid)
+            if self.update is not None:
+                self.pool.workers[wid].set_weights.remote(self.update)
+        self.ray_metrics.record("rollout_workers", float(self.pool.size))
+
+    def _dispatch_rollouts(self) -> None:
+        """Give idle workers prompts, as far as the queue's staleness budget admits."""
+        import ray
+
+        self.queue.set_version.remote(self.state["version"])  # idempotent; re-arms a restarted queue
+        for wid in self.pool.idle():
+            n = self.cfg.rollout.prompts_per_call
+            try:
+                while n > 0 and not ray.get(self.queue.reserve.remote(n)):
+                    n //= 2
+            except ray.exceptions.RayActorError:
+                log.warning("replay queue restarting; rollouts wait for it")
+                return
+            if n == 0:
+                return
+            items = list(itertools.islice(self.prompts, n))
+            self.state["data_position"] += n
+            self.pool.dispatch(wid, items, self._call_tag(), n)
+            self.state["call_id"] += 1
+
+    def _call_tag(self) -> str:
+        return f"{self.state['incarnation']}.{self.state['call_id']}"
+
+    def _feed_learner(self) -> None:
+        import ray
+
+        from common.schema import table_to_trajectory
+
+        if self.learner_future is not None:
+            return
+        if self.batch is None:
+            try:
+                table = ray.get(self.queue.get.remote(self.cfg.learner.groups_per_step, 0.2))
+            except ray.exceptions.RayActorError:
+                return
+            if table is None:
+                return
+            self.batch = table_to_trajectory(table, self.tokenizer.pad_id)
+            self.batch_info = {
+                "reward": float(self.batch.rewards_B.mean()),
+                "accuracy": float(self.batch.extras["correct_B"].float().mean()),
+                "staleness": float(self.state["version"] - self.batch.policy_version_B.float().mean()),
+            }
+        seed = self.cfg.run.seed * 100_003 + self.state["step"]
+        self.learner_future = self.executor.submit(self.learner.step, self.batch, step_seed=seed)
+
+    def _collect_rollouts(self) -> None:
+        import ray
+
+        refs = list(self.pool.busy)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05) if refs else ([], [])
+        for ref in done:
+            call = self.pool.busy.pop(ref)
+            try:
+                result = ray.get(ref)
+                self.metrics.log({"event": "rollout", **result})
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                log.warning("rollout call %s on %s failed (%s: %s); its unfilled slots are released", call.call_id,
+                            call.worker_id, type(cause).__name__, str(cause).strip().splitlines()[-1][:300])
+                self.metrics.log({"event": "rollout_failed", "worker": call.worker_id, "call_id": call.call_id})
+                self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
+                if self.update is not None and call.worker_id in self.pool.workers:
+                    self.pool.workers[call.worker_id].set_weights.remote(self.update)  # a restarted actor
+
+    def _finish_step(self) -> bool:
+        """Take the learner's result; rebuild the group if a rank died. False if the run must stop."""
+        import ray
+
+        future, self.learner_future = self.learner_future, None
+        try:
+            self.out = future.result()
+        except ray.exceptions.RayActorError as e:
+            log.warning("a learner rank died (%s); rebuilding the group from the last checkpoint", type(e).__name__)
+            self._rebuild_learner()
+            return True
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RuntimeError) and "max_bad_steps" in str(e.cause):
+                log.error("unmask: %s", " ".join(str(e.cause).split()))
+                path = self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
+                log.error("unmask: stopped; the last good weights are checkpointed in %s", path)
+                return False
+            raise
+        self.batch = None
+        if self.out.get("skipped"):
+            log.warning("step skipped: non-finite loss or gradient (weights unchanged)")
+            self.metrics.log({"event": "skipped_step", "step": self.state["step"]})
+            return True
+        self.state["step"] += 1
+        self.state["version"] = int(self.out.get("version", self.state["version"] + 1))
+        t_sync = time.perf_counter()
+        self.update = self._sync_weights()
+        self.queue.set_version.remote(self.state["version"])
+        self.sync_seconds = time.perf_counter() - t_sync
+        return True
+
+    def _rebuild_learner(self) -> None:
+        """Restart the whole group (process groups are rebuilt, not patched) from the last checkpoint."""
+        import ray
+
+        self.learner.shutdown()
+        self.learner = self._build_learner()
+        if any((self.run_dir / "checkpoints").glob("step_*")):
+            record = self.learner.load(str(self.run_dir / "checkpoints")).get("data_position", {})
+            self.state.update(step=record["step"], version=record["version"])
+        else:
+            self.state.update(step=0, version=0)
+        self.update = self._sync_weights(block=False) if self.state["version"] > 0 else None
+        ray.get(self.queue.set_version.remote(self.state["version"], rebase=True))
+        self.metrics.log({"event": "learner_rebuilt", "step": self.state["step"], "version": self.state["version"]})
+        log.info("learner group rebuilt at step %d, version %d; retrying the batch", self.state["step"],
+                 self.state["version"])
+
+    def _log_step(self, eta: float) -> None:
+        import ray
+
+        out, info = self.out, self.batch_info
+        qstats = ray.get(self.queue.stats.remote())
+        record = {"step": self.state["step"], "version": self.state["version"], **info, **out,
+                  "policy_version": self.state["version"], "weight_sync_seconds": self.sync_seconds,
+                  **self.update.metrics, "queue_depth": qstats.get("depth", 0),
+                  "dropped_stale": qstats.get("dropped_stale", 0), "rollout_workers": self.pool.size}
+        self.metrics.log(record)
+        self.ray_metrics.record("learner_step_seconds", float(out.get("step_time_s", 0.0)))
+        log.info("step %d/%d | reward %.3f | acc %.3f | loss %+.4f | staleness %.1f | workers %d | ETA %s",
+                 self.state["step"], self.cfg.run.total_steps, info["reward"], info["accuracy"],
+                 out.get("loss", float("nan")), info["staleness"], self.pool.size, _fmt_eta(eta))
+
+    def _checkpoint_state(self) -> dict:
+        return {**self.state, "ledger_lines": _ledger_lines(self.run_dir)}
+
+    def _periodic(self) -> None:
+        step, cfg = self.state["step"], self.cfg
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.total_steps:
+            self._evaluate(f"held-out at step {step}")
+        if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
+            self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
+
+    def _evaluate(self, label: str, overrides: dict | None = None) -> dict:
+        res = evaluate(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label)
+        record = {"step": self.state["step"], "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}
+        if overrides:
+            record = {"step": self.state["step"], "eval_sampling_steps": overrides["steps"],
+                      "eval_accuracy_at_steps": res["accuracy"]}
+        self.metrics.log(record)
+        self.ray_metrics.record("eval_accuracy", res["accuracy"])
+        return res
+
+    def _finish(self) -> None:
+        """Drain rollouts, evaluate, checkpoint, export the policy, plot."""
+        import ray
+
+        from driver.plots import plot_run
+
+        for ref in list(self.pool.busy):
+            call = self.pool.busy.pop(ref)
+            try:
+                self.metrics.log({"event": "rollout", **ray.get(ref)})
+            except ray.exceptions.RayError:
+                self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
+        after = self._evaluate("held-out after training")
+        (self.run_dir / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after["records"]))
+        for steps in self.cfg.run.eval_sampling_steps:
+            self._evaluate(f"held-out at {steps} sampling steps", {"steps": steps})
+        self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
+        self.learner.export_hf(str(self.run_dir / "policy"))
+        self.tokenizer.save(self.run_dir / "policy")
+        plot_run(self.run_dir)
+        log.info("done: %d steps; policy exported to %s; plots in %s", self.state["step"], self.run_dir / "policy",
+                 self.run_dir / "plots")
+
+    def close(self) -> None:
+        import ray
+
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
+        self.learner.shutdown()
+        ray.kill(self.queue)
+
+
+def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
+    """Build everything, run the loop, close in ``finally``. Returns the process exit code."""
+    from driver.runtime import connect_ray, new_run_dir, setup_logging
 
     setup_logging()
     if cfg.sampler.cfg_scale > 0:
         log.error("unmask: sampler.cfg_scale > 0 cannot be trained on (the learner cannot rebuild guided "
                   "distributions); use guidance only with `unmask eval`")
         return 2
-    # --- run directory
     if resume:
         run_dir = Path(resume).resolve()
         if not (run_dir / "config.yaml").is_file():
@@ -66,157 +386,9 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     else:
         run_dir = new_run_dir(cfg)
     log.info("run directory: %s", run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    ray_metrics = RayMetrics()
-    tokenizer = load_tokenizer(resolve_path(cfg.model.path)) if cfg.model.path else CharTokenizer()
-    task = get_task(cfg.task)
-
-    # --- ray
     connect_ray(cfg.run.ray_address)
-    # --- replay queue
-    queue = ReplayQueue.options(name=f"unmask-queue-{run_dir.name}", max_restarts=-1).remote(
-        cfg.queue, cfg.learner.groups_per_step, str(run_dir / "trajectories") if cfg.queue.spill else None)
-    log.info("replay queue: capacity %d groups, max_staleness %d", cfg.queue.capacity_groups, cfg.queue.max_staleness)
-    # --- learner group
-    loss_factory = functools.partial(build_loss, cfg.algorithm, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id,
-                                     eos_id=tokenizer.eos_id)
-    learner = LearnerGroup(cfg.learner, cfg.model, loss_factory=loss_factory, seed=cfg.run.seed,
-                           ref_model=cfg.algorithm.beta_kl > 0)
-    log.info("learner group: %d rank(s), algorithm %s", cfg.learner.num_ranks, cfg.algorithm.name)
-    state = {"step": 0, "version": 0, "data_position": 0, "call_id": 0}
-    if resume and any((run_dir / "checkpoints").glob("step_*")):
-        record = learner.load(str(run_dir / "checkpoints"))
-        state.update(record.get("data_position", {}))
-        log.info("resumed: step %d, version %d, data position %d", state["step"], state["version"], state["data_position"])
-    ray.get(queue.set_version.remote(state["version"]))
-    transport = resolve_transport(cfg.learner.weight_transport, learner_gpus=cfg.learner.num_gpus_per_rank,
-                                  rollout_gpus=cfg.rollout.num_gpus_per_worker, colocated=cfg.run.colocated)
-    if transport == "nccl":
-        log.warning("nccl weight transport is not wired into the driver yet; using object_store")
-        transport = "object_store"
-    learner.init_weight_sync(transport)
-    log.info("weight transport: %s", transport)
-    # --- rollout pool
-    worker_cls = ray.remote(RolloutWorker).options(
-        num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-        max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
-    make_worker = lambda wid: worker_cls.remote(wid, cfg.model, cfg.sampler, cfg.task, cfg.rollout.group_size,
-                                                queue, cfg.run.seed * 7919 + hash(wid) % 10_000)
-    pool = RolloutPool(make_worker)
-    write_control(run_dir, rollout_workers=read_control(run_dir).get("rollout_workers", cfg.rollout.num_workers))
-    pool.resize(read_control(run_dir)["rollout_workers"])
-    ray.get([w.ready.remote() for w in pool.workers.values()])
-    log.info("rollout pool: %d worker(s)", pool.size)
-    update = learner.sync_weights() if state["version"] > 0 else None
-    if update is not None:
-        ray.get(pool.broadcast(update))
-
-    eval_items = task.eval_items(cfg.task.eval_size)
-    eval_overrides = {"temperature": cfg.run.eval_temperature, "top_k": None, "top_p": None}
-    prompts = itertools.islice(task.train_items(cfg.task.seed), state["data_position"], None)
-    executor = ThreadPoolExecutor(max_workers=1)
+    controller = Controller(cfg, run_dir, resume=bool(resume))
     try:
-        if state["step"] == 0:
-            before = evaluate(pool, eval_items, eval_overrides, label="held-out before training")
-            metrics.log({"step": 0, "eval_accuracy": before["accuracy"], "eval_reward": before["reward"]})
-        t_start, steps_at_start = time.time(), state["step"]
-        learner_future: Future | None = None
-        pending_sync: list = []
-        batch_info: dict = {}
-        while state["step"] < cfg.run.total_steps:
-            # --- pool size follows `unmask scale`
-            for wid in pool.resize(int(read_control(run_dir).get("rollout_workers", pool.size))):
-                log.info("rollout worker %s joined the pool", wid)
-                if update is not None:
-                    pool.workers[wid].set_weights.remote(update)
-            ray_metrics.record("rollout_workers", float(pool.size))
-            # --- dispatch rollouts within the staleness budget
-            for wid in pool.idle():
-                n = cfg.rollout.prompts_per_call
-                while n > 0 and not ray.get(queue.reserve.remote(n)):
-                    n //= 2
-                if n == 0:
-                    break
-                items = list(itertools.islice(prompts, n))
-                state["data_position"] += n
-                pool.dispatch(wid, items, state["call_id"], n)
-                state["call_id"] += 1
-            # --- feed the learner
-            if learner_future is None:
-                table = ray.get(queue.get.remote(cfg.learner.groups_per_step, 0.2))
-                if table is not None:
-                    batch = table_to_trajectory(table, tokenizer.pad_id)
-                    batch_info = {
-                        "reward": float(batch.rewards_B.mean()),
-                        "accuracy": float(table.column("correct").to_numpy(zero_copy_only=False).mean()),
-                        "staleness": float(state["version"] - batch.policy_version_B.float().mean()),
-                    }
-                    learner_future = executor.submit(learner.step, batch, step_seed=cfg.run.seed * 100_003 + state["step"])
-            # --- collect finished work
-            refs = list(pool.busy)
-            done, _ = ray.wait(refs, num_returns=1, timeout=0.05) if refs else ([], [])
-            for ref in done:
-                call = pool.busy.pop(ref)
-                try:
-                    result = ray.get(ref)
-                    metrics.log({"event": "rollout", **result})
-                except ray.exceptions.RayError as e:
-                    log.warning("rollout call %d on %s failed (%s); its slots are released",
-                                call.call_id, call.worker_id, type(e).__name__)
-                    queue.release_call.remote(f"{call.call_id}:", call.reserved)
-                    if update is not None and call.worker_id in pool.workers:
-                        pool.workers[call.worker_id].set_weights.remote(update)  # a restarted actor has base weights
-            if learner_future is not None and learner_future.done():
-                out = learner_future.result()
-                learner_future = None
-                state["step"] += 1
-                state["version"] += 1
-                t_sync = time.perf_counter()
-                if transport == "cuda_ipc":
-                    ray.get(pending_sync)  # one shared buffer: receivers of the last version must be done
-                update = learner.sync_weights()
-                pending_sync = pool.broadcast(update)
-                ray.get(queue.set_version.remote(state["version"]))
-                sync_s = time.perf_counter() - t_sync
-                qstats = ray.get(queue.stats.remote())
-                record = {"step": state["step"], "version": state["version"], **batch_info, **out,
-                          "weight_sync_seconds": sync_s, **update.metrics, "queue_depth": qstats.get("depth", 0),
-                          "dropped_stale": qstats.get("dropped_stale", 0), "rollout_workers": pool.size}
-                elapsed = time.time() - t_start
-                eta = elapsed / (state["step"] - steps_at_start) * (cfg.run.total_steps - state["step"])
-                metrics.log(record)
-                ray_metrics.record("learner_step_seconds", float(out.get("step_seconds", 0.0)))
-                log.info("step %d/%d | reward %.3f | acc %.3f | loss %+.4f | staleness %.1f | workers %d | ETA %s",
-                         state["step"], cfg.run.total_steps, batch_info["reward"], batch_info["accuracy"],
-                         out.get("loss", float("nan")), batch_info["staleness"], pool.size, _fmt_eta(eta))
-                if cfg.run.eval_every and state["step"] % cfg.run.eval_every == 0 and state["step"] < cfg.run.total_steps:
-                    mid = evaluate(pool, eval_items, eval_overrides, label=f"held-out at step {state['step']}")
-                    metrics.log({"step": state["step"], "eval_accuracy": mid["accuracy"], "eval_reward": mid["reward"]})
-                if cfg.learner.checkpoint_every and state["step"] % cfg.learner.checkpoint_every == 0:
-                    learner.save(str(run_dir / "checkpoints"), data_position=dict(state))
-        # --- the end: evaluate, checkpoint, export, plot
-        for ref in list(pool.busy):
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError:
-                pass
-            pool.busy.pop(ref)
-        after = evaluate(pool, eval_items, eval_overrides, label="held-out after training")
-        metrics.log({"step": state["step"], "eval_accuracy": after["accuracy"], "eval_reward": after["reward"]})
-        (run_dir / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after["records"]))
-        if cfg.run.eval_sampling_steps:
-            for steps in cfg.run.eval_sampling_steps:
-                res = evaluate(pool, eval_items, {**eval_overrides, "steps": steps},
-                               label=f"held-out at {steps} sampling steps")
-                metrics.log({"step": state["step"], "eval_sampling_steps": steps, "eval_accuracy_at_steps": res["accuracy"]})
-        learner.save(str(run_dir / "checkpoints"), data_position=dict(state))
-        learner.export_hf(str(run_dir / "policy"))
-        tokenizer.save(run_dir / "policy")
-        plot_run(run_dir)
-        log.info("done: %d steps; policy exported to %s; plots in %s", state["step"], run_dir / "policy", run_dir / "plots")
-        return 0
+        return controller.run()
     finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-        pool.shutdown()
-        learner.shutdown()
-        ray.kill(queue)
+        controller.close()

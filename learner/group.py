@@ -45,6 +45,7 @@ class LearnerGroup:
         bundle = {"CPU": cfg.num_cpus_per_rank}
         if cfg.num_gpus_per_rank > 0:
             bundle["GPU"] = cfg.num_gpus_per_rank
+        bundle.update(cfg.resources)
         bundles = [dict(bundle) for _ in range(cfg.num_ranks)]
         strategy = _strategy(bundles)
         self._pg = placement_group(bundles, strategy=strategy)
@@ -57,7 +58,7 @@ class LearnerGroup:
         actor_cls = ray.remote(LearnerRank)
         self._actors = [
             actor_cls.options(
-                num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank,
+                num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, resources=cfg.resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
             ).remote(cfg, model_cfg, rank=rank, world_size=cfg.num_ranks, loss_factory=loss_factory, seed=seed,
                      ref_model=ref_model)
@@ -143,6 +144,8 @@ class LearnerGroup:
 
         try:
             ray.get([a.shutdown.remote() for a in self._actors], timeout=30)
+        except ray.exceptions.RayActorError:
+            pass  # a rank that already died has nothing to tear down; the others are killed below
         finally:
             for actor in self._actors:
                 ray.kill(actor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import zlib
 import time
 from typing import Any
 
@@ -72,13 +73,15 @@ class RolloutWorker:
     """Ray actor body (wrapped with ``ray.remote`` by the driver with per-worker resources)."""
 
     def __init__(self, worker_id: str, model_cfg: ModelConfig, sampler_cfg: SamplerConfig, task_cfg: TaskConfig,
-                 group_size: int, queue, seed: int):
+                 group_size: int, queue_name: str, seed: int):
+        import ray
+
         from common.metrics import RayMetrics
 
         self.worker_id = worker_id
         self.gen = Generator(model_cfg, sampler_cfg, task_cfg)
         self.group_size = group_size
-        self.queue = queue
+        self.queue = ray.get_actor(queue_name)  # by name: the same handle reaches a restarted queue
         self.seed = seed
         self.version = 0
         self.calls = 0
@@ -99,7 +102,7 @@ class RolloutWorker:
         self.version = self.receivers[update.transport].receive(self.gen.model, update)
         return {"version": self.version, "seconds": time.perf_counter() - start}
 
-    def rollout(self, items: list, call_id: int) -> dict[str, Any]:
+    def rollout(self, items: list, call_tag: str) -> dict[str, Any]:
         """Generate ``group_size`` samples for each item, score them, put one Arrow group per item."""
         import ray
 
@@ -108,7 +111,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         G = self.group_size
         rows = [r for r in self.gen.encode_prompts(items) for _ in range(G)]
-        traj = self.gen.generate(rows, seed=self.seed * 1_000_003 + call_id)
+        traj = self.gen.generate(rows, seed=self.seed * 1_000_003 + zlib.crc32(call_tag.encode()))
         t_gen = time.perf_counter() - t0
         items_per_row = [item for item in items for _ in range(G)]
         t1 = time.perf_counter()
@@ -121,7 +124,7 @@ class RolloutWorker:
             rs = rewards[sl]
             components = {k: [r.components[k] for r in rs] for k in rs[0].components}
             batch = group_to_record_batch(
-                traj.select(sl), group_id=f"{call_id}:{item.id}", task=self.gen.task.name,
+                traj.select(sl), group_id=f"{call_tag}:{item.id}", task=self.gen.task.name,
                 worker_id=self.worker_id, policy_version=self.version, rewards=[r.total for r in rs],
                 correct=[bool(r.correct) for r in rs], components=components,
                 timings={"gen_seconds": t_gen / len(items), "reward_seconds": t_reward / len(items)})

@@ -30,17 +30,20 @@ def _scrape(port: int) -> str:
 
 
 def _scale_during_run(root: Path, stop: threading.Event, seen: list) -> None:
-    """Once the run has taken a step, ask for 2 rollout workers; after step 3, for 1 again."""
+    """After the first step ask for 2 rollout workers; once the new one has delivered, for 1 again."""
     from driver.cli import main
 
-    plan = [(1, 2), (3, 1)]
-    while plan and not stop.is_set():
+    while not stop.is_set() and len(seen) < 2:
         runs = list(root.glob("e2e-*/metrics.jsonl"))
-        if runs:
-            steps = [r.get("step", 0) for r in read_metrics(runs[0]) if "version" in r]
-            if steps and max(steps) >= plan[0][0]:
-                main(["scale", str(runs[0].parent), "--rollout-workers", str(plan[0][1])])
-                seen.append(plan.pop(0))
+        records = read_metrics(runs[0]) if runs else []
+        steps = [r["step"] for r in records if "loss" in r]
+        workers = {r["worker"] for r in records if r.get("event") == "rollout"}
+        if not seen and steps:
+            main(["scale", str(runs[0].parent), "--rollout-workers", "2"])
+            seen.append(("up", 2))
+        elif len(seen) == 1 and len(workers) >= 2:
+            main(["scale", str(runs[0].parent), "--rollout-workers", "1"])
+            seen.append(("down", max(steps)))
         time.sleep(0.2)
 
 
@@ -53,7 +56,7 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port)
     try:
         cfg = load_config("tiny_countdown", [
-            f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=6", "run.eval_sampling_steps=[4]",
+            f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=12", "run.eval_sampling_steps=[4]",
             "task.eval_size=16", "learner.groups_per_step=2", "rollout.prompts_per_call=1",
             "rollout.num_workers=1", "learner.checkpoint_every=3", "queue.max_staleness=1",
         ])
@@ -67,7 +70,7 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
             scaler.join(timeout=5)
         # Metrics the driver records reach Ray's Prometheus export (scraped while the driver lives).
         text, deadline = "", time.time() + 60
-        while time.time() < deadline and "ray_unmask_policy_version" not in text:
+        while time.time() < deadline and not re.search(r"ray_unmask_policy_version\{[^}]*\} 12(\.0)?", text):
             time.sleep(2)
             text = _scrape(port)
     finally:
@@ -75,7 +78,7 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
 
     for name in ("ray_unmask_policy_version", "ray_unmask_loss", "ray_unmask_reward"):
         assert name in text, f"{name} missing from the Prometheus export"
-    assert re.search(r"ray_unmask_policy_version\{[^}]*\} 6(\.0)?", text)
+    assert re.search(r"ray_unmask_policy_version\{[^}]*\} 12(\.0)?", text)
 
     run_dir = next(tmp_path.glob("e2e-*"))
     for rel in ("config.yaml", "metrics.jsonl", "eval_after.jsonl", "policy/config.json",
@@ -86,16 +89,16 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
     assert list((run_dir / "trajectories").glob("groups-*.arrows"))
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if "version" in r and "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in steps] == list(range(1, 13))
     assert all(r["staleness"] <= 1 for r in steps)
     evals = [r for r in records if "eval_accuracy" in r]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 6
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
     # The pool followed `unmask scale`: up to 2 workers, then back to 1, and the run still finished.
-    assert seen == [(1, 2), (3, 1)]
+    assert [kind for kind, _ in seen] == ["up", "down"], "the new worker never delivered a group"
     sizes = [r["rollout_workers"] for r in steps]
     assert 2 in sizes and sizes[-1] == 1
-    rollouts = [r for r in records if r.get("event") == "rollout"]
-    assert len({r["worker"] for r in rollouts}) >= 2
+    down_at = seen[1][1]
+    assert all(r["rollout_workers"] == 1 for r in steps if r["step"] > down_at + 1)  # the retired worker left
     # The exported policy loads with the public loader.
     from common.model import load_pretrained
 

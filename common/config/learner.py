@@ -27,6 +27,8 @@ class LearnerConfig(Section):
     num_ranks: int = Field(default=1, ge=1, description="Learner ranks (Ray actors in one torch.distributed group).")
     num_gpus_per_rank: float = Field(default=0.0, ge=0.0, description="GPUs per learner rank.")
     num_cpus_per_rank: float = Field(default=1.0, gt=0.0, description="CPUs per learner rank.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per learner rank (e.g. {learner: 1}).")
     backend: Literal["auto", "nccl", "gloo"] = Field(
         default="auto", description="torch.distributed backend; auto picks nccl with GPUs, gloo without."
     )

@@ -22,3 +22,7 @@ class RolloutConfig(Section):
         default=256, ge=1, description="Prompts longer than this are rejected with a logged reason."
     )
     max_restarts: int = Field(default=3, ge=0, description="Ray restarts of a rollout actor that died.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per rollout actor (e.g. {rollout: 1}) so the autoscaler adds rollout "
+        "nodes, never learner nodes, for them.")

@@ -1,0 +1,156 @@
+"""Faults injected into real runs on a local Ray instance: the run finishes and nothing is lost.
+
+Figures from these tests are reported in docs/RELIABILITY.md.
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.metrics import read_metrics
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["task.eval_size=8", "learner.groups_per_step=2", "rollout.prompts_per_call=1",
+         "run.eval_sampling_steps=[]", "run.eval_every=0"]
+
+
+def _actor_pids(class_name: str) -> list[int]:
+    """Processes of live actors of a class (Ray titles them ``ray::<Class>``)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith(f"ray::{class_name}"):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(path) if "loss" in r] if path.is_file() else []
+
+
+def _inject(root: Path, plan: list[tuple[int, str]], stop: threading.Event, done: list) -> None:
+    """At learner step s, SIGKILL the process of one actor of the named class (Ray restarts it)."""
+    while plan and not stop.is_set():
+        runs = list(root.glob("faults-*"))
+        steps = _steps(runs[0]) if runs else []
+        if steps and max(steps) >= plan[0][0]:
+            step, cls = plan.pop(0)
+            pids = _actor_pids(cls)
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                done.append((step, cls))
+        time.sleep(0.1)
+
+
+def test_rollout_queue_and_learner_faults_mid_run(tmp_path):
+    import ray
+
+    from driver.train import train
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        cfg = load_config("tiny_countdown", SMALL + [
+            f"run.root={tmp_path}", "run.name=faults", "run.total_steps=8", "learner.checkpoint_every=2",
+            "rollout.num_workers=2", "queue.max_staleness=1"])
+        stop, done = threading.Event(), []
+        plan = [(1, "RolloutWorker"), (3, "ReplayQueue"), (5, "LearnerRank")]
+        injector = threading.Thread(target=_inject, args=(tmp_path, plan, stop, done), daemon=True)
+        injector.start()
+        try:
+            assert train(cfg) == 0
+        finally:
+            stop.set()
+            injector.join(timeout=5)
+    finally:
+        ray.shutdown()
+    assert [cls for _, cls in done] == ["RolloutWorker", "ReplayQueue", "LearnerRank"]
+    run_dir = next(tmp_path.glob("faults-*"))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    events = [r.get("event") for r in records]
+    assert "learner_rebuilt" in events  # the group came back from the step-4 checkpoint
+    steps = _steps(run_dir)
+    assert steps[-1] == 8 and sorted(set(steps)) == list(range(1, 9))
+    # Counters add up: every group the rollouts report is either in the spill or was dropped as stale.
+    from common.spill import recover
+
+    spilled = recover(run_dir / "trajectories", "raise", keep_consumed=True)
+    assert spilled.corrupt == 0
+    produced = sum(r["groups"] for r in records if r.get("event") == "rollout")
+    assert produced <= spilled.admitted
+    for rb in spilled.groups:  # every spilled group is whole: G samples, one group id
+        assert rb.num_rows == cfg.rollout.group_size
+
+
+def test_driver_killed_then_resumed_continues_where_the_checkpoint_left(tmp_path):
+    args = [sys.executable, "-m", "driver", "train", "--set", f"run.root={tmp_path}", "--set", "run.name=resume",
+            "--set", "run.total_steps=6", "--set", "learner.checkpoint_every=2"] + \
+           [a for s in SMALL for a in ("--set", s)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            runs = list(tmp_path.glob("resume-*"))
+            if runs and (_steps(runs[0]) and max(_steps(runs[0])) >= 3) and list((runs[0] / "checkpoints").glob("step_*")):
+                break
+            assert first.poll() is None, "the first driver ended before it could be killed"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    run_dir = next(tmp_path.glob("resume-*"))
+    before = _steps(run_dir)
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    resumed_from = int(checkpoints[-1].name.split("_")[1])
+    second = subprocess.run([sys.executable, "-m", "driver", "train", "--resume", str(run_dir)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"resumed: step {resumed_from}, version {resumed_from}" in second.stderr
+    after = _steps(run_dir)[len(before):]
+    assert after == list(range(resumed_from + 1, 7))  # same step counter, nothing skipped or repeated
+    from common.spill import recover
+
+    spilled = recover(run_dir / "trajectories", "raise", keep_consumed=True)
+    ids = [rb.column("group_id")[0].as_py() for rb in spilled.groups]
+    assert len(ids) == len(set(ids))  # no group admitted twice across the two drivers
+
+
+def test_repeated_nan_steps_stop_the_run_with_a_checkpoint(tmp_path):
+    import ray
+
+    from common.model import load_pretrained, save_pretrained
+    from common.tokenizers import load_tokenizer
+    from driver.train import train
+
+    base = REPO / "checkpoints" / "tiny-countdown-base"
+    model = load_pretrained(base)
+    with torch.no_grad():
+        model.transformer.blocks[0].ff_out.weight[0, 0] = float("nan")  # corrupt weights poison every step
+    save_pretrained(model, tmp_path / "poisoned")
+    load_tokenizer(base).save(tmp_path / "poisoned")
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        cfg = load_config("tiny_countdown", SMALL + [
+            f"run.root={tmp_path}", "run.name=nan", "run.total_steps=10", f"model.path={tmp_path / 'poisoned'}",
+            "learner.max_bad_steps=2"])
+        assert train(cfg) == 1
+    finally:
+        ray.shutdown()
+    run_dir = next(tmp_path.glob("nan-*"))
+    skipped = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "skipped_step"]
+    assert len(skipped) == 2
+    assert list((run_dir / "checkpoints").glob("step_*")), "a usable checkpoint is left behind"
