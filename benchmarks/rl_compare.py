@@ -1,0 +1,131 @@
+"""The CPU-sized experiment of docs/RESULTS.md: base vs diffu-GRPO vs AGRPO vs ATPO on Countdown-3.
+
+    python -m benchmarks.rl_compare --steps 40 --seeds 0 1 2 --out docs/results
+
+Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
+same base checkpoint and config (configs/tiny_countdown.yaml), and is evaluated greedily on the 256
+cd3_test items at 1/4, 1/2 and 1 x the generation length in sampling steps. Writes results.json, a
+markdown table (results.md) and plots into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+METHODS = {"agrpo": ["algorithm.name=agrpo"], "atpo": ["algorithm.name=atpo"],
+           "diffu_grpo": ["algorithm.name=diffu_grpo"]}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=40, help="learner steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--config", default="tiny_countdown")
+    p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import ray
+
+    from common.config import load_config
+    from common.metrics import read_metrics
+    from driver.evaluate import evaluate_checkpoint
+    from driver.plots import load_step_profiles, plot_accuracy_vs_steps, plot_confusion_zones
+    from driver.train import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_cfg = load_config(args.config)
+    sampling_steps = [base_cfg.sampler.gen_length // 4, base_cfg.sampler.gen_length // 2, base_cfg.sampler.gen_length]
+    results: dict = {"config": args.config, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
+                     "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
+                     "base": {}, "runs": []}
+    base = evaluate_checkpoint(base_cfg, sampling_steps)
+    results["base"] = {str(s): base[s]["accuracy"] for s in sampling_steps}
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        for method in args.methods:
+            for seed in args.seeds:
+                t0 = time.time()
+                cfg = load_config(args.config, METHODS[method] + [
+                    f"run.root={out / 'runs'}", f"run.name={method}-s{seed}", f"run.seed={seed}",
+                    f"task.seed={seed}", f"run.total_steps={args.steps}", "run.eval_every=10",
+                    f"run.eval_sampling_steps={sampling_steps}"])
+                assert train(cfg) == 0, f"{method} seed {seed} failed"
+                run_dir = sorted((out / "runs").glob(f"{method}-s{seed}-*"))[-1]
+                records = read_metrics(run_dir / "metrics.jsonl")
+                results["runs"].append({
+                    "method": method, "seed": seed, "run_dir": str(run_dir), "minutes": (time.time() - t0) / 60,
+                    "curve": [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r],
+                    "at_steps": {str(r["eval_sampling_steps"]): r["eval_accuracy_at_steps"] for r in records
+                                 if "eval_sampling_steps" in r},
+                })
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        ray.shutdown()
+    write_report(results, out)
+    first = results["runs"][0]["run_dir"] if results["runs"] else None
+    if first:  # confusion zones of the first and last policy versions of one AGRPO run
+        profiles = load_step_profiles(Path(first) / "trajectories", limit=100_000)
+        versions = profiles["policy_version"]
+        for name, pick in (("before", versions == versions.min()), ("after", versions == versions.max())):
+            sub = {k: v[pick] for k, v in profiles.items()}
+            plot_confusion_zones(sub, out / f"confusion_zones_{name}.png",
+                                 title=f"zones of confusion, policy version {int(versions[pick][0])}")
+    points = {"base": [(s, results["base"][str(s)]) for s in sampling_steps]}
+    for method in args.methods:
+        runs = [r for r in results["runs"] if r["method"] == method]
+        points[method] = [(s, statistics.mean(r["at_steps"][str(s)] for r in runs)) for s in sampling_steps]
+    plot_accuracy_vs_steps(points, out / "accuracy_vs_sampling_steps.png")
+    plot_curves_by_method(results, out / "accuracy_vs_rl_step.png")
+    return 0
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def write_report(results: dict, out: Path) -> None:
+    steps = results["sampling_steps"]
+    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 1) + "|",
+             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " |"]
+    for method in dict.fromkeys(r["method"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["method"] == method]
+        cells = [_mean_sd([r["at_steps"][str(s)] for r in runs]) for s in steps]
+        lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot_curves_by_method(results: dict, path: Path) -> None:
+    from driver.plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(r["method"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["method"] == method]
+        steps = [s for s, _ in runs[0]["curve"]]
+        mean = [statistics.mean(dict(r["curve"]).get(s, float("nan")) for r in runs) for s in steps]
+        line, = ax.plot(steps, mean, "o-", label=method)
+        for r in runs:
+            ax.plot(*zip(*r["curve"]), color=line.get_color(), alpha=0.25, lw=1)
+    ax.axhline(results["base"][str(results["sampling_steps"][-1])], color="gray", ls="--", label="base")
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("held-out accuracy (cd3_test, greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
