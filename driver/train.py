@@ -172,9 +172,12 @@ class Controller:
             self._feed_learner()
             self._collect_rollouts()
             if self.learner_future is not None and self.learner_future.done():
+                step_before = self.state["step"]
                 if not self._finish_step():
                     return 1
-                done = self.state["step"] - steps_at_start
+                if self.state["step"] != step_before + 1:
+                    continue  # skipped (non-finite) or rebuilt: nothing to log or checkpoint yet
+                done = max(self.state["step"] - steps_at_start, 1)
                 self._log_step(eta=(time.time() - t_start) / done * (self.cfg.run.total_steps - self.state["step"]))
                 self._periodic()
         self._finish()
@@ -276,6 +279,8 @@ class Controller:
         if self.out.get("skipped"):
             log.warning("step skipped: non-finite loss or gradient (weights unchanged)")
             self.metrics.log({"event": "skipped_step", "step": self.state["step"]})
+            # The batch is spent but the version did not move: re-base admission so rollouts refill it.
+            self.queue.set_version.remote(self.state["version"], rebase=True)
             return True
         self.state["step"] += 1
         self.state["version"] = int(self.out.get("version", self.state["version"] + 1))
