@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 METHODS = {"agrpo": ["algorithm.name=agrpo"], "atpo": ["algorithm.name=atpo"],
-           "diffu_grpo": ["algorithm.name=diffu_grpo"]}
+           "diffu_grpo": ["algorithm={name: diffu_grpo}"]}  # a whole section: diffu_grpo has no k_steps
 
 
 def parse(argv=None):
@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     results: dict = {"config": args.config, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
                      "base": {}, "runs": []}
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    if previous.get("steps") == args.steps and previous.get("config") == args.config:
+        # Runs of other methods from an earlier invocation are kept (same config and budget).
+        results["runs"] = [r for r in previous["runs"] if r["method"] not in args.methods]
     base = evaluate_checkpoint(base_cfg, sampling_steps)
     results["base"] = {str(s): base[s]["accuracy"] for s in sampling_steps}
     ray.init(num_cpus=4, include_dashboard=False)
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     write_report(results, out)
-    first = results["runs"][0]["run_dir"] if results["runs"] else None
+    first = next((r["run_dir"] for r in results["runs"] if r["method"] == "agrpo"), None)
     if first:  # confusion zones of the first and last policy versions of one AGRPO run
         profiles = load_step_profiles(Path(first) / "trajectories", limit=100_000)
         versions = profiles["policy_version"]
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
             plot_confusion_zones(sub, out / f"confusion_zones_{name}.png",
                                  title=f"zones of confusion, policy version {int(versions[pick][0])}")
     points = {"base": [(s, results["base"][str(s)]) for s in sampling_steps]}
-    for method in args.methods:
+    for method in dict.fromkeys(r["method"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["method"] == method]
         points[method] = [(s, statistics.mean(r["at_steps"][str(s)] for r in runs)) for s in sampling_steps]
     plot_accuracy_vs_steps(points, out / "accuracy_vs_sampling_steps.png")

@@ -141,7 +141,7 @@ class Controller:
             resources=cfg.rollout.resources or None, max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
         seeds = itertools.count(cfg.run.seed * 7919 + self.state["call_id"])
         pool = RolloutPool(lambda wid: worker_cls.remote(wid, cfg.model, cfg.sampler, cfg.task, cfg.rollout.group_size,
-                                                         self.queue_name, next(seeds)))
+                                                         self.queue_name, next(seeds), cfg.rollout.max_prompt_tokens))
         desired = read_control(self.run_dir).get("rollout_workers", cfg.rollout.num_workers)
         write_control(self.run_dir, rollout_workers=desired)
         pool.resize(desired)

@@ -6,6 +6,7 @@ the policy version that produced it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import zlib
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 
 from common.config import ModelConfig, SamplerConfig, TaskConfig
+
+log = logging.getLogger("unmask")
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +76,7 @@ class RolloutWorker:
     """Ray actor body (wrapped with ``ray.remote`` by the driver with per-worker resources)."""
 
     def __init__(self, worker_id: str, model_cfg: ModelConfig, sampler_cfg: SamplerConfig, task_cfg: TaskConfig,
-                 group_size: int, queue_name: str, seed: int):
+                 group_size: int, queue_name: str, seed: int, max_prompt_tokens: int = 1 << 30):
         import ray
 
         from common.metrics import RayMetrics
@@ -81,6 +84,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.gen = Generator(model_cfg, sampler_cfg, task_cfg)
         self.group_size = group_size
+        self.max_prompt_tokens = max_prompt_tokens
         self.queue = ray.get_actor(queue_name)  # by name: the same handle reaches a restarted queue
         self.seed = seed
         self.version = 0
@@ -110,7 +114,18 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         G = self.group_size
-        rows = [r for r in self.gen.encode_prompts(items) for _ in range(G)]
+        encoded = self.gen.encode_prompts(items)
+        keep = [i for i, ids in enumerate(encoded) if len(ids) <= self.max_prompt_tokens]
+        rejected = len(items) - len(keep)
+        if rejected:
+            log.warning("%s: %d prompt(s) longer than rollout.max_prompt_tokens=%d skipped", self.worker_id, rejected,
+                        self.max_prompt_tokens)
+            self.queue.release.remote(rejected)  # their reservations will never be filled
+            items, encoded = [items[i] for i in keep], [encoded[i] for i in keep]
+        if not items:
+            return {"worker": self.worker_id, "groups": 0, "dropped_stale": 0, "rejected_prompts": rejected,
+                    "tokens": 0, "gen_seconds": 0.0, "reward_seconds": 0.0, "version": self.version}
+        rows = [r for r in encoded for _ in range(G)]
         traj = self.gen.generate(rows, seed=self.seed * 1_000_003 + zlib.crc32(call_tag.encode()))
         t_gen = time.perf_counter() - t0
         items_per_row = [item for item in items for _ in range(G)]
@@ -135,7 +150,8 @@ class RolloutWorker:
         tokens = traj.completion_ids_BG.numel()
         self.metrics.record("rollout_tokens_per_s", tokens / max(t_gen, 1e-9), {"worker": self.worker_id})
         self.metrics.record("rollout_groups", float(len(put)), {"worker": self.worker_id})
-        return {"worker": self.worker_id, "groups": len(put), "dropped_stale": dropped, "tokens": tokens,
+        return {"worker": self.worker_id, "groups": len(put), "dropped_stale": dropped, "rejected_prompts": rejected,
+                "tokens": tokens,
                 "gen_seconds": t_gen, "reward_seconds": t_reward, "version": self.version,
                 "reward": sum(r.total for r in rewards) / len(rewards),
                 "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards)}
