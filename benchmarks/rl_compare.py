@@ -26,6 +26,8 @@ def parse(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--config", default="tiny_countdown")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-evaluate the base model and rewrite the report and plots from results.json")
     return p.parse_args(argv)
 
 
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
         results["runs"] = [r for r in previous["runs"] if r["method"] not in args.methods]
     base = evaluate_checkpoint(base_cfg, sampling_steps)
     results["base"] = {str(s): base[s]["accuracy"] for s in sampling_steps}
+    if args.report_only:
+        results["runs"] = previous["runs"]
+        args.methods = []
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         for method in args.methods:
@@ -73,6 +78,7 @@ def main(argv=None) -> int:
                 (out / "results.json").write_text(json.dumps(results, indent=1))
     finally:
         ray.shutdown()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, out)
     first = next((r["run_dir"] for r in results["runs"] if r["method"] == "agrpo"), None)
     if first:  # confusion zones of the first and last policy versions of one AGRPO run

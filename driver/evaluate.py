@@ -24,7 +24,9 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
     prompts = gen.encode_prompts(items)
     results: dict[int, dict] = {}
     for steps in steps_list:
-        sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), "steps": steps})
+        # Held-out evaluation decodes as the run's evaluations do (greedy by default), not as rollouts sample.
+        sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), "steps": steps, "top_k": None,
+                                                    "top_p": None, "temperature": cfg.run.eval_temperature})
         texts = []
         t0 = time.perf_counter()
         for start in tqdm(range(0, len(items), batch_size), desc=f"eval steps={steps}", leave=False):

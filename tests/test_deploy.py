@@ -319,7 +319,7 @@ def test_runtime_env_is_a_valid_ray_runtime_env_and_matches_the_rayjob():
     env = _runtime_env()
     RuntimeEnv(**env)  # raises on an unknown field or a malformed value
     assert "pip" not in env and "conda" not in env, "dependencies come from the image, not the job"
-    assert {".git", "/runs", "/checkpoints", "/.devicepkgs"} <= set(env["excludes"])
+    assert {".git", "/runs", "/.devicepkgs"} <= set(env["excludes"])
     assert all(isinstance(v, str) for v in env["env_vars"].values())
     assert any(k.startswith("NCCL_") for k in env["env_vars"])
     assert yaml.safe_load(_rayjob()["spec"]["runtimeEnvYAML"])["env_vars"] == env["env_vars"]
@@ -398,7 +398,7 @@ def test_ray_job_submit_accepts_the_runtime_env():
     with open(log_path, "w") as log:
         head = subprocess.Popen(
             ray_cli + ["start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=1",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=3",
                        "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -411,11 +411,14 @@ def test_ray_job_submit_accepts_the_runtime_env():
             time.sleep(1)
 
         submission_id = f"deploy-test-{uuid.uuid4().hex[:8]}"
-        deadline = time.time() + 120
+        deadline = time.time() + 240
         while True:
             submit = ray("job", "submit", "--address", address, "--submission-id", submission_id,
                          "--runtime-env", str(DEPLOY / "runtime_env.yaml"), "--working-dir", str(REPO), "--",
-                         "sh", "-c", "python -m driver config --config tiny_countdown && ls -a", timeout=180)
+                         "sh", "-c", "python -m driver config --config tiny_countdown && ls -a && python -m driver "
+                         f"train --set run.root={temp_dir}/runs --set run.total_steps=2 --set task.eval_size=8 "
+                         f"--set task.data_dir={REPO.parent / 'shared' / 'data'} --set run.eval_sampling_steps=[] "
+                         "--set learner.groups_per_step=1 --set rollout.prompts_per_call=1", timeout=400)
             # The node's job agent registers a few seconds after the dashboard answers.
             if "No available agent" not in submit.stderr or time.time() > deadline:
                 break
@@ -430,6 +433,12 @@ def test_ray_job_submit_accepts_the_runtime_env():
         listing = {line.strip() for line in logs.splitlines()}
         assert {"configs", "driver", "common", "pyproject.toml"} <= listing
         assert ".git" not in listing, "the runtime_env must keep .git out of the uploaded working dir"
+        # The tiny RL run itself ran under the job: its run directory and metrics are complete.
+        run_dir = next(Path(temp_dir, "runs").glob("tiny-countdown-*"))
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in steps if "loss" in r] == [1, 2]
+        assert (run_dir / "policy" / "model.safetensors").is_file() and (run_dir / "plots").is_dir()
+        assert "held-out after training" in logs
     finally:
         _stop_our_ray(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
