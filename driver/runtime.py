@@ -67,7 +67,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=logging.WARNING)
+        # Under `ray job submit` the job's runtime_env applies; passing another one here is a conflict.
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
         return address
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
              logging_level=logging.WARNING, configure_logging=True)

@@ -399,7 +399,10 @@ def test_ray_job_submit_accepts_the_runtime_env():
         head = subprocess.Popen(
             ray_cli + ["start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=3",
-                       "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                       "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                       # Ray's fixed default agent ports collide with any other Ray on the machine.
+                       f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                       f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
             env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
