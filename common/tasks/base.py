@@ -18,6 +18,8 @@ never evaluates it as code.
 """
 from __future__ import annotations
 
+import random
+
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -172,3 +174,14 @@ class Task(ABC):
             ans = extract_tagged_answer(completion)
             return ans, ans is not None
         return first_line(completion), True
+
+
+def shuffled_epochs(pool: list, key: str):
+    """``pool`` forever, reshuffled every epoch by an RNG seeded with ``key`` and the epoch number."""
+    epoch = 0
+    while True:
+        order = list(range(len(pool)))
+        random.Random(f"{key}-{epoch}").shuffle(order)
+        for i in order:
+            yield pool[i]
+        epoch += 1

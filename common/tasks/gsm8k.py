@@ -27,6 +27,7 @@ from fractions import Fraction
 from typing import Iterator
 
 from common.tasks.base import (
+    shuffled_epochs,
     MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, first_line,
     read_jsonl, resolve_data_path, shaped_reward,
 )
@@ -116,13 +117,7 @@ class Gsm8kTask(Task):
         pool = [it for it in self._read(self.cfg.train_file or DEFAULT_TRAIN_FILE, "train") if _norm_question(it.question) not in held_out]
         if not pool:
             raise ValueError("GSM8K training file has no items outside the evaluation set")
-        epoch = 0
-        while True:
-            order = list(range(len(pool)))
-            random.Random(f"gsm8k-train-{seed}-{epoch}").shuffle(order)
-            for i in order:
-                yield pool[i]
-            epoch += 1
+        yield from shuffled_epochs(pool, f"gsm8k-train-{seed}")
 
     def prompt(self, item: Item, tokenizer) -> str:
         if not self.chat:

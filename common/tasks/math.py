@@ -22,7 +22,7 @@ import threading
 from functools import lru_cache
 from typing import Iterator
 
-from common.tasks.base import MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, read_jsonl, resolve_data_path, shaped_reward
+from common.tasks.base import shuffled_epochs, MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, read_jsonl, resolve_data_path, shaped_reward
 from common.tasks.gsm8k import last_boxed
 
 MAX_ANSWER_CHARS = 400
@@ -178,13 +178,7 @@ class MathTask(Task):
         pool = [it for it in self._read(self.cfg.train_file, "train") if " ".join(it.question.split()) not in held_out]
         if not pool:
             raise ValueError("MATH training file has no items outside the evaluation set")
-        epoch = 0
-        while True:
-            order = list(range(len(pool)))
-            random.Random(f"math-train-{seed}-{epoch}").shuffle(order)
-            for i in order:
-                yield pool[i]
-            epoch += 1
+        yield from shuffled_epochs(pool, f"math-train-{seed}")
 
     def prompt(self, item: Item, tokenizer) -> str:
         if not self.chat:
