@@ -20,7 +20,6 @@ commas, ``$``, ``%`` and trailing zeros are dropped, and the comparison is exact
 """
 from __future__ import annotations
 
-import random
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction

@@ -16,7 +16,6 @@ thread math-verify's own timeouts also apply; any exception it raises scores zer
 """
 from __future__ import annotations
 
-import random
 import re
 import threading
 from functools import lru_cache
