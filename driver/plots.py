@@ -15,6 +15,16 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, out: Path) -> Path:
+    """Grid, legend, save as PNG, free the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(records: list[dict], out: Path) -> Path | None:
     """Training reward/accuracy per step and held-out accuracy at each evaluation."""
     train = [r for r in records if "loss" in r and "step" in r]
@@ -31,12 +41,7 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
         ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy")
     ax.set_xlabel("learner step")
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, out)
 
 
 def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarray] | None:
@@ -95,12 +100,7 @@ def plot_accuracy_vs_steps(points: dict[str, list[tuple[int, float]]], out: Path
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("held-out accuracy")
     ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, out)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
