@@ -83,7 +83,7 @@ class LearnerRank:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        from driver.policy import load_policy
+        from common.policy import load_policy
 
         backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
