@@ -79,9 +79,12 @@ class Controller:
         self.state = {"step": 0, "version": 0, "data_position": 0, "call_id": 0, "ledger_lines": 0, "incarnation": 0}
         self.transport = resolve_transport(cfg.learner.weight_transport, learner_gpus=cfg.learner.num_gpus_per_rank,
                                            rollout_gpus=cfg.rollout.num_gpus_per_worker, colocated=cfg.run.colocated)
-        if self.transport == "nccl":
-            log.warning("nccl weight transport is not wired into the driver yet; using object_store")
-            self.transport = "object_store"
+        if self.transport == "nccl" and cfg.learner.num_gpus_per_rank == 0:
+            log.info("weight transport nccl without GPUs: the broadcast group runs on gloo")
+        # nccl: the broadcast group is learner rank 0 + these rollout workers; rebuilt when the pool changes.
+        self.sync_members: tuple[str, ...] | None = None
+        self.sync_group: dict = {}
+        self.awaiting_weights: set[str] = set()  # joined (or restarted) workers that must not roll out yet
         # --- learner group (first: a resumed run's state decides what the queue may recover)
         self.learner = self._build_learner()
         if resume and any((run_dir / "checkpoints").glob("step_*")):
@@ -123,7 +126,9 @@ class Controller:
                                          eos_id=tok.eos_id)
         learner = LearnerGroup(self.cfg.learner, self.cfg.model, loss_factory=loss_factory, seed=self.cfg.run.seed,
                                ref_model=self.cfg.algorithm.beta_kl > 0)
-        learner.init_weight_sync(self.transport)
+        if self.transport != "nccl":  # nccl's group is built at the first sync, when the members are known
+            learner.init_weight_sync(self.transport)
+        self.sync_members = None
         log.info("learner group: %d rank(s), algorithm %s, weight transport %s", self.cfg.learner.num_ranks,
                  self.cfg.algorithm.name, self.transport)
         return learner
@@ -136,7 +141,8 @@ class Controller:
         from rollout.actor import RolloutWorker
 
         cfg = self.cfg
-        worker_cls = ray.remote(RolloutWorker).options(
+        # The "weights" concurrency group: nccl broadcasts are received beside a running rollout.
+        worker_cls = ray.remote(concurrency_groups={"weights": 1})(RolloutWorker).options(
             num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
             resources=cfg.rollout.resources or None, max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
         seeds = itertools.count(cfg.run.seed * 7919 + self.state["call_id"])
@@ -152,6 +158,8 @@ class Controller:
     def _sync_weights(self, block: bool = False):
         import ray
 
+        if self.transport == "nccl":
+            return self._broadcast_weights()
         if self.transport == "cuda_ipc":
             ray.get(self.pending_sync)  # one shared buffer: receivers of the last version must be done
         update = self.learner.sync_weights()
@@ -159,6 +167,43 @@ class Controller:
         if block:
             ray.get(self.pending_sync)
         return update
+
+    def _broadcast_weights(self):
+        """nccl: learner rank 0 broadcasts to every active rollout worker at once, busy or not.
+
+        The group is rebuilt whenever the pool's members changed (a worker joined, left or restarted);
+        if a member dies during the broadcast the group is rebuilt without it and the send retried once.
+        Returns when every member holds the version staged (a worker swaps it in before its next rollout).
+        """
+        import uuid
+
+        import ray
+
+        from common.weights import WeightUpdate
+
+        for attempt in (1, 2):
+            members = tuple(w for w in self.pool.workers if w not in self.pool.retiring)
+            if not members:  # nobody to send to; joiners get the next version
+                return WeightUpdate(self.state["version"], "nccl", (), 0)
+            if members != self.sync_members:
+                info = self.learner.init_weight_sync("nccl", len(members))
+                self.sync_group, self.sync_members = {**info, "id": uuid.uuid4().hex}, members
+                log.info("weight broadcast group: learner + %d rollout worker(s) (%s)", len(members), info["backend"])
+            send = self.learner.sync_weights(block=False)
+            receives = [self.pool.workers[w].receive_broadcast.options(concurrency_group="weights").remote(
+                {**self.sync_group, "rank": rank}) for rank, w in enumerate(members, start=1)]
+            try:
+                update = ray.get(send)
+                ray.get(receives)
+            except ray.exceptions.RayError as e:
+                self.sync_members = None
+                if attempt == 2:
+                    raise
+                log.warning("weight broadcast failed (%s); rebuilding the group and sending again", type(e).__name__)
+                continue
+            self.awaiting_weights -= set(members)
+            return update
+        raise AssertionError("unreachable")
 
     # --- the loop
 
@@ -168,6 +213,8 @@ class Controller:
         t_start, steps_at_start = time.time(), self.state["step"]
         while self.state["step"] < self.cfg.run.total_steps:
             self._follow_scale()
+            if self.awaiting_weights and self.learner_future is None:
+                self.update = self._sync_weights()  # joined/restarted workers get the current version now
             self._dispatch_rollouts()
             self._feed_learner()
             self._collect_rollouts()
@@ -188,9 +235,19 @@ class Controller:
 
         for wid in self.pool.resize(int(read_control(self.run_dir).get("rollout_workers", self.pool.size))):
             log.info("rollout worker %s joined the pool", wid)
-            if self.update is not None:
-                self.pool.workers[wid].set_weights.remote(self.update)
+            self._give_current_weights(wid)
+        self.awaiting_weights &= set(self.pool.workers)
         self.ray_metrics.record("rollout_workers", float(self.pool.size))
+
+    def _give_current_weights(self, wid: str) -> None:
+        """A worker that joined or restarted holds the base weights; bring it to the current version."""
+        if self.state["version"] == 0:
+            return
+        if self.transport == "nccl":  # it must join the broadcast group: rebuilt at the next sync
+            self.awaiting_weights.add(wid)
+            self.sync_members = None
+        elif self.update is not None:  # runs before any rollout the worker gets (actor calls are ordered)
+            self.pool.workers[wid].set_weights.remote(self.update)
 
     def _dispatch_rollouts(self) -> None:
         """Give idle workers prompts, as far as the queue's staleness budget admits."""
@@ -198,6 +255,8 @@ class Controller:
 
         self.queue.set_version.remote(self.state["version"])  # idempotent; re-arms a restarted queue
         for wid in self.pool.idle():
+            if wid in self.awaiting_weights:
+                continue
             n = self.cfg.rollout.prompts_per_call
             try:
                 while n > 0 and not ray.get(self.queue.reserve.remote(n)):
@@ -254,8 +313,8 @@ class Controller:
                             call.worker_id, type(cause).__name__, str(cause).strip().splitlines()[-1][:300])
                 self.metrics.log({"event": "rollout_failed", "worker": call.worker_id, "call_id": call.call_id})
                 self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
-                if self.update is not None and call.worker_id in self.pool.workers:
-                    self.pool.workers[call.worker_id].set_weights.remote(self.update)  # a restarted actor
+                if call.worker_id in self.pool.workers:
+                    self._give_current_weights(call.worker_id)  # Ray restarted the actor with base weights
 
     def _finish_step(self) -> bool:
         """Take the learner's result; rebuild the group if a rank died. False if the run must stop."""

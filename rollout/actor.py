@@ -3,14 +3,20 @@
 The driver dispatches work (``rollout(items)``) and weights (``set_weights``) as actor calls; Ray runs
 an actor's calls one at a time, so weights change only between rollouts and every group is stamped with
 the policy version that produced it.
+
+The ``nccl`` transport is a collective: every member of the broadcast group must take part at once, busy
+or not. Its ``receive_broadcast`` therefore runs in the actor's own ``weights`` concurrency group (a
+second thread) and lands in a staging copy of the weights; ``rollout`` and ``evaluate`` swap the newest
+staged version in before they start, so weights still change only between rollouts.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import zlib
+import threading
 import time
+import zlib
 from typing import Any
 
 import torch
@@ -91,6 +97,12 @@ class RolloutWorker:
         self.calls = 0
         self.metrics = RayMetrics()
         self.receivers: dict[str, Any] = {}
+        # nccl: broadcasts land in ``staging`` on the weights thread; ``_apply_staged`` swaps them in.
+        self._staging_lock = threading.Lock()
+        self._staging: dict[str, torch.Tensor] | None = None
+        self._staged_version = -1
+        self._group_id = ""
+        self._receiving = False
 
     def ready(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -106,12 +118,54 @@ class RolloutWorker:
         self.version = self.receivers[update.transport].receive(self.gen.model, update)
         return {"version": self.version, "seconds": time.perf_counter() - start}
 
+    def receive_broadcast(self, group: dict[str, Any]) -> dict[str, float]:
+        """Take part in one nccl weight broadcast as group rank ``group['rank']`` (runs on the weights thread).
+
+        ``group`` is the rendezvous the learner published (host, port, world_size, backend, bucket_bytes)
+        plus this actor's rank and the group's ``id``; a new id means the driver rebuilt the group.
+        """
+        from rollout.weight_sync import NcclReceiver
+
+        start = time.perf_counter()
+        with self._staging_lock:  # waits for a swap in progress; rollouts never wait for a broadcast
+            self._receiving = True
+        try:
+            if group["id"] != self._group_id:
+                receiver = self.receivers.pop("nccl", None)
+                if receiver is not None:
+                    receiver.close()
+                self.receivers["nccl"] = NcclReceiver(
+                    host=group["host"], port=group["port"], rank=group["rank"], world_size=group["world_size"],
+                    bucket_bytes=group["bucket_bytes"], backend=group["backend"], device=self.gen.device)
+                self._group_id = group["id"]
+            if self._staging is None:  # one extra copy of the weights, allocated once
+                self._staging = {k: torch.empty_like(v) for k, v in self.gen.model.state_dict().items()}
+            version = self.receivers["nccl"].receive_into(self._staging)
+        except BaseException:
+            with self._staging_lock:
+                self._receiving = False
+            raise
+        with self._staging_lock:
+            self._staged_version, self._receiving = version, False
+        return {"version": self._staged_version, "seconds": time.perf_counter() - start}
+
+    def _apply_staged(self) -> None:
+        """Swap in the newest broadcast version, if one arrived since the last rollout."""
+        with self._staging_lock:
+            if self._receiving or self._staging is None or self._staged_version <= self.version:
+                return  # nothing new, or a broadcast is being written: keep the current version
+            with torch.no_grad():
+                for name, target in self.gen.model.state_dict().items():
+                    target.copy_(self._staging[name])
+            self.version = self._staged_version
+
     def rollout(self, items: list, call_tag: str) -> dict[str, Any]:
         """Generate ``group_size`` samples for each item, score them, put one Arrow group per item."""
         import ray
 
         from common.schema import group_to_record_batch
 
+        self._apply_staged()
         t0 = time.perf_counter()
         G = self.group_size
         encoded = self.gen.encode_prompts(items)
@@ -158,6 +212,7 @@ class RolloutWorker:
 
     def evaluate(self, items: list, sampler_overrides: dict[str, Any] | None = None, seed: int = 0) -> list[dict]:
         """Greedy (or configured) decoding of held-out items; one record per item."""
+        self._apply_staged()
         cfg = self.gen.sampler_cfg.model_copy(update=sampler_overrides or {})
         cfg = type(cfg).model_validate(cfg.model_dump())
         traj = self.gen.generate(self.gen.encode_prompts(items), seed=seed, sampler_cfg=cfg)

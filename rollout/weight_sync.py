@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from common.weights import WeightReceiver, WeightUpdate, bucketize, check_layout, connect_group, load_views, model_layout, view_in
+from common.weights import WeightReceiver, WeightUpdate, bucketize, check_layout, connect_group, flat_layout, load_views, view_in
 
 
 class ObjectStoreReceiver(WeightReceiver):
@@ -85,9 +85,13 @@ class NcclReceiver(WeightReceiver):
         self.last_seconds = 0.0
 
     def receive(self, model: torch.nn.Module, update: WeightUpdate | None = None) -> int:
-        """Receive the next broadcast (``update`` is optional: the header carries the version)."""
+        """Receive the next broadcast into ``model`` (``update`` is optional: the header carries the version)."""
+        return self.receive_into(model.state_dict())
+
+    def receive_into(self, targets: dict[str, torch.Tensor]) -> int:
+        """Receive the next broadcast into ``targets`` (a state dict, or a staging copy of one)."""
         start = time.perf_counter()
-        layout, total = model_layout(model)
+        layout, total = flat_layout((k, tuple(v.shape), v.dtype) for k, v in targets.items())
         buckets = bucketize(layout, self.bucket_bytes)
         if self._group is None:
             self._group = connect_group(self.host, self.port, self.rank, self.world_size, self.backend)
@@ -101,7 +105,6 @@ class NcclReceiver(WeightReceiver):
                              f"{len(layout)} / {total}; learner and rollout models differ")
         size = max(b.nbytes for b in buckets)
         buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        targets = model.state_dict()
         pending = self._group.broadcast([buffers[0][: buckets[0].nbytes]], opts)
         with torch.no_grad():
             for i, bucket in enumerate(buckets):

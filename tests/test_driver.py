@@ -104,3 +104,45 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
 
     assert load_pretrained(run_dir / "policy") is not None
     json.loads((run_dir / "eval_after.jsonl").read_text().splitlines()[0])
+
+
+def test_broadcast_transport_follows_the_pool(tmp_path):
+    """weight_transport nccl (its gloo twin on CPU): workers receive beside running rollouts, a worker that
+    joins mid-run waits for the current version before it rolls out, and the group follows 1 -> 2 -> 1."""
+    import ray
+
+    from driver.train import train
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        cfg = load_config("tiny_countdown", [
+            f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=10", "run.eval_every=0",
+            "run.eval_sampling_steps=[]", "task.eval_size=8", "learner.groups_per_step=2",
+            "rollout.prompts_per_call=1", "rollout.num_workers=1", "queue.max_staleness=1",
+            "learner.weight_transport=nccl", "learner.sync_bucket_mb=1", "learner.checkpoint_every=0",
+        ])
+        stop, seen = threading.Event(), []
+        scaler = threading.Thread(target=_scale_during_run, args=(tmp_path, stop, seen), daemon=True)
+        scaler.start()
+        try:
+            assert train(cfg) == 0
+        finally:
+            stop.set()
+            scaler.join(timeout=5)
+    finally:
+        ray.shutdown()
+
+    run_dir = next(tmp_path.glob("e2e-*"))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert all("sync/nccl_seconds" in r for r in steps), "the broadcast transport did not carry the weights"
+    assert [kind for kind, _ in seen] == ["up", "down"], "the new worker never delivered a group"
+    rollouts = [r for r in records if r.get("event") == "rollout" and r["groups"]]
+    joined = [r for r in rollouts if r["worker"] == "rollout-1"]
+    assert joined and min(r["version"] for r in joined) >= 1, "a worker rolled out before it got the weights"
+    # Versions a worker uses never go backwards: every swap happened between its rollouts.
+    for worker in {r["worker"] for r in rollouts}:
+        versions = [r["version"] for r in rollouts if r["worker"] == worker]
+        assert versions == sorted(versions)
+    assert all(r["staleness"] <= 1 for r in steps)
