@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("run_dir", metavar="RUN")
     scale.add_argument("--rollout-workers", type=int, required=True)
 
+    stop = sub.add_parser("stop", help="finish a running run early: the current step, then the final "
+                          "evaluation, checkpoint and export (resumable with train --resume)")
+    stop.add_argument("run_dir", metavar="RUN")
+
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     return parser
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv if argv is not None else (sys.argv[1:] or ["train"]))
     if args.command == "scale":
         return _scale(args.run_dir, args.rollout_workers)
+    if args.command == "stop":
+        return _stop(args.run_dir)
     if args.command == "eval":
         args.overrides = list(args.overrides)
         if args.model:
@@ -85,13 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     return train(cfg, resume=args.resume)
 
 
+def _is_run_dir(run_dir: str) -> bool:
+    from pathlib import Path
+
+    if not (Path(run_dir) / "config.yaml").is_file():
+        print(f"unmask: {run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
+        return False
+    return True
+
+
+def _stop(run_dir: str) -> int:
+    from pathlib import Path
+
+    from driver.runtime import write_control
+
+    if not _is_run_dir(run_dir):
+        return 2
+    write_control(Path(run_dir), stop=True)
+    print(f"{run_dir}: stopping after the current step (final evaluation, checkpoint and export follow)")
+    return 0
+
+
 def _scale(run_dir: str, n: int) -> int:
     from pathlib import Path
 
     from driver.runtime import write_control
 
-    if not (Path(run_dir) / "config.yaml").is_file():
-        print(f"unmask: {run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
+    if not _is_run_dir(run_dir):
         return 2
     if n < 0:
         print("unmask: --rollout-workers must be >= 0", file=sys.stderr)

@@ -9,6 +9,14 @@ from typing import Any, Callable
 log = logging.getLogger("unmask")
 
 
+def cluster_capacity(per_worker: dict[str, float], totals: dict[str, float]) -> int:
+    """How many workers, each needing ``per_worker`` custom resources, the live nodes' ``totals`` hold."""
+    needs = {k: v for k, v in per_worker.items() if v > 0}
+    if not needs:
+        raise ValueError("cluster capacity needs at least one positive per-worker resource")
+    return min(int(totals.get(k, 0.0) // v) for k, v in needs.items())
+
+
 @dataclass
 class Call:
     """One dispatched rollout: which worker, which prompts, how many queue slots it reserved."""

@@ -85,6 +85,7 @@ class Controller:
         self.sync_members: tuple[str, ...] | None = None
         self.sync_group: dict = {}
         self.awaiting_weights: set[str] = set()  # joined (or restarted) workers that must not roll out yet
+        self._capacity, self._capacity_checked = 0, float("-inf")  # rollout.follow_cluster
         # --- learner group (first: a resumed run's state decides what the queue may recover)
         self.learner = self._build_learner()
         if resume and any((run_dir / "checkpoints").glob("step_*")):
@@ -149,7 +150,7 @@ class Controller:
         pool = RolloutPool(lambda wid: worker_cls.remote(wid, cfg.model, cfg.sampler, cfg.task, cfg.rollout.group_size,
                                                          self.queue_name, next(seeds), cfg.rollout.max_prompt_tokens))
         desired = read_control(self.run_dir).get("rollout_workers", cfg.rollout.num_workers)
-        write_control(self.run_dir, rollout_workers=desired)
+        write_control(self.run_dir, rollout_workers=desired, stop=False)  # a resumed run forgets an old stop
         pool.resize(desired)
         ray.get([w.ready.remote() for w in pool.workers.values()])
         log.info("rollout pool: %d worker(s)", pool.size)
@@ -208,11 +209,17 @@ class Controller:
     # --- the loop
 
     def run(self) -> int:
+        from driver.runtime import read_control
+
         if self.state["step"] == 0:
             self._evaluate("held-out before training")
         t_start, steps_at_start = time.time(), self.state["step"]
         while self.state["step"] < self.cfg.run.total_steps:
-            self._follow_scale()
+            control = read_control(self.run_dir)
+            if control.get("stop") and self.learner_future is None:
+                log.info("stop requested (unmask stop): finishing at step %d", self.state["step"])
+                break
+            self._follow_scale(control)
             if self.awaiting_weights and self.learner_future is None:
                 self.update = self._sync_weights()  # joined/restarted workers get the current version now
             self._dispatch_rollouts()
@@ -230,10 +237,27 @@ class Controller:
         self._finish()
         return 0
 
-    def _follow_scale(self) -> None:
-        from driver.runtime import read_control
+    def _desired_workers(self, control: dict) -> int:
+        """`unmask scale`'s number; with rollout.follow_cluster, at least what the live nodes hold."""
+        import ray
 
-        for wid in self.pool.resize(int(read_control(self.run_dir).get("rollout_workers", self.pool.size))):
+        from driver.pool import cluster_capacity
+
+        desired = int(control.get("rollout_workers", self.pool.size))
+        rollout = self.cfg.rollout
+        if not rollout.follow_cluster:
+            return desired
+        now = time.monotonic()
+        if now - self._capacity_checked > 2.0:  # one GCS query every two seconds at most
+            self._capacity_checked = now
+            capacity = cluster_capacity(rollout.resources, ray.cluster_resources())
+            if capacity != self._capacity:
+                log.info("cluster rollout capacity: %d worker(s) (nodes joined or left)", capacity)
+                self._capacity = capacity
+        return min(max(desired, self._capacity), rollout.max_workers or 1 << 30)
+
+    def _follow_scale(self, control: dict) -> None:
+        for wid in self.pool.resize(self._desired_workers(control)):
             log.info("rollout worker %s joined the pool", wid)
             self._give_current_weights(wid)
         self.awaiting_weights &= set(self.pool.workers)

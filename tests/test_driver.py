@@ -146,3 +146,60 @@ def test_broadcast_transport_follows_the_pool(tmp_path):
         versions = [r["version"] for r in rollouts if r["worker"] == worker]
         assert versions == sorted(versions)
     assert all(r["staleness"] <= 1 for r in steps)
+
+
+def test_pool_follows_nodes_joining_and_leaving(tmp_path):
+    """rollout.follow_cluster: a node carrying the rollout resource joins mid-run (as the autoscaler would
+    add it) and the pool grows onto it; the node leaves and the pool shrinks back; `unmask stop` ends it."""
+    from ray.cluster_utils import Cluster
+
+    from driver.cli import main
+    from driver.train import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"rollout": 1}})
+    events: list = []
+    result: dict = {}
+    try:
+        cfg = load_config("tiny_countdown", [
+            f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=1000", "run.eval_every=0",
+            "run.eval_sampling_steps=[]", "task.eval_size=8", "learner.groups_per_step=2",
+            "rollout.prompts_per_call=1", "rollout.num_workers=1", "queue.max_staleness=1",
+            "rollout.follow_cluster=true", "rollout.resources={rollout: 1}", f"run.ray_address={cluster.address}",
+        ])
+        # The run goes on a thread: Ray's node management (the "autoscaler" here) needs the main thread.
+        runner = threading.Thread(target=lambda: result.update(code=train(cfg)), daemon=True)
+        runner.start()
+        node, deadline = None, time.time() + 600
+        while runner.is_alive() and time.time() < deadline:
+            runs = list(tmp_path.glob("e2e-*/metrics.jsonl"))
+            records = read_metrics(runs[0]) if runs else []
+            steps = [r for r in records if "loss" in r]
+            workers = {r["worker"] for r in records if r.get("event") == "rollout" and r["groups"]}
+            if node is None and steps:
+                node = cluster.add_node(num_cpus=1, resources={"rollout": 1})
+                events.append(("added", len(steps)))
+            elif len(events) == 1 and "rollout-1" in workers:
+                cluster.remove_node(node)
+                events.append(("removed", len(steps)))
+            elif len(events) == 2 and [r["rollout_workers"] for r in steps[-2:]] == [1, 1]:
+                main(["stop", str(runs[0].parent)])  # shrunk and still stepping: enough seen
+                events.append(("stopped", steps[-1]["step"]))
+            time.sleep(0.2)
+        if len(events) < 3 and runs:
+            main(["stop", str(runs[0].parent)])
+        runner.join(timeout=300)
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert result.get("code") == 0
+    assert [kind for kind, _ in events] == ["added", "removed", "stopped"], events
+    records = read_metrics(next(tmp_path.glob("e2e-*")) / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert len(steps) <= events[2][1] + 1  # `unmask stop` ends the run after the step in flight
+    sizes = [r["rollout_workers"] for r in steps]
+    assert 2 in sizes and sizes[-1] == 1, sizes
+    assert any("eval_accuracy" in r for r in records if r.get("step") == len(steps))  # the final eval ran

@@ -1,7 +1,7 @@
 """`rollout:` section: the pool of rollout actors."""
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config.base import Section
 
@@ -26,3 +26,16 @@ class RolloutConfig(Section):
         default_factory=dict,
         description="Custom Ray resources per rollout actor (e.g. {rollout: 1}) so the autoscaler adds rollout "
         "nodes, never learner nodes, for them.")
+    follow_cluster: bool = Field(
+        default=False,
+        description="Size the pool to the rollout capacity of the cluster's live nodes (how many workers their "
+        "`resources` hold), so nodes the Ray autoscaler adds or removes grow or shrink it; num_workers (or "
+        "`unmask scale`) is then the minimum.")
+    max_workers: int | None = Field(default=None, ge=1, description="Ceiling of the pool when follow_cluster is on.")
+
+    @model_validator(mode="after")
+    def _follow(self) -> "RolloutConfig":
+        if self.follow_cluster and not self.resources:
+            raise ValueError("follow_cluster needs rollout.resources to name a custom resource the rollout nodes "
+                             "carry (e.g. {rollout: 1}), so their capacity can be counted")
+        return self
