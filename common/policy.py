@@ -24,3 +24,13 @@ def load_policy(cfg: ModelConfig, device: str = "cpu"):
     overrides = {"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}
     model = build_model(preset_config(cfg.preset, **overrides), dtype=cfg.dtype, device=device)
     return model, CharTokenizer()
+
+
+def policy_config(cfg: ModelConfig):
+    """The architecture the `model:` section names, without loading any weights."""
+    from common.model import preset_config
+    from common.model.io import read_config
+
+    if cfg.path is not None:
+        return read_config(resolve_path(cfg.path))
+    return preset_config(cfg.preset, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))

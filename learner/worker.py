@@ -83,7 +83,10 @@ class LearnerRank:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        from common.policy import load_policy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from common.model import build_model
+        from common.policy import load_policy, policy_config
 
         backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
@@ -95,19 +98,31 @@ class LearnerRank:
                                     rank=self.rank, world_size=self.world_size)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
 
-        torch.manual_seed(self.seed)  # every rank builds identical initial weights
-        model, _ = load_policy(self.model_cfg)
+        # Only rank 0 reads the weights (an 8B checkpoint once per node, not once per rank); the others
+        # build the architecture on the meta device and receive their shards from rank 0 after sharding.
+        full_state = None
+        if self.rank == 0:
+            torch.manual_seed(self.seed)
+            full, _ = load_policy(self.model_cfg)
+            full = full.float()  # fp32 master weights; MixedPrecisionPolicy casts for compute
+            if self.cfg.lora.enabled:
+                apply_lora(full, self.cfg.lora)
+            full_state = full.state_dict()
+            del full
+        model = build_model(policy_config(self.model_cfg), device="meta")
         self.hf_config = model.config
-        model = model.float()  # fp32 master weights; MixedPrecisionPolicy casts for compute
         if self.cfg.lora.enabled:
             apply_lora(model, self.cfg.lora)
         self.lora_scales = lora_scales(model)
         model.set_activation_checkpointing(self.model_cfg.gradient_checkpointing)
-        model.to(self.device)
         mp = MixedPrecisionPolicy(param_dtype=to_dtype(self.cfg.param_dtype), reduce_dtype=to_dtype(self.cfg.reduce_dtype))
         for block in model.transformer.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.to_empty(device=self.device)
+        set_model_state_dict(model, full_state or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full_state
         # Losses already divide by the global sample count, so ranks must SUM gradients (FSDP averages by default).
         for module in model.modules():
             if isinstance(module, FSDPModule):

@@ -159,6 +159,24 @@ def test_hf_export_gives_identical_logits(two_ranks, tmp_path):
 
 
 @pytest.mark.ray
+def test_two_ranks_start_from_the_checkpoint_rank_0_read(two_ranks):
+    """Rank 1 builds on the meta device and gets its shard from rank 0: the result is the checkpoint."""
+    from common.config.loader import REPO_ROOT
+    from learner.group import LearnerGroup
+
+    path = REPO_ROOT / "checkpoints" / "tiny-countdown-base"
+    group = LearnerGroup(learner_cfg(num_ranks=2), ModelConfig(path=str(path)), loss_factory=SFT, seed=0)
+    try:
+        state = group.full_state()["model"]
+    finally:
+        group.shutdown()
+    expected = load_pretrained(path).state_dict()
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor.float()), name
+
+
+@pytest.mark.ray
 def test_object_store_sync_makes_a_fresh_model_equal(two_ranks):
     from rollout.weight_sync import ObjectStoreReceiver
 
