@@ -9,7 +9,7 @@ from common.config.base import Section
 
 
 class LoraConfig(Section):
-    """Low-rank adapters; when enabled only adapters train and only adapters are synced."""
+    """Low-rank adapters; when enabled only adapters train. Weight syncs send the merged weights (W + s·BA)."""
 
     enabled: bool = Field(default=False, description="Train LoRA adapters instead of the full model.")
     r: int = Field(default=64, ge=1, description="Adapter rank.")
