@@ -43,6 +43,9 @@ class WeightUpdate:
     total_bytes: int
     payload: Any = None  # object_store: ObjectRef of the flat buffer; cuda_ipc: (buffer id, IPC handle)
     metrics: dict[str, float] = field(default_factory=dict)  # sender side: sync seconds, GB/s
+    # Adapter-only sync (LoRA over a checkpoint base): {module prefix: scale}; the layout then holds
+    # "<prefix>.lora_A" / "<prefix>.lora_B" and receivers merge W = W0 + scale * B @ A into their own base.
+    lora_scales: dict[str, float] | None = None
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -73,14 +76,13 @@ def model_layout(model: torch.nn.Module) -> tuple[tuple[TensorMeta, ...], int]:
     return flat_layout((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
 
 
-def load_views(model: torch.nn.Module, views: Iterator[tuple[str, torch.Tensor]]) -> int:
-    """Copy (name, tensor) pairs into ``model``'s parameters and buffers in place; returns bytes copied."""
-    targets = model.state_dict()
+def load_views(targets: dict[str, torch.Tensor], views: Iterator[tuple[str, torch.Tensor]]) -> int:
+    """Copy (name, tensor) pairs into ``targets`` (a state dict, or adapter buffers) in place; returns bytes."""
     copied, seen = 0, set()
     with torch.no_grad():
         for name, tensor in views:
             if name not in targets:
-                raise ValueError(f"weight update has tensor {name!r} the rollout model does not have")
+                raise ValueError(f"weight update has tensor {name!r} the rollout side does not have")
             if targets[name].shape != tensor.shape:
                 raise ValueError(f"weight update: {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the rollout model has {tuple(targets[name].shape)}")
@@ -94,10 +96,10 @@ def load_views(model: torch.nn.Module, views: Iterator[tuple[str, torch.Tensor]]
     return copied
 
 
-def check_layout(update: WeightUpdate, model: torch.nn.Module) -> None:
-    """Fail with one line when the update's tensors do not match the receiving model."""
+def check_layout(update: WeightUpdate, targets: dict[str, torch.Tensor]) -> None:
+    """Fail with one line when the update's tensors do not match the receiving side's ``targets``."""
     names = [m.name for m in update.layout]
-    expected = list(model.state_dict())
+    expected = list(targets)
     for i in range(max(len(names), len(expected))):
         sent = names[i] if i < len(names) else None
         held = expected[i] if i < len(expected) else None
@@ -167,9 +169,13 @@ class WeightReceiver(ABC):
 
     name: str
 
-    @abstractmethod
     def receive(self, model: torch.nn.Module, update: WeightUpdate) -> int:
         """Load ``update`` into ``model`` in place; returns the policy version now held."""
+        return self.receive_into(model.state_dict(), update)
+
+    @abstractmethod
+    def receive_into(self, targets: dict[str, torch.Tensor], update: WeightUpdate | None) -> int:
+        """Load ``update`` into ``targets`` (a state dict, or adapter buffers) in place; returns its version."""
 
     def close(self) -> None:
         """Release handles and groups."""

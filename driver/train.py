@@ -106,7 +106,7 @@ class Controller:
                  cfg.queue.max_staleness, "on" if cfg.queue.spill else "off")
         # --- rollout pool
         self.pool = self._build_pool()
-        self.update = self._sync_weights(block=True) if self.state["version"] > 0 else None
+        self.update = self._sync_weights(block=True) if self._workers_need_weights() else None
         self.prompts = itertools.islice(self.task.train_items(cfg.task.seed), self.state["data_position"], None)
         self.eval_items = self.task.eval_items(cfg.task.eval_size)
         self.eval_overrides = {"temperature": cfg.run.eval_temperature, "top_k": None, "top_p": None}
@@ -263,9 +263,13 @@ class Controller:
         self.awaiting_weights &= set(self.pool.workers)
         self.ray_metrics.record("rollout_workers", float(self.pool.size))
 
+    def _workers_need_weights(self) -> bool:
+        """Workers load a checkpoint base themselves; a random preset base (or any trained version) is sent."""
+        return self.state["version"] > 0 or self.cfg.model.path is None
+
     def _give_current_weights(self, wid: str) -> None:
         """A worker that joined or restarted holds the base weights; bring it to the current version."""
-        if self.state["version"] == 0:
+        if not self._workers_need_weights():
             return
         if self.transport == "nccl":  # it must join the broadcast group: rebuilt at the next sync
             self.awaiting_weights.add(wid)
@@ -384,7 +388,7 @@ class Controller:
             self.state.update(step=record["step"], version=record["version"])
         else:
             self.state.update(step=0, version=0)
-        self.update = self._sync_weights(block=False) if self.state["version"] > 0 else None
+        self.update = self._sync_weights(block=False) if self._workers_need_weights() else None
         ray.get(self.queue.set_version.remote(self.state["version"], rebase=True))
         self.metrics.log({"event": "learner_rebuilt", "step": self.state["step"], "version": self.state["version"]})
         log.info("learner group rebuilt at step %d, version %d; retrying the batch", self.state["step"],

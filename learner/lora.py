@@ -2,8 +2,10 @@
 
 Each targeted ``nn.Linear`` becomes a ``LoraLinear`` that keeps its frozen ``weight`` under the same name
 (so base keys stay LLaDA's) and adds ``lora_A`` [r, in] and ``lora_B`` [out, r] (B starts at zero, so the
-adapted model equals the base at step 0). Weight sync and the HF export use merged weights
-``W + (alpha / r) * B @ A`` (``LearnerRank.sync_tensors``): rollout actors and ``load_pretrained`` never see adapters.
+adapted model equals the base at step 0). The HF export holds merged weights ``W + (alpha / r) * B @ A``
+(``load_pretrained`` never sees adapters). Weight syncs send only ``A`` and ``B`` when the base is a
+checkpoint both sides load (``lora.sync_adapters``; rollout actors merge with ``rollout.lora_merge``),
+and the merged weights otherwise.
 """
 from __future__ import annotations
 

@@ -248,10 +248,21 @@ class LearnerRank:
         return str(ckpt.export_hf(state, self.hf_config, directory, dtype=self.model_cfg.dtype))
 
     # --- weight sync
-    def sync_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Collective generator: full tensors in state-dict order, LoRA merged, in the rollout dtype."""
+    @property
+    def sync_adapters(self) -> bool:
+        """Send only LoRA adapters: rollout actors hold the same checkpoint base and merge them themselves."""
+        return bool(self.lora_scales) and self.cfg.lora.sync_adapters and self.model_cfg.path is not None
+
+    def sync_tensors(self, adapters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective generator in state-dict order: full tensors, LoRA merged, in the rollout dtype; or with
+        ``adapters`` only the full fp32 ``lora_A`` / ``lora_B`` tensors."""
         dtype = to_dtype(self.model_cfg.dtype)
         state = self.model.state_dict()
+        if adapters:
+            for name, tensor in state.items():
+                if name.endswith((".lora_A", ".lora_B")):
+                    yield name, _full(tensor.detach()).float()
+            return
         for name, tensor in state.items():
             if name.endswith((".lora_A", ".lora_B")):
                 continue
@@ -267,12 +278,15 @@ class LearnerRank:
         out = {name: t.to("cpu", copy=True) for name, t in self.sync_tensors()}  # never alias live parameters
         return out if self.rank == 0 else None
 
-    def sync_layout(self):
-        """The wire layout of the synced tensors (names, global shapes, rollout dtype)."""
+    def sync_layout(self, adapters: bool = False):
+        """The wire layout of the synced tensors (names, global shapes, dtype on the wire)."""
         dtype = to_dtype(self.model_cfg.dtype)
-        specs = [(n, tuple(t.shape), dtype) for n, t in self.model.state_dict().items()
-                 if not n.endswith((".lora_A", ".lora_B"))]
-        return flat_layout(specs)
+        state = self.model.state_dict()
+        if adapters:
+            return flat_layout((n, tuple(t.shape), torch.float32) for n, t in state.items()
+                               if n.endswith((".lora_A", ".lora_B")))
+        return flat_layout((n, tuple(t.shape), dtype) for n, t in state.items()
+                           if not n.endswith((".lora_A", ".lora_B")))
 
     def init_weight_sync(self, transport: str, num_receivers: int = 0) -> dict | None:
         """Build rank 0's sender; for nccl returns the rendezvous (host, port, world_size) receivers need."""
@@ -283,11 +297,12 @@ class LearnerRank:
         if transport == "nccl":
             if num_receivers < 1:
                 raise ValueError("nccl weight sync needs num_receivers >= 1 (the rollout actors)")
-            layout, total = self.sync_layout()
+            layout, total = self.sync_layout(self.sync_adapters)
             host, port = node_ip(), free_port()
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             info.update(host=host, port=port, world_size=num_receivers + 1, backend=backend,
-                        bucket_bytes=self.cfg.sync_bucket_mb << 20)
+                        bucket_bytes=self.cfg.sync_bucket_mb << 20, layout=layout,
+                        lora_scales=dict(self.lora_scales) if self.sync_adapters else None)
             kwargs = dict(host=host, port=port, world_size=num_receivers + 1, layout=layout, total_bytes=total,
                           bucket_bytes=self.cfg.sync_bucket_mb << 20, backend=backend, device=self.device)
         if self.sender is not None:
@@ -296,15 +311,19 @@ class LearnerRank:
         return info
 
     def sync_weights(self) -> WeightUpdate | None:
-        """Collective: gather full weights and send them as the current version (rank 0 returns the update)."""
-        tensors = self.sync_tensors()
+        """Collective: gather the synced tensors and send them as the current version (rank 0 returns the update)."""
+        adapters = self.sync_adapters
+        tensors = self.sync_tensors(adapters)
         if self.rank != 0:
             for _ in tensors:  # take part in every gather rank 0 makes
                 pass
             return None
         if self.sender is None:
             raise ValueError("call init_weight_sync(transport) before sync_weights()")
-        return self.sender.send(tensors, self.version)
+        update = self.sender.send(tensors, self.version)
+        if adapters:
+            update.lora_scales = dict(self.lora_scales)
+        return update
 
     def shutdown(self) -> None:
         if self.sender is not None:

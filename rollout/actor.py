@@ -103,6 +103,7 @@ class RolloutWorker:
         self._staged_version = -1
         self._group_id = ""
         self._receiving = False
+        self._merge = None  # AdapterMerge of adapter-only syncs (LoRA over a checkpoint base)
 
     def ready(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -115,8 +116,22 @@ class RolloutWorker:
         if update.transport not in self.receivers:
             self.receivers[update.transport] = build_receiver(update.transport)
         start = time.perf_counter()
-        self.version = self.receivers[update.transport].receive(self.gen.model, update)
+        receiver = self.receivers[update.transport]
+        if update.lora_scales is None:
+            self.version = receiver.receive(self.gen.model, update)
+        else:  # adapters only: receive A and B, merge them into this actor's own base weights
+            merge = self._adapter_merge(update.layout, update.lora_scales)
+            self.version = receiver.receive_into(merge.buffers, update)
+            merge.apply(self.gen.model)
         return {"version": self.version, "seconds": time.perf_counter() - start}
+
+    def _adapter_merge(self, layout, scales):
+        """The AdapterMerge for this layout (built once: it copies the base weights of adapted layers)."""
+        from rollout.lora_merge import AdapterMerge
+
+        if self._merge is None or not self._merge.matches(layout, scales):
+            self._merge = AdapterMerge(self.gen.model, layout, scales)
+        return self._merge
 
     def receive_broadcast(self, group: dict[str, Any]) -> dict[str, float]:
         """Take part in one nccl weight broadcast as group rank ``group['rank']`` (runs on the weights thread).
@@ -138,7 +153,9 @@ class RolloutWorker:
                     host=group["host"], port=group["port"], rank=group["rank"], world_size=group["world_size"],
                     bucket_bytes=group["bucket_bytes"], backend=group["backend"], device=self.gen.device)
                 self._group_id = group["id"]
-            if self._staging is None:  # one extra copy of the weights, allocated once
+            if group.get("lora_scales") is not None:  # adapters only: stage them in the merge's buffers
+                self._staging = self._adapter_merge(group["layout"], group["lora_scales"]).buffers
+            elif self._staging is None:  # one extra copy of the weights, allocated once
                 self._staging = {k: torch.empty_like(v) for k, v in self.gen.model.state_dict().items()}
             version = self.receivers["nccl"].receive_into(self._staging)
         except BaseException:
@@ -154,9 +171,12 @@ class RolloutWorker:
         with self._staging_lock:
             if self._receiving or self._staging is None or self._staged_version <= self.version:
                 return  # nothing new, or a broadcast is being written: keep the current version
-            with torch.no_grad():
-                for name, target in self.gen.model.state_dict().items():
-                    target.copy_(self._staging[name])
+            if self._merge is not None and self._staging is self._merge.buffers:
+                self._merge.apply(self.gen.model)
+            else:
+                with torch.no_grad():
+                    for name, target in self.gen.model.state_dict().items():
+                        target.copy_(self._staging[name])
             self.version = self._staged_version
 
     def rollout(self, items: list, call_tag: str) -> dict[str, Any]:

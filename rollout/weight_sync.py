@@ -1,7 +1,8 @@
 """Weight receivers (rollout actors): object_store, cuda_ipc, nccl. Senders live in learner/weight_sync.py.
 
 A rollout actor builds one receiver for its transport and calls ``receive(model, update)`` between
-rollouts with the ``WeightUpdate`` the driver forwards; it returns the version now loaded.
+rollouts with the ``WeightUpdate`` the driver forwards (or ``receive_into(buffers, update)`` for an
+adapter-only update, then ``AdapterMerge.apply``); it returns the version now loaded.
 """
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ class ObjectStoreReceiver(WeightReceiver):
     def __init__(self):
         self.last_seconds = 0.0
 
-    def receive(self, model: torch.nn.Module, update: WeightUpdate) -> int:
+    def receive_into(self, targets: dict[str, torch.Tensor], update: WeightUpdate | None) -> int:
         import ray
 
         start = time.perf_counter()
-        check_layout(update, model)
+        check_layout(update, targets)
         array = ray.get(update.payload)
         with warnings.catch_warnings():  # the shared-memory array is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
             buffer_U8 = torch.from_numpy(array)
-        load_views(model, ((m.name, view_in(buffer_U8, m)) for m in update.layout))
+        load_views(targets, ((m.name, view_in(buffer_U8, m)) for m in update.layout))
         self.last_seconds = time.perf_counter() - start
         return update.version
 
@@ -46,9 +47,9 @@ class CudaIpcReceiver(WeightReceiver):
         self._buffer_U8: torch.Tensor | None = None
         self.last_seconds = 0.0
 
-    def receive(self, model: torch.nn.Module, update: WeightUpdate) -> int:
+    def receive_into(self, targets: dict[str, torch.Tensor], update: WeightUpdate | None) -> int:
         start = time.perf_counter()
-        check_layout(update, model)
+        check_layout(update, targets)
         buffer_id, (rebuild, args) = update.payload
         if buffer_id != self._buffer_id:
             args = list(args)
@@ -57,7 +58,7 @@ class CudaIpcReceiver(WeightReceiver):
             args[6] = torch.cuda.current_device()
             self._buffer_U8 = rebuild(*args)
             self._buffer_id = buffer_id
-        load_views(model, ((m.name, view_in(self._buffer_U8, m)) for m in update.layout))
+        load_views(targets, ((m.name, view_in(self._buffer_U8, m)) for m in update.layout))
         torch.cuda.synchronize()  # the sender may overwrite the buffer once we return
         self.last_seconds = time.perf_counter() - start
         return update.version
@@ -88,8 +89,8 @@ class NcclReceiver(WeightReceiver):
         """Receive the next broadcast into ``model`` (``update`` is optional: the header carries the version)."""
         return self.receive_into(model.state_dict())
 
-    def receive_into(self, targets: dict[str, torch.Tensor]) -> int:
-        """Receive the next broadcast into ``targets`` (a state dict, or a staging copy of one)."""
+    def receive_into(self, targets: dict[str, torch.Tensor], update: WeightUpdate | None = None) -> int:
+        """Receive the next broadcast into ``targets`` (a state dict, a staging copy, or adapter buffers)."""
         start = time.perf_counter()
         layout, total = flat_layout((k, tuple(v.shape), v.dtype) for k, v in targets.items())
         buckets = bucketize(layout, self.bucket_bytes)

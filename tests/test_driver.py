@@ -106,9 +106,11 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
     json.loads((run_dir / "eval_after.jsonl").read_text().splitlines()[0])
 
 
-def test_broadcast_transport_follows_the_pool(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-adapters"])
+def test_broadcast_transport_follows_the_pool(tmp_path, lora):
     """weight_transport nccl (its gloo twin on CPU): workers receive beside running rollouts, a worker that
-    joins mid-run waits for the current version before it rolls out, and the group follows 1 -> 2 -> 1."""
+    joins mid-run waits for the current version before it rolls out, and the group follows 1 -> 2 -> 1.
+    With LoRA over the checkpoint base only the adapters travel and each worker merges them."""
     import ray
 
     from driver.train import train
@@ -120,7 +122,8 @@ def test_broadcast_transport_follows_the_pool(tmp_path):
             "run.eval_sampling_steps=[]", "task.eval_size=8", "learner.groups_per_step=2",
             "rollout.prompts_per_call=1", "rollout.num_workers=1", "queue.max_staleness=1",
             "learner.weight_transport=nccl", "learner.sync_bucket_mb=1", "learner.checkpoint_every=0",
-        ])
+        ] + (["learner.lora.enabled=true", "learner.lora.r=4", "learner.lr=1e-3", "queue.max_staleness=0"]
+             if lora else []))
         stop, seen = threading.Event(), []
         scaler = threading.Thread(target=_scale_during_run, args=(tmp_path, stop, seen), daemon=True)
         scaler.start()
@@ -137,6 +140,17 @@ def test_broadcast_transport_follows_the_pool(tmp_path):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 11))
     assert all("sync/nccl_seconds" in r for r in steps), "the broadcast transport did not carry the weights"
+    full_gbytes = 878_976 * 4 / 1e9  # the tiny model in fp32
+    sent = [r["sync/gbytes"] for r in steps]
+    if lora:
+        assert all(g < full_gbytes / 4 for g in sent), sent
+        # On-policy batches: the workers' merged weights are the learner's, so its recomputed log-probs
+        # equal the behaviour log-probs (a worker still on the base weights would be off by ~1e-2).
+        # Measured: ~1e-7 per token with the merge, 1e-2 to 1e-1 with the workers left on the base weights.
+        drift = [r["abs_log_ratio_sum"] / r["tokens"] for r in steps]
+        assert max(drift) < 1e-5, drift
+    else:
+        assert sent == pytest.approx([full_gbytes] * len(sent), rel=0.01)
     assert [kind for kind, _ in seen] == ["up", "down"], "the new worker never delivered a group"
     rollouts = [r for r in records if r.get("event") == "rollout" and r["groups"]]
     joined = [r for r in rollouts if r["worker"] == "rollout-1"]

@@ -109,6 +109,40 @@ def test_lora_trains_only_adapters_and_syncs_merged_weights(local_group, tmp_pat
     assert all(torch.equal(exported[k], synced[k]) for k in synced) and set(exported) == set(synced)
 
 
+def test_adapter_only_sync_merges_to_the_learners_weights(local_group):
+    """LoRA over a checkpoint: only A and B travel; the rollout side's merge equals the learner's merged export."""
+    from common.config.loader import REPO_ROOT
+    from common.weights import load_views
+    from rollout.lora_merge import AdapterMerge
+
+    path = REPO_ROOT / "checkpoints" / "tiny-countdown-base"
+    cfg = learner_cfg(lora={"enabled": True, "r": 4, "alpha": 8.0})
+    rank = LearnerRank(cfg, ModelConfig(path=str(path)), rank=0, world_size=1, loss_factory=SFT, seed=0)
+    rank.setup("127.0.0.1", 0)
+    assert rank.sync_adapters
+    rollout_model = load_pretrained(path)
+    before = {k: v.clone() for k, v in rollout_model.state_dict().items()}
+    for seed in range(2):  # B starts at zero: the second step moves the merged weights
+        rank.step(make_batch(seed=seed), step_seed=seed)
+    layout, adapter_bytes = rank.sync_layout(adapters=True)
+    _, full_bytes = rank.sync_layout()
+    assert {m.name.rsplit(".", 1)[1] for m in layout} == {"lora_A", "lora_B"}
+    assert adapter_bytes < full_bytes / 2
+    merge = AdapterMerge(rollout_model, layout, rank.lora_scales)
+    load_views(merge.buffers, rank.sync_tensors(adapters=True))
+    merge.apply(rollout_model)
+    expected = rank.state_dict_for_sync()
+    got = rollout_model.state_dict()
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    assert any(not torch.equal(before[k], got[k]) for k in got), "the adapters never moved the weights"
+    # The base of the merge stays the checkpoint: merging again does not compound.
+    merge.apply(rollout_model)
+    for name in expected:
+        torch.testing.assert_close(rollout_model.state_dict()[name], expected[name], atol=1e-6, rtol=0)
+
+
 def test_reference_model_is_a_frozen_copy_of_the_initial_policy(local_group):
     rank = LearnerRank(learner_cfg(), MODEL, rank=0, world_size=1, loss_factory=SFT, seed=0, ref_model=True)
     rank.setup("127.0.0.1", 0)

@@ -9,12 +9,16 @@ from common.config.base import Section
 
 
 class LoraConfig(Section):
-    """Low-rank adapters; when enabled only adapters train. Weight syncs send the merged weights (W + s·BA)."""
+    """Low-rank adapters; when enabled only adapters train (and, over a checkpoint base, only adapters sync)."""
 
     enabled: bool = Field(default=False, description="Train LoRA adapters instead of the full model.")
     r: int = Field(default=64, ge=1, description="Adapter rank.")
     alpha: float = Field(default=64.0, gt=0.0, description="Adapter scale numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    sync_adapters: bool = Field(
+        default=True,
+        description="Weight syncs send only the adapters (about 2% of LLaDA-8B's bytes at r=64) and rollout actors "
+        "merge W0 + scale*B@A into the base they loaded; needs model.path (a random preset base syncs merged weights).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
         description="Linear layer names inside each block that get adapters.",
