@@ -57,6 +57,16 @@ class RolloutPool:
                 log.info("rollout worker %s left the pool", worker_id)
         return added
 
+    def drop(self, worker_id: str) -> None:
+        """Forget a worker for good (Ray gave up restarting it); the next ``resize`` replaces it."""
+        import ray
+
+        actor = self.workers.pop(worker_id, None)
+        self.retiring.discard(worker_id)
+        if actor is not None:
+            ray.kill(actor)
+        log.warning("rollout worker %s is dead for good; a new one takes its place", worker_id)
+
     @property
     def size(self) -> int:
         return len(self.workers) - len(self.retiring)

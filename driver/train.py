@@ -86,6 +86,7 @@ class Controller:
         self.sync_group: dict = {}
         self.awaiting_weights: set[str] = set()  # joined (or restarted) workers that must not roll out yet
         self._capacity, self._capacity_checked = 0, float("-inf")  # rollout.follow_cluster
+        self.failed_calls: dict[str, int] = {}  # consecutive failed rollout calls per worker
         # --- learner group (first: a resumed run's state decides what the queue may recover)
         self.learner = self._build_learner()
         if resume and any((run_dir / "checkpoints").glob("step_*")):
@@ -172,9 +173,11 @@ class Controller:
     def _broadcast_weights(self):
         """nccl: learner rank 0 broadcasts to every active rollout worker at once, busy or not.
 
-        The group is rebuilt whenever the pool's members changed (a worker joined, left or restarted);
-        if a member dies during the broadcast the group is rebuilt without it and the send retried once.
-        Returns when every member holds the version staged (a worker swaps it in before its next rollout).
+        The group is rebuilt whenever the pool's members changed (a worker joined, left or restarted).
+        If a broadcast fails (a member died in it), the old group's receivers are let time out, members
+        that do not answer on their weights thread within 10 s (dead, or still restarting) are left out
+        and marked as awaiting weights, and the send is retried in a new group. Returns when every member
+        holds the version staged (a worker swaps it in before its next rollout).
         """
         import uuid
 
@@ -182,8 +185,10 @@ class Controller:
 
         from common.weights import WeightUpdate
 
-        for attempt in (1, 2):
+        for attempt in range(1, 4):
             members = tuple(w for w in self.pool.workers if w not in self.pool.retiring)
+            if attempt > 1:
+                members = self._responsive(members)
             if not members:  # nobody to send to; joiners get the next version
                 return WeightUpdate(self.state["version"], "nccl", (), 0)
             if members != self.sync_members:
@@ -198,13 +203,34 @@ class Controller:
                 ray.get(receives)
             except ray.exceptions.RayError as e:
                 self.sync_members = None
-                if attempt == 2:
-                    raise
-                log.warning("weight broadcast failed (%s); rebuilding the group and sending again", type(e).__name__)
+                log.warning("weight broadcast failed (%s); rebuilding the group without members that left",
+                            type(e).__name__)
+                # Receivers still in the broken group hold their weights thread until its timeout.
+                ray.wait(receives, num_returns=len(receives), timeout=self.cfg.learner.sync_timeout_s + 5)
                 continue
             self.awaiting_weights -= set(members)
             return update
-        raise AssertionError("unreachable")
+        raise RuntimeError("unmask: the nccl weight broadcast failed 3 times in a row (see the warnings above); "
+                           "check the rollout workers' logs, or use learner.weight_transport=object_store")
+
+    def _responsive(self, members: tuple[str, ...]) -> tuple[str, ...]:
+        """The members that answer on their weights thread within 10 s; the rest wait for a later version."""
+        import ray
+
+        pings = {w: self.pool.workers[w].ready.options(concurrency_group="weights").remote() for w in members}
+        done, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=10)
+        alive = []
+        for w, ref in pings.items():
+            try:
+                if ref in done:
+                    ray.get(ref)
+                    alive.append(w)
+                    continue
+            except ray.exceptions.RayError:
+                pass
+            log.warning("rollout worker %s does not answer; it gets the weights once it is back", w)
+            self.awaiting_weights.add(w)
+        return tuple(alive)
 
     # --- the loop
 
@@ -335,13 +361,19 @@ class Controller:
             try:
                 result = ray.get(ref)
                 self.metrics.log({"event": "rollout", **result})
+                self.failed_calls.pop(call.worker_id, None)
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e
                 log.warning("rollout call %s on %s failed (%s: %s); its unfilled slots are released", call.call_id,
                             call.worker_id, type(cause).__name__, str(cause).strip().splitlines()[-1][:300])
                 self.metrics.log({"event": "rollout_failed", "worker": call.worker_id, "call_id": call.call_id})
                 self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
-                if call.worker_id in self.pool.workers:
+                failures = self.failed_calls[call.worker_id] = self.failed_calls.get(call.worker_id, 0) + 1
+                if failures > self.cfg.rollout.max_restarts and call.worker_id in self.pool.workers:
+                    self.pool.drop(call.worker_id)  # restarts used up: it would fail every call from now on
+                    self.awaiting_weights.discard(call.worker_id)
+                    self.sync_members = None
+                elif call.worker_id in self.pool.workers:
                     self._give_current_weights(call.worker_id)  # Ray restarted the actor with base weights
 
     def _finish_step(self) -> bool:

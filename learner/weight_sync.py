@@ -101,8 +101,10 @@ class NcclSender(WeightSender):
     name = "nccl"
 
     def __init__(self, *, host: str, port: int, world_size: int, layout: tuple[TensorMeta, ...], total_bytes: int,
-                 bucket_bytes: int = 256 << 20, backend: str = "nccl", device: str | torch.device = "cuda"):
+                 bucket_bytes: int = 256 << 20, backend: str = "nccl", device: str | torch.device = "cuda",
+                 timeout_s: float = 120.0):
         self.host, self.port, self.world_size, self.backend = host, port, world_size, backend
+        self.timeout_s = timeout_s
         self.layout, self.total_bytes = layout, total_bytes
         self.buckets = bucketize(layout, bucket_bytes)
         self.device = torch.device(device)
@@ -112,7 +114,7 @@ class NcclSender(WeightSender):
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightUpdate:
         start = time.perf_counter()
         if self._group is None:
-            self._group = connect_group(self.host, self.port, 0, self.world_size, self.backend)
+            self._group = connect_group(self.host, self.port, 0, self.world_size, self.backend, self.timeout_s)
             size = max(b.nbytes for b in self.buckets)
             self._buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
         opts = dist.BroadcastOptions()

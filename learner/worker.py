@@ -301,10 +301,11 @@ class LearnerRank:
             host, port = node_ip(), free_port()
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             info.update(host=host, port=port, world_size=num_receivers + 1, backend=backend,
-                        bucket_bytes=self.cfg.sync_bucket_mb << 20, layout=layout,
+                        bucket_bytes=self.cfg.sync_bucket_mb << 20, timeout_s=self.cfg.sync_timeout_s, layout=layout,
                         lora_scales=dict(self.lora_scales) if self.sync_adapters else None)
             kwargs = dict(host=host, port=port, world_size=num_receivers + 1, layout=layout, total_bytes=total,
-                          bucket_bytes=self.cfg.sync_bucket_mb << 20, backend=backend, device=self.device)
+                          bucket_bytes=self.cfg.sync_bucket_mb << 20, backend=backend, device=self.device,
+                          timeout_s=self.cfg.sync_timeout_s)
         if self.sender is not None:
             self.sender.close()
         self.sender = build_sender(transport, **kwargs)

@@ -151,7 +151,8 @@ class RolloutWorker:
                     receiver.close()
                 self.receivers["nccl"] = NcclReceiver(
                     host=group["host"], port=group["port"], rank=group["rank"], world_size=group["world_size"],
-                    bucket_bytes=group["bucket_bytes"], backend=group["backend"], device=self.gen.device)
+                    bucket_bytes=group["bucket_bytes"], backend=group["backend"], device=self.gen.device,
+                    timeout_s=group["timeout_s"])
                 self._group_id = group["id"]
             if group.get("lora_scales") is not None:  # adapters only: stage them in the merge's buffers
                 self._staging = self._adapter_merge(group["layout"], group["lora_scales"]).buffers

@@ -77,11 +77,12 @@ class NcclReceiver(WeightReceiver):
     name = "nccl"
 
     def __init__(self, *, host: str, port: int, rank: int, world_size: int, bucket_bytes: int = 256 << 20,
-                 backend: str = "nccl", device: str | torch.device = "cuda"):
+                 backend: str = "nccl", device: str | torch.device = "cuda", timeout_s: float = 120.0):
         if rank < 1:
             raise ValueError("nccl receivers take group ranks 1..world_size-1; rank 0 is the learner")
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
         self.bucket_bytes, self.backend, self.device = bucket_bytes, backend, torch.device(device)
+        self.timeout_s = timeout_s
         self._group = None
         self.last_seconds = 0.0
 
@@ -95,7 +96,7 @@ class NcclReceiver(WeightReceiver):
         layout, total = flat_layout((k, tuple(v.shape), v.dtype) for k, v in targets.items())
         buckets = bucketize(layout, self.bucket_bytes)
         if self._group is None:
-            self._group = connect_group(self.host, self.port, self.rank, self.world_size, self.backend)
+            self._group = connect_group(self.host, self.port, self.rank, self.world_size, self.backend, self.timeout_s)
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         header = torch.zeros(3, dtype=torch.int64, device=self.device)

@@ -23,14 +23,21 @@ SMALL = ["task.eval_size=8", "learner.groups_per_step=2", "rollout.prompts_per_c
 
 
 def _actor_pids(class_name: str) -> list[int]:
-    """Processes of live actors of a class (Ray titles them ``ray::<Class>``)."""
+    """Processes of live actors of a class (Ray titles them ``ray::<Class>``) of this process's Ray
+    instance only: other Ray instances on the machine (a benchmark, another test run) are left alone."""
     import psutil
+    import ray._private.ray_constants as ray_constants
+    import ray._private.worker as ray_worker
 
+    raylet = ray_worker.global_worker.node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         if cmd.startswith(f"ray::{class_name}"):
-            pids.append(proc.info["pid"])
+            pids.append(proc.pid)
     return pids
 
 
@@ -53,7 +60,9 @@ def _inject(root: Path, plan: list[tuple[int, str]], stop: threading.Event, done
         time.sleep(0.1)
 
 
-def test_rollout_queue_and_learner_faults_mid_run(tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", "nccl"])
+def test_rollout_queue_and_learner_faults_mid_run(tmp_path, transport):
+    """nccl (gloo on CPU): a restarted worker and a rebuilt learner each force a new broadcast group."""
     import ray
 
     from driver.train import train
@@ -62,7 +71,8 @@ def test_rollout_queue_and_learner_faults_mid_run(tmp_path):
     try:
         cfg = load_config("tiny_countdown", SMALL + [
             f"run.root={tmp_path}", "run.name=faults", "run.total_steps=8", "learner.checkpoint_every=2",
-            "rollout.num_workers=2", "queue.max_staleness=1"])
+            "rollout.num_workers=2", "queue.max_staleness=1", f"learner.weight_transport={transport}",
+            "learner.sync_timeout_s=30"])
         stop, done = threading.Event(), []
         plan = [(1, "RolloutWorker"), (3, "ReplayQueue"), (5, "LearnerRank")]
         injector = threading.Thread(target=_inject, args=(tmp_path, plan, stop, done), daemon=True)
@@ -90,6 +100,34 @@ def test_rollout_queue_and_learner_faults_mid_run(tmp_path):
     assert produced <= spilled.admitted
     for rb in spilled.groups:  # every spilled group is whole: G samples, one group id
         assert rb.num_rows == cfg.rollout.group_size
+
+
+def test_a_worker_dead_for_good_is_replaced(tmp_path):
+    """With its restarts used up (max_restarts 0) a killed rollout worker is dropped and a new one starts."""
+    import ray
+
+    from driver.train import train
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        cfg = load_config("tiny_countdown", SMALL + [
+            f"run.root={tmp_path}", "run.name=faults", "run.total_steps=6", "rollout.num_workers=1",
+            "rollout.max_restarts=0", "queue.max_staleness=1"])
+        stop, done = threading.Event(), []
+        injector = threading.Thread(target=_inject, args=(tmp_path, [(1, "RolloutWorker")], stop, done), daemon=True)
+        injector.start()
+        try:
+            assert train(cfg) == 0
+        finally:
+            stop.set()
+            injector.join(timeout=5)
+    finally:
+        ray.shutdown()
+    assert done == [(1, "RolloutWorker")]
+    records = read_metrics(next(tmp_path.glob("faults-*")) / "metrics.jsonl")
+    assert _steps(next(tmp_path.glob("faults-*")))[-1] == 6
+    workers = {r["worker"] for r in records if r.get("event") == "rollout" and r["groups"]}
+    assert workers == {"rollout-0", "rollout-1"}  # the replacement delivered the rest
 
 
 def test_driver_killed_then_resumed_continues_where_the_checkpoint_left(tmp_path):

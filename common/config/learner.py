@@ -68,6 +68,10 @@ class LearnerConfig(Section):
     sync_bucket_mb: int = Field(
         default=256, ge=1, description="nccl weight sync: size of each of the two flat broadcast buffers (MiB)."
     )
+    sync_timeout_s: float = Field(
+        default=120.0, gt=0.0,
+        description="nccl weight sync: how long the group's rendezvous or one bucket may take before the "
+        "broadcast fails and the driver rebuilds the group without the member that left.")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
     max_bad_steps: int = Field(
         default=3, ge=1, description="Consecutive NaN/Inf steps tolerated (skipped) before the run stops."
