@@ -1,10 +1,11 @@
-"""The CPU-sized experiment of docs/RESULTS.md: base vs diffu-GRPO vs AGRPO vs ATPO on Countdown-3.
+"""The CPU-sized experiment of docs/RESULTS.md: base vs diffu-GRPO vs AGRPO vs ATPO on one task.
 
-    python -m benchmarks.rl_compare --steps 40 --seeds 0 1 2 --out docs/results
+    python -m benchmarks.rl_compare --steps 30 --seeds 0 1 2 --out docs/results
+    python -m benchmarks.rl_compare --config tiny_sudoku --steps 30 --seeds 0 1 2 --out docs/results/sudoku
 
 Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
-same base checkpoint and config (configs/tiny_countdown.yaml), and is evaluated greedily on the 256
-cd3_test items at 1/4, 1/2 and 1 x the generation length in sampling steps. Writes results.json, a
+same base checkpoint and config (default configs/tiny_countdown.yaml), and is evaluated greedily on the
+task's 256 held-out items at 1/4, 1/2 and 1 x the generation length in sampling steps. Writes results.json, a
 markdown table (results.md) and plots into --out.
 """
 from __future__ import annotations
@@ -45,13 +46,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config)
     sampling_steps = [base_cfg.sampler.gen_length // 4, base_cfg.sampler.gen_length // 2, base_cfg.sampler.gen_length]
-    results: dict = {"config": args.config, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
+    results: dict = {"config": args.config, "task": base_cfg.task.name, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
                      "base": {}, "runs": []}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     if previous.get("steps") == args.steps and previous.get("config") == args.config:
-        # Runs of other methods from an earlier invocation are kept (same config and budget).
-        results["runs"] = [r for r in previous["runs"] if r["method"] not in args.methods]
+        # Runs (method, seed) of an earlier invocation that this one does not redo are kept (same budget).
+        redo = {(m, seed) for m in args.methods for seed in args.seeds}
+        results["runs"] = [r for r in previous["runs"] if (r["method"], r["seed"]) not in redo]
+        results["seeds"] = sorted(set(previous.get("seeds", [])) | set(args.seeds))
     base = evaluate_checkpoint(base_cfg, sampling_steps)
     results["base"] = {str(s): base[s]["accuracy"] for s in sampling_steps}
     if args.report_only:
@@ -129,7 +132,7 @@ def plot_curves_by_method(results: dict, path: Path) -> None:
             ax.plot(*zip(*r["curve"]), color=line.get_color(), alpha=0.25, lw=1)
     ax.axhline(results["base"][str(results["sampling_steps"][-1])], color="gray", ls="--", label="base")
     ax.set_xlabel("learner step")
-    ax.set_ylabel("held-out accuracy (cd3_test, greedy)")
+    ax.set_ylabel(f"held-out accuracy ({results.get('task', 'countdown')}, greedy)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
