@@ -11,6 +11,7 @@ import pytest
 
 from common.config import load_config
 from common.metrics import read_metrics
+from tests.run_helpers import train_beside
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +30,7 @@ def _scrape(port: int) -> str:
         return ""
 
 
-def _scale_during_run(root: Path, stop: threading.Event, seen: list) -> None:
+def _scale_during_run(root: Path, seen: list, stop: threading.Event) -> None:
     """After the first step ask for 2 rollout workers; once the new one has delivered, for 1 again."""
     from driver.cli import main
 
@@ -50,8 +51,6 @@ def _scale_during_run(root: Path, stop: threading.Event, seen: list) -> None:
 def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
     import ray
 
-    from driver.train import train
-
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port)
     try:
@@ -60,14 +59,8 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
             "task.eval_size=16", "learner.groups_per_step=2", "rollout.prompts_per_call=1",
             "rollout.num_workers=1", "learner.checkpoint_every=3", "queue.max_staleness=1",
         ])
-        stop, seen = threading.Event(), []
-        scaler = threading.Thread(target=_scale_during_run, args=(tmp_path, stop, seen), daemon=True)
-        scaler.start()
-        try:
-            assert train(cfg) == 0
-        finally:
-            stop.set()
-            scaler.join(timeout=5)
+        seen: list = []
+        assert train_beside(cfg, _scale_during_run, tmp_path, seen) == 0
         # Metrics the driver records reach Ray's Prometheus export (scraped while the driver lives).
         text, deadline = "", time.time() + 60
         while time.time() < deadline and not re.search(r"ray_unmask_policy_version\{[^}]*\} 12(\.0)?", text):
@@ -113,8 +106,6 @@ def test_broadcast_transport_follows_the_pool(tmp_path, lora):
     With LoRA over the checkpoint base only the adapters travel and each worker merges them."""
     import ray
 
-    from driver.train import train
-
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", [
@@ -124,14 +115,8 @@ def test_broadcast_transport_follows_the_pool(tmp_path, lora):
             "learner.weight_transport=nccl", "learner.sync_bucket_mb=1", "learner.checkpoint_every=0",
         ] + (["learner.lora.enabled=true", "learner.lora.r=4", "learner.lr=1e-3", "queue.max_staleness=0"]
              if lora else []))
-        stop, seen = threading.Event(), []
-        scaler = threading.Thread(target=_scale_during_run, args=(tmp_path, stop, seen), daemon=True)
-        scaler.start()
-        try:
-            assert train(cfg) == 0
-        finally:
-            stop.set()
-            scaler.join(timeout=5)
+        seen: list = []
+        assert train_beside(cfg, _scale_during_run, tmp_path, seen) == 0
     finally:
         ray.shutdown()
 

@@ -15,6 +15,7 @@ import torch
 
 from common.config import load_config
 from common.metrics import read_metrics
+from tests.run_helpers import train_beside
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(path) if "loss" in r] if path.is_file() else []
 
 
-def _inject(root: Path, plan: list[tuple[int, str]], stop: threading.Event, done: list) -> None:
+def _inject(root: Path, plan: list[tuple[int, str]], done: list, stop: threading.Event) -> None:
     """At learner step s, SIGKILL the process of one actor of the named class (Ray restarts it)."""
     while plan and not stop.is_set():
         runs = list(root.glob("faults-*"))
@@ -65,23 +66,15 @@ def test_rollout_queue_and_learner_faults_mid_run(tmp_path, transport):
     """nccl (gloo on CPU): a restarted worker and a rebuilt learner each force a new broadcast group."""
     import ray
 
-    from driver.train import train
-
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", SMALL + [
             f"run.root={tmp_path}", "run.name=faults", "run.total_steps=8", "learner.checkpoint_every=2",
             "rollout.num_workers=2", "queue.max_staleness=1", f"learner.weight_transport={transport}",
             "learner.sync_timeout_s=30"])
-        stop, done = threading.Event(), []
+        done: list = []
         plan = [(1, "RolloutWorker"), (3, "ReplayQueue"), (5, "LearnerRank")]
-        injector = threading.Thread(target=_inject, args=(tmp_path, plan, stop, done), daemon=True)
-        injector.start()
-        try:
-            assert train(cfg) == 0
-        finally:
-            stop.set()
-            injector.join(timeout=5)
+        assert train_beside(cfg, _inject, tmp_path, plan, done) == 0
     finally:
         ray.shutdown()
     assert [cls for _, cls in done] == ["RolloutWorker", "ReplayQueue", "LearnerRank"]
@@ -106,21 +99,13 @@ def test_a_worker_dead_for_good_is_replaced(tmp_path):
     """With its restarts used up (max_restarts 0) a killed rollout worker is dropped and a new one starts."""
     import ray
 
-    from driver.train import train
-
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", SMALL + [
             f"run.root={tmp_path}", "run.name=faults", "run.total_steps=6", "rollout.num_workers=1",
             "rollout.max_restarts=0", "queue.max_staleness=1"])
-        stop, done = threading.Event(), []
-        injector = threading.Thread(target=_inject, args=(tmp_path, [(1, "RolloutWorker")], stop, done), daemon=True)
-        injector.start()
-        try:
-            assert train(cfg) == 0
-        finally:
-            stop.set()
-            injector.join(timeout=5)
+        done: list = []
+        assert train_beside(cfg, _inject, tmp_path, [(1, "RolloutWorker")], done) == 0
     finally:
         ray.shutdown()
     assert done == [(1, "RolloutWorker")]
