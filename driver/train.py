@@ -43,11 +43,11 @@ def _truncate_ledger(run_dir: Path, lines: int) -> int:
     return max(0, len([x for x in data if x]) - lines)
 
 
-def evaluate(pool, items: list, overrides: dict, label: str = "eval") -> dict:
-    """Held-out accuracy, the items spread over every rollout worker."""
+def evaluate(pool, items: list, overrides: dict, label: str = "eval", skip: set[str] = frozenset()) -> dict:
+    """Held-out accuracy, the items spread over every rollout worker (but ``skip``: not on the current weights)."""
     import ray
 
-    workers = [w for wid, w in pool.workers.items() if wid not in pool.retiring]
+    workers = [w for wid, w in pool.workers.items() if wid not in pool.retiring and wid not in skip]
     chunks = [items[i::len(workers)] for i in range(len(workers))]
     refs = [w.evaluate.remote(chunk, overrides) for w, chunk in zip(workers, chunks) if chunk]
     records = [r for chunk in ray.get(refs) for r in chunk]
@@ -452,7 +452,8 @@ class Controller:
             self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
 
     def _evaluate(self, label: str, overrides: dict | None = None) -> dict:
-        res = evaluate(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label)
+        res = evaluate(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label,
+                       skip=self.awaiting_weights)
         record = {"step": self.state["step"], "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}
         if overrides:
             record = {"step": self.state["step"], "eval_sampling_steps": overrides["steps"],
