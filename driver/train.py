@@ -452,6 +452,8 @@ class Controller:
             self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
 
     def _evaluate(self, label: str, overrides: dict | None = None) -> dict:
+        if self.awaiting_weights and self.learner_future is None:
+            self.update = self._sync_weights()  # bring joined/restarted workers to the evaluated version
         res = evaluate(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label,
                        skip=self.awaiting_weights)
         record = {"step": self.state["step"], "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}
