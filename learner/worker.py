@@ -109,37 +109,46 @@ class LearnerRank:
                 apply_lora(full, self.cfg.lora)
             full_state = full.state_dict()
             del full
+        mp = MixedPrecisionPolicy(param_dtype=to_dtype(self.cfg.param_dtype), reduce_dtype=to_dtype(self.cfg.reduce_dtype))
+
+        def sharded(model: torch.nn.Module, state: dict | None) -> torch.nn.Module:
+            """fully_shard per block and at the root, then fill every rank's shards from rank 0's ``state``."""
+            for block in model.transformer.blocks:
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
+            model.to_empty(device=self.device)
+            # (a copy: set_model_state_dict writes the local shards back into the dict it is given)
+            set_model_state_dict(model, dict(state or {}),
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
+            # methods need FSDP's unshard/reshard hooks just like forward.
+            register_fsdp_forward_method(model, "hidden_states")
+            register_fsdp_forward_method(model, "lm_head")
+            return model
+
         model = build_model(policy_config(self.model_cfg), device="meta")
         self.hf_config = model.config
         if self.cfg.lora.enabled:
             apply_lora(model, self.cfg.lora)
         self.lora_scales = lora_scales(model)
         model.set_activation_checkpointing(self.model_cfg.gradient_checkpointing)
-        mp = MixedPrecisionPolicy(param_dtype=to_dtype(self.cfg.param_dtype), reduce_dtype=to_dtype(self.cfg.reduce_dtype))
-        for block in model.transformer.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-        model.to_empty(device=self.device)
-        set_model_state_dict(model, full_state or {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        model = sharded(model, full_state)
+        self.ref_model = None
+        if self.use_ref:  # the frozen initial policy, sharded like the policy (an 8B copy per rank would not fit)
+            ref_state = None if full_state is None else {  # in the ref's dtype: the broadcast needs them equal
+                k: v.to(to_dtype(self.cfg.param_dtype)) for k, v in full_state.items()
+                if not k.endswith((".lora_A", ".lora_B"))}
+            ref = build_model(policy_config(self.model_cfg), dtype=self.cfg.param_dtype, device="meta")
+            self.ref_model = sharded(ref, ref_state).eval().requires_grad_(False)
         del full_state
         # Losses already divide by the global sample count, so ranks must SUM gradients (FSDP averages by default).
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
-        # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
-        # methods need FSDP's unshard/reshard hooks just like forward.
-        register_fsdp_forward_method(model, "hidden_states")
-        register_fsdp_forward_method(model, "lm_head")
         model.train()
         self.model = model
         self.optimizer = build_optimizer(self.cfg, model.parameters())
-        self.ref_model = None
-        if self.use_ref:
-            torch.manual_seed(self.seed)
-            ref, _ = load_policy(self.model_cfg)
-            self.ref_model = ref.to(self.device, to_dtype(self.cfg.param_dtype)).eval().requires_grad_(False)
         self.loss = self.loss_factory()
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -236,9 +245,10 @@ class LearnerRank:
         """Unsharded model and optimizer state on CPU (rank 0; None elsewhere), for tests and debugging."""
         model = ckpt.full_model_state(self.model)
         optim = ckpt.full_optimizer_state(self.model, self.optimizer)
+        ref = ckpt.full_model_state(self.ref_model) if self.ref_model is not None else None
         if self.rank != 0:
             return None
-        return {"model": model, "optim": optim, "version": self.version, "step": self.step_count}
+        return {"model": model, "optim": optim, "ref": ref, "version": self.version, "step": self.step_count}
 
     def export_hf(self, directory: str) -> str | None:
         """HF-format policy (LoRA merged) in the model's dtype, written by rank 0."""

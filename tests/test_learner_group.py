@@ -148,9 +148,27 @@ def test_reference_model_is_a_frozen_copy_of_the_initial_policy(local_group):
     rank.setup("127.0.0.1", 0)
     initial = rank.state_dict_for_sync()
     rank.step(make_batch(), step_seed=0)
-    ref = rank.ref_model.state_dict()
+    ref = rank.full_state()["ref"]
     assert not any(p.requires_grad for p in rank.ref_model.parameters())
-    assert all(torch.equal(ref[k], initial[k]) for k in initial)
+    assert set(ref) == set(initial) and all(torch.equal(ref[k], initial[k]) for k in initial)
+    assert not all(torch.equal(v, rank.state_dict_for_sync()[k]) for k, v in initial.items())  # the policy moved
+
+
+@pytest.mark.ray
+def test_two_ranks_shard_the_reference_model(two_ranks):
+    """Each rank holds only its shards of the frozen reference; gathered, it is the initial policy."""
+    from learner.group import LearnerGroup
+
+    group = LearnerGroup(learner_cfg(num_ranks=2), MODEL, loss_factory=SFT, seed=0, ref_model=True)
+    try:
+        initial = group.state_dict_for_sync()
+        group.step(make_batch(), step_seed=0)
+        state = group.full_state()
+    finally:
+        group.shutdown()
+    assert set(state["ref"]) == set(initial)
+    for name, tensor in initial.items():
+        assert torch.equal(state["ref"][name], tensor), name
 
 
 # --- two gloo ranks under Ray vs the single in-process rank
