@@ -17,8 +17,9 @@ class LoraConfig(Section):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     sync_adapters: bool = Field(
         default=True,
-        description="Weight syncs send only the adapters (about 2% of LLaDA-8B's bytes at r=64) and rollout actors "
-        "merge W0 + scale*B@A into the base they loaded; needs model.path (a random preset base syncs merged weights).")
+        description="Weight syncs send only the adapters (LLaDA-8B at r=64: 0.67 GB in fp32 instead of 16 GB of "
+        "bf16 weights) and rollout actors merge W0 + scale*B@A into the base they loaded; needs model.path "
+        "(a random preset base syncs merged weights).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
         description="Linear layer names inside each block that get adapters.",
