@@ -202,7 +202,7 @@ def _driver_commands() -> list[tuple[str, list[str]]]:
         for match in re.finditer(r"(?:python -m driver|(?<![\w-])unmask) ([^\n`|#]*)", text):
             # `<preset>`-style placeholders stand for any value; they parse but are not resolved.
             argv = shlex.split(re.sub(r"<[^>]*>", PLACEHOLDER, match.group(1)))
-            if argv and argv[0] in {"train", "config", "eval", "scale"}:
+            if argv and argv[0] in {"train", "config", "eval", "scale", "stop"}:
                 found.append((where, argv))
     return found
 
