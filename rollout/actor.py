@@ -101,6 +101,7 @@ class RolloutWorker:
         self._staging_lock = threading.Lock()
         self._staging: dict[str, torch.Tensor] | None = None
         self._staged_version = -1
+        self._staged_count = self._applied_count = 0  # broadcasts received / swapped in (versions may go back)
         self._group_id = ""
         self._receiving = False
         self._merge = None  # AdapterMerge of adapter-only syncs (LoRA over a checkpoint base)
@@ -165,12 +166,14 @@ class RolloutWorker:
             raise
         with self._staging_lock:
             self._staged_version, self._receiving = version, False
+            self._staged_count += 1
         return {"version": self._staged_version, "seconds": time.perf_counter() - start}
 
     def _apply_staged(self) -> None:
         """Swap in the newest broadcast version, if one arrived since the last rollout."""
         with self._staging_lock:
-            if self._receiving or self._staging is None or self._staged_version <= self.version:
+            # Not by version number: a learner rebuilt from a checkpoint sends an older version again.
+            if self._receiving or self._staged_count == self._applied_count:
                 return  # nothing new, or a broadcast is being written: keep the current version
             if self._merge is not None and self._staging is self._merge.buffers:
                 self._merge.apply(self.gen.model)
@@ -178,7 +181,7 @@ class RolloutWorker:
                 with torch.no_grad():
                     for name, target in self.gen.model.state_dict().items():
                         target.copy_(self._staging[name])
-            self.version = self._staged_version
+            self.version, self._applied_count = self._staged_version, self._staged_count
 
     def rollout(self, items: list, call_tag: str) -> dict[str, Any]:
         """Generate ``group_size`` samples for each item, score them, put one Arrow group per item."""
