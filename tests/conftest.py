@@ -26,4 +26,13 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

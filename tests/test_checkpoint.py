@@ -34,14 +34,6 @@ def group(num_ranks: int):
     return LearnerGroup(cfg, MODEL, loss_factory=SFT, seed=0)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def assert_same_state(a: dict, b: dict, atol: float = 0.0):
     assert a["version"] == b["version"] and a["step"] == b["step"]
     for name, tensor in a["model"].items():

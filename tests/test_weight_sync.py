@@ -38,14 +38,6 @@ def test_resolve_transport():
         resolve_transport("carrier_pigeon", learner_gpus=0, rollout_gpus=0, colocated=False)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_object_store_roundtrip_and_versions(ray_local):
     source, target = tiny(0), tiny(1)
