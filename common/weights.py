@@ -169,8 +169,9 @@ class WeightReceiver(ABC):
 
     name: str
 
-    def receive(self, model: torch.nn.Module, update: WeightUpdate) -> int:
-        """Load ``update`` into ``model`` in place; returns the policy version now held."""
+    def receive(self, model: torch.nn.Module, update: WeightUpdate | None = None) -> int:
+        """Load ``update`` into ``model`` in place; returns the policy version now held (nccl needs no
+        ``update``: its broadcast header carries the version)."""
         return self.receive_into(model.state_dict(), update)
 
     @abstractmethod

@@ -41,7 +41,7 @@ class RolloutPool:
         """Add or retire workers to reach ``n``; returns the ids of new workers (they need weights)."""
         import ray
 
-        active = [w for w in self.workers if w not in self.retiring]
+        active = self.active()
         added = []
         while len(active) < n:
             worker_id = f"rollout-{next(self._ids)}"
@@ -71,9 +71,13 @@ class RolloutPool:
     def size(self) -> int:
         return len(self.workers) - len(self.retiring)
 
+    def active(self) -> list[str]:
+        """Worker ids that are not retiring, in the order they joined."""
+        return [w for w in self.workers if w not in self.retiring]
+
     def idle(self) -> list[str]:
         running = {c.worker_id for c in self.busy.values()}
-        return [w for w in self.workers if w not in running and w not in self.retiring]
+        return [w for w in self.active() if w not in running]
 
     def dispatch(self, worker_id: str, items: list, call_id: str, reserved: int):
         ref = self.workers[worker_id].rollout.remote(items, call_id)
@@ -82,7 +86,7 @@ class RolloutPool:
 
     def broadcast(self, update) -> list:
         """Queue a weight swap (a ``WeightUpdate``) on every worker; it runs after the worker's current rollout."""
-        return [w.set_weights.remote(update) for wid, w in self.workers.items() if wid not in self.retiring]
+        return [self.workers[wid].set_weights.remote(update) for wid in self.active()]
 
     def shutdown(self) -> None:
         import ray

@@ -47,7 +47,7 @@ def evaluate(pool, items: list, overrides: dict, label: str = "eval", skip: set[
     """Held-out accuracy, the items spread over every rollout worker (but ``skip``: not on the current weights)."""
     import ray
 
-    workers = [w for wid, w in pool.workers.items() if wid not in pool.retiring and wid not in skip]
+    workers = [pool.workers[wid] for wid in pool.active() if wid not in skip]
     chunks = [items[i::len(workers)] for i in range(len(workers))]
     refs = [w.evaluate.remote(chunk, overrides) for w, chunk in zip(workers, chunks) if chunk]
     records = [r for chunk in ray.get(refs) for r in chunk]
@@ -186,7 +186,7 @@ class Controller:
         from common.weights import WeightUpdate
 
         for attempt in range(1, 4):
-            members = tuple(w for w in self.pool.workers if w not in self.pool.retiring)
+            members = tuple(self.pool.active())
             if attempt > 1:
                 members = self._responsive(members)
             if not members:  # nobody to send to; joiners get the next version
@@ -246,8 +246,7 @@ class Controller:
                 log.info("stop requested (unmask stop): finishing at step %d", self.state["step"])
                 break
             self._follow_scale(control)
-            if self.awaiting_weights and self.learner_future is None:
-                self.update = self._sync_weights()  # joined/restarted workers get the current version now
+            self._catch_up_waiting_workers()
             self._dispatch_rollouts()
             self._feed_learner()
             self._collect_rollouts()
@@ -302,6 +301,11 @@ class Controller:
             self.sync_members = None
         elif self.update is not None:  # runs before any rollout the worker gets (actor calls are ordered)
             self.pool.workers[wid].set_weights.remote(self.update)
+
+    def _catch_up_waiting_workers(self) -> None:
+        """Send the current weights now if joined/restarted workers wait for them and the learner is idle."""
+        if self.awaiting_weights and self.learner_future is None:
+            self.update = self._sync_weights()
 
     def _dispatch_rollouts(self) -> None:
         """Give idle workers prompts, as far as the queue's staleness budget admits."""
@@ -371,8 +375,6 @@ class Controller:
                 failures = self.failed_calls[call.worker_id] = self.failed_calls.get(call.worker_id, 0) + 1
                 if failures > self.cfg.rollout.max_restarts and call.worker_id in self.pool.workers:
                     self.pool.drop(call.worker_id)  # restarts used up: it would fail every call from now on
-                    self.awaiting_weights.discard(call.worker_id)
-                    self.sync_members = None
                 elif call.worker_id in self.pool.workers:
                     self._give_current_weights(call.worker_id)  # Ray restarted the actor with base weights
 
@@ -452,8 +454,7 @@ class Controller:
             self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
 
     def _evaluate(self, label: str, overrides: dict | None = None) -> dict:
-        if self.awaiting_weights and self.learner_future is None:
-            self.update = self._sync_weights()  # bring joined/restarted workers to the evaluated version
+        self._catch_up_waiting_workers()
         res = evaluate(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label,
                        skip=self.awaiting_weights)
         record = {"step": self.state["step"], "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}

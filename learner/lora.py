@@ -58,3 +58,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
 def lora_scales(model: nn.Module) -> dict[str, float]:
     """``{module prefix: scale}`` for every adapter in ``model`` (empty without LoRA)."""
     return {name: m.scale for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a state-dict key is an adapter tensor (``<prefix>.lora_A`` / ``<prefix>.lora_B``)."""
+    return name.endswith((".lora_A", ".lora_B"))

@@ -28,7 +28,7 @@ from common.trajectory import Trajectory
 from common.weights import WeightUpdate, flat_layout
 from learner import checkpoint as ckpt
 from learner.losses.base import select_rows
-from learner.lora import apply_lora, lora_scales
+from learner.lora import apply_lora, is_adapter, lora_scales
 from learner.optim import build_optimizer, lr_at, set_lr
 from learner.weight_sync import build_sender
 
@@ -136,8 +136,7 @@ class LearnerRank:
         self.ref_model = None
         if self.use_ref:  # the frozen initial policy, sharded like the policy (an 8B copy per rank would not fit)
             ref_state = None if full_state is None else {  # in the ref's dtype: the broadcast needs them equal
-                k: v.to(to_dtype(self.cfg.param_dtype)) for k, v in full_state.items()
-                if not k.endswith((".lora_A", ".lora_B"))}
+                k: v.to(to_dtype(self.cfg.param_dtype)) for k, v in full_state.items() if not is_adapter(k)}
             ref = build_model(policy_config(self.model_cfg), dtype=self.cfg.param_dtype, device="meta")
             self.ref_model = sharded(ref, ref_state).eval().requires_grad_(False)
         del full_state
@@ -270,11 +269,11 @@ class LearnerRank:
         state = self.model.state_dict()
         if adapters:
             for name, tensor in state.items():
-                if name.endswith((".lora_A", ".lora_B")):
+                if is_adapter(name):
                     yield name, _full(tensor.detach()).float()
             return
         for name, tensor in state.items():
-            if name.endswith((".lora_A", ".lora_B")):
+            if is_adapter(name):
                 continue
             full = _full(tensor.detach())
             prefix = name.removesuffix(".weight")
@@ -290,13 +289,9 @@ class LearnerRank:
 
     def sync_layout(self, adapters: bool = False):
         """The wire layout of the synced tensors (names, global shapes, dtype on the wire)."""
-        dtype = to_dtype(self.model_cfg.dtype)
-        state = self.model.state_dict()
-        if adapters:
-            return flat_layout((n, tuple(t.shape), torch.float32) for n, t in state.items()
-                               if n.endswith((".lora_A", ".lora_B")))
-        return flat_layout((n, tuple(t.shape), dtype) for n, t in state.items()
-                           if not n.endswith((".lora_A", ".lora_B")))
+        dtype = torch.float32 if adapters else to_dtype(self.model_cfg.dtype)
+        return flat_layout((n, tuple(t.shape), dtype) for n, t in self.model.state_dict().items()
+                           if is_adapter(n) == adapters)
 
     def init_weight_sync(self, transport: str, num_receivers: int = 0) -> dict | None:
         """Build rank 0's sender; for nccl returns the rendezvous (host, port, world_size) receivers need."""

@@ -86,10 +86,6 @@ class NcclReceiver(WeightReceiver):
         self._group = None
         self.last_seconds = 0.0
 
-    def receive(self, model: torch.nn.Module, update: WeightUpdate | None = None) -> int:
-        """Receive the next broadcast into ``model`` (``update`` is optional: the header carries the version)."""
-        return self.receive_into(model.state_dict())
-
     def receive_into(self, targets: dict[str, torch.Tensor], update: WeightUpdate | None = None) -> int:
         """Receive the next broadcast into ``targets`` (a state dict, a staging copy, or adapter buffers)."""
         start = time.perf_counter()
