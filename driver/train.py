@@ -432,7 +432,10 @@ class Controller:
         import ray
 
         out, info = self.out, self.batch_info
-        qstats = ray.get(self.queue.stats.remote())
+        try:
+            qstats = ray.get(self.queue.stats.remote())
+        except ray.exceptions.RayActorError:  # the queue is restarting: log this step without its stats
+            qstats = {}
         record = {"step": self.state["step"], "version": self.state["version"], **info, **out,
                   "policy_version": self.state["version"], "weight_sync_seconds": self.sync_seconds,
                   **self.update.metrics, "queue_depth": qstats.get("depth", 0),
