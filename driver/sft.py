@@ -18,8 +18,10 @@ from common.trajectory import Trajectory
 log = logging.getLogger("unmask")
 
 
-def sft_batch(items: list, task, tokenizer, gen_length: int) -> Trajectory:
-    """Prompt + EOS-padded reference completion of each item as a ``Trajectory`` (ids only)."""
+def sft_batch(items: list, task, tokenizer, gen_length: int) -> tuple[Trajectory, int]:
+    """Prompt + EOS-padded reference completion of each item as a ``Trajectory`` (ids only), and how many
+    items were left out because their reference plus its EOS does not fit in ``gen_length`` tokens (a
+    truncated reference would teach a wrong answer with no end: a 16-digit Sudoku grid cut to 15)."""
     from rollout.actor import left_pad
 
     prompts, completions = [], []
@@ -27,18 +29,25 @@ def sft_batch(items: list, task, tokenizer, gen_length: int) -> Trajectory:
         text = task.reference_completion(item)
         if text is None:
             raise ValueError(f"task {task.name} has no reference completions; SFT needs a solver or a dataset")
-        ids = tokenizer.encode(text)[: gen_length - 1] + [tokenizer.eos_id]
+        ids = tokenizer.encode(text) + [tokenizer.eos_id]
+        if len(ids) > gen_length:
+            continue
         completions.append(ids + [tokenizer.eos_id] * (gen_length - len(ids)))
         prompts.append(tokenizer.encode(task.prompt(item, tokenizer)))
+    if not completions:
+        need = len(tokenizer.encode(task.reference_completion(items[0]))) + 1
+        raise ValueError(f"no reference completion in the batch fits sampler.gen_length={gen_length} (the first "
+                         f"needs {need} tokens with its EOS); raise sampler.gen_length")
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
-    B, G = len(items), gen_length
+    B, G = len(completions), gen_length
     zeros = torch.zeros(B, G)
     return Trajectory(
         prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask.bool(), completion_ids_BG=torch.tensor(completions),
         unmask_step_BG=torch.zeros(B, G, dtype=torch.long), logp_BG=zeros, entropy_BG=zeros, margin_BG=zeros,
         cutoff_BG=torch.full((B, G), float("-inf")), step_entropy_BT=torch.zeros(B, 1),
         step_margin_BT=torch.zeros(B, 1), step_committed_BT=torch.zeros(B, 1, dtype=torch.long),
-        rewards_B=torch.zeros(B), group_B=torch.arange(B), policy_version_B=torch.zeros(B, dtype=torch.long))
+        rewards_B=torch.zeros(B), group_B=torch.arange(B), policy_version_B=torch.zeros(B, dtype=torch.long)
+    ), len(items) - B
 
 
 def sft(cfg: UnmaskConfig) -> int:
@@ -68,12 +77,18 @@ def sft(cfg: UnmaskConfig) -> int:
     out = Path(cfg.sft.output)
     out = out if out.is_absolute() else REPO_ROOT / out
     log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
-    t0 = time.time()
+    t0, skipped = time.time(), 0
     try:
         for step in range(1, cfg.sft.steps + 1):
-            batch = sft_batch(list(itertools.islice(stream, cfg.sft.batch_size)), task, tokenizer, cfg.sampler.gen_length)
+            batch, left_out = sft_batch(list(itertools.islice(stream, cfg.sft.batch_size)), task, tokenizer,
+                                        cfg.sampler.gen_length)
+            if left_out and not skipped:
+                log.warning("SFT: %d of %d reference completions in the first such batch need more than "
+                            "sampler.gen_length=%d tokens with their EOS and are left out; raise sampler.gen_length "
+                            "to train on them", left_out, cfg.sft.batch_size, cfg.sampler.gen_length)
+            skipped += left_out
             stats = learner.step(batch, step_seed=cfg.run.seed * 100_003 + step)
-            metrics.log({"step": step, **stats})
+            metrics.log({"step": step, "sft_left_out": left_out, **stats})
             if step % 50 == 0 or step == cfg.sft.steps:
                 eta = (time.time() - t0) / step * (cfg.sft.steps - step)
                 log.info("sft step %d/%d | loss %.4f | ETA %dm%02ds", step, cfg.sft.steps, stats.get("loss", float("nan")),
@@ -84,7 +99,8 @@ def sft(cfg: UnmaskConfig) -> int:
                 eval_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(out)})})
                 res = evaluate_checkpoint(eval_cfg, [cfg.sampler.steps], limit=cfg.sft.eval_size)[cfg.sampler.steps]
                 metrics.log({"step": step, "eval_accuracy": res["accuracy"], "eval_reward": res["mean_reward"]})
-        log.info("SFT done in %.0fs; checkpoint at %s", time.time() - t0, out)
+        log.info("SFT done in %.0fs; checkpoint at %s%s", time.time() - t0, out,
+                 f" ({skipped} too-long references left out)" if skipped else "")
         return 0
     finally:
         learner.shutdown()

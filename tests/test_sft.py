@@ -104,3 +104,30 @@ def test_infinite_total_samples_contributes_zero_gradient():
     model = tiny()
     loss.backward(model, batch, total_samples=float("inf"))
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_sft_batch_keeps_whole_references_with_their_eos():
+    """A reference that does not fit with its EOS is left out, never cut: cutting a 16-digit Sudoku grid to
+    15 digits + EOS (what the first tiny Sudoku base was trained on) teaches an answer that is never whole."""
+    import itertools
+
+    import pytest
+
+    from common.config import TaskConfig
+    from common.tasks import get_task
+    from common.tokenizers import CharTokenizer
+    from driver.sft import sft_batch
+
+    tok, task = CharTokenizer(), get_task(TaskConfig(name="sudoku"))
+    items = list(itertools.islice(task.train_items(0), 4))
+    batch, left_out = sft_batch(items, task, tok, gen_length=20)
+    assert left_out == 0 and batch.completion_ids_BG.shape == (4, 20)
+    for row, item in zip(batch.completion_ids_BG.tolist(), items):
+        assert tok.decode(row[:16]) == item.answer and set(row[16:]) == {tok.eos_id}
+    with pytest.raises(ValueError, match="raise sampler.gen_length"):
+        sft_batch(items, task, tok, gen_length=16)
+    mixed = get_task(TaskConfig(name="countdown"))
+    cd_items = list(itertools.islice(mixed.train_items(0), 64))
+    longest = max(len(mixed.reference_completion(it)) for it in cd_items)
+    batch, left_out = sft_batch(cd_items, mixed, tok, gen_length=longest)  # the longest ones lack room for EOS
+    assert 0 < left_out < 64 and len(batch) == 64 - left_out
