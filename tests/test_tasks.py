@@ -191,6 +191,13 @@ def test_sudoku_reward_partial_and_format():
     chat = task("sudoku", "chat")
     assert chat.reward("<answer>\n3142\n2431\n4213\n1324\n</answer>", item).total == 1.0
     assert chat.reward("3142243142131324", item).components["format"] == 0.0
+    # All-or-nothing: one wrong blank scores like an empty answer; a solved grid still scores 1.
+    solved_only = task("sudoku", format_weight=0.2, partial_credit=False)
+    assert solved_only.reward("3142243142131324", item).total == 1.0
+    one_wrong = solved_only.reward("3142243142131323", item)
+    assert one_wrong.components["score"] == 0.0 and one_wrong.total == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="sudoku only"):
+        TaskConfig(name="countdown", partial_credit=False)
 
 
 def test_sudoku_generator_excludes_heldout(tmp_path):

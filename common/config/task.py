@@ -23,10 +23,15 @@ class TaskConfig(Section):
     eval_file: str | None = Field(default=None, description="Held-out evaluation file; None uses the task's default test set.")
     eval_size: int = Field(default=256, ge=1, description="Held-out items evaluated.")
     format_weight: float = Field(default=0.1, ge=0.0, le=1.0, description="Weight w of format credit: reward = (1 - w) * correctness score + w * (answer well formed: tags present, parses).")
+    partial_credit: bool = Field(
+        default=True, description="Sudoku: score = fraction of the blanks filled right (d1's reward); false: 1 only for a solved grid. The other tasks score all-or-nothing."
+    )
     seed: int = Field(default=0, description="Seed of the training-item generator / shuffle.")
 
     @model_validator(mode="after")
     def _style(self) -> "TaskConfig":
         if self.name == "math" and self.prompt_style == "compact":
             raise ValueError("task math needs prompt_style chat (a tokenizer with a chat template)")
+        if not self.partial_credit and self.name != "sudoku":
+            raise ValueError(f"task.partial_credit=false applies to sudoku only ({self.name} already scores all-or-nothing)")
         return self

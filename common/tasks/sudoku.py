@@ -165,4 +165,6 @@ class SudokuTask(Task):
             return shaped_reward(1.0, True, True, w)
         right = sum(1 for i in blanks if i < len(digits) and digits[i] == item.answer[i])
         score = right / len(blanks) if blanks else 1.0
+        if not self.cfg.partial_credit:
+            score = float(score == 1.0)
         return shaped_reward(score, well_formed, right == len(blanks), w)
