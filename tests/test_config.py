@@ -12,6 +12,22 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, UnmaskConfig)
 
 
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("tiny_*.yaml")) + sorted(CONFIG_DIR.glob("sft_tiny_*.yaml")),
+                         ids=lambda p: p.name)
+def test_tiny_presets_leave_room_for_a_whole_answer(path):
+    """Every solver reference plus its EOS fits the preset's gen_length (a 16-digit Sudoku grid in 16
+    tokens has no room for its end, and SFT used to cut it to 15 digits)."""
+    import itertools
+
+    from common.tasks import get_task
+    from common.tokenizers import CharTokenizer
+
+    cfg = load_config(path)
+    task, tok = get_task(cfg.task), CharTokenizer()
+    longest = max(len(tok.encode(task.reference_completion(it))) for it in itertools.islice(task.train_items(0), 500))
+    assert longest + 1 <= cfg.sampler.gen_length, (longest, cfg.sampler.gen_length)
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(None, ["learner.lr=3e-5", "sampler.temperature=0.9", "algorithm.name=atpo",
                              "algorithm.selection=topk", "learner.lora.r=8"])
