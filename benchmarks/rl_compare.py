@@ -2,6 +2,7 @@
 
     python -m benchmarks.rl_compare --steps 30 --seeds 0 1 2 --out docs/results
     python -m benchmarks.rl_compare --config tiny_sudoku --steps 30 --seeds 0 1 2 --out docs/results/sudoku
+    python -m benchmarks.rl_compare --config tiny_sudoku --methods agrpo --set learner.lr=3e-5 --out ...  # ablation
 
 Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
 same base checkpoint and config (default configs/tiny_countdown.yaml), and is evaluated greedily on the
@@ -26,6 +27,8 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--config", default="tiny_countdown")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every RL run (repeatable), e.g. learner.lr=3e-5")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     p.add_argument("--report-only", action="store_true",
                    help="re-evaluate the base model and rewrite the report and plots from results.json")
@@ -46,11 +49,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config)
     sampling_steps = [base_cfg.sampler.gen_length // 4, base_cfg.sampler.gen_length // 2, base_cfg.sampler.gen_length]
-    results: dict = {"config": args.config, "task": base_cfg.task.name, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
+    results: dict = {"config": args.config, "overrides": args.overrides, "task": base_cfg.task.name, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
                      "base": {}, "runs": []}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
-    if previous.get("steps") == args.steps and previous.get("config") == args.config:
+    same_setup = (previous.get("steps"), previous.get("config"), previous.get("overrides", [])) == (
+        args.steps, args.config, args.overrides)
+    if same_setup:
         # Runs (method, seed) of an earlier invocation that this one does not redo are kept (same budget).
         redo = {(m, seed) for m in args.methods for seed in args.seeds}
         results["runs"] = [r for r in previous["runs"] if (r["method"], r["seed"]) not in redo]
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
         for method in args.methods:
             for seed in args.seeds:
                 t0 = time.time()
-                cfg = load_config(args.config, METHODS[method] + [
+                cfg = load_config(args.config, METHODS[method] + args.overrides + [
                     f"run.root={out / 'runs'}", f"run.name={method}-s{seed}", f"run.seed={seed}",
                     f"task.seed={seed}", f"run.total_steps={args.steps}", "run.eval_every=10",
                     f"run.eval_sampling_steps={sampling_steps}"])
@@ -114,6 +119,8 @@ def write_report(results: dict, out: Path) -> None:
         runs = [r for r in results["runs"] if r["method"] == method]
         cells = [_mean_sd([r["at_steps"][str(s)] for r in runs]) for s in steps]
         lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    if results.get("overrides"):
+        lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
