@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -26,33 +25,14 @@ ANCHOR_TOK_PER_S = 184.0  # DESIGN.md: LLaDA reference generate(), batch 8, one 
 
 
 def make_trajectory(G: int, prompt: int, gen: int, steps: int, seed: int):
-    """A left-padded trajectory with realistic shapes and random values."""
+    """A left-padded trajectory with realistic shapes (LLaDA's vocabulary and block length) and random values."""
     import torch
 
-    from common.trajectory import Trajectory
+    from tests.fakes import random_trajectory
 
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(prompt // 2, prompt * 3 // 2 + 1, (G,), generator=g)
-    P = int(lens.max())
-    mask = torch.arange(P)[None, :] >= (P - lens)[:, None]
-    cutoff = torch.randn(G, gen, generator=g)
-    cutoff[:, ::2] = -math.inf
-    return Trajectory(
-        prompt_ids_BP=torch.randint(5, 126_000, (G, P), generator=g) * mask,
-        prompt_mask_BP=mask,
-        completion_ids_BG=torch.randint(5, 126_000, (G, gen), generator=g),
-        unmask_step_BG=torch.randint(0, steps, (G, gen), generator=g),
-        logp_BG=-torch.rand(G, gen, generator=g),
-        entropy_BG=torch.rand(G, gen, generator=g),
-        margin_BG=torch.rand(G, gen, generator=g),
-        cutoff_BG=cutoff,
-        step_entropy_BT=torch.rand(G, steps, generator=g),
-        step_margin_BT=torch.rand(G, steps, generator=g),
-        step_committed_BT=torch.randint(0, 4, (G, steps), generator=g),
-        temperature=0.9,
-        block_length=32,
-        banned_ids=(126081,),
-    )
+    lens = torch.randint(prompt // 2, prompt * 3 // 2 + 1, (G,), generator=torch.Generator().manual_seed(seed))
+    return random_trajectory(lens.tolist(), gen, steps, seed=seed, vocab=126_000, block_length=32,
+                             banned=(126081,), cutoff_every=2)
 
 
 def to_group(traj, group_id: str):

@@ -1,7 +1,6 @@
 """The replay queue on a local Ray instance: back-pressure, staleness budget, atomic groups, producer death,
 spill/recover and corrupted-spill detection."""
 import asyncio
-import math
 import sys
 
 import pyarrow as pa
@@ -13,7 +12,7 @@ from common.config import QueueConfig
 from common.queue import ReplayQueue, ReplayQueueCore
 from common.schema import group_to_record_batch
 from common.spill import SpillCorruptError
-from common.trajectory import Trajectory
+from tests.fakes import random_trajectory
 
 pytestmark = pytest.mark.ray
 
@@ -29,24 +28,8 @@ def ray_local():
 
 def make_group(group_id: str, version: int = 0, G: int = 4, gen: int = 16, steps: int = 8, seed: int = 0):
     """One well-formed group with random contents; ``seed`` makes its data distinguishable."""
-    g = torch.Generator().manual_seed(seed)
-    P = 5
-    mask = torch.arange(P)[None, :] >= torch.randint(0, P, (G, 1), generator=g)
-    traj = Trajectory(
-        prompt_ids_BP=torch.randint(5, 100, (G, P), generator=g) * mask,
-        prompt_mask_BP=mask,
-        completion_ids_BG=torch.randint(5, 100, (G, gen), generator=g),
-        unmask_step_BG=torch.randint(0, steps, (G, gen), generator=g),
-        logp_BG=-torch.rand(G, gen, generator=g),
-        entropy_BG=torch.rand(G, gen, generator=g),
-        margin_BG=torch.rand(G, gen, generator=g),
-        cutoff_BG=torch.full((G, gen), -math.inf),
-        step_entropy_BT=torch.rand(G, steps, generator=g),
-        step_margin_BT=torch.rand(G, steps, generator=g),
-        step_committed_BT=torch.randint(0, 3, (G, steps), generator=g),
-        temperature=1.0,
-        block_length=8,
-    )
+    lens = torch.randint(1, 6, (G,), generator=torch.Generator().manual_seed(seed)).tolist()
+    traj = random_trajectory(lens, gen, steps, seed=seed, block_length=8, temperature=1.0, cutoff_every=None)
     return group_to_record_batch(
         traj, group_id=group_id, task="t", worker_id="w", policy_version=version, rewards=[1.0] * G,
         correct=[True] * G, components={}, timings={"gen_seconds": 0.0, "reward_seconds": 0.0},

@@ -1,5 +1,4 @@
 """The trajectory Arrow schema: round trip, versioning, ragged prompts, validation."""
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -8,35 +7,13 @@ import torch
 
 from common.schema import SCHEMA, SCHEMA_VERSION, VERSION_KEY, group_to_record_batch, table_to_trajectory, validate_group
 from common.trajectory import Trajectory
+from tests.fakes import random_trajectory
 
 PAD = 0
 
 
 def fake_trajectory(prompt_lens, gen=12, steps=6, seed=0, block_length=4, banned=(2, 4)) -> Trajectory:
-    """A left-padded trajectory with random but well-formed values (no model needed)."""
-    g = torch.Generator().manual_seed(seed)
-    B, P = len(prompt_lens), max(prompt_lens)
-    prompt_ids = torch.randint(5, 100, (B, P), generator=g)
-    mask = torch.arange(P)[None, :] >= (P - torch.tensor(prompt_lens))[:, None]
-    prompt_ids[~mask] = PAD
-    cutoff = torch.randn(B, gen, generator=g)
-    cutoff[:, ::3] = -math.inf
-    return Trajectory(
-        prompt_ids_BP=prompt_ids,
-        prompt_mask_BP=mask,
-        completion_ids_BG=torch.randint(5, 100, (B, gen), generator=g),
-        unmask_step_BG=torch.randint(0, steps, (B, gen), generator=g),
-        logp_BG=-torch.rand(B, gen, generator=g),
-        entropy_BG=torch.rand(B, gen, generator=g),
-        margin_BG=torch.rand(B, gen, generator=g),
-        cutoff_BG=cutoff,
-        step_entropy_BT=torch.rand(B, steps, generator=g),
-        step_margin_BT=torch.rand(B, steps, generator=g),
-        step_committed_BT=torch.randint(0, 4, (B, steps), generator=g),
-        temperature=0.9,
-        block_length=block_length,
-        banned_ids=tuple(banned),
-    )
+    return random_trajectory(prompt_lens, gen, steps, seed=seed, block_length=block_length, banned=banned)
 
 
 def to_batch(traj, group_id, version=3, **kw):
