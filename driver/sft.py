@@ -65,23 +65,28 @@ def sft(cfg: UnmaskConfig) -> int:
     from learner.sft import build_sft_loss
 
     setup_logging()
-    run_dir = new_run_dir(cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
     tokenizer = load_tokenizer(resolve_path(cfg.model.path)) if cfg.model.path else CharTokenizer()
     task = get_task(cfg.task)
+    stream = task.train_items(cfg.task.seed)
+    batches = (sft_batch(list(itertools.islice(stream, cfg.sft.batch_size)), task, tokenizer, cfg.sampler.gen_length)
+               for _ in range(cfg.sft.steps))
+    try:
+        first = next(batches)  # a gen_length too short for the references fails here, before Ray starts
+    except ValueError as e:
+        log.error("unmask: %s", e)
+        return 2
+    run_dir = new_run_dir(cfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
     connect_ray(cfg.run.ray_address)
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
                            loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id,
                                                          pad_id=tokenizer.pad_id, eps=cfg.sft.eps))
-    stream = task.train_items(cfg.task.seed)
     out = Path(cfg.sft.output)
     out = out if out.is_absolute() else REPO_ROOT / out
     log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
     t0, skipped = time.time(), 0
     try:
-        for step in range(1, cfg.sft.steps + 1):
-            batch, left_out = sft_batch(list(itertools.islice(stream, cfg.sft.batch_size)), task, tokenizer,
-                                        cfg.sampler.gen_length)
+        for step, (batch, left_out) in enumerate(itertools.chain([first], batches), start=1):
             if left_out and not skipped:
                 log.warning("SFT: %d of %d reference completions in the first such batch need more than "
                             "sampler.gen_length=%d tokens with their EOS and are left out; raise sampler.gen_length "

@@ -131,3 +131,14 @@ def test_sft_batch_keeps_whole_references_with_their_eos():
     longest = max(len(mixed.reference_completion(it)) for it in cd_items)
     batch, left_out = sft_batch(cd_items, mixed, tok, gen_length=longest)  # the longest ones lack room for EOS
     assert 0 < left_out < 64 and len(batch) == 64 - left_out
+
+
+def test_unmask_sft_refuses_a_gen_length_without_room_in_one_line(capsys, caplog):
+    from driver.cli import main
+
+    code = main(["sft", "--config", "sft_tiny_sudoku", "--set", "sampler.gen_length=16",
+                 "--set", "sampler.block_length=8", "--set", "sampler.steps=16"])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["unmask: no reference completion in the batch fits sampler.gen_length=16 (the first needs "
+                      "17 tokens with its EOS); raise sampler.gen_length"]
