@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 
@@ -20,11 +19,9 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="agrpo")
     p.add_argument("--out", required=True, help="PNG path")
     args = p.parse_args(argv)
-    from driver.plots import _plt
+    from benchmarks.rl_compare import plot_curves
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    base = None
+    series, results = {}, {}
     for spec in args.dirs:
         label, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
         results = json.loads((Path(path) / "results.json").read_text())
@@ -32,22 +29,10 @@ def main(argv=None) -> int:
         if not runs:
             raise SystemExit(f"{path}: no {args.method} runs in results.json")
         label = label or " ".join(results.get("overrides") or ["preset"])
-        steps = [s for s, _ in runs[0]["curve"]]
-        mean = [statistics.mean(dict(r["curve"]).get(s, float("nan")) for r in runs) for s in steps]
-        line, = ax.plot(steps, mean, "o-", label=f"{label} ({len(runs)} seeds)")
-        for r in runs:
-            ax.plot(*zip(*r["curve"]), color=line.get_color(), alpha=0.2, lw=1)
-        base = results["base"][str(results["sampling_steps"][-1])]
-    ax.axhline(base, color="gray", ls="--", label="base")
-    ax.set_xlabel("learner step")
-    ax.set_ylabel(f"held-out accuracy ({results.get('task')}, greedy)")
-    ax.set_title(f"{args.method}: held-out accuracy under each setting")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    plt.close(fig)
+        series[f"{label} ({len(runs)} seeds)"] = runs
+    plot_curves(series, results["base"][str(results["sampling_steps"][-1])],
+                f"held-out accuracy ({results.get('task')}, greedy)", Path(args.out),
+                title=f"{args.method}: held-out accuracy under each setting")
     print(args.out)
     return 0
 

@@ -126,23 +126,32 @@ def write_report(results: dict, out: Path) -> None:
 
 
 def plot_curves_by_method(results: dict, path: Path) -> None:
+    series = {m: [r for r in results["runs"] if r["method"] == m] for m in dict.fromkeys(r["method"] for r in results["runs"])}
+    plot_curves(series, results["base"][str(results["sampling_steps"][-1])],
+                f"held-out accuracy ({results.get('task', 'countdown')}, greedy)", path)
+
+
+def plot_curves(series: dict[str, list[dict]], base: float, ylabel: str, path: Path, title: str | None = None) -> None:
+    """Held-out accuracy over learner steps: per label the mean over its runs, thin lines per run."""
     from driver.plots import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method in dict.fromkeys(r["method"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["method"] == method]
+    for label, runs in series.items():
         steps = [s for s, _ in runs[0]["curve"]]
         mean = [statistics.mean(dict(r["curve"]).get(s, float("nan")) for r in runs) for s in steps]
-        line, = ax.plot(steps, mean, "o-", label=method)
+        line, = ax.plot(steps, mean, "o-", label=label)
         for r in runs:
             ax.plot(*zip(*r["curve"]), color=line.get_color(), alpha=0.25, lw=1)
-    ax.axhline(results["base"][str(results["sampling_steps"][-1])], color="gray", ls="--", label="base")
+    ax.axhline(base, color="gray", ls="--", label="base")
     ax.set_xlabel("learner step")
-    ax.set_ylabel(f"held-out accuracy ({results.get('task', 'countdown')}, greedy)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
