@@ -188,8 +188,10 @@ def generate(
 
             commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N)
 
-            # --- write tokens and records
-            x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, mask_id))
+            # --- write tokens and records; a scored position that is not committed keeps its token (a row
+            # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
+            kept_BR = block_BK.gather(1, idx_BR)
+            x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, kept_BR))
             rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
 
         if config.stop_on_eos_block:

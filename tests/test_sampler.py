@@ -43,7 +43,7 @@ def _run(model, prompt_ids, mask=None, **cfg):
 def _rebuild_logp(model, traj, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recorded and recomputed log-probs of the tokens committed at step t, from the state rebuilt via unmask_step."""
     P = traj.prompt_ids_BP.shape[1]
-    logits_BGV = model(**model_inputs_at_step(traj, t, MASK)).logits[:, P:].float()
+    logits_BGV = model.lm_head(model.hidden_states(**model_inputs_at_step(traj, t, MASK))[:, P:]).float()
     for token in traj.banned_ids:
         logits_BGV[..., token] = float("-inf")
     chosen_BG = (traj.unmask_step_BG == t) & ~traj.extras["filled_BG"]
@@ -192,6 +192,39 @@ def test_threshold_decoding_commits_at_least_one_per_step(model, threshold):
         torch.testing.assert_close(recorded, rebuilt, atol=1e-5, rtol=0)
     if threshold < 0.01:  # a low threshold commits many tokens per step and skips steps
         assert bool((committed_BT == 0).any())
+
+
+class _SharpModel(nn.Module):
+    """The tiny model with logits scaled up: confident enough that threshold decoding finishes rows of one
+    batch at different steps."""
+
+    def __init__(self, base, scale: float = 20.0):
+        super().__init__()
+        self.base, self.scale = base, scale
+
+    def hidden_states(self, *args, **kwargs):
+        return self.base.hidden_states(*args, **kwargs)
+
+    def lm_head(self, h):
+        return self.base.lm_head(h) * self.scale
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batched_threshold_decoding_equals_per_row_decoding(model, temperature):
+    sharp = _SharpModel(model)
+    prompt_BP = _prompts(4, 6, 3)
+    opts = dict(gen_length=16, block_length=8, steps=8, threshold=0.6, temperature=temperature, seed=2)
+    batch = _run(sharp, prompt_BP, **opts)
+    finish_BK = torch.stack([(batch.step_committed_BT[:, k * 4:(k + 1) * 4] > 0).sum(1) for k in range(2)], 1)
+    assert len({tuple(r) for r in finish_BK.tolist()}) > 1, "rows should finish their blocks at different steps"
+    for b in range(4):
+        alone = _run(sharp, prompt_BP[b:b + 1], row_offset=b, **opts)
+        assert torch.equal(alone.completion_ids_BG[0], batch.completion_ids_BG[b])
+        assert torch.equal(alone.unmask_step_BG[0], batch.unmask_step_BG[b])
+    # ratio 1: the recorded states are the ones the sampler visited, so the rebuilt log-probs match
+    for t in range(8):
+        recorded, rebuilt = _rebuild_logp(sharp, batch, t)
+        torch.testing.assert_close(recorded, rebuilt, atol=1e-4, rtol=0)
 
 
 def test_packed_positions_make_padding_irrelevant(model):
