@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,21 +17,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = SHARED / "data"
-    if not path.is_dir():
-        pytest.fail(f"{path} missing: CI and checkouts have ../shared beside the repository")
-    return path
-
-
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module (2 CPUs, no dashboard)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.pop("RAY_ADDRESS", None)  # tests start their own Ray instances, never a user's

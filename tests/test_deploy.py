@@ -163,7 +163,8 @@ def test_presets_fit_the_manifests_nodes(name):
                   for m in g["template"]["spec"]["containers"][0]["volumeMounts"]}
     head = _rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     head_mounts = {m["mountPath"] for m in head["volumeMounts"]}
-    for path in ("/" + cfg.model.path.split("/")[1], cfg.task.data_dir, cfg.run.root):
+    assert cfg.task.data_dir is None  # the presets read the data shipped in the package
+    for path in ("/" + cfg.model.path.split("/")[1], cfg.run.root):
         assert f":{path}" in mounts, f"cluster.yaml does not mount {path}"
         assert path in pod_mounts and path in head_mounts, f"rayjob.yaml does not mount {path}"
 
@@ -419,7 +420,7 @@ def test_ray_job_submit_accepts_the_runtime_env():
                          "--runtime-env", str(DEPLOY / "runtime_env.yaml"), "--working-dir", str(REPO), "--",
                          "sh", "-c", "python -m driver config --config tiny_countdown && ls -a && python -m driver "
                          f"train --set run.root={temp_dir}/runs --set run.total_steps=2 --set task.eval_size=8 "
-                         f"--set task.data_dir={REPO.parent / 'shared' / 'data'} --set run.eval_sampling_steps=[] "
+                         "--set run.eval_sampling_steps=[] "
                          "--set learner.groups_per_step=1 --set rollout.prompts_per_call=1", timeout=400)
             # The node's job agent registers a few seconds after the dashboard answers.
             if "No available agent" not in submit.stderr or time.time() > deadline:

@@ -263,5 +263,5 @@ def test_score_completions_and_pickle():
 def test_data_dir_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="data file not found"):
         task("gsm8k", data_dir=str(tmp_path)).eval_items()
-    with pytest.raises(ValueError, match="eval_file"):
+    with pytest.raises(ValueError, match="set task.train_file"):
         next(task("math", "chat", eval_file=None).train_items(0))

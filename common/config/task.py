@@ -16,8 +16,8 @@ class TaskConfig(Section):
         default="compact", description="compact: short plain prompt for tiny char models; chat: the tokenizer's chat template with <reasoning>/<answer> tags."
     )
     num_numbers: int = Field(default=3, ge=3, le=4, description="Countdown: how many numbers per item.")
-    data_dir: str = Field(
-        default="../shared/data", description="Directory holding the evaluation data (relative to the repository root)."
+    data_dir: str | None = Field(
+        default=None, description="Directory holding the task's data files; None: the copies shipped in the package (common/data). A relative path is taken from the working directory."
     )
     train_file: str | None = Field(default=None, description="Training prompts file (GSM8K/MATH format); None uses the task's default or generator.")
     eval_file: str | None = Field(default=None, description="Held-out evaluation file; None uses the task's default test set.")

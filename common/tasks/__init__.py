@@ -37,6 +37,18 @@ def get_task(cfg: "TaskConfig") -> Task:
     return TASKS[cfg.name](cfg)
 
 
+def check_data(cfg: "TaskConfig", splits: tuple[str, ...] = ("train", "eval")) -> None:
+    """Fail in one line (ValueError naming the file and the key to set) when a data file the task reads for
+    ``splits`` is missing or unreadable: run before Ray starts, so a bad path costs seconds, not a run."""
+    for key, path in get_task(cfg).data_files(splits).items():
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as e:
+            reason = "not found" if isinstance(e, FileNotFoundError) else (e.strerror or type(e).__name__).lower()
+            raise ValueError(f"{path}: data file {reason}; set {key} (or task.data_dir) to a readable file") from None
+
+
 def score_completions(task: Task, completions: list[str], items: list[Item]) -> dict[str, float]:
     """Score completions against their items: ``accuracy``, ``mean_reward``, ``mean_<component>``, ``n``."""
     if len(completions) != len(items):
@@ -54,4 +66,4 @@ def score_completions(task: Task, completions: list[str], items: list[Item]) -> 
     return out
 
 
-__all__ = ["TASKS", "CountdownTask", "Gsm8kTask", "Item", "MathTask", "Reward", "SudokuTask", "Task", "get_task", "score_completions"]
+__all__ = ["TASKS", "CountdownTask", "check_data", "Gsm8kTask", "Item", "MathTask", "Reward", "SudokuTask", "Task", "get_task", "score_completions"]

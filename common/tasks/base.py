@@ -18,11 +18,11 @@ never evaluates it as code.
 """
 from __future__ import annotations
 
-import random
-
 import json
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -103,14 +103,15 @@ def chat_completion(reasoning: str, answer: str) -> str:
     return f"<reasoning>\n{reasoning.strip()}\n</reasoning>\n<answer>\n{answer}\n</answer>"
 
 
-def resolve_data_path(cfg: "TaskConfig", name: str) -> Path:
-    """``name`` relative to ``cfg.data_dir``; ``data_dir`` itself relative to the repository root."""
-    from common.config.loader import REPO_ROOT
+def packaged_data_dir() -> Path:
+    """The held-out and training files installed with the package (``common/data``; see its README)."""
+    return Path(str(resources.files("common") / "data"))
 
-    base = Path(cfg.data_dir)
-    if not base.is_absolute():
-        base = REPO_ROOT / base
-    path = Path(name)
+
+def resolve_data_path(cfg: "TaskConfig", name: str) -> Path:
+    """``name`` relative to ``cfg.data_dir`` (the packaged data when unset; a relative dir is from the cwd)."""
+    base = Path(cfg.data_dir).expanduser() if cfg.data_dir else packaged_data_dir()
+    path = Path(name).expanduser()
     return path if path.is_absolute() else base / path
 
 
@@ -133,10 +134,21 @@ class Task(ABC):
     """A reasoning task: training stream, held-out set, prompt template, reward."""
 
     name: str = ""
+    default_eval_file: str | None = None  # relative to the data dir; None: generated held-out set
+    default_train_file: str | None = None  # None: training items come from the task's generator
+    needs_train_file: bool = False  # True: no generator, training reads task.train_file
 
     def __init__(self, cfg: "TaskConfig"):
         self.cfg = cfg
         self._eval: list[Item] | None = None
+
+    def data_files(self, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, Path]:
+        """The files this task reads for ``splits``, keyed by the config field that names each."""
+        if "train" in splits and self.needs_train_file and not (self.cfg.train_file or self.default_train_file):
+            raise ValueError(f"task {self.name} has no training data shipped: set task.train_file to a JSONL file")
+        names = {"task.train_file": (self.cfg.train_file or self.default_train_file) if "train" in splits else None,
+                 "task.eval_file": (self.cfg.eval_file or self.default_eval_file) if "eval" in splits else None}
+        return {key: resolve_data_path(self.cfg, name) for key, name in names.items() if name}
 
     @abstractmethod
     def _load_eval(self) -> list[Item]:

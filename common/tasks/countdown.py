@@ -135,6 +135,10 @@ class CountdownTask(Task):
 
     name = "countdown"
 
+    @property
+    def default_eval_file(self) -> str | None:
+        return DEFAULT_EVAL_FILE if self.cfg.num_numbers == 3 else None  # Countdown-4: generated held-out set
+
     def _load_eval(self) -> list[Item]:
         n = self.cfg.num_numbers
         if self.cfg.eval_file is None and n != 3:

@@ -96,6 +96,9 @@ class Gsm8kTask(Task):
     """GSM8K from JSONL files."""
 
     name = "gsm8k"
+    default_eval_file = DEFAULT_EVAL_FILE
+    default_train_file = DEFAULT_TRAIN_FILE
+    needs_train_file = True
 
     def _read(self, name: str, split: str) -> list[Item]:
         path = resolve_data_path(self.cfg, name)

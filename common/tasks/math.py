@@ -1,7 +1,8 @@
 """MATH: competition problems with LaTeX answers, checked for equivalence by math-verify.
 
-Data: no shared copy; ``task.train_file`` / ``task.eval_file`` name JSONL files (relative to
-``task.data_dir``) whose rows have ``problem`` and either ``answer`` or ``solution`` (the gold answer is
+Data: the held-out set is MATH-500 (``math/math500.jsonl``, shipped); no training file is shipped, so
+RL needs ``task.train_file``. Both name JSONL files (relative to ``task.data_dir``) whose rows have
+``problem`` and either ``answer`` or ``solution`` (the gold answer is
 then the solution's last ``\\boxed{...}``). Training problems that also occur in the evaluation file
 are dropped; the rest are replayed in a fresh seeded order every epoch. Chat style only (config check).
 
@@ -24,6 +25,7 @@ from typing import Iterator
 from common.tasks.base import shuffled_epochs, MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, read_jsonl, resolve_data_path, shaped_reward
 from common.tasks.gsm8k import last_boxed
 
+DEFAULT_EVAL_FILE = "math/math500.jsonl"
 MAX_ANSWER_CHARS = 400
 MAX_POWERS = 8
 TIMEOUT_S = 3
@@ -152,10 +154,12 @@ class MathTask(Task):
     """MATH-style problems from JSONL files."""
 
     name = "math"
+    default_eval_file = DEFAULT_EVAL_FILE
+    needs_train_file = True
 
     def _read(self, name: str | None, split: str) -> list[Item]:
         if name is None:
-            raise ValueError(f"task math has no shared data: set task.{split}_file to a JSONL with problem/solution fields")
+            raise ValueError(f"task math has no {split} data shipped: set task.{split}_file to a JSONL with problem/solution fields")
         path = resolve_data_path(self.cfg, name)
         items = []
         for i, row in enumerate(read_jsonl(path)):
@@ -169,7 +173,7 @@ class MathTask(Task):
         return items
 
     def _load_eval(self) -> list[Item]:
-        return self._read(self.cfg.eval_file, "eval")
+        return self._read(self.cfg.eval_file or DEFAULT_EVAL_FILE, "eval")
 
     def train_items(self, seed: int) -> Iterator[Item]:
         """The training file minus held-out problems, reshuffled every epoch from ``seed``."""

@@ -108,6 +108,7 @@ class SudokuTask(Task):
     """4x4 Sudoku."""
 
     name = "sudoku"
+    default_eval_file = DEFAULT_EVAL_FILE
 
     def _load_eval(self) -> list[Item]:
         path = resolve_data_path(self.cfg, self.cfg.eval_file or DEFAULT_EVAL_FILE)
