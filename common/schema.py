@@ -13,6 +13,11 @@ Column notes:
   correctness, length...) and a map needs no schema change when a task adds one.
 - ``gen_seconds`` / ``reward_seconds`` are the whole group's wall times, repeated on each of its rows.
 - ``created_at`` is the UTC time the group was converted, in microseconds.
+- Discarded draws (v3): ``discard_counts`` (G int16 per row) says how many steps of its block each
+  position was drawn at and not committed; ``discard_ids`` / ``discard_logp`` hold those draws, position
+  by position and step by step within a position (the s-th entry of a position is the s-th step of its
+  block); ``discard_cutoff`` is parallel to them, or empty when the sampler cut no support (no
+  top-k/top-p). ``commit_reads_draws``: the commit rule looked at the drawn tokens.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 2  # v2: `filled` and `position_ids`, which the learner needs to rebuild states exactly
+SCHEMA_VERSION = 3  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function)
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -62,6 +67,11 @@ SCHEMA = pa.schema(
         pa.field("banned_ids", pa.list_(_i32), nullable=False),
         pa.field("filled", pa.list_(pa.bool_()), nullable=False),  # EOS filled by stop_on_eos_block, never sampled
         pa.field("position_ids", pa.string(), nullable=False),  # "absolute" (LLaDA's) or "packed"
+        pa.field("discard_counts", pa.list_(pa.int16()), nullable=False),
+        pa.field("discard_ids", pa.list_(_i32), nullable=False),
+        pa.field("discard_logp", pa.list_(_f32), nullable=False),
+        pa.field("discard_cutoff", pa.list_(_f32), nullable=False),
+        pa.field("commit_reads_draws", pa.bool_(), nullable=False),
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -86,6 +96,38 @@ def _int16(name: str, values: "torch.Tensor") -> np.ndarray:
     if values.numel() and (int(values.min()) < 0 or int(values.max()) > _INT16_MAX):
         raise ValueError(f"{name} must lie in [0, {_INT16_MAX}] to fit the schema's int16 column")
     return values.numpy().astype(np.int16)
+
+
+def _discard_columns(traj: Trajectory) -> dict[str, pa.Array]:
+    """The [B, G, S] discarded-draw tensors as ragged rows (only the slots that hold a draw)."""
+    B, G = traj.completion_ids_BG.shape
+    if traj.discard_ids_BGS is None:
+        counts_BG = np.zeros((B, G), dtype=np.int16)
+        empty = pa.ListArray.from_arrays(pa.array(np.zeros(B + 1, dtype=np.int32)), pa.array([], _i32))
+        return {"discard_counts": _fixed_list(counts_BG, pa.int16()), "discard_ids": empty,
+                "discard_logp": empty.cast(pa.list_(_f32)), "discard_cutoff": empty.cast(pa.list_(_f32))}
+    ids_BGS = traj.discard_ids_BGS.numpy()
+    has_BGS = ids_BGS >= 0
+    counts_BG = has_BGS.sum(-1)
+    assert (has_BGS == (np.arange(ids_BGS.shape[2]) < counts_BG[..., None])).all(), "draws must fill slots 0.."
+    offsets = np.zeros(B + 1, dtype=np.int32)
+    np.cumsum(counts_BG.sum(-1), out=offsets[1:])
+    offsets = pa.array(offsets)
+
+    def ragged(values_BGS: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, pa.array(values_BGS[has_BGS], arrow_type))
+
+    cutoff = traj.discard_cutoff_BGS
+    if cutoff is None:
+        cutoff_col = pa.ListArray.from_arrays(pa.array(np.zeros(B + 1, dtype=np.int32)), pa.array([], _f32))
+    else:
+        cutoff_col = ragged(cutoff.float().numpy(), _f32)
+    return {
+        "discard_counts": _fixed_list(counts_BG.astype(np.int16), pa.int16()),
+        "discard_ids": ragged(ids_BGS.astype(np.int32), _i32),
+        "discard_logp": ragged(traj.discard_logp_BGS.float().numpy(), _f32),
+        "discard_cutoff": cutoff_col,
+    }
 
 
 def group_to_record_batch(
@@ -162,6 +204,8 @@ def group_to_record_batch(
         "banned_ids": _fixed_list(banned, _i32),
         "filled": _fixed_list(filled, pa.bool_()),
         "position_ids": pa.array([str(traj.extras.get("position_ids", "absolute"))] * B, pa.string()),
+        **_discard_columns(traj),
+        "commit_reads_draws": pa.array(np.full(B, traj.commit_reads_draws, dtype=bool)),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -219,6 +263,18 @@ def validate_group(rb: pa.RecordBatch) -> None:
     for name in PER_STEP[1:]:
         if not np.array_equal(_lengths(rb.column(name)), step_len):
             raise ValueError(f"{name} must have one entry per denoising step ({step_len[0]})")
+    if not np.array_equal(_lengths(rb.column("discard_counts")), token_len):
+        raise ValueError(f"discard_counts must have one entry per completion token ({token_len[0]})")
+    counts = rb.column("discard_counts")
+    starts = counts.offsets.to_numpy()[:-1] - counts.offsets[0].as_py()  # a sliced column's offsets start > 0
+    n_draws = (np.add.reduceat(counts.flatten().to_numpy().astype(np.int64), starts) if token_len[0]
+               else np.zeros(B, dtype=np.int64))
+    for name in ("discard_ids", "discard_logp"):
+        if not np.array_equal(_lengths(rb.column(name)), n_draws):
+            raise ValueError(f"{name} must hold sum(discard_counts) entries per row ({n_draws.tolist()})")
+    cutoff_len = _lengths(rb.column("discard_cutoff"))
+    if cutoff_len.any() and not np.array_equal(cutoff_len, n_draws):
+        raise ValueError("discard_cutoff must be empty or hold one cut-off per discarded draw")
     steps = rb.column("unmask_step").flatten().to_numpy()
     if steps.size and (steps.min() < 0 or steps.max() >= step_len[0]):
         raise ValueError(f"unmask_step values must lie in [0, T={step_len[0]})")
@@ -280,6 +336,32 @@ def _reward_components(table: pa.Table, B: int) -> dict[str, "torch.Tensor"]:
     return out
 
 
+def _discards(table: pa.Table, B: int, G: int, S: int) -> dict[str, "torch.Tensor | None"]:
+    """The ragged discard columns back to dense [B, G, S] tensors (-1 ids, 0 logp, -inf cut-off elsewhere)."""
+    import torch
+
+    counts_BG = _uniform_list(table, "discard_counts", B).astype(np.int64)
+    if counts_BG.size and counts_BG.max(initial=0) > S:
+        raise ValueError(f"a position has {counts_BG.max()} discarded draws but its block has only {S + 1} steps")
+    has_BGS = np.arange(S)[None, None, :] < counts_BG[..., None]
+    ids_BGS = np.full((B, G, S), -1, dtype=np.int64)
+    logp_BGS = np.zeros((B, G, S), dtype=np.float32)
+    ids_BGS[has_BGS] = _column(table, "discard_ids").flatten().to_numpy(zero_copy_only=False)
+    logp_BGS[has_BGS] = _column(table, "discard_logp").flatten().to_numpy(zero_copy_only=False)
+    cutoff_col = _column(table, "discard_cutoff")
+    cutoff_BGS = None
+    if len(cutoff_col.flatten()):
+        if not np.array_equal(_lengths(cutoff_col), _lengths(_column(table, "discard_ids"))):
+            raise ValueError("discard_cutoff must be empty or hold one cut-off per discarded draw in every row")
+        cutoff_BGS = np.full((B, G, S), -np.inf, dtype=np.float32)
+        cutoff_BGS[has_BGS] = cutoff_col.flatten().to_numpy(zero_copy_only=False)
+    return {
+        "discard_ids_BGS": torch.from_numpy(ids_BGS),
+        "discard_logp_BGS": torch.from_numpy(logp_BGS),
+        "discard_cutoff_BGS": None if cutoff_BGS is None else torch.from_numpy(cutoff_BGS),
+    }
+
+
 def _tensor(array: np.ndarray, dtype: "torch.dtype") -> "torch.Tensor":
     import torch
 
@@ -310,6 +392,10 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
         raise ValueError("banned_ids differ across rows; one learner batch must use one sampler setting")
 
     group_codes = pc.dictionary_encode(_column(table, "group_id"))  # codes in order of first appearance
+    G, T = per_token["completion_ids"].shape[1], per_step["step_entropy"].shape[1]
+    block_length = int(_uniform_scalar(table, "block_length"))
+    num_blocks = G // block_length if block_length > 0 else 1
+    discards = _discards(table, B, G, max(T // max(num_blocks, 1) - 1, 0))
     first_row = np.unique(group_codes.indices.to_numpy(), return_index=True)[1]
     return Trajectory(
         prompt_ids_BP=torch.from_numpy(prompt_ids_BP),
@@ -324,8 +410,10 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
         step_margin_BT=_tensor(per_step["step_margin"], torch.float32),
         step_committed_BT=_tensor(per_step["step_committed"], torch.int64),
         temperature=float(_uniform_scalar(table, "temperature")),
-        block_length=int(_uniform_scalar(table, "block_length")),
+        block_length=block_length,
         banned_ids=tuple(int(i) for i in banned_BK[0]),
+        **discards,
+        commit_reads_draws=bool(_uniform_scalar(table, "commit_reads_draws")),
         rewards_B=_tensor(_column(table, "reward").to_numpy(), torch.float32),
         group_B=_tensor(group_codes.indices.to_numpy(), torch.int64),
         policy_version_B=_tensor(_column(table, "policy_version").to_numpy(), torch.int64),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.schema import SCHEMA, validate_group
+from common.schema import SCHEMA, check_schema, validate_group
 
 log = logging.getLogger(__name__)
 LEDGER = "consumed.ledger"
@@ -89,6 +89,10 @@ def recover(spill_dir: Path, on_corrupt: str, keep_consumed: bool = False) -> Re
                 continue
             _corrupt(f"spill file {path} has an unreadable header ({err})", on_corrupt, rec)
             continue
+        try:  # an older layout is not corruption: say which versions differ, in one line
+            check_schema(reader.schema)
+        except ValueError as err:
+            raise ValueError(f"spill file {path}: {err}") from None
         position = 0
         while True:
             try:

@@ -21,6 +21,13 @@ class Trajectory:
     support despite rounding; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
     entropy and mean margin over the block's still-masked positions before the step, and how many
     tokens the step committed.
+
+    Discarded draws (``_BGS``, S = steps per block - 1): at every step the sampler draws a token at each
+    still-masked position of the block and commits only some; slot s of position g holds the token drawn
+    there at the s-th step of g's block (only steps before g's commit step have one; -1 elsewhere), with
+    its behaviour log-prob and support cut-off. When the commit rule reads the draws
+    (``commit_reads_draws``: low-confidence scores, a confidence threshold, EOS demotion) they are part
+    of the action, and the exact score function needs them (docs/ALGORITHMS.md).
     """
 
     prompt_ids_BP: torch.Tensor  # int64, left-padded with the pad id
@@ -37,6 +44,10 @@ class Trajectory:
     temperature: float = 0.0
     block_length: int = 0
     banned_ids: tuple[int, ...] = ()  # token ids whose logits the sampler set to -inf (LLaDA's logits_eos_inf)
+    discard_ids_BGS: torch.Tensor | None = None  # int64, -1 where position g drew nothing at slot s
+    discard_logp_BGS: torch.Tensor | None = None  # float32 behaviour log-prob of each discarded draw
+    discard_cutoff_BGS: torch.Tensor | None = None  # float32 support cut-off of each draw (None: no top-k/top-p)
+    commit_reads_draws: bool = True  # the commit rule looked at the drawn tokens (the draws are the action)
     # Filled after generation by the rollout actor:
     rewards_B: torch.Tensor | None = None  # float32
     group_B: torch.Tensor | None = None  # int64: samples of one prompt share a group index

@@ -116,7 +116,9 @@ def generate(
     zeroes EoT's probability); ``threshold`` commits max(#confidence > tau, ceil(masked / steps left), 1)
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
     ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids``
-    and ``cfg_scale``: the learner needs all three to rebuild the sampled distributions.
+    and ``cfg_scale``: the learner needs all three to rebuild the sampled distributions. The draws a step
+    made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
+    are part of the action the learner scores.
     """
     if pad_id == mask_id:
         raise ValueError(f"pad_id {pad_id} equals mask_id; give the tokenizer a distinct pad token")
@@ -145,7 +147,7 @@ def generate(
         pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
     forward = _forward_fn(model, config.compile_forward)
 
-    rec = _Records(B, G, T, device)
+    rec = _Records(B, G, T, device, discard_slots=spb - 1)
     active_B = torch.ones(B, dtype=torch.bool, device=device)
     banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
     demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
@@ -193,6 +195,7 @@ def generate(
             kept_BR = block_BK.gather(1, idx_BR)
             x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, kept_BR))
             rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
+            rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N)
 
         if config.stop_on_eos_block:
             active_B = _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec)
@@ -216,6 +219,10 @@ def generate(
         temperature=config.temperature,
         block_length=K,
         banned_ids=banned,
+        discard_ids_BGS=rec.discard_ids_BGS[:, :G, :-1].contiguous(),
+        discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
+        discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
+        commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(demoted),
         extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale},
     )
 
@@ -291,11 +298,16 @@ class _Records:
     """The per-token (_BG) and per-step (_BT) records of one decode, filled in place step by step.
 
     Per-token statistics share one [4, B, G + 1] tensor (logp, entropy, margin, cut-off) so a step writes
-    them with one scatter; column G is a spare that absorbs the writes of non-candidate rows.
+    them with one scatter; column G is a spare that absorbs the writes of non-candidate rows. Discarded
+    draws go to [B, G + 1, S + 1] tensors (S = steps per block - 1; slot S is the spare of a block's last
+    step, which commits every position left).
     """
 
-    def __init__(self, B: int, G: int, T: int, device):
+    def __init__(self, B: int, G: int, T: int, device, discard_slots: int):
         self.G = G
+        self.discard_ids_BGS = torch.full((B, G + 1, discard_slots + 1), -1, dtype=torch.long, device=device)
+        self.discard_logp_BGS = torch.zeros(B, G + 1, discard_slots + 1, dtype=torch.float32, device=device)
+        self.discard_cutoff_BGS: torch.Tensor | None = None  # allocated at the first step with a support cut-off
         self.stats_FBG = torch.zeros(4, B, G + 1, dtype=torch.float32, device=device)
         self.stats_FBG[3] = float("-inf")  # cut-off: the whole vocabulary unless top-k/top-p cut it
         self.step_BG = torch.full((B, G + 1), -1, dtype=torch.long, device=device)
@@ -326,6 +338,17 @@ class _Records:
         n_valid_B = valid_f_BR.sum(1).clamp(min=1)
         self.step_stats_2BT[:, :, t] = (values_FBR[1:3] * valid_f_BR).sum(-1) / n_valid_B
         self.step_committed_BT[:, t] = commit_BR.sum(1)
+
+    def write_discarded(self, slot: int, pos_BR, discarded_BR, token_BR, stats, cutoff_N) -> None:
+        """Record the draws of step ``slot`` of the block that were not committed (they stay masked)."""
+        B, R = pos_BR.shape
+        dest_BR = torch.where(discarded_BR, pos_BR, self.G)
+        self.discard_ids_BGS[:, :, slot].scatter_(1, dest_BR, token_BR)
+        self.discard_logp_BGS[:, :, slot].scatter_(1, dest_BR, stats.logp_N.float().view(B, R))
+        if cutoff_N is not None:
+            if self.discard_cutoff_BGS is None:
+                self.discard_cutoff_BGS = torch.full_like(self.discard_logp_BGS, float("-inf"))
+            self.discard_cutoff_BGS[:, :, slot].scatter_(1, dest_BR, cutoff_N.float().view(B, R))
 
 
 def _stop_eos_rows(x_BL, active_B, start: int, K: int, P: int, eos_id: int, rec: _Records) -> torch.Tensor:

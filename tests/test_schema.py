@@ -120,3 +120,39 @@ def test_group_to_record_batch_checks_its_arguments():
     out = table_to_trajectory(pa.Table.from_batches([rb]), PAD)
     assert out.extras["reward_components"] == {} and out.banned_ids == ()
     assert np.isfinite(rb.column("gen_seconds").to_numpy()).all()
+
+
+def test_discarded_draws_round_trip_from_a_real_rollout():
+    """The sampler's [B, G, S] discarded draws (ids, behaviour log-probs, top-k cut-offs) survive the
+    ragged Arrow columns bitwise; a rollout without a support cut-off sends no cut-offs."""
+    from common.model import build_model, preset_config
+    from tests.test_losses import rollout
+
+    model = build_model(preset_config("tiny"), seed=0)
+    for sampler, has_cutoff in ((dict(top_k=7), True), (dict(), False)):
+        traj = rollout(model, B=4, G=8, steps=8, block=4, **sampler)
+        assert int((traj.discard_ids_BGS >= 0).sum()) > 0
+        rb = to_batch(traj, "a")
+        assert len(rb.column("discard_ids").flatten()) == int((traj.discard_ids_BGS >= 0).sum())  # ragged, no padding
+        out = table_to_trajectory(pa.Table.from_batches([rb]), PAD)
+        assert torch.equal(out.discard_ids_BGS, traj.discard_ids_BGS)
+        assert torch.equal(out.discard_logp_BGS, traj.discard_logp_BGS)
+        assert (out.discard_cutoff_BGS is not None) == has_cutoff
+        if has_cutoff:
+            assert torch.equal(out.discard_cutoff_BGS, traj.discard_cutoff_BGS)
+        assert out.commit_reads_draws is True  # low-confidence remasking ranks the draws
+    with pytest.raises(ValueError, match="discard_ids"):
+        validate_group(_with_list(rb, "discard_ids", lambda rows: [rows[0][:-1]] + rows[1:]))
+
+
+def test_an_old_version_spill_file_fails_in_one_clear_line(tmp_path):
+    from common.spill import recover
+
+    rb = to_batch(fake_trajectory([2, 3]), "a")
+    old = rb.replace_schema_metadata({VERSION_KEY: b"2"})
+    path = tmp_path / "groups-000000.arrows"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, old.schema) as writer:
+        writer.write_batch(old)
+    with pytest.raises(ValueError, match=r"groups-000000\.arrows: trajectory schema version 2 but this code reads version 3") as err:
+        recover(tmp_path, on_corrupt="skip")
+    assert "\n" not in str(err.value)
