@@ -1,7 +1,9 @@
 """Tokenizers behind one small interface: a checkpoint's own HF tokenizer, or a built-in character one.
 
 The character tokenizer is saved into the checkpoint directory (``unmask_tokenizer.json``), so a
-save/load round-trip restores exactly the same ids.
+save/load round-trip restores exactly the same ids. It also writes the same vocabulary as a HF
+``tokenizer.json`` (a merge-free BPE over the characters, built with the ``tokenizers`` library), so
+``AutoTokenizer.from_pretrained(export)`` encodes and decodes exactly as it does.
 """
 from __future__ import annotations
 
@@ -64,6 +66,25 @@ class CharTokenizer:
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / CHAR_TOKENIZER_FILE
         path.write_text(json.dumps({"type": "char", "specials": list(self.SPECIALS), "alphabet": self.alphabet}))
+        self.to_hf().save_pretrained(str(directory))
+
+    def to_hf(self):
+        """The same ids as a transformers fast tokenizer (what ``AutoTokenizer`` loads from an export)."""
+        from tokenizers import Tokenizer, decoders, models
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {token: i for i, token in enumerate(self.SPECIALS)}
+        vocab.update(self._id)
+        # No merges: every character is its own token; unknown characters become '?', as in ``encode``.
+        # '?' is the model's unk only, not a special token, so skip_special_tokens keeps it.
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=self.alphabet[self._unknown - len(self.SPECIALS)]))
+        backend.decoder = decoders.Fuse()  # join characters without spaces
+        pad, bos, eos, mask, eot = self.SPECIALS
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token=pad, bos_token=bos, eos_token=eos, mask_token=mask,
+            additional_special_tokens=[eot],
+            chat_template="{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}{{ m['content'] }}{% endfor %}",
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> "CharTokenizer":

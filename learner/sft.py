@@ -23,8 +23,9 @@ class MaskedDiffusionSFT:
             raise ValueError(f"SFT eps must be in (0, 1), got {eps}")
         self.mask_id, self.pad_id, self.eps = int(mask_id), int(pad_id), float(eps)
 
-    def prepare(self, batch: Trajectory, *, seed: int) -> Trajectory:
-        """Draw ``sft_t_B`` and ``sft_masked_BG`` into ``extras`` (same seed, same draw on every rank)."""
+    def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
+        """Draw ``sft_t_B`` and ``sft_masked_BG`` into ``extras`` (same seed, same draw on every rank); SFT takes
+        one pass per batch (``epoch`` is always 0)."""
         gen = torch.Generator().manual_seed(int(seed))
         B, G = batch.completion_ids_BG.shape
         t_B = self.eps + (1.0 - self.eps) * torch.rand(B, generator=gen)

@@ -3,8 +3,8 @@
 ``LearnerGroup`` runs M of these as Ray actors in one torch.distributed group; tests also run a single
 rank in-process. Every public method is collective: all ranks must call it, in the same order.
 
-Step semantics: every rank receives the whole batch, ``loss.prepare``s it with the step seed (identical
-on all ranks), takes its contiguous shard of samples, cuts it into micro-batches of at most
+Step semantics: every rank receives the whole batch and, for each of ``inner_epochs`` optimizer steps,
+``loss.prepare``s it with the step seed and the epoch (identical on all ranks), takes its contiguous shard of samples, cuts it into micro-batches of at most
 ``micro_batch_tokens // (P + G)`` samples, and calls ``loss.backward`` per micro-batch with
 ``total_samples`` = the global batch size. Every rank runs the same number of micro-batches (FSDP's
 collectives must pair up); a rank short of samples replays one row with ``total_samples=inf`` (zero
@@ -64,6 +64,9 @@ class LearnerRank:
 
     def __init__(self, cfg: LearnerConfig, model_cfg: ModelConfig, *, rank: int, world_size: int,
                  loss_factory: Callable[[], object], seed: int, ref_model: bool = False):
+        from common.threads import set_cpu_threads
+
+        set_cpu_threads()  # the CPUs Ray assigned this rank
         self.cfg, self.model_cfg = cfg, model_cfg
         self.rank, self.world_size = rank, world_size
         self.loss_factory, self.seed, self.use_ref = loss_factory, seed, ref_model
@@ -158,16 +161,46 @@ class LearnerRank:
 
     # --- step
     def step(self, batch: Trajectory, step_seed: int) -> dict[str, float]:
-        """One optimizer step over the whole batch; returns metrics all-reduced over ranks (same on every rank)."""
+        """``inner_epochs`` optimizer steps over the whole batch; returns metrics all-reduced over ranks (same
+        on every rank): sums over the epochs, ``loss`` and ``grad_norm`` their means. The policy version and
+        the LR schedule advance once per batch (rollouts see only the batch's last weights)."""
         start = time.perf_counter()
-        batch = self.loss.prepare(batch, seed=step_seed)
         total = len(batch)
         if total == 0:
             raise ValueError("learner step got an empty batch")
         seq_len = batch.prompt_ids_BP.shape[1] + batch.completion_ids_BG.shape[1]
         per_micro = max(1, self.cfg.micro_batch_tokens // seq_len)
-        lo, hi = shard_bounds(total, self.world_size, self.rank)
         num_micro = math.ceil(math.ceil(total / self.world_size) / per_micro)
+        lr = lr_at(self.cfg, self.version)
+        metrics: dict[str, float] = {}
+        norms, applied = [], 0
+        epochs = getattr(self.loss, "inner_epochs", 1)  # algorithm.inner_epochs; SFT takes one pass
+        for epoch in range(epochs):
+            sums = self._accumulate(self.loss.prepare(batch, seed=step_seed, epoch=epoch), per_micro, num_micro)
+            for k, v in sums.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+            grad_norm, ok = self._apply(lr, sums.get("loss", 0.0))
+            norms.append(grad_norm)
+            applied += ok
+        self.step_count += 1
+        skipped = applied == 0
+        if not skipped:
+            self.version += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        metrics["loss"] = metrics.get("loss", 0.0) / epochs
+        metrics.update({
+            "grad_norm": sum(norms) / len(norms), "lr": lr, "step_time_s": seconds, "tokens": float(total * seq_len),
+            "tokens_per_s": total * seq_len / seconds, "batch_samples": float(total), "micro_batches": float(num_micro),
+            "skipped": float(skipped), "version": float(self.version), "optimizer_steps": float(applied),
+        })
+        return metrics
+
+    def _accumulate(self, batch: Trajectory, per_micro: int, num_micro: int) -> dict[str, float]:
+        """Gradients of one prepared batch, accumulated over this rank's micro-batches; metric sums of all ranks."""
+        total = len(batch)
+        lo, hi = shard_bounds(total, self.world_size, self.rank)
         sums: dict[str, float] = {}
         for i in range(num_micro):
             self.model.set_requires_gradient_sync(i == num_micro - 1)
@@ -180,38 +213,28 @@ class LearnerRank:
             else:  # zero-weight replay so this rank's FSDP collectives pair with the other ranks'
                 self.loss.backward(self.model, select_rows(batch, slice(0, 1)).to(self.device),
                                    total_samples=math.inf, ref_model=self.ref_model)
-        metrics = self._all_reduce_sums(sums)
+        return self._all_reduce_sums(sums)
 
+    def _apply(self, lr: float, loss_value: float) -> tuple[float, bool]:
+        """Clip and take the optimizer step unless the loss or gradient is non-finite; returns (grad norm, taken)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)))
-        loss_value = metrics.get("loss", 0.0)
-        lr = lr_at(self.cfg, self.version)
-        self.step_count += 1
-        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_value))
-        if skipped:
+        ok = math.isfinite(grad_norm) and math.isfinite(loss_value)
+        if not ok:
             self.bad_steps += 1
             reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'grad norm'} " \
                      f"(loss={loss_value}, grad_norm={grad_norm})"
             if self.rank == 0:
-                log.warning("learner step %d skipped: %s", self.step_count, reason)
+                log.warning("learner step %d skipped: %s", self.step_count + 1, reason)
             if self.bad_steps > self.cfg.max_bad_steps:
                 raise RuntimeError(f"{self.bad_steps} consecutive learner steps had a {reason}; more than "
                                    f"learner.max_bad_steps={self.cfg.max_bad_steps}: lower learner.lr or check the data")
         else:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
-            self.version += 1
             self.bad_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        metrics.update({
-            "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds, "tokens": float(total * seq_len),
-            "tokens_per_s": total * seq_len / seconds, "batch_samples": float(total), "micro_batches": float(num_micro),
-            "skipped": float(skipped), "version": float(self.version),
-        })
-        return metrics
+        return grad_norm, ok
 
     def _all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         gathered: list[dict[str, float]] = [{} for _ in range(self.world_size)]

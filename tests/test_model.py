@@ -30,7 +30,7 @@ def test_weight_tying_drops_the_output_projection():
 
 @pytest.mark.parametrize("shard", [False, True])
 def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path, shard):
-    save_pretrained(tiny, tmp_path, max_shard_bytes=200_000 if shard else 4 << 30)
+    save_pretrained(tiny, tmp_path, max_shard_size=200_000 if shard else "4GB")
     assert (tmp_path / "model.safetensors.index.json").exists() == shard
     loaded = load_pretrained(tmp_path)
     ids = torch.randint(0, 101, (2, 19))
@@ -118,6 +118,24 @@ def test_char_tokenizer_round_trip(tmp_path):
     tok.save(tmp_path)
     again = load_tokenizer(tmp_path)
     assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+
+
+def test_char_tokenizer_export_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = CharTokenizer()
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Use 3, 5 and 7 to make 8?\n<answer>(7-5)*3+2</answer> naïve\ttab"  # é/ï and \t map to '?'
+    ids = tok.encode(text)
+    assert hf(text, add_special_tokens=False)["input_ids"] == ids
+    assert hf.decode(ids) == tok.decode(ids)
+    specials = [tok.bos_id, *ids[:4], tok.eot_id, tok.eos_id, tok.pad_id, tok.mask_id]
+    assert hf.decode(specials, skip_special_tokens=True) == tok.decode(specials) == "Use "
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id, hf.mask_token_id) == (0, 1, 2, 3)
+    assert len(hf) == tok.vocab_size
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert hf.apply_chat_template(messages, tokenize=False) == tok.format_prompt("2+2?", system="Be brief.")
 
 
 def test_hf_tokenizer_loads_from_local_files_with_chat_template(tmp_path):

@@ -44,7 +44,9 @@ class LLaDAConfig(PretrainedConfig):
         for key, supported in (("rope", True), ("alibi", False), ("include_bias", False),
                                ("layer_norm_type", "rms"), ("block_type", "llama"),
                                ("activation_type", "silu"), ("scale_logits", False),
-                               ("input_emb_norm", False), ("attention_layer_norm", False)):
+                               ("input_emb_norm", False), ("attention_layer_norm", False),
+                               ("include_qkv_bias", False), ("bias_for_layer_norm", False),
+                               ("layer_norm_with_affine", True), ("block_group_size", 1)):
             value = kwargs.pop(key, supported)
             if value != supported:
                 raise ValueError(f"config.json: {key}={value!r} is not supported (LLaDA uses {supported!r})")

@@ -111,6 +111,19 @@ class LLaDAModelLM(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "LLaDAModelLM":
+        """Load through ``common.model.io`` (keys checked first, one-line errors, weights streamed to the device)."""
+        from common.model.io import from_pretrained
+
+        return from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write LLaDA's checkpoint layout; the same as ``common.model.save_pretrained(self, save_directory)``."""
+        from common.model.io import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDAModel(config)

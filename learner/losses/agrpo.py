@@ -1,5 +1,6 @@
-"""AGRPO: an unbiased Monte-Carlo estimate of  E[A(tau) * sum_t grad log pi(a_t | s_t)]  from k steps
-per trajectory (definitions and the unbiasedness argument: docs/ALGORITHMS.md).
+"""AGRPO: a Monte-Carlo estimate of  E[A(tau) * sum_t c_i grad log pi(a_t | s_t)]  from k steps per
+trajectory (c_i = 1/T_i by default, as AGRPO's release; definitions and the exactness argument:
+docs/ALGORITHMS.md).
 
 Letters: B samples, P prompt length, G completion length, T steps, K steps drawn per sample,
 N gathered token rows, V vocabulary.
@@ -10,6 +11,7 @@ import torch
 
 from common.trajectory import Trajectory
 from learner.losses import steps as step_sel
+from learner.losses.actions import scores_discarded, step_rows
 from learner.losses.base import (
     MetricSums,
     PolicyLoss,
@@ -23,7 +25,7 @@ from learner.losses.base import (
 
 
 class StepwiseLoss(PolicyLoss):
-    """Clipped-ratio policy gradient on the tokens committed at K selected steps per trajectory.
+    """Clipped-ratio policy gradient on the actions (draws) of K selected steps per trajectory.
 
     Subclasses choose the steps (``select_steps``); the objective, normalisation and the per-step
     backward are shared, so AGRPO and ATPO differ only in where the budget goes.
@@ -32,15 +34,19 @@ class StepwiseLoss(PolicyLoss):
     def select_steps(self, batch: Trajectory, eligible_BT: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def prepare(self, batch: Trajectory, *, seed: int) -> Trajectory:
-        """Advantages and the K (step, weight) pairs of every sample; deterministic in ``seed``."""
+    def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
+        """Advantages and the K (step, weight) pairs of every sample; deterministic in (``seed``, ``epoch``):
+        each inner epoch draws its own steps."""
         out = batch.select(slice(None))
         out.extras = dict(batch.extras)
         eligible_BT = step_sel.eligible_steps(
-            batch.unmask_step_BG, batch.completion_ids_BG, batch.num_steps, self.eos_id, sampled_tokens(batch)
+            batch.unmask_step_BG, batch.completion_ids_BG, batch.num_steps, self.eos_id, sampled_tokens(batch),
+            rule=self.cfg.eligible_steps,
         )
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         steps_BK, weights_BK = self.select_steps(batch, eligible_BT.cpu(), gen)
+        if self.cfg.normalize == "step_mean":  # the weights estimate the sum over T_i steps; make it the mean
+            weights_BK = weights_BK / eligible_BT.cpu().sum(1, keepdim=True).clamp(min=1)
         device = batch.completion_ids_BG.device
         out.extras["advantages_B"] = self._advantages(batch).to(device)
         out.extras["steps_BK"] = steps_BK.to(device)
@@ -60,40 +66,45 @@ class StepwiseLoss(PolicyLoss):
         weights_BK = per_sample_extra(micro, "step_weights_BK")
         device = next(model.parameters()).device
         P = micro.prompt_ids_BP.shape[1]
-        drawn_BG = sampled_tokens(micro).to(device)
+        discarded = scores_discarded(micro, self.cfg.draws)
         m = MetricSums()
         for j in range(steps_BK.shape[1]):
             step_B, w_B = steps_BK[:, j].to(device), weights_BK[:, j].to(device)
+            rows = step_rows(micro, step_B, w_B > 0, discarded=discarded, device=device)
+            b_N, g_N = rows.b_N, rows.g_N
+            # Project only the rows the step drew: [N, V] instead of [B, L, V] logits.
             ids_BL, attn_BL, pos_BL = state_inputs(micro, step_B, self.mask_id, device)
-            commit_BG = (micro.unmask_step_BG.to(device) == step_B[:, None]) & (w_B[:, None] > 0) & drawn_BG
-            b_N, g_N = commit_BG.nonzero(as_tuple=True)
-            # Project only the rows committed at this step: [N, V] instead of [B, L, V] logits.
             h_BLD = model.hidden_states(ids_BL, attn_BL, pos_BL)
-            logp_N = self._logp(model, h_BLD[b_N, P + g_N], micro, b_N, g_N)
-            old_N = micro.logp_BG.to(device)[b_N, g_N].float()
+            logp_N = self._logp(model, h_BLD[b_N, P + g_N], micro, rows)
             adv_N = adv_B.to(device)[b_N].float()
-            tok_loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, old_N, adv_N, self.clip_low, self.clip_high)
+            # Per-draw ratios: at the behaviour policy d(sum_j r_j A) = A grad log pi(a_t|s_t) exactly.
+            tok_loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high)
             kl_N = None
             if self.cfg.beta_kl > 0:
                 with torch.no_grad():
                     ref_h = ref_model.hidden_states(ids_BL, attn_BL, pos_BL)[b_N, P + g_N]
-                    ref_N = self._logp(ref_model, ref_h, micro, b_N, g_N)
+                    ref_N = self._logp(ref_model, ref_h, micro, rows)
                 kl_N = k3_kl(logp_N, ref_N)
+                if self.cfg.kl == "k3_ratio":  # AGRPO's release: the behaviour draws' estimate of KL(pi || ref)
+                    kl_N = kl_N * torch.exp(logp_N - rows.old_logp_N)
                 tok_loss_N = tok_loss_N + self.cfg.beta_kl * kl_N
             loss = (w_B[b_N] * tok_loss_N).sum() / total_samples
             loss.backward()  # per step: activation memory does not grow with K
             m.add("loss", loss)
             m.add("steps", (w_B > 0).sum())
+            m.add("discarded_tokens", (~rows.committed_N).sum())
             m.token_stats(ratio_N, low_N, high_N, kl_N)
         m.add("samples", len(micro))
         return m.result()
 
-    def _logp(self, model, h_ND, micro, b_N, g_N):
-        cutoff_N = micro.cutoff_BG.to(h_ND.device)[b_N, g_N]
-        token_N = micro.completion_ids_BG.to(h_ND.device)[b_N, g_N]
-        return sampler_logprobs(
-            model.lm_head(h_ND), token_N, temperature=micro.temperature, cutoff_N=cutoff_N, banned_ids=tuple(micro.banned_ids)
-        )
+    def _logp(self, model, h_ND, micro, rows):
+        return sampler_logprobs(model.lm_head(h_ND), rows.token_N, temperature=micro.temperature,
+                                cutoff_N=rows.cutoff_N, banned_ids=tuple(micro.banned_ids))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Inner epoch 0 keeps the step seed (the draws of one-epoch runs do not change); later epochs get their own."""
+    return int(seed) if epoch == 0 else (int(seed) * 1_000_003 + epoch * 0x9E3779B1) % (1 << 62)
 
 
 class AgrpoLoss(StepwiseLoss):

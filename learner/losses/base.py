@@ -32,12 +32,18 @@ class PolicyLoss(ABC):
         self.clip_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps
 
     @abstractmethod
-    def prepare(self, batch: Trajectory, *, seed: int) -> Trajectory:
-        """Whole-batch work before splitting; returns the batch with per-sample tensors in ``extras``."""
+    def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
+        """Whole-batch work before splitting, for inner epoch ``epoch`` (0..inner_epochs-1; each gets its own
+        step draws or prompt mask); returns the batch with per-sample tensors in ``extras``."""
 
     @abstractmethod
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
         """Forward + backward on ``micro`` (rows of a prepared batch); returns metric sums."""
+
+    @property
+    def inner_epochs(self) -> int:
+        """Optimizer steps the learner takes per batch, each after its own ``prepare(..., epoch=e)``."""
+        return self.cfg.inner_epochs
 
     def _advantages(self, batch: Trajectory) -> torch.Tensor:
         from learner.losses.advantages import group_advantages

@@ -21,19 +21,32 @@ def eligible_steps(
     num_steps: int,
     eos_id: int | None,
     drawn_BG: torch.Tensor | None = None,
+    rule: str = "non_eos",
 ) -> torch.Tensor:
-    """[B, T] bool: steps that drew (``drawn_BG``) at least one token that is not ``eos_id`` (any if None).
+    """[B, T] bool: the steps whose actions are scored, among those that committed a drawn token
+    (``drawn_BG``; all tokens if None).
 
-    AGRPO sums the policy gradient over these steps only: steps that only fill the EOS tail carry
-    (almost) no learning signal and would dominate the budget of short answers.
+    ``non_eos``: steps that committed a token other than ``eos_id``; ``through_last`` (AGRPO's release):
+    every step up to the last such step, EOS-only steps before it included; ``all``: every step (the exact
+    sum: the other rules drop the EOS-only steps' terms). ``eos_id`` None makes all three the same.
     """
     B = unmask_step_BG.shape[0]
-    keep_BG = torch.ones_like(unmask_step_BG, dtype=torch.bool) if eos_id is None else completion_ids_BG != eos_id
-    if drawn_BG is not None:
-        keep_BG = keep_BG & drawn_BG.to(keep_BG.device)
-    counts_BT = torch.zeros(B, num_steps, dtype=torch.int64, device=unmask_step_BG.device)
-    counts_BT.scatter_add_(1, unmask_step_BG.clamp(0, num_steps - 1), keep_BG.long())
-    return counts_BT > 0
+    drawn_BG = torch.ones_like(unmask_step_BG, dtype=torch.bool) if drawn_BG is None else drawn_BG.to(unmask_step_BG.device)
+    content_BG = drawn_BG if eos_id is None else drawn_BG & (completion_ids_BG != eos_id)
+    step_BG = unmask_step_BG.clamp(0, num_steps - 1)
+
+    def has_BT(keep_BG: torch.Tensor) -> torch.Tensor:
+        counts_BT = torch.zeros(B, num_steps, dtype=torch.int64, device=unmask_step_BG.device)
+        return counts_BT.scatter_add_(1, step_BG, keep_BG.long()) > 0
+
+    if rule == "non_eos":
+        return has_BT(content_BG)
+    if rule == "all":
+        return has_BT(drawn_BG)
+    if rule != "through_last":
+        raise ValueError(f"unknown eligible_steps rule {rule!r}; choose through_last, non_eos or all")
+    last_B = torch.where(content_BG, step_BG, -1).amax(1) if step_BG.shape[1] else torch.full((B,), -1)
+    return has_BT(drawn_BG) & (torch.arange(num_steps, device=step_BG.device)[None, :] <= last_B[:, None])
 
 
 def _ordered(eligible_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
