@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 3  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function)
+SCHEMA_VERSION = 3  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -67,6 +67,8 @@ SCHEMA = pa.schema(
         pa.field("banned_ids", pa.list_(_i32), nullable=False),
         pa.field("filled", pa.list_(pa.bool_()), nullable=False),  # EOS filled by stop_on_eos_block, never sampled
         pa.field("position_ids", pa.string(), nullable=False),  # "absolute" (LLaDA's) or "packed"
+        pa.field("cache", pa.string(), nullable=False),  # the sampler's block KV cache: none / prefix / dual
+        pa.field("cache_refresh", _i32, nullable=False),  # full forward every r steps in a block (0: first only)
         pa.field("discard_counts", pa.list_(pa.int16()), nullable=False),
         pa.field("discard_ids", pa.list_(_i32), nullable=False),
         pa.field("discard_logp", pa.list_(_f32), nullable=False),
@@ -204,6 +206,8 @@ def group_to_record_batch(
         "banned_ids": _fixed_list(banned, _i32),
         "filled": _fixed_list(filled, pa.bool_()),
         "position_ids": pa.array([str(traj.extras.get("position_ids", "absolute"))] * B, pa.string()),
+        "cache": pa.array([str(traj.extras.get("cache", "none"))] * B, pa.string()),
+        "cache_refresh": pa.array(np.full(B, traj.extras.get("cache_refresh") or 0, dtype=np.int32)),
         **_discard_columns(traj),
         "commit_reads_draws": pa.array(np.full(B, traj.commit_reads_draws, dtype=bool)),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
@@ -426,5 +430,7 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
             "worker_ids": _column(table, "worker_id").take(first_row).to_pylist(),
             "filled_BG": _tensor(_uniform_list(table, "filled", B), torch.bool),
             "position_ids": str(_uniform_scalar(table, "position_ids")),
+            "cache": str(_uniform_scalar(table, "cache")),
+            "cache_refresh": int(_uniform_scalar(table, "cache_refresh")) or None,
         },
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from common.config.sampler import SamplerConfig
+from common.states import packed_positions, query_columns
 from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
 
@@ -53,25 +54,6 @@ def left_pad(prompt_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None
     mask_BP = mask_BP.gather(1, order_BP)
     ids_BP = prompt_ids_BP.gather(1, order_BP).masked_fill(~mask_BP, pad_id)
     return ids_BP, mask_BP
-
-
-def model_inputs_at_step(traj: Trajectory, t, mask_id: int) -> dict[str, torch.Tensor | None]:
-    """The model inputs the sampler ran before step ``t`` (int, or a [B] tensor of per-sample steps).
-
-    Completion tokens committed at step >= t are masked again; attention mask and positions follow the
-    sampler's choices, so ``model(**inputs)`` reproduces the logits the recorded tokens were drawn from
-    (classifier-free guidance, ``extras['cfg_scale']``, is the caller's to apply).
-    """
-    t_B1 = torch.as_tensor(t, device=traj.unmask_step_BG.device).reshape(-1, 1)
-    completion_BG = traj.completion_ids_BG.masked_fill(traj.unmask_step_BG >= t_B1, mask_id)
-    input_ids_BL = torch.cat([traj.prompt_ids_BP, completion_BG], dim=1)
-    if bool(traj.prompt_mask_BP.all()):
-        return dict(input_ids=input_ids_BL, attention_mask=None, position_ids=None)
-    attn_BL = torch.cat([traj.prompt_mask_BP, torch.ones_like(completion_BG, dtype=torch.bool)], dim=1)
-    pos_BL = None
-    if traj.extras.get("position_ids", "absolute") == "packed":
-        pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
-    return dict(input_ids=input_ids_BL, attention_mask=attn_BL, position_ids=pos_BL)
 
 
 def _forward_fn(model, mode: str):
@@ -141,7 +123,7 @@ def generate(
     attn_BL = torch.cat([prompt_mask_BP, torch.ones(B, G, dtype=torch.bool, device=device)], 1) if padded else None
     pos_BL = None
     if config.position_ids == "packed" and padded:
-        pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
+        pos_BL = packed_positions(attn_BL)
     if config.cfg_scale > 0:
         attn_BL = None if attn_BL is None else torch.cat([attn_BL, attn_BL])
         pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
@@ -154,8 +136,10 @@ def generate(
     schedule = transfer_schedule(K, spb)
     row_base_B1 = ((torch.arange(B, device=device) + row_offset) * (T * G))[:, None]
 
+    refresh = config.cache_refresh or spb
     for block in range(config.num_blocks):
         start = P + block * K
+        kv = None  # the block's cache (config.cache): built by the full forward at its anchor steps
         for i in range(spb):
             t = block * spb + i
             if config.threshold is None:
@@ -169,14 +153,21 @@ def generate(
                 steps_left = spb - i
                 n_B = torch.minimum(((remaining_B + steps_left - 1) // steps_left).clamp(min=1), remaining_B)
 
-            # --- forward, then the LM head on the block's masked rows only
-            h_BLD = _hidden(forward, x_BL, attn_BL, pos_BL, config, P, mask_id)
+            # --- forward (full, or the cached query columns), then the LM head on the block's masked rows only
+            if config.cache == "none":
+                h_BLD, first = _hidden(forward, x_BL, attn_BL, pos_BL, config, P, mask_id), start
+            elif i % refresh == 0:
+                h_BLD, kv = _hidden(model.hidden_states, x_BL, attn_BL, pos_BL, config, P, mask_id, return_kv=True)
+                first = start
+            else:
+                lo, hi = query_columns(config.cache, start, K, x_BL.shape[1])
+                h_BLD, first = _cached_hidden(model, x_BL, attn_BL, pos_BL, kv, lo, hi), start - lo
             block_BK = x_BL[:, start:start + K]
             masked_BK = block_BK.eq(mask_id)
             # masked positions first, in position order (stable sort)
             idx_BR = torch.argsort(masked_BK.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
             valid_BR = masked_BK.gather(1, idx_BR)
-            logits_NV = _block_logits(model, h_BLD, start, idx_BR, config.cfg_scale, B)
+            logits_NV = _block_logits(model, h_BLD, first, idx_BR, config.cfg_scale, B)
             for token in banned:
                 logits_NV[:, token] = float("-inf")
 
@@ -223,11 +214,12 @@ def generate(
         discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
         discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
         commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(demoted),
-        extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale},
+        extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
+                "cache": config.cache, "cache_refresh": config.cache_refresh},
     )
 
 
-def _hidden(forward, x_BL, attn_BL, pos_BL, config: SamplerConfig, P: int, mask_id: int) -> torch.Tensor:
+def _hidden(forward, x_BL, attn_BL, pos_BL, config: SamplerConfig, P: int, mask_id: int, **kv):
     """Final hidden states [B, L, D], or [2B, L, D] (conditional, then prompt-masked) under guidance."""
     if config.cfg_scale > 0:
         un_x_BL = x_BL.clone()
@@ -235,11 +227,22 @@ def _hidden(forward, x_BL, attn_BL, pos_BL, config: SamplerConfig, P: int, mask_
         x_BL = torch.cat([x_BL, un_x_BL])
     if config.compile_forward == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
-    return forward(x_BL, attn_BL, pos_BL)
+    return forward(x_BL, attn_BL, pos_BL, **kv)
+
+
+def _cached_hidden(model, x_BL, attn_BL, pos_BL, kv, lo: int, hi: int) -> torch.Tensor:
+    """Hidden states [X, hi - lo, D] of columns [lo, hi) on the block's cache (X = B, or 2B under guidance:
+    the prompt-masked half has the same tokens there, since only prompt columns differ)."""
+    X = kv.keys[0].shape[0]
+    ids_XQ = x_BL[:, lo:hi].repeat(X // x_BL.shape[0], 1)
+    col_XQ = torch.arange(lo, hi, device=x_BL.device).expand(X, -1)
+    pos_XQ = None if pos_BL is None else pos_BL[:, lo:hi]
+    return model.hidden_states(ids_XQ, attn_BL, pos_XQ, kv_cache=kv, query_idx=col_XQ)
 
 
 def _block_logits(model, h_BLD: torch.Tensor, start: int, idx_BR: torch.Tensor, cfg_scale: float, B: int):
-    """Logits [B * R, V] of the gathered block positions; guidance combines the two halves in fp32."""
+    """Logits [B * R, V] of the gathered block positions (the block starts at column ``start`` of ``h``);
+    guidance combines the two halves in fp32."""
     D, R = h_BLD.shape[-1], idx_BR.shape[1]
     idx_XR = idx_BR if h_BLD.shape[0] == B else idx_BR.repeat(2, 1)  # X = B, or 2B under guidance
     idx_XRD = idx_XR[..., None].expand(-1, R, D)

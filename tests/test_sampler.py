@@ -8,7 +8,8 @@ from torch import nn
 
 from common.config.sampler import SamplerConfig
 from common.model import build_model, preset_config
-from rollout.sampler import counter_uniform, generate, model_inputs_at_step, transfer_schedule
+from common.states import policy_hidden
+from rollout.sampler import counter_uniform, generate, transfer_schedule
 from tests.llada_reference import generate as reference_generate
 
 PAD, EOS, MASK, EOT = 0, 2, 3, 4
@@ -41,13 +42,15 @@ def _run(model, prompt_ids, mask=None, **cfg):
 
 
 def _rebuild_logp(model, traj, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recorded and recomputed log-probs of the tokens committed at step t, from the state rebuilt via unmask_step."""
+    """Recorded and recomputed log-probs of the tokens committed at step t, from the state rebuilt via
+    unmask_step (and the trajectory's cache rule)."""
     P = traj.prompt_ids_BP.shape[1]
-    logits_BGV = model.lm_head(model.hidden_states(**model_inputs_at_step(traj, t, MASK))[:, P:]).float()
-    for token in traj.banned_ids:
-        logits_BGV[..., token] = float("-inf")
     chosen_BG = (traj.unmask_step_BG == t) & ~traj.extras["filled_BG"]
-    rows_NV = logits_BGV[chosen_BG]
+    b_N, g_N = chosen_BG.nonzero(as_tuple=True)
+    hidden = policy_hidden(model, traj, torch.full((len(traj),), t), MASK, "cpu")
+    rows_NV = model.lm_head(hidden.rows(b_N, P + g_N)).float()
+    for token in traj.banned_ids:
+        rows_NV[:, token] = float("-inf")
     cutoff_N = traj.cutoff_BG[chosen_BG]
     token_N = traj.completion_ids_BG[chosen_BG]
     assert bool((rows_NV.gather(1, token_N[:, None])[:, 0] >= cutoff_N).all()), "sampled outside the support"

@@ -51,6 +51,19 @@ class SamplerConfig(Section):
         "padded prompt then sits at shifted positions); 'packed' numbers only real tokens, so padding does "
         "not change the output. The learner must rebuild states with the same choice.",
     )
+    cache: Literal["none", "prefix", "dual"] = Field(
+        default="none",
+        description="Block KV cache, part of the policy (the learner rebuilds it exactly): at a block's first "
+        "step one full forward keeps every column's keys/values; the block's later steps run only the block "
+        "and everything after it ('prefix': the prefix's keys/values are reused) or only the block ('dual': "
+        "the prefix's and the masked suffix's are reused). 'none' runs the full sequence at every step.",
+    )
+    cache_refresh: int | None = Field(
+        default=None,
+        ge=1,
+        description="With a cache, run the full forward again (and rebuild the cache) every this many steps "
+        "inside a block; None: only at the block's first step. Recorded with the trajectory.",
+    )
     compile_forward: Literal["none", "default", "reduce-overhead"] = Field(
         default="none",
         description="torch.compile the model's hidden-state forward ('reduce-overhead' adds CUDA graphs, "
@@ -79,6 +92,11 @@ class SamplerConfig(Section):
                 f"steps {self.steps} must be a multiple of the number of blocks "
                 f"(gen_length/block_length = {self.num_blocks})"
             )
+        if self.cache_refresh is not None and self.cache == "none":
+            raise ValueError("cache_refresh needs a cache; set cache to 'prefix' or 'dual'")
+        if self.cache != "none" and self.compile_forward != "none":
+            raise ValueError("compile_forward works without a cache only (the cached forward runs eagerly); "
+                             "set cache: none or compile_forward: none")
         if self.top_k is not None and self.temperature == 0.0:
             raise ValueError("top_k has no effect at temperature 0; unset it or raise the temperature")
         return self

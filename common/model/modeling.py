@@ -5,7 +5,7 @@ Shapes: B batch, L sequence, D model width, H heads, Dh head width, V vocabulary
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,30 @@ def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return (x * cos + rotated * sin).to(x_BHLD.dtype)
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every layer from one full forward, ``[B, Hkv, L, Dh]`` each (RoPE applied).
+
+    A cached forward (``hidden_states(..., kv_cache=...)``) runs only some query columns: their fresh
+    keys/values replace the cached ones at those columns and the queries attend to all L columns, so the
+    other columns contribute the keys/values they had in the forward that built the cache. Without grad
+    the replacement is written into the cache in place (the sampler's case: those columns are recomputed
+    at every cached step anyway); with grad it is out of place, so the gradient reaches both forwards.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
+def _merge_kv(cached: torch.Tensor, fresh: torch.Tensor, idx_BHQD: torch.Tensor, keep_B1Q1: torch.Tensor | None):
+    """``cached`` [B, H, L, Dh] with the query columns ``idx`` replaced by ``fresh`` [B, H, Q, Dh] (where kept)."""
+    if keep_B1Q1 is not None:
+        fresh = torch.where(keep_B1Q1, fresh, cached.gather(2, idx_BHQD))
+    if torch.is_grad_enabled():
+        return cached.scatter(2, idx_BHQD, fresh)
+    return cached.scatter_(2, idx_BHQD, fresh)
+
+
 class LLaDABlock(nn.Module):
     """One pre-norm transformer block with LLaDA's layer names."""
 
@@ -64,19 +88,25 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor | None):
+    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor | None,
+                cache_k: torch.Tensor | None = None, cache_v: torch.Tensor | None = None,
+                idx_BHQD: torch.Tensor | None = None, keep_B1Q1: torch.Tensor | None = None):
+        """Returns the block output and the keys/values the queries attended to ([B, Hkv, L or cache L, Dh])."""
         B, L, _ = x_BLD.shape
         h = self.attn_norm(x_BLD)
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_k is not None:
+            k = _merge_kv(cache_k, k, idx_BHQD, keep_B1Q1)
+            v = _merge_kv(cache_v, v, idx_BHQD, keep_B1Q1)
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
         )
         x_BLD = x_BLD + self.attn_out(att.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x_BLD)
-        return x_BLD + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x_BLD + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), k, v
 
 
 class LLaDATransformer(nn.Module):
@@ -150,22 +180,44 @@ class LLaDAModelLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final-norm hidden states [B, L, D]. ``attention_mask`` [B, L] marks real (1) vs padding (0) keys."""
+        *,
+        return_kv: bool = False,
+        kv_cache: KVCache | None = None,
+        query_idx: torch.Tensor | None = None,
+        query_keep: torch.Tensor | None = None,
+    ):
+        """Final-norm hidden states [B, L, D]. ``attention_mask`` [B, L] marks real (1) vs padding (0) keys.
+
+        ``return_kv``: also return the forward's ``KVCache``. Cached forward (``kv_cache`` given):
+        ``input_ids`` [B, Q] are the tokens at columns ``query_idx`` [B, Q] of the cached sequence,
+        ``position_ids`` their RoPE positions (default: the columns themselves), ``attention_mask`` the
+        [B, L] key mask of the whole sequence; ``query_keep`` [B, Q] (default all) marks the queries whose
+        keys/values replace the cached ones (the others only read). Returns [B, Q, D].
+        """
         B, L = input_ids.shape
         x = self.transformer.wte(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+            position_ids = query_idx if kv_cache is not None else torch.arange(L, device=input_ids.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         attn_bias = None
         if attention_mask is not None:
             attn_bias = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
-        for block in self.transformer.blocks:
+        idx_BHQD = keep_B1Q1 = None
+        if kv_cache is not None:
+            idx_BHQD = query_idx[:, None, :, None].expand(-1, self.config.n_kv_heads, -1, self.config.head_dim)
+            keep_B1Q1 = None if query_keep is None else query_keep.bool()[:, None, :, None]
+        out = KVCache()
+        for i, block in enumerate(self.transformer.blocks):
+            cached = () if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i], idx_BHQD, keep_B1Q1)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, attn_bias, use_reentrant=False)
+                x, k, v = checkpoint(block, x, cos, sin, attn_bias, *cached, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn_bias)
-        return self.transformer.ln_f(x)
+                x, k, v = block(x, cos, sin, attn_bias, *cached)
+            if return_kv:
+                out.keys.append(k)
+                out.values.append(v)
+        h = self.transformer.ln_f(x)
+        return (h, out) if return_kv else h
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states [..., D] to vocabulary logits [..., V]."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from common.states import policy_hidden
 from common.trajectory import Trajectory
 from learner.losses import steps as step_sel
 from learner.losses.actions import scores_discarded, step_rows
@@ -20,7 +21,6 @@ from learner.losses.base import (
     per_sample_extra,
     sampled_tokens,
     sampler_logprobs,
-    state_inputs,
 )
 
 
@@ -73,16 +73,16 @@ class StepwiseLoss(PolicyLoss):
             rows = step_rows(micro, step_B, w_B > 0, discarded=discarded, device=device)
             b_N, g_N = rows.b_N, rows.g_N
             # Project only the rows the step drew: [N, V] instead of [B, L, V] logits.
-            ids_BL, attn_BL, pos_BL = state_inputs(micro, step_B, self.mask_id, device)
-            h_BLD = model.hidden_states(ids_BL, attn_BL, pos_BL)
-            logp_N = self._logp(model, h_BLD[b_N, P + g_N], micro, rows)
+            # The hidden states the sampler computed at each row's step, its cache rule included (exact).
+            hidden = policy_hidden(model, micro, step_B, self.mask_id, device)
+            logp_N = self._logp(model, hidden.rows(b_N, P + g_N), micro, rows)
             adv_N = adv_B.to(device)[b_N].float()
             # Per-draw ratios: at the behaviour policy d(sum_j r_j A) = A grad log pi(a_t|s_t) exactly.
             tok_loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high)
             kl_N = None
             if self.cfg.beta_kl > 0:
                 with torch.no_grad():
-                    ref_h = ref_model.hidden_states(ids_BL, attn_BL, pos_BL)[b_N, P + g_N]
+                    ref_h = policy_hidden(ref_model, micro, step_B, self.mask_id, device).rows(b_N, P + g_N)
                     ref_N = self._logp(ref_model, ref_h, micro, rows)
                 kl_N = k3_kl(logp_N, ref_N)
                 if self.cfg.kl == "k3_ratio":  # AGRPO's release: the behaviour draws' estimate of KL(pi || ref)

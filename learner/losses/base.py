@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import torch
 
+from common.states import state_inputs  # noqa: F401  (the rebuild's one home; re-exported for the losses)
 from common.trajectory import Trajectory
 
 
@@ -69,27 +70,6 @@ def per_sample_extra(micro: Trajectory, key: str) -> torch.Tensor:
             "with the rows (learner.losses.select_rows)"
         )
     return value
-
-
-def state_inputs(micro: Trajectory, step_B: torch.Tensor, mask_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The sampler's input at the start of step ``step_B`` (per row): ids [B, L], attention mask, positions.
-
-    Completion tokens committed at a step >= t are still masked; the prompt stays left-padded with its
-    padding excluded from attention, and positions follow the sampler's ``position_ids`` choice
-    (``extras["position_ids"]``: "absolute" = 0..L-1 per column as LLaDA's reference, "packed" = real
-    tokens only), exactly as ``rollout.sampler.generate`` fed the model.
-    """
-    unmask_BG = micro.unmask_step_BG.to(device)
-    comp_BG = micro.completion_ids_BG.to(device).masked_fill(unmask_BG >= step_B.to(device)[:, None], mask_id)
-    ids_BL = torch.cat([micro.prompt_ids_BP.to(device), comp_BG], dim=1)
-    prompt_mask_BP = micro.prompt_mask_BP.to(device).bool()
-    if bool(prompt_mask_BP.all()):
-        return ids_BL, None, None  # the sampler passes no mask for an unpadded batch; keep the same kernel path
-    attn_BL = torch.cat([prompt_mask_BP, torch.ones_like(comp_BG, dtype=torch.bool)], dim=1)
-    pos_BL = None
-    if micro.extras.get("position_ids", "absolute") == "packed":
-        pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
-    return ids_BL, attn_BL, pos_BL
 
 
 def sampled_tokens(micro: Trajectory) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""The sampler's computation at any step of a recorded trajectory, rebuilt in one place for both sides:
+the sampler (which runs it) and the learner (which recomputes it with gradients) import it from here.
+
+Letters: B samples, P prompt length (left-padded), G completion length, L = P + G, Q query columns of a
+cached forward, D model width.
+
+The cache rule (``SamplerConfig.cache``) is part of the policy. A block's first step (and every
+``cache_refresh``-th step inside it) runs the full sequence and keeps every column's keys/values: the
+*anchor* forward. Its other steps run only the query columns (``dual``: the block; ``prefix``: the block
+and everything after it), attending to the anchor's keys/values elsewhere. The anchor state is the
+trajectory's state at the anchor step, so ``policy_hidden`` rebuilds it exactly: anchor forward, then
+the query forward on that cache, the gradient flowing through both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.trajectory import Trajectory
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+def packed_positions(attn_BL: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that count real tokens only (``position_ids='packed'``): padding shares position 0."""
+    return (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
+
+
+def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
+    """The sampler's model input before step ``step`` (int, or [B] per-sample steps): ids [B, L], attention
+    mask, positions.
+
+    Completion tokens committed at a step >= t are masked again; the prompt stays left-padded with its
+    padding excluded from attention (no mask at all for an unpadded batch, the sampler's kernel path),
+    and positions follow ``extras["position_ids"]``: "absolute" = 0..L-1 per column as LLaDA's
+    reference (None), "packed" = real tokens only. Classifier-free guidance is the caller's to apply.
+    """
+    device = traj.completion_ids_BG.device if device is None else device
+    unmask_BG = traj.unmask_step_BG.to(device)
+    step_B1 = torch.as_tensor(step, device=device).reshape(-1, 1)
+    comp_BG = traj.completion_ids_BG.to(device).masked_fill(unmask_BG >= step_B1, mask_id)
+    ids_BL = torch.cat([traj.prompt_ids_BP.to(device), comp_BG], dim=1)
+    prompt_mask_BP = traj.prompt_mask_BP.to(device).bool()
+    if bool(prompt_mask_BP.all()):
+        return ids_BL, None, None
+    attn_BL = torch.cat([prompt_mask_BP, torch.ones_like(comp_BG, dtype=torch.bool)], dim=1)
+    pos_BL = packed_positions(attn_BL) if traj.extras.get("position_ids", "absolute") == "packed" else None
+    return ids_BL, attn_BL, pos_BL
+
+
+def steps_per_block(traj: Trajectory) -> int:
+    """T / (G / block_length): the sampler's steps in each block."""
+    G, T = traj.completion_ids_BG.shape[1], traj.num_steps
+    return T // (G // traj.block_length)
+
+
+def anchor_steps(step_B: torch.Tensor, spb: int, refresh: int | None) -> torch.Tensor:
+    """The step whose full forward built the cache that step ``step_B`` read (itself at an anchor step)."""
+    step_B = step_B.clamp(min=0)  # -1 marks a padding step: any valid step will do
+    first_B = step_B - step_B % spb
+    return first_B if not refresh else step_B - (step_B - first_B) % refresh
+
+
+def query_columns(mode: str, block_start, block_length: int, L: int):
+    """[lo, hi) columns a cached step of the block starting at column ``block_start`` (int or [B]) runs."""
+    if mode == "dual":
+        return block_start, block_start + block_length
+    if mode == "prefix":
+        return block_start, block_start * 0 + L
+    raise ValueError(f"unknown cache mode {mode!r}; choose one of {CACHE_MODES}")
+
+
+@dataclass
+class StepHidden:
+    """Final hidden states the policy computed at each row's step, for columns ``lo_B + [0, Q)``."""
+
+    h_BQD: torch.Tensor
+    lo_B: torch.Tensor
+
+    def rows(self, b_N: torch.Tensor, col_N: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, D] of sequence columns ``col_N`` (each within its row's queried columns)."""
+        return self.h_BQD[b_N, col_N - self.lo_B[b_N]]
+
+
+def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, device) -> StepHidden:
+    """The hidden states the sampler's policy computed at step ``step_B`` of each row, rebuilt with the
+    trajectory's cache rule (``extras['cache']``, ``extras['cache_refresh']``); differentiable.
+
+    Without a cache: one full forward of the state. With one: the anchor forward (the state at each row's
+    anchor step) producing the keys/values, then the row's query columns at its own step on that cache;
+    rows sampled at their anchor step read the anchor forward itself, as the sampler did. Always the same
+    two forward calls whatever the rows' steps, so FSDP ranks run the same collectives.
+    """
+    step_B = step_B.to(device)
+    ids_BL, attn_BL, pos_BL = state_inputs(traj, step_B, mask_id, device)
+    mode = traj.extras.get("cache", "none")
+    B, L = ids_BL.shape
+    if mode == "none":
+        return StepHidden(model.hidden_states(ids_BL, attn_BL, pos_BL), torch.zeros(B, dtype=torch.long, device=device))
+
+    spb, K, P = steps_per_block(traj), traj.block_length, traj.prompt_ids_BP.shape[1]
+    anchor_B = anchor_steps(step_B, spb, traj.extras.get("cache_refresh"))
+    anchor_ids_BL, _, _ = state_inputs(traj, anchor_B, mask_id, device)
+    h_BLD, kv = model.hidden_states(anchor_ids_BL, attn_BL, pos_BL, return_kv=True)
+
+    # Each row's query columns [lo, hi) are those of its block; rows differ in block, so the batch runs
+    # the widest window [lo_B, lo_B + Q) and queries outside a row's own columns only read the cache.
+    start_B = P + (anchor_B // spb) * K
+    lo_B, hi_B = query_columns(mode, start_B, K, L)
+    Q = int((hi_B - lo_B).max())
+    lo_B = torch.minimum(lo_B, torch.full_like(lo_B, L - Q))
+    col_BQ = lo_B[:, None] + torch.arange(Q, device=device)
+    keep_BQ = (col_BQ >= start_B[:, None]) & (col_BQ < hi_B[:, None])
+    q_pos_BQ = None if pos_BL is None else pos_BL.gather(1, col_BQ)
+    h_BQD = model.hidden_states(ids_BL.gather(1, col_BQ), attn_BL, q_pos_BQ, kv_cache=kv, query_idx=col_BQ,
+                                query_keep=None if bool(keep_BQ.all()) else keep_BQ)
+    at_anchor_B11 = (step_B.clamp(min=0) == anchor_B)[:, None, None]
+    anchor_BQD = h_BLD.gather(1, col_BQ[..., None].expand(-1, -1, h_BLD.shape[-1]))
+    return StepHidden(torch.where(at_anchor_B11, anchor_BQD, h_BQD), lo_B)
