@@ -10,6 +10,7 @@ import itertools
 
 import torch
 
+from common.states import packed_positions
 from common.trajectory import Trajectory
 from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, k3_kl, per_sample_extra
 
@@ -64,9 +65,8 @@ class DiffuGrpoLoss(PolicyLoss):
         comp_BG = torch.full_like(micro.completion_ids_BG, self.mask_id, device=device)
         ids_BL = torch.cat([prompt_BP, comp_BG], 1)
         attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
-        pos_BL = None  # positions as the sampler numbered them (see base.state_inputs)
-        if micro.extras.get("position_ids", "absolute") == "packed":
-            pos_BL = (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
+        # positions as the sampler numbered them (see common.states.state_inputs)
+        pos_BL = packed_positions(attn_BL) if micro.extras.get("position_ids", "absolute") == "packed" else None
         return ids_BL, attn_BL, pos_BL
 
     def _logp_BG(self, model, ids_BL, attn_BL, pos_BL, tokens_BG):
