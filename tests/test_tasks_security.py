@@ -122,8 +122,10 @@ def test_math_format_credit(math_task):
     item = math_task.eval_items(1)[0]
     r = math_task.reward("<answer>\\frac{2}{3}</answer>", item)
     assert r.components["format"] == 1.0 and r.total == pytest.approx(0.1)
-    r = math_task.reward("\\boxed{3/4}", item)
+    r = math_task.reward("The answer is $\\frac{3}{4}$.", item)  # right but not marked: no format credit
     assert r.correct and r.components["format"] == 0.0 and r.total == pytest.approx(0.9)
+    r = math_task.reward("</reasoning> \\boxed{3/4}", item)  # a box marks the answer as well as tags do
+    assert r.correct and r.total == 1.0
 
 
 def test_math_reward_in_worker_thread(math_task):

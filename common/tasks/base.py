@@ -137,6 +137,14 @@ class Task(ABC):
     default_eval_file: str | None = None  # relative to the data dir; None: generated held-out set
     default_train_file: str | None = None  # None: training items come from the task's generator
     needs_train_file: bool = False  # True: no generator, training reads task.train_file
+    # What every number this task reports is graded by (recorded beside it in evaluation output).
+    grader: str = ""
+    # Reward components beyond score/format/correct, so a timed-out reward carries the same keys.
+    extra_components: tuple[str, ...] = ()
+    # Seconds one reward may take when task.reward_timeout_s is unset; 0 runs it inline (no child process).
+    default_reward_timeout_s: float = 0.0
+    # Modules the reward child imports before its first timed call.
+    heavy_imports: tuple[str, ...] = ()
 
     def __init__(self, cfg: "TaskConfig"):
         self.cfg = cfg
@@ -163,8 +171,26 @@ class Task(ABC):
         """The prompt text in ``cfg.prompt_style``."""
 
     @abstractmethod
+    def compute_reward(self, completion: str, item: Item) -> Reward:
+        """Score one completion (decoded text, already cut at EOS) against its item, in this thread, unguarded."""
+
+    @property
+    def reward_timeout_s(self) -> float:
+        t = self.cfg.reward_timeout_s
+        return self.default_reward_timeout_s if t is None else t
+
     def reward(self, completion: str, item: Item) -> Reward:
-        """Score one completion (decoded text, already cut at EOS) against its item."""
+        """Score one completion against its item, within ``reward_timeout_s`` from any thread (see ``guard``)."""
+        timeout = self.reward_timeout_s
+        if not timeout:
+            return self.compute_reward(completion, item)
+        from common.tasks.guard import GUARD
+
+        out = GUARD.reward(self.cfg, completion, item, timeout, self.heavy_imports)
+        if out is None:
+            return shaped_reward(0.0, False, False, self.cfg.format_weight, timed_out=1.0,
+                                 **{k: 0.0 for k in self.extra_components})
+        return Reward(out.total, out.correct, {**out.components, "timed_out": 0.0})
 
     @abstractmethod
     def reference_completion(self, item: Item) -> str | None:
@@ -180,12 +206,6 @@ class Task(ABC):
     def chat(self) -> bool:
         return self.cfg.prompt_style == "chat"
 
-    def answer_text(self, completion: str) -> tuple[str | None, bool]:
-        """The answer region of a completion and whether it came from ``<answer>`` tags (chat) or the first line (compact)."""
-        if self.chat:
-            ans = extract_tagged_answer(completion)
-            return ans, ans is not None
-        return first_line(completion), True
 
 
 def shuffled_epochs(pool: list, key: str):

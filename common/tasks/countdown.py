@@ -16,10 +16,15 @@ The reward reads the first non-empty line; an optional ``=...`` suffix is ignore
 completions are the solver's shortest expression (at most 12 characters for 3 numbers of 1..100, 17 for 4).
 
 Chat format: d1's Countdown prompt in our words, answer inside ``<answer>`` tags, no equals sign.
+The answer is what the completion marks (``answers.marked_answer``): the last non-empty ``\\boxed{}`` inside
+the answer tags, else the tag content, else (no tags, or empty ones) the last box anywhere, which is how
+LLaDA-8B-Instruct answers. LaTeX operators (``\\times``, ``\\cdot``, ``\\div``, ``\\frac{a}{b}``,
+``\\left( \\right)``) are rewritten to plain arithmetic first, and ``= target`` (or ``target =``) is dropped.
 
 Reward: the expression goes through ``arith.evaluate`` (own parser, exact ``Fraction`` arithmetic, no
-powers, bounded length and depth). ``format`` = it parses; ``correct`` = it uses exactly the given numbers
-(as a multiset) and equals the target exactly; extra component ``numbers`` = the multiset matches.
+powers, bounded length and depth). ``format`` = it was marked and parses; ``correct`` = it uses exactly the
+given numbers (as a multiset) and equals the target exactly; extra component ``numbers`` = the multiset
+matches.
 """
 from __future__ import annotations
 
@@ -29,8 +34,11 @@ from functools import lru_cache
 from math import gcd
 from typing import Iterator
 
+from common.tasks.answers import latex_to_arith, marked_answer
 from common.tasks.arith import ArithError, evaluate
-from common.tasks.base import SYSTEM_PROMPT, Item, Reward, Task, chat_completion, read_jsonl, resolve_data_path, shaped_reward
+from common.tasks.base import (
+    SYSTEM_PROMPT, Item, Reward, Task, chat_completion, first_line, read_jsonl, resolve_data_path, shaped_reward,
+)
 
 DEFAULT_EVAL_FILE = "countdown/cd3_test.jsonl"
 GENERATED_EVAL_SIZE = 256
@@ -134,6 +142,8 @@ class CountdownTask(Task):
     """Countdown with ``cfg.num_numbers`` numbers."""
 
     name = "countdown"
+    grader = "countdown-exact: safe parser (LaTeX operators rewritten), exact rational value, numbers as a multiset"
+    extra_components = ("numbers",)
 
     @property
     def default_eval_file(self) -> str | None:
@@ -181,16 +191,30 @@ class CountdownTask(Task):
             return expr
         return chat_completion(f"We need {item.answer} from {', '.join(map(str, item.numbers))}. {expr} = {item.answer}.", expr)
 
-    def reward(self, completion: str, item: Item) -> Reward:
-        region, tagged = self.answer_text(completion)
+    def answer_expression(self, completion: str, item: Item) -> tuple[str | None, bool]:
+        """The expression a completion answers with, LaTeX rewritten (``answers.latex_to_arith``), and whether
+        it was marked (chat: answer tags or a box; compact: the first line always is)."""
+        if self.chat:
+            text, how = marked_answer(completion)
+            if text is None:
+                return None, False
+        else:
+            text, how = first_line(completion), "line"
+        sides = [s.strip() for s in latex_to_arith(text).split("=")]
+        # "expr = target" and "target = expr" both name the expression; otherwise the first side counts.
+        if len(sides) == 2 and sides[0] == item.answer:
+            return sides[1], bool(how)
+        return sides[0], bool(how)
+
+    def compute_reward(self, completion: str, item: Item) -> Reward:
         w = self.cfg.format_weight
-        if region is None:
+        expr, marked = self.answer_expression(completion, item)
+        if expr is None:
             return shaped_reward(0.0, False, False, w, numbers=0.0)
-        expr = region.split("=", 1)[0].strip()
         try:
             value, used = evaluate(expr)
         except ArithError:
             return shaped_reward(0.0, False, False, w, numbers=0.0)
         numbers_ok = sorted(used) == sorted(item.numbers)
         correct = numbers_ok and value == int(item.answer)
-        return shaped_reward(float(correct), tagged, correct, w, numbers=float(numbers_ok))
+        return shaped_reward(float(correct), marked, correct, w, numbers=float(numbers_ok))

@@ -13,10 +13,14 @@ Compact format::
 Chat format: the question with d1's system prompt; the reference completion's reasoning is the dataset
 solution with its ``<<...>>`` calculator annotations removed, the answer the final number.
 
-Answer extraction (in order): the ``<answer>`` tag region if present (else the whole completion), then
-the last ``\\boxed{...}`` in it, then the last number in that text. Numbers are normalised: thousands
-commas, ``$``, ``%`` and trailing zeros are dropped, and the comparison is exact (``18.00`` == ``18``).
-``format`` = chat: answer tags hold a number; compact: the first line is exactly one number.
+Answer extraction (chat): what the completion marks (``answers.marked_answer``): the last non-empty
+``\\boxed{}`` inside the answer tags, else the tag content, else (no tags, empty tags, a trailing unclosed tag)
+the last non-empty box anywhere; with nothing marked, the whole completion. The number read is the last one
+in that text (``answers.last_number``): thousands commas, ``$`` and ``%`` are ignored, ``\\frac{a}{b}`` is a/b,
+a clock time ``2:00 pm`` is its hour (GSM8K's gold answers for "what time" questions are the hour: 7, 10),
+and the comparison is exact (``18.00`` == ``18``). An empty box or the prompt's ``\\boxed{...}`` placeholder
+never wins over a number. ``format`` = chat: the marked answer holds a number; compact: the first line is
+exactly one number.
 """
 from __future__ import annotations
 
@@ -25,19 +29,17 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Iterator
 
+from common.tasks.answers import last_number, marked_answer
 from common.tasks.base import (
-    shuffled_epochs,
-    MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, first_line,
-    read_jsonl, resolve_data_path, shaped_reward,
+    MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, first_line, read_jsonl,
+    resolve_data_path, shaped_reward, shuffled_epochs,
 )
 
 DEFAULT_TRAIN_FILE = "gsm8k/train.jsonl"
 DEFAULT_EVAL_FILE = "gsm8k/test.jsonl"
 MAX_NUMBER_DIGITS = 40
 
-_NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
 _CALC_RE = re.compile(r"<<[^<>]*>>")
-_BOXED = "\\boxed{"
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -51,30 +53,12 @@ def parse_number(text: str) -> Fraction | None:
         return None
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (braces balanced), or None."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    depth, i = 1, start + len(_BOXED)
-    for j in range(i, len(text)):
-        depth += (text[j] == "{") - (text[j] == "}")
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
 def extract_number(completion: str) -> Fraction | None:
-    """The final numeric answer of a completion: answer tags, then ``\\boxed{}``, then the last number."""
-    text = completion[:MAX_COMPLETION_CHARS]
-    region = extract_tagged_answer(text)
-    if region is None:
-        region = text
-    boxed = last_boxed(region)
-    if boxed is not None:
-        region = boxed
-    numbers = _NUMBER_RE.findall(region)
-    return parse_number(numbers[-1]) if numbers else None
+    """The final numeric answer of a chat completion: the marked answer's last number, else the text's."""
+    text = completion[-MAX_COMPLETION_CHARS:]
+    marked, _ = marked_answer(text)
+    value = last_number(marked) if marked is not None else None
+    return value if value is not None else last_number(text)
 
 
 def gold_answer(answer_field: str) -> str:
@@ -96,6 +80,7 @@ class Gsm8kTask(Task):
     """GSM8K from JSONL files."""
 
     name = "gsm8k"
+    grader = "gsm8k-exact: marked answer's last number (box > tags > text), exact rational comparison"
     default_eval_file = DEFAULT_EVAL_FILE
     default_train_file = DEFAULT_TRAIN_FILE
     needs_train_file = True
@@ -132,14 +117,16 @@ class Gsm8kTask(Task):
         reasoning = _CALC_RE.sub("", item.solution.rpartition("####")[0]).strip()
         return chat_completion(reasoning or f"The answer is {item.answer}.", item.answer)
 
-    def reward(self, completion: str, item: Item) -> Reward:
-        text = completion[:MAX_COMPLETION_CHARS]
-        value = extract_number(text if self.chat else first_line(text))
+    def compute_reward(self, completion: str, item: Item) -> Reward:
+        text = completion[-MAX_COMPLETION_CHARS:]
         gold = parse_number(item.answer)
-        correct = value is not None and value == gold
         if self.chat:
-            region = extract_tagged_answer(text)
-            well_formed = region is not None and bool(_NUMBER_RE.search(region))
+            value = extract_number(text)
+            marked, _ = marked_answer(text)
+            well_formed = marked is not None and last_number(marked) is not None
         else:
-            well_formed = parse_number(first_line(text)) is not None
+            line = first_line(text)
+            value = last_number(line)
+            well_formed = parse_number(line) is not None
+        correct = value is not None and value == gold
         return shaped_reward(float(correct), well_formed, correct, self.cfg.format_weight)

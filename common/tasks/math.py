@@ -6,14 +6,19 @@ RL needs ``task.train_file``. Both name JSONL files (relative to ``task.data_dir
 then the solution's last ``\\boxed{...}``). Training problems that also occur in the evaluation file
 are dropped; the rest are replayed in a fresh seeded order every epoch. Chat style only (config check).
 
-Reward: the answer region is the ``<answer>`` tag content (``format`` = tags present and the content
-parses), else the whole completion. Within it the last ``\\boxed{}`` wins; the candidate goes to
-math-verify's LaTeX parser only (never its plain-expression parser, which calls sympy's ``eval``-based
+Reward: the candidate is what the completion marks (``answers.marked_answer``: the last non-empty
+``\\boxed{}`` inside the answer tags, else the tag content, else the last box anywhere; ``format`` = it was
+marked and parses), else the tail of the whole completion. The candidate goes to math-verify's LaTeX parser only (never its plain-expression parser, which calls sympy's ``eval``-based
 ``parse_expr``). Guards because sympy evaluates integer powers and factorials eagerly and the signal
 timeout cannot interrupt a C-level big-integer operation: the candidate is at most
 ``MAX_ANSWER_CHARS``, has at most ``MAX_POWERS`` powers, none nested or with an exponent over three
-digits, and no factorial or binomial next to large numbers; anything else scores zero. In the main
-thread math-verify's own timeouts also apply; any exception it raises scores zero.
+digits, and no factorial or binomial next to large numbers; anything else scores zero. Every reward runs in
+the reward process (``guard``) with ``task.reward_timeout_s`` (default 5 s), which holds in any thread;
+there, on its main thread, math-verify's own signal timeouts apply too. Any exception it raises scores zero.
+
+Grader names: numbers from this reward are ``math-verify``; d1's published MATH-500 numbers come from an
+exact string match after Hendrycks' normalisation (``protocols``), which rejects equivalent forms
+(``0.5`` vs ``\\frac{1}{2}``, ``x=2`` vs ``2``), so on the same generations math-verify reads higher.
 """
 from __future__ import annotations
 
@@ -22,8 +27,11 @@ import threading
 from functools import lru_cache
 from typing import Iterator
 
-from common.tasks.base import shuffled_epochs, MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, extract_tagged_answer, read_jsonl, resolve_data_path, shaped_reward
-from common.tasks.gsm8k import last_boxed
+from common.tasks.answers import last_boxed, marked_answer
+from common.tasks.base import (
+    MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, read_jsonl, resolve_data_path,
+    shaped_reward, shuffled_epochs,
+)
 
 DEFAULT_EVAL_FILE = "math/math500.jsonl"
 MAX_ANSWER_CHARS = 400
@@ -123,11 +131,21 @@ def candidate_latex(region: str, wrap: bool) -> str:
     return f"${tail}$" if wrap and "$" not in tail else tail
 
 
-def is_equivalent(pred_region: str, gold: str, wrap: bool = True) -> bool:
-    """math-verify equivalence of a completion's answer region and a gold LaTeX answer; False on any failure."""
+def math_candidate(completion: str) -> tuple[str, bool]:
+    """The LaTeX a completion answers with and whether it marked it (answer tags or a box)."""
+    text = completion[-MAX_COMPLETION_CHARS:]
+    marked, how = marked_answer(text)
+    if how == "boxed":
+        return f"\\boxed{{{marked}}}", True
+    if how == "tags":
+        return candidate_latex(marked, wrap=True), True
+    return candidate_latex(text, wrap=False), False
+
+
+def is_equivalent(latex: str, gold: str) -> bool:
+    """math-verify equivalence of candidate LaTeX (``math_candidate``) and a gold answer; False on any failure."""
     from math_verify import verify
 
-    latex = candidate_latex(pred_region, wrap)
     if is_hostile(latex):
         return False
     try:
@@ -154,6 +172,9 @@ class MathTask(Task):
     """MATH-style problems from JSONL files."""
 
     name = "math"
+    grader = "math-verify: LaTeX parser only, guarded, equivalence (accepts 0.5 for \\frac{1}{2})"
+    default_reward_timeout_s = 5.0
+    heavy_imports = ("math_verify",)
     default_eval_file = DEFAULT_EVAL_FILE
     needs_train_file = True
 
@@ -194,18 +215,15 @@ class MathTask(Task):
             return item.answer
         return chat_completion(item.solution or f"The answer is {item.answer}.", item.answer)
 
-    def reward(self, completion: str, item: Item) -> Reward:
-        text = completion[-MAX_COMPLETION_CHARS:]
-        region = extract_tagged_answer(text)
-        tagged = region is not None and bool(region.strip())
-        correct = is_equivalent(region, item.answer) if tagged else is_equivalent(text, item.answer, wrap=False)
-        # Format credit needs the tag content to parse; correct implies it did.
-        well_formed = tagged and (correct or _parses(region))
+    def compute_reward(self, completion: str, item: Item) -> Reward:
+        latex, marked = math_candidate(completion)
+        correct = is_equivalent(latex, item.answer)
+        # Format credit needs the marked answer to parse; correct implies it did.
+        well_formed = marked and (correct or _parses(latex))
         return shaped_reward(float(correct), well_formed, correct, self.cfg.format_weight)
 
 
-def _parses(region: str) -> bool:
-    latex = candidate_latex(region, wrap=True)
+def _parses(latex: str) -> bool:
     if is_hostile(latex):
         return False
     try:

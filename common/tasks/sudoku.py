@@ -1,9 +1,15 @@
 """Sudoku 4x4: fill the blanks so every row, column and 2x2 box holds 1..4 once.
 
-Data: the held-out set ``sudoku/4x4_test.csv`` (``Puzzle,Solution``, 16 digits read row by row,
-0 = blank; d1's set, every puzzle with 8 blanks). Training puzzles come from a seeded generator: a
-random full grid, then cells blanked in random order while the solution stays unique, down to a blank
-count drawn from ``BLANKS_RANGE``; a puzzle of the held-out set is never emitted.
+Data: two held-out splits (``task.sudoku_split``), both ``Puzzle,Solution`` CSVs, 16 digits read row by
+row, 0 = blank:
+  * ``d1``: ``sudoku/4x4_test.csv``, d1's 500 puzzles, every one with 8 blanks (124 have several solutions);
+    d1's protocol scores 256 of them.
+  * ``spg``: ``sudoku/spg_test.csv``, SPG's split (also the AGRPO release's): 256 unique-solution puzzles
+    with 7 to 12 blanks whose 88 solution grids never occur in SPG's training split. Papers prompt it with
+    three worked examples ("3-shot"), and LLaDA-8B-Instruct's base accuracy on it is far higher than on d1's.
+Training puzzles come from a seeded generator: a random full grid, then cells blanked in random order while
+the solution stays unique, down to a blank count drawn from ``BLANKS_RANGE``; a puzzle of the held-out set
+is never emitted, and under the ``spg`` split neither is any puzzle whose solution grid is a held-out one.
 
 Compact format (tiny char models)::
 
@@ -11,7 +17,9 @@ Compact format (tiny char models)::
     completion:  "3142243142131324"       the solved grid's 16 digits on the first line
 
 Chat format: d1's Sudoku prompt in our words (the grid shown as four rows), answer = 16 digits inside
-``<answer>`` tags (whitespace, commas and '|' between digits are ignored).
+``<answer>`` tags (whitespace, commas and '|' between digits are ignored); under the ``spg`` split the
+prompt first shows three worked examples (our own, on puzzles outside the split). The answer is what the
+completion marks (``answers.marked_answer``): a box inside the tags, the tag content, or a box anywhere.
 
 Reward (d1): ``score`` = fraction of the originally blank cells whose digit matches the stored solution
 (digits are read in order from the answer region, missing ones count wrong); ``format`` = the region is
@@ -26,9 +34,16 @@ import random
 from functools import lru_cache
 from typing import Iterator
 
-from common.tasks.base import MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, resolve_data_path, shaped_reward
+from common.tasks.answers import marked_answer
+from common.tasks.base import (
+    MAX_COMPLETION_CHARS, SYSTEM_PROMPT, Item, Reward, Task, chat_completion, first_line, resolve_data_path,
+    shaped_reward,
+)
 
 DEFAULT_EVAL_FILE = "sudoku/4x4_test.csv"
+EVAL_FILES = {"d1": DEFAULT_EVAL_FILE, "spg": "sudoku/spg_test.csv"}
+# The worked examples of the 3-shot prompt: unique-solution puzzles whose solutions are not in the spg split.
+SHOT_PUZZLES = ("3014002020004130", "0000100420013142", "2001403002001420")
 BLANKS_RANGE = (6, 10)
 _SEPARATORS = str.maketrans("", "", " \t\r\n,|-+[]")
 
@@ -76,6 +91,27 @@ def all_grids() -> tuple[str, ...]:
     return tuple(solutions("0" * 16, limit=1000))
 
 
+def _rows(grid: str) -> str:
+    return "\n".join(grid[r * 4:(r + 1) * 4] for r in range(4))
+
+
+def explain(puzzle: str) -> str:
+    """A short worked solution: repeatedly fill a cell whose row, column and box leave one digit."""
+    grid = [int(c) for c in puzzle]
+    lines = []
+    while 0 in grid:
+        for i in range(16):
+            if grid[i] == 0:
+                left = {1, 2, 3, 4} - {grid[j] for j in _PEERS[i]}
+                if len(left) == 1:
+                    grid[i] = left.pop()
+                    lines.append(f"Row {i // 4 + 1}, column {i % 4 + 1}: only {grid[i]} is left.")
+                    break
+        else:
+            break  # no single left: the answer line carries the rest
+    return "\n".join(lines)
+
+
 def _solves(puzzle: str, grid: str) -> bool:
     return is_valid_solution(grid) and all(p in ("0", g) for p, g in zip(puzzle, grid))
 
@@ -108,10 +144,14 @@ class SudokuTask(Task):
     """4x4 Sudoku."""
 
     name = "sudoku"
-    default_eval_file = DEFAULT_EVAL_FILE
+    grader = "sudoku-cells: blanks right vs the stored solution (any valid grid keeping the givens is right)"
+
+    @property
+    def default_eval_file(self) -> str:
+        return EVAL_FILES[self.cfg.sudoku_split]
 
     def _load_eval(self) -> list[Item]:
-        path = resolve_data_path(self.cfg, self.cfg.eval_file or DEFAULT_EVAL_FILE)
+        path = resolve_data_path(self.cfg, self.cfg.eval_file or self.default_eval_file)
         if not path.is_file():
             raise ValueError(f"{path}: data file not found (set task.data_dir / task.eval_file)")
         with path.open(newline="") as f:
@@ -125,26 +165,30 @@ class SudokuTask(Task):
         return items
 
     def train_items(self, seed: int) -> Iterator[Item]:
-        """Generated unique-solution puzzles, seed-deterministic, never a held-out puzzle."""
+        """Generated unique-solution puzzles, seed-deterministic, never a held-out puzzle (``spg``: nor a
+        held-out solution grid)."""
         held_out = {it.question for it in self.eval_items()}
+        held_grids = {it.answer for it in self.eval_items()} if self.cfg.sudoku_split == "spg" else set()
         rng = random.Random(f"sudoku-train-{seed}")
         k = 0
         while True:
             puzzle, solution = generate_puzzle(rng, rng.randint(*BLANKS_RANGE))
-            if puzzle not in held_out:
+            if puzzle not in held_out and solution not in held_grids:
                 yield Item(id=f"sudoku_train:{seed}:{k}", question=puzzle, answer=solution)
                 k += 1
 
     def prompt(self, item: Item, tokenizer) -> str:
         if not self.chat:
             return f"{item.question}\n"
-        rows = "\n".join(item.question[r * 4:(r + 1) * 4] for r in range(4))
         user = (
             "Solve this 4x4 Sudoku. Each row, each column and each 2x2 box must contain the digits 1 to 4 "
             "exactly once. The grid is shown row by row; 0 marks an empty cell.\n"
-            f"{rows}\n"
+            f"{_rows(item.question)}\n"
             "After reasoning, give the completed grid as 16 digits, row by row, inside <answer></answer> tags."
         )
+        if self.cfg.sudoku_split == "spg":
+            shots = "\n\n".join(f"Puzzle:\n{_rows(p)}\n{chat_completion(explain(p), solutions(p)[0])}" for p in SHOT_PUZZLES)
+            user = f"Three solved examples:\n\n{shots}\n\nNow your puzzle.\n{user}"
         return tokenizer.format_prompt(user, SYSTEM_PROMPT)
 
     def reference_completion(self, item: Item) -> str | None:
@@ -152,8 +196,12 @@ class SudokuTask(Task):
             return item.answer
         return chat_completion("Fill each empty cell with the one digit its row, column and box still miss.", item.answer)
 
-    def reward(self, completion: str, item: Item) -> Reward:
-        region, tagged = self.answer_text(completion)
+    def compute_reward(self, completion: str, item: Item) -> Reward:
+        if self.chat:
+            region, how = marked_answer(completion)
+            tagged = region is not None
+        else:
+            region, tagged = first_line(completion), True
         w = self.cfg.format_weight
         if region is None:
             return shaped_reward(0.0, False, False, w)
