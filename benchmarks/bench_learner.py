@@ -164,7 +164,7 @@ def bench_object_store(preset: str, iters: int, cuda: bool) -> dict:
     from common.model import build_model, preset_config
     from learner.weight_sync import ObjectStoreSender
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
     @ray.remote(num_gpus=0.5 if cuda else 0)
     class Receiver:

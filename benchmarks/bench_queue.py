@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     group_mb = groups[0].nbytes / 1e6
 
     in_process = bench_in_process(groups, args.per_step)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         results = {"memory": bench(groups, args.per_step, None)}
         with tempfile.TemporaryDirectory() as tmp:

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     if args.report_only:
         results["runs"] = previous["runs"]
         args.methods = []
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         for method in args.methods:
             for seed in args.seeds:

@@ -5,6 +5,24 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line user errors: ``unmask: <what to fix>``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"unmask: {message} (see `{self.prog} --help`)\n")
+
+
+def _step_counts(text: str) -> list[int]:
+    """``--steps 4,8,16``: comma-separated positive integers."""
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"takes comma-separated positive integers such as 4,8,16, not {text!r}")
+    return steps
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="tiny_countdown",
                    help="YAML path or preset name in configs/ (default: tiny_countdown)")
@@ -13,7 +31,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unmask", description="Distributed RL for masked diffusion LMs.")
+    parser = _Parser(prog="unmask", description="Distributed RL for masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command")
 
     train = sub.add_parser("train", help="run RL (default: tiny Countdown on local Ray, CPU)")
@@ -27,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     ev.add_argument("--model", help="checkpoint directory (overrides model.path)")
     ev.add_argument("--task", help="task name (overrides task.name)")
-    ev.add_argument("--steps", default=None, help="comma-separated sampling-step counts, e.g. 8,16,32")
+    ev.add_argument("--steps", type=_step_counts, default=None, help="comma-separated sampling-step counts, e.g. 8,16,32")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out items")
     ev.add_argument("--out", default=None, help="directory for eval.json and accuracy_vs_steps.png")
 
@@ -45,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv if argv is not None else (sys.argv[1:] or ["train"]))
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "scale":
         return _scale(args.run_dir, args.rollout_workers)
     if args.command == "stop":
@@ -53,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         args.overrides = list(args.overrides)
         if args.model:
+            from pathlib import Path
+
+            if not (Path(args.model) / "config.json").is_file():
+                print(f"unmask: --model {args.model} is not a checkpoint directory (no config.json there)",
+                      file=sys.stderr)
+                return 2
             args.overrides += [f"model.path={args.model}", "model.preset=null"]
         if args.task:
             args.overrides.append(f"task.name={args.task}")
@@ -61,21 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "resume", None):
         from pathlib import Path
 
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            print(f"unmask: {args.resume} is not a run directory (no config.yaml)", file=sys.stderr)
+        if not _is_run_dir(args.resume):
             return 2
-        args.config = str(saved)  # a resumed run keeps its own config (plus any --set given now)
+        args.config = str(Path(args.resume) / "config.yaml")  # a resumed run keeps its own config (plus --set)
     from common.config.loader import dump_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "eval":  # every step count must make a valid sampler with this config
+            for steps in args.steps or ():
+                load_config(args.config, args.overrides + [f"sampler.steps={steps}"])
     except ConfigError as e:
         print(f"unmask: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    from common.tasks import check_data
+
+    try:  # before Ray starts and before a run directory exists
+        check_data(cfg.task, ("eval",) if args.command == "eval" else ("train", "eval"))
+    except ValueError as e:
+        print(f"unmask: {e}", file=sys.stderr)
+        return 2
     if args.command == "sft":
         from driver.sft import sft
 
@@ -83,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         from driver.evaluate import evaluate_checkpoint
 
-        steps = [int(s) for s in args.steps.split(",")] if args.steps else [cfg.sampler.steps]
-        evaluate_checkpoint(cfg, steps, out_dir=args.out, limit=args.limit)
+        evaluate_checkpoint(cfg, args.steps or [cfg.sampler.steps], out_dir=args.out, limit=args.limit)
         return 0
     from driver.train import train
 
@@ -100,12 +135,28 @@ def _is_run_dir(run_dir: str) -> bool:
     return True
 
 
+def _is_running(run_dir: str, command: str) -> bool:
+    """A run directory whose run has not finished (``scale`` and ``stop`` act on running runs only)."""
+    from pathlib import Path
+
+    from driver.runtime import finished_step
+
+    if not _is_run_dir(run_dir):
+        return False
+    step = finished_step(Path(run_dir))
+    if step is not None:
+        print(f"unmask: {run_dir} finished at step {step}; `unmask {command}` applies to running runs only "
+              "(nothing changed)", file=sys.stderr)
+        return False
+    return True
+
+
 def _stop(run_dir: str) -> int:
     from pathlib import Path
 
     from driver.runtime import write_control
 
-    if not _is_run_dir(run_dir):
+    if not _is_running(run_dir, "stop"):
         return 2
     write_control(Path(run_dir), stop=True)
     print(f"{run_dir}: stopping after the current step (final evaluation, checkpoint and export follow)")
@@ -117,7 +168,7 @@ def _scale(run_dir: str, n: int) -> int:
 
     from driver.runtime import write_control
 
-    if not _is_run_dir(run_dir):
+    if not _is_running(run_dir, "scale"):
         return 2
     if n < 0:
         print("unmask: --rollout-workers must be >= 0", file=sys.stderr)

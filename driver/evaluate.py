@@ -17,8 +17,10 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
     from tqdm import tqdm
 
     from common.tasks import score_completions
+    from common.threads import set_cpu_threads
     from rollout.actor import Generator
 
+    set_cpu_threads(cfg.run.cpu_threads)
     gen = Generator(cfg.model, cfg.sampler, cfg.task)
     items = gen.task.eval_items(limit or cfg.task.eval_size)
     prompts = gen.encode_prompts(items)

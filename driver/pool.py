@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,33 +30,78 @@ class Call:
 
 @dataclass
 class RolloutPool:
-    """Owns the rollout actors; ``make_worker(worker_id)`` creates one (with its own resources)."""
+    """Owns the rollout actors; ``make_worker(worker_id)`` creates one (with its own resources).
+
+    A new worker is *pending* until Ray has placed it and its ``ready`` call answered: pending workers get no
+    rollouts, weights or evaluation items, so one the cluster cannot place never blocks the run; it joins
+    when ``poll`` sees it ready. ``needs`` is what one worker asks Ray for (reported while one waits).
+    """
 
     make_worker: Callable[[str], Any]
+    needs: dict[str, float] = field(default_factory=dict)
     workers: dict[str, Any] = field(default_factory=dict)
     busy: dict[Any, Call] = field(default_factory=dict)  # ObjectRef -> Call
     retiring: set[str] = field(default_factory=set)
+    pending: dict[str, tuple[Any, float]] = field(default_factory=dict)  # worker id -> (ready ref, since)
+    _reported: set[str] = field(default_factory=set)
     _ids: Any = field(default_factory=lambda: itertools.count())
 
-    def resize(self, n: int) -> list[str]:
-        """Add or retire workers to reach ``n``; returns the ids of new workers (they need weights)."""
+    def resize(self, n: int) -> None:
+        """Add (pending) or retire workers so that ``n`` are members; retired ones leave once idle."""
         import ray
 
-        active = self.active()
-        added = []
-        while len(active) < n:
+        members = self.members()
+        while len(members) < n:
             worker_id = f"rollout-{next(self._ids)}"
-            self.workers[worker_id] = self.make_worker(worker_id)
-            active.append(worker_id)
-            added.append(worker_id)
-        for worker_id in active[n:]:
+            self.workers[worker_id] = actor = self.make_worker(worker_id)
+            self.pending[worker_id] = (actor.ready.remote(), time.monotonic())
+            members.append(worker_id)
+            log.info("rollout worker %s requested (%s)", worker_id, _fmt(self.needs))
+        for worker_id in members[n:]:
             self.retiring.add(worker_id)  # finishes its current rollout, then leaves
         for worker_id in list(self.retiring):
             if not any(c.worker_id == worker_id for c in self.busy.values()):
                 ray.kill(self.workers.pop(worker_id))
                 self.retiring.discard(worker_id)
+                self.pending.pop(worker_id, None)
                 log.info("rollout worker %s left the pool", worker_id)
-        return added
+
+    def poll(self, report_after_s: float = 10.0) -> list[str]:
+        """Workers that became ready since the last call (they need weights); reports ones Ray cannot place."""
+        import ray
+
+        if not self.pending:
+            return []
+        refs = {ref: wid for wid, (ref, _) in self.pending.items()}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        joined = []
+        for ref in done:
+            wid = refs[ref]
+            del self.pending[wid]
+            try:
+                ray.get(ref, timeout=0)
+                joined.append(wid)
+            except ray.exceptions.RayError as e:
+                log.warning("rollout worker %s failed to start (%s); a new one takes its place", wid, type(e).__name__)
+                self.drop(wid)
+        now = time.monotonic()
+        for wid, (_, since) in self.pending.items():
+            if wid not in self._reported and now - since > report_after_s:
+                self._reported.add(wid)
+                free = ray.available_resources()
+                log.warning("rollout worker %s cannot be placed yet: it needs %s and the cluster has %s free; it joins "
+                            "when they free up (or lower the pool with `unmask scale RUN --rollout-workers N`)",
+                            wid, _fmt(self.needs), _fmt({k: free.get(k, 0.0) for k in self.needs}))
+        return joined
+
+    def wait_ready(self, timeout: float) -> list[str]:
+        """Block up to ``timeout`` s for the pending workers (at start); returns those that joined."""
+        import ray
+
+        refs = [ref for ref, _ in self.pending.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return self.poll(report_after_s=0.0)
 
     def drop(self, worker_id: str) -> None:
         """Forget a worker for good (Ray gave up restarting it); the next ``resize`` replaces it."""
@@ -63,17 +109,23 @@ class RolloutPool:
 
         actor = self.workers.pop(worker_id, None)
         self.retiring.discard(worker_id)
+        self.pending.pop(worker_id, None)
         if actor is not None:
             ray.kill(actor)
         log.warning("rollout worker %s is dead for good; a new one takes its place", worker_id)
 
     @property
     def size(self) -> int:
-        return len(self.workers) - len(self.retiring)
+        """Members placed and running (pending ones not counted)."""
+        return len(self.active())
+
+    def members(self) -> list[str]:
+        """Worker ids that are not retiring, placed or pending, in the order they joined."""
+        return [w for w in self.workers if w not in self.retiring]
 
     def active(self) -> list[str]:
-        """Worker ids that are not retiring, in the order they joined."""
-        return [w for w in self.workers if w not in self.retiring]
+        """Members that are placed and answered ``ready``: the ones that get rollouts, weights and eval items."""
+        return [w for w in self.members() if w not in self.pending]
 
     def idle(self) -> list[str]:
         running = {c.worker_id for c in self.busy.values()}
@@ -95,3 +147,8 @@ class RolloutPool:
             ray.kill(w)
         self.workers.clear()
         self.busy.clear()
+        self.pending.clear()
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "no resources"

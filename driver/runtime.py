@@ -36,6 +36,17 @@ def new_run_dir(cfg: UnmaskConfig) -> Path:
     return run_dir.resolve()
 
 
+def mark_finished(run_dir: Path, step: int) -> None:
+    """Record that the run ended normally at ``step`` (its final evaluation, checkpoint and export are done)."""
+    (run_dir / "finished.json").write_text(json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
+def finished_step(run_dir: Path) -> int | None:
+    """The step a finished run ended at; None while it runs (or after it crashed)."""
+    path = run_dir / "finished.json"
+    return int(json.loads(path.read_text())["step"]) if path.is_file() else None
+
+
 def read_control(run_dir: Path) -> dict:
     """Live controls written by `unmask scale` (e.g. the desired number of rollout workers)."""
     path = run_dir / "control.json"
@@ -56,9 +67,10 @@ def write_control(run_dir: Path, **values) -> None:
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
-    """Attach to ``address``/RAY_ADDRESS (cluster, `ray job submit`) or start a local instance.
+    """Attach to ``address``/RAY_ADDRESS (cluster, `ray job submit`) or start a new local instance.
 
-    A local instance binds its dashboard to 127.0.0.1 only.
+    Never attaches to a Ray instance that merely happens to run on this machine: no address means a new
+    local instance, whose dashboard binds 127.0.0.1 only. Logs where to watch the run.
     """
     import ray
 
@@ -68,11 +80,36 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     env = {"env_vars": {"PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
         # Under `ray job submit` the job's runtime_env applies; passing another one here is a conflict.
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
-        return address
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-             logging_level=logging.WARNING, configure_logging=True)
-    ctx = ray.get_runtime_context()
-    log.info("started a local Ray instance (dashboard: %s)", getattr(ray, "_private").worker._global_node.webui_url
-             if hasattr(ray, "_private") else "127.0.0.1")
-    return ctx.gcs_address
+        ctx = ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    else:
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       runtime_env=env, logging_level=logging.WARNING, configure_logging=True)
+        log.info("started a local Ray instance with %d CPU(s)", int(ray.cluster_resources().get("CPU", 0)))
+    _log_monitoring(ctx)
+    return address or ray.get_runtime_context().gcs_address
+
+
+def _log_monitoring(ctx) -> None:
+    """Where to watch the run: the dashboard (and how to log in), and each node's Prometheus export."""
+    import ray
+
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        url = url if url.startswith("http") else f"http://{url}"
+        log.info("Ray dashboard: %s%s", url, _auth_hint())
+    exports = sorted({f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+                      for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")})
+    if exports:
+        log.info("metrics (ray_unmask_*, Prometheus text): %s; the dashboard's Metrics view needs Grafana + "
+                 "Prometheus (README, Monitoring)", ", ".join(exports))
+
+
+def _auth_hint() -> str:
+    """The dashboard asks for a token when Ray's token authentication is on."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        enabled = is_token_auth_enabled()
+    except (ImportError, AttributeError):  # Ray versions before token authentication
+        return ""
+    return " (token authentication is on: paste the output of `ray get-auth-token` when it asks)" if enabled else ""

@@ -54,7 +54,6 @@ def sft(cfg: UnmaskConfig) -> int:
     """Train, evaluate greedily on the held-out set every ``sft.eval_every`` steps, export the checkpoint."""
     import functools
 
-    from common.config.loader import REPO_ROOT
     from common.metrics import MetricsLog
     from common.tasks import get_task
     from common.tokenizers import CharTokenizer, load_tokenizer
@@ -81,8 +80,7 @@ def sft(cfg: UnmaskConfig) -> int:
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
                            loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id,
                                                          pad_id=tokenizer.pad_id, eps=cfg.sft.eps))
-    out = Path(cfg.sft.output)
-    out = out if out.is_absolute() else REPO_ROOT / out
+    out = Path(cfg.sft.output).resolve() if cfg.sft.output else run_dir / "model"
     log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
     t0, skipped = time.time(), 0
     try:

@@ -20,6 +20,12 @@ from pathlib import Path
 from common.config import UnmaskConfig
 
 log = logging.getLogger("unmask")
+CONTROL_TIMEOUT_S = 60.0  # the longest the loop waits on a control call (queue, pool); no wait is unbounded
+PLACEMENT_TIMEOUT_S = 120.0  # at start, how long the first rollout workers may take to be placed
+
+
+class RunError(Exception):
+    """A run cannot go on, for a reason the user can act on: printed as one line, exit code 1."""
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -43,14 +49,29 @@ def _truncate_ledger(run_dir: Path, lines: int) -> int:
     return max(0, len([x for x in data if x]) - lines)
 
 
-def evaluate(pool, items: list, overrides: dict, label: str = "eval", skip: set[str] = frozenset()) -> dict:
-    """Held-out accuracy, the items spread over every rollout worker (but ``skip``: not on the current weights)."""
+def evaluate(pool, items: list, overrides: dict, label: str = "eval", skip: set[str] = frozenset(),
+             timeout: float = 1800.0) -> dict:
+    """Held-out accuracy, the items spread over every rollout worker (but ``skip``: not on the current weights).
+
+    A worker that has not answered within ``timeout`` s (or died) is left out, and the accuracy is over the
+    items that came back (``n`` says how many).
+    """
     import ray
 
     workers = [pool.workers[wid] for wid in pool.active() if wid not in skip]
+    if not workers:
+        raise RunError("no rollout worker is placed and on the current weights to evaluate with")
     chunks = [items[i::len(workers)] for i in range(len(workers))]
     refs = [w.evaluate.remote(chunk, overrides) for w, chunk in zip(workers, chunks) if chunk]
-    records = [r for chunk in ray.get(refs) for r in chunk]
+    done, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    records = []
+    for ref in done:
+        try:
+            records += ray.get(ref)
+        except ray.exceptions.RayError as e:
+            log.warning("%s: a worker failed (%s); its items are left out", label, type(e).__name__)
+    if late:
+        log.warning("%s: %d worker(s) did not answer in %.0f s; their items are left out", label, len(late), timeout)
     acc = sum(r["correct"] for r in records) / max(len(records), 1)
     reward = sum(r["reward"] for r in records) / max(len(records), 1)
     log.info("%s: accuracy %.3f (%d items), mean reward %.3f", label, acc, len(records), reward)
@@ -102,7 +123,7 @@ class Controller:
         self.queue_name = f"unmask-queue-{run_dir.name}"
         self.queue = ReplayQueue.options(name=self.queue_name, max_restarts=-1).remote(
             cfg.queue, cfg.learner.groups_per_step, str(run_dir / "trajectories") if cfg.queue.spill else None)
-        ray.get(self.queue.set_version.remote(self.state["version"], rebase=True))
+        ray.get(self.queue.set_version.remote(self.state["version"], rebase=True), timeout=CONTROL_TIMEOUT_S)
         log.info("replay queue: capacity %d groups, max_staleness %d, spill %s", cfg.queue.capacity_groups,
                  cfg.queue.max_staleness, "on" if cfg.queue.spill else "off")
         # --- rollout pool
@@ -148,13 +169,22 @@ class Controller:
             num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
             resources=cfg.rollout.resources or None, max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
         seeds = itertools.count(cfg.run.seed * 7919 + self.state["call_id"])
+        needs = {"CPU": cfg.rollout.num_cpus_per_worker, "GPU": cfg.rollout.num_gpus_per_worker, **cfg.rollout.resources}
         pool = RolloutPool(lambda wid: worker_cls.remote(wid, cfg.model, cfg.sampler, cfg.task, cfg.rollout.group_size,
-                                                         self.queue_name, next(seeds), cfg.rollout.max_prompt_tokens))
+                                                         self.queue_name, next(seeds), cfg.rollout.max_prompt_tokens),
+                           needs={k: float(v) for k, v in needs.items() if v})
         desired = read_control(self.run_dir).get("rollout_workers", cfg.rollout.num_workers)
         write_control(self.run_dir, rollout_workers=desired, stop=False)  # a resumed run forgets an old stop
         pool.resize(desired)
-        ray.get([w.ready.remote() for w in pool.workers.values()])
-        log.info("rollout pool: %d worker(s)", pool.size)
+        pool.wait_ready(PLACEMENT_TIMEOUT_S)
+        if desired and not pool.active():
+            free = ray.available_resources()
+            pool.shutdown()
+            raise RunError(f"no rollout worker could be placed in {PLACEMENT_TIMEOUT_S:.0f} s: each needs "
+                           f"{pool.needs} and the cluster has {({k: free.get(k, 0.0) for k in pool.needs})} free; "
+                           "lower rollout.num_cpus_per_worker / num_gpus_per_worker or add nodes")
+        log.info("rollout pool: %d worker(s)%s", pool.size,
+                 f", {len(pool.pending)} waiting for resources" if pool.pending else "")
         return pool
 
     def _sync_weights(self, block: bool = False):
@@ -162,12 +192,13 @@ class Controller:
 
         if self.transport == "nccl":
             return self._broadcast_weights()
+        timeout = self.cfg.learner.sync_timeout_s
         if self.transport == "cuda_ipc":
-            ray.get(self.pending_sync)  # one shared buffer: receivers of the last version must be done
+            ray.get(self.pending_sync, timeout=timeout)  # one shared buffer: receivers of the last version are done
         update = self.learner.sync_weights()
         self.pending_sync = self.pool.broadcast(update)
         if block:
-            ray.get(self.pending_sync)
+            ray.get(self.pending_sync, timeout=timeout)
         return update
 
     def _broadcast_weights(self):
@@ -199,8 +230,8 @@ class Controller:
             receives = [self.pool.workers[w].receive_broadcast.options(concurrency_group="weights").remote(
                 {**self.sync_group, "rank": rank}) for rank, w in enumerate(members, start=1)]
             try:
-                update = ray.get(send)
-                ray.get(receives)
+                update = ray.get(send, timeout=self.cfg.learner.sync_timeout_s + 30)
+                ray.get(receives, timeout=self.cfg.learner.sync_timeout_s + 30)
             except ray.exceptions.RayError as e:
                 self.sync_members = None
                 log.warning("weight broadcast failed (%s); rebuilding the group without members that left",
@@ -268,7 +299,7 @@ class Controller:
 
         from driver.pool import cluster_capacity
 
-        desired = int(control.get("rollout_workers", self.pool.size))
+        desired = int(control.get("rollout_workers", len(self.pool.members())))
         rollout = self.cfg.rollout
         if not rollout.follow_cluster:
             return desired
@@ -282,7 +313,8 @@ class Controller:
         return min(max(desired, self._capacity), rollout.max_workers or 1 << 30)
 
     def _follow_scale(self, control: dict) -> None:
-        for wid in self.pool.resize(self._desired_workers(control)):
+        self.pool.resize(self._desired_workers(control))
+        for wid in self.pool.poll():
             log.info("rollout worker %s joined the pool", wid)
             self._give_current_weights(wid)
         self.awaiting_weights &= set(self.pool.workers)
@@ -317,9 +349,9 @@ class Controller:
                 continue
             n = self.cfg.rollout.prompts_per_call
             try:
-                while n > 0 and not ray.get(self.queue.reserve.remote(n)):
+                while n > 0 and not ray.get(self.queue.reserve.remote(n), timeout=CONTROL_TIMEOUT_S):
                     n //= 2
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 log.warning("replay queue restarting; rollouts wait for it")
                 return
             if n == 0:
@@ -341,8 +373,8 @@ class Controller:
             return
         if self.batch is None:
             try:
-                table = ray.get(self.queue.get.remote(self.cfg.learner.groups_per_step, 0.2))
-            except ray.exceptions.RayActorError:
+                table = ray.get(self.queue.get.remote(self.cfg.learner.groups_per_step, 0.2), timeout=CONTROL_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 return
             if table is None:
                 return
@@ -423,7 +455,7 @@ class Controller:
         else:
             self.state.update(step=0, version=0)
         self.update = self._sync_weights(block=False) if self._workers_need_weights() else None
-        ray.get(self.queue.set_version.remote(self.state["version"], rebase=True))
+        ray.get(self.queue.set_version.remote(self.state["version"], rebase=True), timeout=CONTROL_TIMEOUT_S)
         self.metrics.log({"event": "learner_rebuilt", "step": self.state["step"], "version": self.state["version"]})
         log.info("learner group rebuilt at step %d, version %d; retrying the batch", self.state["step"],
                  self.state["version"])
@@ -433,8 +465,8 @@ class Controller:
 
         out, info = self.out, self.batch_info
         try:
-            qstats = ray.get(self.queue.stats.remote())
-        except ray.exceptions.RayActorError:  # the queue is restarting: log this step without its stats
+            qstats = ray.get(self.queue.stats.remote(), timeout=CONTROL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # restarting: log without its stats
             qstats = {}
         record = {"step": self.state["step"], "version": self.state["version"], **info, **out,
                   "policy_version": self.state["version"], "weight_sync_seconds": self.sync_seconds,
@@ -442,9 +474,10 @@ class Controller:
                   "dropped_stale": qstats.get("dropped_stale", 0), "rollout_workers": self.pool.size}
         self.metrics.log(record)
         self.ray_metrics.record("learner_step_seconds", float(out.get("step_time_s", 0.0)))
-        log.info("step %d/%d | reward %.3f | acc %.3f | loss %+.4f | staleness %.1f | workers %d | ETA %s",
+        waiting = f" (+{len(self.pool.pending)} waiting)" if self.pool.pending else ""
+        log.info("step %d/%d | reward %.3f | acc %.3f | loss %+.4f | staleness %.1f | workers %d%s | ETA %s",
                  self.state["step"], self.cfg.run.total_steps, info["reward"], info["accuracy"],
-                 out.get("loss", float("nan")), info["staleness"], self.pool.size, _fmt_eta(eta))
+                 out.get("loss", float("nan")), info["staleness"], self.pool.size, waiting, _fmt_eta(eta))
 
     def _checkpoint_state(self) -> dict:
         return {**self.state, "ledger_lines": _ledger_lines(self.run_dir)}
@@ -459,7 +492,7 @@ class Controller:
     def _evaluate(self, label: str, overrides: dict | None = None) -> dict:
         self._catch_up_waiting_workers()
         res = evaluate(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label,
-                       skip=self.awaiting_weights)
+                       skip=self.awaiting_weights, timeout=self.cfg.run.eval_timeout_s)
         record = {"step": self.state["step"], "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}
         if overrides:
             record = {"step": self.state["step"], "eval_sampling_steps": overrides["steps"],
@@ -473,12 +506,17 @@ class Controller:
         import ray
 
         from driver.plots import plot_run
+        from driver.runtime import mark_finished
 
-        for ref in list(self.pool.busy):
+        refs = list(self.pool.busy)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=CONTROL_TIMEOUT_S) if refs else ([], [])
+        for ref in refs:
             call = self.pool.busy.pop(ref)
             try:
+                if ref not in done:
+                    raise TimeoutError
                 self.metrics.log({"event": "rollout", **ray.get(ref)})
-            except ray.exceptions.RayError:
+            except (ray.exceptions.RayError, TimeoutError):
                 self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
         after = self._evaluate("held-out after training")
         (self.run_dir / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after["records"]))
@@ -488,6 +526,7 @@ class Controller:
         self.learner.export_hf(str(self.run_dir / "policy"))
         self.tokenizer.save(self.run_dir / "policy")
         plot_run(self.run_dir)
+        mark_finished(self.run_dir, self.state["step"])
         log.info("done: %d steps; policy exported to %s; plots in %s", self.state["step"], self.run_dir / "policy",
                  self.run_dir / "plots")
 
@@ -500,8 +539,25 @@ class Controller:
         ray.kill(self.queue)
 
 
+def _resume_problem(run_dir: Path, total_steps: int) -> str | None:
+    """Why ``run_dir`` cannot be resumed (one line), or None."""
+    from driver.runtime import finished_step
+
+    if not (run_dir / "config.yaml").is_file():
+        return f"{run_dir} is not a run directory (no config.yaml)"
+    done = finished_step(run_dir)
+    if done is not None and done >= total_steps:
+        return (f"{run_dir} finished at step {done} of {total_steps}; nothing to resume (nothing changed). To train "
+                f"further: unmask train --resume {run_dir} --set run.total_steps=N with N > {done}")
+    if not any((run_dir / "checkpoints").glob("step_*")):
+        return (f"{run_dir} has no checkpoint to resume from (it stopped before its first one); start it again "
+                f"with: unmask train --config {run_dir / 'config.yaml'}")
+    return None
+
+
 def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     """Build everything, run the loop, close in ``finally``. Returns the process exit code."""
+    from common.threads import set_cpu_threads
     from driver.runtime import connect_ray, new_run_dir, setup_logging
 
     setup_logging()
@@ -511,15 +567,22 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         return 2
     if resume:
         run_dir = Path(resume).resolve()
-        if not (run_dir / "config.yaml").is_file():
-            log.error("unmask: %s is not a run directory (no config.yaml)", run_dir)
+        problem = _resume_problem(run_dir, cfg.run.total_steps)
+        if problem:
+            log.error("unmask: %s", problem)
             return 2
+        (run_dir / "finished.json").unlink(missing_ok=True)  # it runs again, to a larger total_steps
     else:
         run_dir = new_run_dir(cfg)
     log.info("run directory: %s", run_dir)
+    set_cpu_threads(cfg.run.cpu_threads)
     connect_ray(cfg.run.ray_address)
-    controller = Controller(cfg, run_dir, resume=bool(resume))
     try:
-        return controller.run()
-    finally:
-        controller.close()
+        controller = Controller(cfg, run_dir, resume=bool(resume))
+        try:
+            return controller.run()
+        finally:
+            controller.close()
+    except RunError as e:
+        log.error("unmask: %s", e)
+        return 1

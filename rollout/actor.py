@@ -86,7 +86,9 @@ class RolloutWorker:
         import ray
 
         from common.metrics import RayMetrics
+        from common.threads import set_cpu_threads
 
+        set_cpu_threads()  # the CPUs Ray assigned this actor
         self.worker_id = worker_id
         self.gen = Generator(model_cfg, sampler_cfg, task_cfg)
         self.group_size = group_size

@@ -57,7 +57,7 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
     import ray
 
     port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port)
     try:
         cfg = load_config("tiny_countdown", [
             f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=60", "run.eval_sampling_steps=[4]",
@@ -114,7 +114,7 @@ def test_broadcast_transport_follows_the_pool(tmp_path, lora):
     With LoRA over the checkpoint base only the adapters travel and each worker merges them."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", [
             f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=60", "run.eval_every=0",

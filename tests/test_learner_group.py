@@ -177,7 +177,7 @@ def two_ranks():
     ray = pytest.importorskip("ray")
     from learner.group import LearnerGroup
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     group = LearnerGroup(learner_cfg(num_ranks=2, micro_batch_tokens=2 * 12), MODEL, loss_factory=SFT, seed=0)
     yield group
     group.shutdown()

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 def ray_local():
     # Workers cannot import this test module by name; ship its helpers (make_group, Producer) by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -66,7 +66,7 @@ def test_rollout_queue_and_learner_faults_mid_run(tmp_path, transport):
     """nccl (gloo on CPU): a restarted worker and a rebuilt learner each force a new broadcast group."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", SMALL + [
             f"run.root={tmp_path}", "run.name=faults", "run.total_steps=8", "learner.checkpoint_every=2",
@@ -99,7 +99,7 @@ def test_a_worker_dead_for_good_is_replaced(tmp_path):
     """With its restarts used up (max_restarts 0) a killed rollout worker is dropped and a new one starts."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", SMALL + [
             f"run.root={tmp_path}", "run.name=faults", "run.total_steps=6", "rollout.num_workers=1",
@@ -165,7 +165,7 @@ def test_repeated_nan_steps_stop_the_run_with_a_checkpoint(tmp_path):
         model.transformer.blocks[0].ff_out.weight[0, 0] = float("nan")  # corrupt weights poison every step
     save_pretrained(model, tmp_path / "poisoned")
     load_tokenizer(base).save(tmp_path / "poisoned")
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         cfg = load_config("tiny_countdown", SMALL + [
             f"run.root={tmp_path}", "run.name=nan", "run.total_steps=10", f"model.path={tmp_path / 'poisoned'}",

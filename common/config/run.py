@@ -20,6 +20,12 @@ class RunConfig(Section):
     eval_sampling_steps: list[int] = Field(
         default_factory=list, description="Extra sampling-step counts evaluated at the end (accuracy vs steps)."
     )
+    cpu_threads: int = Field(
+        default=1, ge=1, description="Intra-op CPU threads of computation outside Ray actors (unmask eval, SFT's evaluations); actors use the CPUs Ray assigns them. 1 is fastest for the tiny presets on a shared machine (common/threads.py)."
+    )
+    eval_timeout_s: float = Field(
+        default=1800.0, gt=0, description="Longest wait for one held-out evaluation; workers that have not answered by then are left out (logged)."
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster address; None attaches to RAY_ADDRESS or starts a local instance."
     )
