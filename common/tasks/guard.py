@@ -123,10 +123,12 @@ class RewardGuard:
             return Reward(total=out["total"], correct=out["correct"], components=out["components"])
 
     def close(self) -> None:
+        """Stop the child; the next call starts a new one with only the imports it asks for."""
         with self._lock:
             if self._child is not None:
                 self._child.kill()
                 self._child = None
+            self._preload = ()
 
 
 GUARD = RewardGuard()
