@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 0
@@ -105,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if getattr(args, "resume", None):
+        from pathlib import Path
+
+        from driver.runtime import resume_problem
+
+        problem = resume_problem(Path(args.resume).resolve(), cfg.run.total_steps)
+        if problem:
+            print(f"unmask: {problem}", file=sys.stderr)
+            return 2
     from common.tasks import check_data
 
     try:  # before Ray starts and before a run directory exists

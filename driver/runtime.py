@@ -47,6 +47,20 @@ def finished_step(run_dir: Path) -> int | None:
     return int(json.loads(path.read_text())["step"]) if path.is_file() else None
 
 
+def resume_problem(run_dir: Path, total_steps: int) -> str | None:
+    """Why ``run_dir`` cannot be resumed (one line), or None."""
+    if not (run_dir / "config.yaml").is_file():
+        return f"{run_dir} is not a run directory (no config.yaml)"
+    done = finished_step(run_dir)
+    if done is not None and done >= total_steps:
+        return (f"{run_dir} finished at step {done} of {total_steps}; nothing to resume (nothing changed). To train "
+                f"further: unmask train --resume {run_dir} --set run.total_steps=N with N > {done}")
+    if not any((run_dir / "checkpoints").glob("step_*")):
+        return (f"{run_dir} has no checkpoint to resume from (it stopped before its first one); start it again "
+                f"with: unmask train --config {run_dir / 'config.yaml'}")
+    return None
+
+
 def read_control(run_dir: Path) -> dict:
     """Live controls written by `unmask scale` (e.g. the desired number of rollout workers)."""
     path = run_dir / "control.json"

@@ -471,7 +471,8 @@ class Controller:
         record = {"step": self.state["step"], "version": self.state["version"], **info, **out,
                   "policy_version": self.state["version"], "weight_sync_seconds": self.sync_seconds,
                   **self.update.metrics, "queue_depth": qstats.get("depth", 0),
-                  "dropped_stale": qstats.get("dropped_stale", 0), "rollout_workers": self.pool.size}
+                  "dropped_stale": qstats.get("dropped_stale", 0), "rollout_workers": self.pool.size,
+                  "rollout_workers_waiting": len(self.pool.pending)}
         self.metrics.log(record)
         self.ray_metrics.record("learner_step_seconds", float(out.get("step_time_s", 0.0)))
         waiting = f" (+{len(self.pool.pending)} waiting)" if self.pool.pending else ""
@@ -539,22 +540,6 @@ class Controller:
         ray.kill(self.queue)
 
 
-def _resume_problem(run_dir: Path, total_steps: int) -> str | None:
-    """Why ``run_dir`` cannot be resumed (one line), or None."""
-    from driver.runtime import finished_step
-
-    if not (run_dir / "config.yaml").is_file():
-        return f"{run_dir} is not a run directory (no config.yaml)"
-    done = finished_step(run_dir)
-    if done is not None and done >= total_steps:
-        return (f"{run_dir} finished at step {done} of {total_steps}; nothing to resume (nothing changed). To train "
-                f"further: unmask train --resume {run_dir} --set run.total_steps=N with N > {done}")
-    if not any((run_dir / "checkpoints").glob("step_*")):
-        return (f"{run_dir} has no checkpoint to resume from (it stopped before its first one); start it again "
-                f"with: unmask train --config {run_dir / 'config.yaml'}")
-    return None
-
-
 def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     """Build everything, run the loop, close in ``finally``. Returns the process exit code."""
     from common.threads import set_cpu_threads
@@ -567,10 +552,6 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         return 2
     if resume:
         run_dir = Path(resume).resolve()
-        problem = _resume_problem(run_dir, cfg.run.total_steps)
-        if problem:
-            log.error("unmask: %s", problem)
-            return 2
         (run_dir / "finished.json").unlink(missing_ok=True)  # it runs again, to a larger total_steps
     else:
         run_dir = new_run_dir(cfg)

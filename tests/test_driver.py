@@ -210,3 +210,44 @@ def test_pool_follows_nodes_joining_and_leaving(tmp_path):
     sizes = [r["rollout_workers"] for r in steps]
     assert 2 in sizes and sizes[-1] == 1, sizes
     assert any("eval_accuracy" in r for r in records if r.get("step") == len(steps))  # the final eval ran
+
+
+def _ask_for_an_unplaceable_worker(root: Path, seen: list, stop: threading.Event) -> None:
+    """After the first step ask for 3 workers on 2 CPUs (the learner holds 1, each worker 0.5): two are
+    placed, the third cannot be. Once steps have gone on for 12 s beside it, `unmask stop`."""
+    from driver.cli import main
+
+    while not stop.is_set() and len(seen) < 2:
+        runs = list(root.glob("e2e-*/metrics.jsonl"))
+        steps = [r for r in read_metrics(runs[0]) if "loss" in r] if runs else []
+        if not seen and steps:
+            main(["scale", str(runs[0].parent), "--rollout-workers", "3"])
+            seen.append(("up", steps[-1]["step"], time.monotonic()))
+        elif seen and time.monotonic() - seen[0][2] > 12 and steps[-1].get("rollout_workers_waiting"):
+            main(["stop", str(runs[0].parent)])
+            seen.append(("stopped", steps[-1]["step"], time.monotonic()))
+        time.sleep(0.2)
+
+
+def test_a_worker_that_cannot_be_placed_never_blocks_steps_stop_or_shutdown(tmp_path, caplog):
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        cfg = load_config("tiny_countdown", [
+            f"run.root={tmp_path}", "run.name=e2e", "run.total_steps=200", "run.eval_sampling_steps=[]",
+            "task.eval_size=8", "learner.groups_per_step=2", "rollout.prompts_per_call=1",
+        ])
+        seen: list = []
+        assert train_beside(cfg, _ask_for_an_unplaceable_worker, tmp_path, seen) == 0
+    finally:
+        ray.shutdown()
+    assert [kind for kind, *_ in seen] == ["up", "stopped"], seen
+    run_dir = next(tmp_path.glob("e2e-*"))
+    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and len(steps) <= seen[1][1] + 1
+    beside = [r for r in steps if r.get("rollout_workers_waiting") == 1]
+    assert len(beside) >= 3, "steps did not go on beside the worker that waits for resources"
+    assert max(r["rollout_workers"] for r in steps) == 2
+    assert "rollout-2 cannot be placed yet: it needs CPU 0.5" in caplog.text
+    assert (run_dir / "finished.json").is_file() and (run_dir / "policy" / "config.json").is_file()
