@@ -9,7 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 # name -> (kind, description, tag keys)
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -68,12 +68,15 @@ class RayMetrics:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` and mirrors known names to Ray."""
+    """Appends one JSON object per line to ``metrics.jsonl``, mirrors known names to Ray, and hands every
+    record to ``sinks`` (callables; the driver's experiment trackers)."""
 
-    def __init__(self, path: str | Path, ray_metrics: RayMetrics | None = None):
+    def __init__(self, path: str | Path, ray_metrics: RayMetrics | None = None,
+                 sinks: Sequence[Callable[[dict[str, Any]], None]] = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.ray = ray_metrics or RayMetrics()
+        self.sinks = list(sinks)
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
@@ -82,6 +85,8 @@ class MetricsLog:
         for name, value in record.items():
             if name in METRICS and METRICS[name][2] == () and isinstance(value, (int, float)):
                 self.ray.record(name, float(value))
+        for sink in self.sinks:
+            sink(record)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -91,7 +91,10 @@ class Controller:
         from common.weights import resolve_transport
 
         self.cfg, self.run_dir = cfg, run_dir
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        from driver.trackers import build_trackers
+
+        self.trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[self.trackers])
         self.ray_metrics = RayMetrics()
         self.tokenizer = load_tokenizer(resolve_path(cfg.model.path)) if cfg.model.path else CharTokenizer()
         self.task = get_task(cfg.task)
@@ -506,6 +509,8 @@ class Controller:
         """Drain rollouts, evaluate, checkpoint, export the policy, plot."""
         import ray
 
+        from common.metrics import read_metrics
+        from driver.model_card import write_model_card
         from driver.plots import plot_run
         from driver.runtime import mark_finished
 
@@ -526,7 +531,9 @@ class Controller:
         self.learner.save(str(self.run_dir / "checkpoints"), data_position=self._checkpoint_state())
         self.learner.export_hf(str(self.run_dir / "policy"))
         self.tokenizer.save(self.run_dir / "policy")
+        write_model_card(self.run_dir / "policy", self.cfg, read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir.name)
         plot_run(self.run_dir)
+        self.trackers.log_plots(self.run_dir / "plots")
         mark_finished(self.run_dir, self.state["step"])
         log.info("done: %d steps; policy exported to %s; plots in %s", self.state["step"], self.run_dir / "policy",
                  self.run_dir / "plots")
@@ -535,6 +542,7 @@ class Controller:
         import ray
 
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.trackers.close()
         self.pool.shutdown()
         self.learner.shutdown()
         ray.kill(self.queue)

@@ -1,9 +1,15 @@
 """`run:` section: the loop, its directory and where Ray lives."""
 from __future__ import annotations
 
-from pydantic import Field
+import importlib.util
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from common.config.base import Section
+
+# tracker -> (the module it needs, the pyproject extra that installs it)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 
 class RunConfig(Section):
@@ -32,3 +38,26 @@ class RunConfig(Section):
     colocated: bool = Field(
         default=False, description="Rollout and learner share one GPU (fractional num_gpus, CUDA IPC weight sync)."
     )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers fed the scalars of metrics.jsonl and, at the end, the plots (driver/trackers.py): "
+        "tensorboard writes <run dir>/tensorboard; wandb runs in wandb_mode under <run dir>/wandb; mlflow logs to "
+        "MLFLOW_TRACKING_URI, else <run dir>/mlruns. Each needs its package (pip install 'unmask[NAME]').",
+    )
+    tracker_project: str = Field(
+        default="unmask", description="wandb project and MLflow experiment the run is logged under (run name: the run directory's)."
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        default="offline", description="offline: written under the run directory only (upload later with `wandb sync`)."
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"{trackers}: a tracker is listed twice")
+        for name in trackers:
+            module, extra = TRACKERS[name]
+            if importlib.util.find_spec(module) is None:  # found, not imported: trackers load only when a run starts
+                raise ValueError(f"tracker {name!r} is chosen but {module!r} is not installed (pip install 'unmask[{extra}]')")
+        return trackers
