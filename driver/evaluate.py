@@ -47,6 +47,6 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
         (out / "eval.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
         label = Path(cfg.model.path).name if cfg.model.path else cfg.model.preset
         plot_accuracy_vs_steps({label: [(s, r["accuracy"]) for s, r in results.items()]},
-                               out / "accuracy_vs_steps.png")
+                               out / "accuracy_vs_steps.png", f"{label} on {cfg.task.name}\nheld-out accuracy vs sampling steps")
         print(f"wrote {out / 'eval.json'} and {out / 'accuracy_vs_steps.png'}")
     return results

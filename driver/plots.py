@@ -15,8 +15,16 @@ def _plt():
     return plt
 
 
-def _finish(plt, fig, ax, out: Path) -> Path:
-    """Grid, legend, save as PNG, free the figure."""
+def honest_ylim(ax, values) -> None:
+    """Accuracy axes start at 0 (a 1-point gap never fills the plot) and end at the next 0.1 above the data."""
+    top = max([v for v in values if v == v] or [0.0])
+    ax.set_ylim(0.0, min(1.0, np.ceil((top + 0.05) * 10) / 10))
+
+
+def _finish(plt, fig, ax, out: Path, title: str = "") -> Path:
+    """Title, grid, legend, save as PNG, free the figure."""
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -25,7 +33,7 @@ def _finish(plt, fig, ax, out: Path) -> Path:
     return out
 
 
-def plot_curves(records: list[dict], out: Path) -> Path | None:
+def plot_curves(records: list[dict], out: Path, title: str = "") -> Path | None:
     """Training reward/accuracy per step and held-out accuracy at each evaluation."""
     train = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_accuracy" in r]
@@ -41,7 +49,7 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
         ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy")
     ax.set_xlabel("learner step")
     ax.set_ylim(-0.02, 1.02)
-    return _finish(plt, fig, ax, out)
+    return _finish(plt, fig, ax, out, title)
 
 
 def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarray] | None:
@@ -69,17 +77,28 @@ def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarra
     return out
 
 
+def informative_steps(profiles: dict[str, np.ndarray], min_entropy: float = 0.01, min_share: float = 0.05) -> np.ndarray:
+    """Indices of the denoising steps where at least ``min_share`` of the trajectories were still uncertain
+    (mean entropy above ``min_entropy`` nats). The rest carry no information: steps no trajectory reached,
+    blocks with nothing left to decode, and steps every trajectory decoded with certainty (EOS padding)."""
+    uncertain_NT = np.nan_to_num(profiles["step_entropy"]) > min_entropy
+    return np.flatnonzero(uncertain_NT.mean(axis=0) >= min_share)
+
+
 def plot_confusion_zones(profiles: dict[str, np.ndarray], out: Path, title: str = "") -> Path:
     """Heatmaps of per-step entropy and margin across trajectories, failures on top, successes below."""
     plt = _plt()
     order = np.argsort(profiles["correct"], kind="stable")
     n_fail = int((~profiles["correct"]).sum())
+    steps = informative_steps(profiles)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
     for ax, name, cmap, label in ((axes[0], "step_entropy", "magma", "mean entropy of masked positions"),
                                   (axes[1], "step_margin", "viridis", "mean top1-top2 margin")):
-        im = ax.imshow(profiles[name][order], aspect="auto", interpolation="nearest", cmap=cmap)
+        im = ax.imshow(profiles[name][order][:, steps], aspect="auto", interpolation="nearest", cmap=cmap)
         ax.axhline(n_fail - 0.5, color="white", lw=1.5)
-        ax.set_xlabel("denoising step")
+        ticks = np.arange(len(steps)) if len(steps) <= 20 else np.linspace(0, len(steps) - 1, 9).astype(int)
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+        ax.set_xlabel(f"denoising step (the {len(steps)} of {profiles[name].shape[1]} where >= 5% were uncertain)")
         ax.set_title(label)
         fig.colorbar(im, ax=ax, fraction=0.046)
     axes[0].set_ylabel(f"trajectories (top {n_fail}: failed, below: succeeded)")
@@ -90,7 +109,7 @@ def plot_confusion_zones(profiles: dict[str, np.ndarray], out: Path, title: str 
     return out
 
 
-def plot_accuracy_vs_steps(points: dict[str, list[tuple[int, float]]], out: Path) -> Path:
+def plot_accuracy_vs_steps(points: dict[str, list[tuple[int, float]]], out: Path, title: str = "") -> Path:
     """Held-out accuracy against the number of sampling steps, one line per model/method."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -100,7 +119,8 @@ def plot_accuracy_vs_steps(points: dict[str, list[tuple[int, float]]], out: Path
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("held-out accuracy")
     ax.set_xscale("log", base=2)
-    return _finish(plt, fig, ax, out)
+    honest_ylim(ax, [p[1] for pts in points.values() for p in pts])
+    return _finish(plt, fig, ax, out, title)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -113,12 +133,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     made = []
     if (run_dir / "metrics.jsonl").is_file():
         records = read_metrics(run_dir / "metrics.jsonl")
-        if (p := plot_curves(records, plots / "reward_accuracy.png")) is not None:
+        if (p := plot_curves(records, plots / "reward_accuracy.png", f"{run_dir.name}\nreward and accuracy")):
             made.append(p)
-        at_steps = [(r["eval_sampling_steps"], r["eval_accuracy_at_steps"]) for r in records if "eval_sampling_steps" in r]
-        if at_steps:
-            made.append(plot_accuracy_vs_steps({"trained policy": at_steps}, plots / "accuracy_vs_steps.png"))
+        at_steps = [r for r in records if "eval_sampling_steps" in r]
+        if at_steps:  # the base (step 0) beside the trained policy (the last step evaluated)
+            last = max(r["step"] for r in at_steps)
+            points = {"base": [(r["eval_sampling_steps"], r["eval_accuracy_at_steps"]) for r in at_steps if r["step"] == 0]}
+            if last > 0:
+                points[f"trained (step {last})"] = [(r["eval_sampling_steps"], r["eval_accuracy_at_steps"])
+                                                    for r in at_steps if r["step"] == last]
+            made.append(plot_accuracy_vs_steps({k: v for k, v in points.items() if v}, plots / "accuracy_vs_steps.png",
+                                               f"{run_dir.name}\nheld-out accuracy vs sampling steps"))
     profiles = load_step_profiles(run_dir / "trajectories")
     if profiles is not None:
-        made.append(plot_confusion_zones(profiles, plots / "confusion_zones.png"))
+        made.append(plot_confusion_zones(profiles, plots / "confusion_zones.png", f"{run_dir.name}: zones of confusion"))
     return made

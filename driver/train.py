@@ -273,6 +273,8 @@ class Controller:
 
         if self.state["step"] == 0:
             self._evaluate("held-out before training")
+            for steps in self.cfg.run.eval_sampling_steps:  # the base, for accuracy_vs_steps.png
+                self._evaluate(f"base at {steps} sampling steps", {"steps": steps})
         t_start, steps_at_start = time.time(), self.state["step"]
         while self.state["step"] < self.cfg.run.total_steps:
             control = read_control(self.run_dir)
