@@ -267,7 +267,7 @@ def from_pretrained(cls: type[LLaDAModelLM], name_or_path: str | Path, *model_ar
         config = read_config(directory)
     dtype = torch_dtype if torch_dtype is not None else dtype
     if dtype is None or dtype == "auto":
-        recorded = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+        recorded = vars(config).get("dtype") or vars(config).get("torch_dtype")  # transformers 5 / 4.x name
         dtype = str(recorded).removeprefix("torch.") if recorded is not None else "float32"
     return load_pretrained(directory, dtype=dtype, device=_device_of(device_map), config=config)
 
