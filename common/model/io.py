@@ -124,18 +124,6 @@ def tensor_plan(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return plan
 
 
-def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, each read straight onto ``device``."""
-    by_file = defaultdict(list)
-    for key, (file, _) in tensor_plan(path).items():
-        by_file[file].append(key)
-    tensors = {}
-    for file, keys in by_file.items():
-        with _open(file, str(device)) as f:
-            tensors.update({key: f.get_tensor(key) for key in keys})
-    return tensors
-
-
 def build_model(config: LLaDAConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                 seed: int | None = None) -> LLaDAModelLM:
     """A randomly initialised model (``device='meta'`` builds the shape without memory)."""
