@@ -75,7 +75,10 @@ def sft(cfg: UnmaskConfig) -> int:
         log.error("unmask: %s", e)
         return 2
     run_dir = new_run_dir(cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    from driver.trackers import build_trackers
+
+    trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[trackers])
     connect_ray(cfg.run.ray_address)
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
                            loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id,
@@ -106,4 +109,5 @@ def sft(cfg: UnmaskConfig) -> int:
                  f" ({skipped} too-long references left out)" if skipped else "")
         return 0
     finally:
+        trackers.close()
         learner.shutdown()
