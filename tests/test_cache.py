@@ -56,7 +56,8 @@ def _worst_log_ratio(model, traj) -> float:
         if len(b_N) == 0:
             continue
         with torch.no_grad():
-            h_ND = policy_hidden(model, traj, torch.full((len(traj),), t), MASK, "cpu").rows(b_N, P + g_N)
+            step_B = torch.full((len(traj),), t, device=traj.logp_BG.device)
+            h_ND = policy_hidden(model, traj, step_B, MASK, traj.logp_BG.device).rows(b_N, P + g_N)
             logp_N = sampler_logprobs(model.lm_head(h_ND), traj.completion_ids_BG[b_N, g_N],
                                       temperature=traj.temperature, cutoff_N=traj.cutoff_BG[b_N, g_N],
                                       banned_ids=traj.banned_ids)
@@ -267,8 +268,33 @@ def test_guidance_with_cache_matches_a_guided_rebuild(model):
         torch.testing.assert_close(logp_N, traj.logp_BG[b_N, g_N], atol=1e-4, rtol=0)
 
 
+def test_cache_rule_travels_through_the_arrow_schema(model):
+    import pyarrow as pa
+
+    from common.schema import group_to_record_batch, table_to_trajectory
+
+    prompt_BP, mask_BP = _prompts(2, 6, 2, pad_rows=1)
+    traj = _run(model, prompt_BP, mask_BP, gen_length=8, block_length=4, steps=8, temperature=1.0, cache="prefix",
+                cache_refresh=2)
+    rb = group_to_record_batch(traj, group_id="g", task="t", worker_id="w", policy_version=0, rewards=[0.0, 1.0],
+                               correct=[False, True], components={}, timings={"gen_seconds": 0.0, "reward_seconds": 0.0})
+    back = table_to_trajectory(pa.Table.from_batches([rb]), pad_id=PAD)
+    assert back.extras["cache"] == "prefix" and back.extras["cache_refresh"] == 2
+    assert _worst_log_ratio(model, back) < 1e-5
+
+
 def test_cache_options_are_validated():
     with pytest.raises(ValueError, match="cache_refresh needs a cache"):
         SamplerConfig(cache_refresh=2)
     with pytest.raises(ValueError, match="compile_forward"):
         SamplerConfig(cache="dual", compile_forward="default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cuda_cached_rollouts_have_ratio_one(cache):
+    cuda_model = build_model(preset_config("tiny"), seed=0, device="cuda").eval()
+    prompt_BP, mask_BP = _prompts(4, 6, 3, pad_rows=2)
+    traj = _run(cuda_model, prompt_BP.cuda(), mask_BP.cuda(), seed=5, gen_length=16, block_length=8, steps=8,
+                temperature=1.0, top_k=9, cache=cache, position_ids="packed")
+    assert _worst_log_ratio(cuda_model, traj) < 1e-4
