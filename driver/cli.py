@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=_step_counts, default=None, help="comma-separated sampling-step counts, e.g. 8,16,32")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out items")
     ev.add_argument("--out", default=None, help="directory for eval.json and accuracy_vs_steps.png")
+    ev.add_argument("--protocol", choices=("ours", "d1", "agrpo"), default=None,  # common.tasks.protocols.PROTOCOLS
+                    help="evaluate as a paper did (its prompts, lengths, steps, subset and grader; ours beside it): "
+                         "d1 = 128/256/512 tokens, block 32, steps = length/2; agrpo = 256 tokens, 128 steps")
 
     scale = sub.add_parser("scale", help="change the number of rollout workers of a running run")
     scale.add_argument("run_dir", metavar="RUN")
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stop":
         return _stop(args.run_dir)
     if args.command == "eval":
+        if args.protocol in ("d1", "agrpo") and args.steps:
+            print(f"unmask: --protocol {args.protocol} fixes the steps (length/2); drop --steps", file=sys.stderr)
+            return 2
         args.overrides = list(args.overrides)
         if args.model:
             from pathlib import Path
@@ -128,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         from driver.sft import sft
 
         return sft(cfg)
+    if args.command == "eval" and args.protocol:
+        from driver.eval_protocol import evaluate_protocol
+
+        evaluate_protocol(cfg, args.protocol, out_dir=args.out, limit=args.limit)
+        return 0
     if args.command == "eval":
         from driver.evaluate import evaluate_checkpoint
 

@@ -17,6 +17,7 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
     from tqdm import tqdm
 
     from common.tasks import score_completions
+    from common.tasks.protocols import get_protocol
     from common.threads import set_cpu_threads
     from rollout.actor import Generator
 
@@ -36,6 +37,8 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
             texts += gen.score(traj, items[start:start + batch_size])[0]
         scores = score_completions(gen.task, texts, items)
         scores["seconds"] = time.perf_counter() - t0
+        # What produced the number (`unmask eval --protocol d1|agrpo` for the papers' protocols).
+        scores.update(get_protocol("ours").record(gen.task), sampler=sampler.model_dump(mode="json"))
         results[steps] = scores
         print(f"steps {steps:4d}: accuracy {scores['accuracy']:.3f}  mean reward {scores['mean_reward']:.3f}  "
               f"({len(items)} items, {scores['seconds']:.1f}s)")

@@ -1,0 +1,64 @@
+"""`unmask eval --protocol`: the driver records protocol, grader, split and sampler, and grades both ways."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+import rollout.actor
+from common.config import load_config
+from common.tasks import get_task
+from common.tasks.countdown import solve
+from common.tasks.protocols import PROTOCOLS
+from common.tokenizers import CharTokenizer
+from driver.cli import build_parser, main
+from driver.eval_protocol import evaluate_protocol
+
+
+class FakeGenerator:
+    """Stands in for the policy: row i of a batch 'generates' TEXTS[i] (set by the test)."""
+
+    texts: list[str] = []
+    samplers: list = []
+
+    def __init__(self, model_cfg, sampler_cfg, task_cfg):
+        self.task = get_task(task_cfg)
+        self.tokenizer = CharTokenizer()
+
+    def generate(self, prompt_rows, seed, sampler_cfg):
+        FakeGenerator.samplers.append(sampler_cfg)
+        return SimpleNamespace(completion_ids_BG=torch.arange(seed, seed + len(prompt_rows)).unsqueeze(1))
+
+
+def test_d1_protocol_records_and_grades_both_ways(monkeypatch, tmp_path):
+    cfg = load_config("tiny_countdown", [])
+    task = get_task(PROTOCOLS["d1"].task_config(cfg.task))
+    items = task.eval_items(6)
+    sols = [solve(it.numbers, int(it.answer)) for it in items]
+    # Even items boxed in the tags (both graders right); odd items bare in the tags: d1 reads the whole text.
+    FakeGenerator.texts = [f"<answer>\n\\boxed{{{s}}}\n</answer>" if i % 2 == 0 else f"<answer>{s}</answer>"
+                           for i, s in enumerate(sols)]
+    FakeGenerator.samplers = []
+    monkeypatch.setattr(rollout.actor, "Generator", FakeGenerator)
+    monkeypatch.setattr(rollout.actor, "completion_text", lambda tok, ids: FakeGenerator.texts[ids[0]])
+    record = evaluate_protocol(cfg, "d1", out_dir=tmp_path, limit=6)
+    assert record["protocol"] == "d1" and record["grader"].startswith("d1:") and record["items"] == 6
+    assert [r["gen_length"] for r in record["results"]] == [128, 256, 512]
+    for r in record["results"]:
+        assert (r["sampler"]["block_length"], r["sampler"]["steps"]) == (32, r["gen_length"] // 2)
+        assert r["sampler"]["remasking"] == "low_confidence" and r["sampler"]["temperature"] == 0.0
+        assert r["accuracy"] == 0.5 and r["ours"]["accuracy"] == 1.0 and r["items_graders_disagree"] == 3
+        assert r["ours"]["grader"] == task.grader
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["results"][0]["accuracy"] == 0.5
+    lines = [json.loads(x) for x in (tmp_path / "completions_256.jsonl").read_text().splitlines()]
+    assert [x["correct"] for x in lines] == [True, False] * 3 and all(x["correct_ours"] for x in lines)
+
+
+def test_cli_protocol_choices_and_steps_conflict(capsys):
+    ev = build_parser()._subparsers._group_actions[0].choices["eval"]
+    choices = next(a.choices for a in ev._actions if a.dest == "protocol")
+    assert tuple(choices) == tuple(PROTOCOLS)
+    assert main(["eval", "--protocol", "d1", "--steps", "8"]) == 2
+    assert "fixes the steps" in capsys.readouterr().err
