@@ -177,7 +177,7 @@ def save_pretrained(model: LLaDAModelLM, path: str | Path, max_shard_size: int |
                     is_main_process: bool = True, safe_serialization: bool = True) -> Path:
     """Write LLaDA's layout: safetensors shard(s) (+ index), config.json, generation_config.json.
 
-    Tensors are moved to the host one at a time as each shard is written. ``model.save_pretrained(path)``
+    Tensors come to the host one shard at a time (at most ``max_shard_size`` bytes). ``model.save_pretrained(path)``
     is this function.
     """
     directory = Path(path)
