@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
 import time
 
 import pytest
@@ -10,6 +12,7 @@ from common.config.sampler import SamplerConfig
 from common.config.task import TaskConfig
 from common.tasks import Item, get_task
 from common.tasks import protocols as P
+from common.tasks.sudoku import generate_puzzle
 from common.tasks.paper_graders import AGRPO_GRADERS, D1_GRADERS, Grade, accuracy, d1_is_equiv, hendrycks_normalize
 from common.tokenizers import CharTokenizer
 from tests.test_tasks_security import ADVERSARIAL
@@ -55,13 +58,35 @@ def test_d1_prompt_layout():
     assert tok.last[0].endswith("\n\nQuestion: Solve the following Sudoku puzzle: 3102200002100320\n\nAnswer:\n")
 
 
-def test_agrpo_prompt_layout_and_split():
+def spg_file(tmp_path, n=12):
+    """A stand-in for SPG's split (not shipped): ``n`` generated puzzles in its CSV format."""
+    rng = random.Random(5)
+    rows = [generate_puzzle(rng, 8) for _ in range(n)]
+    path = tmp_path / "spg.csv"
+    path.write_text("Puzzle,Solution\n" + "".join(f"{p},{s}\n" for p, s in rows))
+    return path
+
+
+def test_spg_split_is_named_when_missing_and_its_grids_stay_out_of_training(tmp_path):
+    with pytest.raises(ValueError, match="SPG's Sudoku split is not shipped"):
+        get_task(TaskConfig(name="sudoku", sudoku_split="spg", data_dir=str(tmp_path))).eval_items()
+    task = get_task(TaskConfig(name="sudoku", prompt_style="chat", sudoku_split="spg", eval_file=str(spg_file(tmp_path))))
+    grids = {it.answer for it in task.eval_items()}
+    assert not grids & {it.answer for it in itertools.islice(task.train_items(0), 300)}
+    tok = RecordingTokenizer()
+    task.prompt(task.eval_items(1)[0], tok)
+    assert tok.last[0].startswith("Three solved examples:") and tok.last[0].count("</answer>") == 4  # 3 shots + the instruction
+    with pytest.raises(ValueError, match="sudoku only"):
+        TaskConfig(name="gsm8k", sudoku_split="spg")
+
+
+def test_agrpo_prompt_layout_and_split(tmp_path):
     tok = RecordingTokenizer()
     proto = P.PROTOCOLS["agrpo"]
-    cfg = proto.task_config(TaskConfig(name="sudoku"))
+    cfg = proto.task_config(TaskConfig(name="sudoku", eval_file=str(spg_file(tmp_path))))
     assert cfg.sudoku_split == "spg" and cfg.prompt_style == "chat"
     task = get_task(cfg)
-    assert len(proto.eval_items(task)) == 256 and proto.record(task)["sudoku_split"] == "spg"
+    assert len(proto.eval_items(task)) == 12 and proto.record(task)["sudoku_split"] == "spg"
     proto.prompt(task, SUDOKU, tok)
     assert tok.last == ("Puzzle: 3102200002100320", P.AGRPO_SYSTEM["sudoku"])
     gsm = get_task(proto.task_config(TaskConfig(name="gsm8k")))

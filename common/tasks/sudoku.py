@@ -7,6 +7,8 @@ row, 0 = blank:
   * ``spg``: ``sudoku/spg_test.csv``, SPG's split (also the AGRPO release's): 256 unique-solution puzzles
     with 7 to 12 blanks whose 88 solution grids never occur in SPG's training split. Papers prompt it with
     three worked examples ("3-shot"), and LLaDA-8B-Instruct's base accuracy on it is far higher than on d1's.
+    Not shipped (see common/data/README.md): save SPG's ``dataset/test_sudoku_split_new.csv`` there, or
+    point ``task.eval_file`` at it.
 Training puzzles come from a seeded generator: a random full grid, then cells blanked in random order while
 the solution stays unique, down to a blank count drawn from ``BLANKS_RANGE``; a puzzle of the held-out set
 is never emitted, and under the ``spg`` split neither is any puzzle whose solution grid is a held-out one.
@@ -152,6 +154,9 @@ class SudokuTask(Task):
 
     def _load_eval(self) -> list[Item]:
         path = resolve_data_path(self.cfg, self.cfg.eval_file or self.default_eval_file)
+        if not path.is_file() and self.cfg.sudoku_split == "spg" and self.cfg.eval_file is None:
+            raise ValueError(f"{path}: SPG's Sudoku split is not shipped; save test_sudoku_split_new.csv from "
+                             "github.com/facebookresearch/SPG (dataset/, MIT) there or set task.eval_file")
         if not path.is_file():
             raise ValueError(f"{path}: data file not found (set task.data_dir / task.eval_file)")
         with path.open(newline="") as f:
