@@ -4,8 +4,14 @@
 
 Each task is scored on a fixed mix of completions built from its held-out items: a quarter solver/
 reference answers (correct), a quarter mutated answers (well formed, wrong), a quarter free-text junk,
-a quarter adversarial strings (deep parentheses, power towers, NUL bytes, 8 kB of digits). MATH has no
-shared data, so it uses a few built-in problems. Pure Python, single process: the number is per core.
+a quarter adversarial strings (deep parentheses, power towers, NUL bytes, 8 kB of digits). MATH uses a few
+built-in problems. Pure Python: the number is per core.
+
+Each chat task is measured twice: inline (``task.reward_timeout_s=0``) and in the reward child process
+with a timeout (``common.tasks.guard``: one pipe round trip per completion), so the table shows what a
+timeout that holds in any thread costs. ``cold start`` is one reward right after the child was stopped:
+spawning Python and importing the task (math-verify for MATH): what a timed-out reward costs the next one
+at most (the replacement child starts importing at once).
 """
 from __future__ import annotations
 
@@ -62,8 +68,16 @@ def completion_mix(task, items, n: int, seed: int = 0) -> tuple[list[str], list]
 
 
 def bench(task, items, n: int) -> dict:
+    from common.tasks.guard import GUARD
+
     comps, its = completion_mix(task, items, n)
-    for c, it in zip(comps[:8], its[:8]):  # warm-up: imports, caches of gold answers
+    cold = None
+    if task.reward_timeout_s:
+        GUARD.close()
+        t0 = time.perf_counter()
+        task.reward(comps[0], its[0])
+        cold = time.perf_counter() - t0
+    for c, it in zip(comps, its):  # warm-up over the whole mix: lazy imports, gold-answer caches (steady state)
         task.reward(c, it)
     t0 = time.perf_counter()
     slowest = 0.0
@@ -72,8 +86,15 @@ def bench(task, items, n: int) -> dict:
         task.reward(c, it)
         slowest = max(slowest, time.perf_counter() - s)
     dt = time.perf_counter() - t0
-    return {"task": task.name, "style": task.cfg.prompt_style, "n": n, "seconds": dt,
-            "completions_per_s": n / dt, "mean_us": 1e6 * dt / n, "max_ms": 1e3 * slowest}
+    return {"task": task.name, "style": task.cfg.prompt_style, "n": n, "seconds": dt, "timeout_s": task.reward_timeout_s,
+            "completions_per_s": n / dt, "mean_us": 1e6 * dt / n, "max_ms": 1e3 * slowest, "cold_s": cold}
+
+
+def _row(r: dict) -> str:
+    timeout = f"{r['timeout_s']:g} s, child process" if r["timeout_s"] else "inline"
+    cold = "–" if r["cold_s"] is None else f"{r['cold_s']:.2f}"
+    return (f"| {r['task']} | {r['style']} | {timeout} | {r['n']} | {r['completions_per_s']:,.0f} | {r['mean_us']:,.0f} | "
+            f"{r['max_ms']:.1f} | {cold} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,16 +110,19 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name in ("countdown", "sudoku", "gsm8k"):
-        for style in ("compact", "chat"):
-            task = get_task(TaskConfig(name=name, prompt_style=style))
+        for style, timeout in (("compact", 0.0), ("chat", 0.0), ("chat", 5.0)):
+            task = get_task(TaskConfig(name=name, prompt_style=style, reward_timeout_s=timeout))
             rows.append(bench(task, task.eval_items(256), n))
     with tempfile.TemporaryDirectory() as d:
         Path(d, "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MATH_ROWS))
-        task = get_task(TaskConfig(name="math", prompt_style="chat", data_dir=d, eval_file="math.jsonl"))
-        rows.append(bench(task, task.eval_items(), max(n // 10, 40)))
+        for timeout in (0.0, 5.0):
+            task = get_task(TaskConfig(name="math", prompt_style="chat", data_dir=d, eval_file="math.jsonl",
+                                       reward_timeout_s=timeout))
+            rows.append(bench(task, task.eval_items(), max(n // 10, 40)))
 
-    header = "| task | style | completions | completions/s (1 core) | mean µs | slowest ms |\n|---|---|---|---|---|---|"
-    lines = [f"| {r['task']} | {r['style']} | {r['n']} | {r['completions_per_s']:,.0f} | {r['mean_us']:,.0f} | {r['max_ms']:.1f} |" for r in rows]
+    header = ("| task | style | reward timeout | completions | completions/s (1 core) | mean µs | slowest ms | cold start s |\n"
+              "|---|---|---|---|---|---|---|---|")
+    lines = [_row(r) for r in rows]
     table = "\n".join([header, *lines])
     print(table)
     if args.out is not None:
@@ -110,7 +134,13 @@ def main(argv: list[str] | None = None) -> None:
             "(shared 2-core CPU box; other jobs were running).\n\n"
             "Mix per task: 1/4 reference answers, 1/4 mutated answers, 1/4 random junk, 1/4 adversarial strings "
             "(10 kB of parentheses, power towers, NUL bytes, 8 kB of digits, 1000 unclosed tags, empty).\n"
-            "MATH (math-verify, LaTeX parser only, guarded) runs on 5 built-in problems.\n\n"
+            "MATH (math-verify, LaTeX parser only, guarded) runs on 5 built-in problems.\n"
+            "Reward timeout: `inline` computes the reward in the caller's thread (no timeout can hold there off the "
+            "main thread); `5 s, child process` runs it in the reward child (`common.tasks.guard`), one pipe round "
+            "trip per completion, killed when late. The defaults: MATH 5 s in the child, the others inline. "
+            "Cold start = the first reward after the child was stopped (spawn + imports), the most a timed-out "
+            "reward costs the next one. Every row is steady state: the mix is scored once untimed first (lazy imports, "
+            "gold-answer caches), then timed.\n\n"
             f"{table}\n"
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
