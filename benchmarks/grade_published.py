@@ -9,7 +9,8 @@ d1 publishes the raw generations behind its LLaDA-8B-Instruct baseline row (file
 them on identical generations, so a number can be set beside a paper's. The AGRPO column applies only
 AGRPO's answer extraction and grading: its prompts differ, so it is not AGRPO's baseline. "ours" is the
 task's reward (chat style) on the same text: accuracy for GSM8K/MATH/Countdown, and for Sudoku both the
-solved-puzzle rate and the blank-cell fraction d1 reports.
+solved-puzzle rate and the blank-cell fraction d1 reports. The last two columns count where the model
+put its boxed answer (inside ``<answer>`` tags, or with no answer tags at all).
 """
 from __future__ import annotations
 
@@ -55,8 +56,12 @@ def grade_group(task: str, rows: list[dict]) -> dict:
     from common.tasks import get_task
     from common.tasks.paper_graders import AGRPO_GRADERS, D1_GRADERS, Grade, accuracy
 
+    from common.tasks.answers import marked_answer
+    from common.tasks.base import extract_tagged_answer
+
     ours = get_task(TaskConfig(name=task, prompt_style="chat"))
     d1, agrpo, mine, cells = [], [], [], []
+    boxed_in_tags = boxed_no_tags = 0
     for row in rows:
         item = to_item(task, row)
         if item is None:  # d1 scores a row without gold as wrong; so do we
@@ -66,6 +71,10 @@ def grade_group(task: str, rows: list[dict]) -> dict:
             cells.append(0.0)
             continue
         text = _SPECIAL.split(row["generations"])[0]  # what our sampler hands the reward: cut at EOS
+        if marked_answer(text)[1] == "boxed":  # LLaDA's habit: where the box sits
+            region = extract_tagged_answer(text)
+            boxed_in_tags += region is not None and "\\boxed" in region
+            boxed_no_tags += region is None
         d1.append(D1_GRADERS[task](text, item))
         agrpo.append(AGRPO_GRADERS[task](text, item))
         r = ours.reward(text, item)
@@ -73,7 +82,8 @@ def grade_group(task: str, rows: list[dict]) -> dict:
         cells.append(r.components["score"])
     n = len(rows)
     out = {"n": n, "d1": accuracy(d1), "agrpo_grader": accuracy(agrpo), "ours": sum(mine) / n,
-           "d1_vs_ours_disagree": sum(g.correct != m for g, m in zip(d1, mine))}
+           "d1_vs_ours_disagree": sum(g.correct != m for g, m in zip(d1, mine)),
+           "boxed_in_tags": boxed_in_tags / n, "boxed_no_tags": boxed_no_tags / n}
     if task == "sudoku":
         out["ours_cells"] = sum(cells) / n
     return out
@@ -88,13 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     if not groups:
         raise SystemExit(f"{args.directory}: no *_instruct_*_generations.json files")
     header = ("| task | gen length / steps | items | d1 grader | AGRPO grader | ours | ours, Sudoku cells | "
-              "items d1 and ours disagree on |\n|---|---|---|---|---|---|---|---|")
+              "items d1 and ours disagree on | answer boxed inside the tags | boxed, no answer tags |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     lines = []
     for (task, length, steps), rows in groups.items():
         r = grade_group(task, rows)
         cells = f"{100 * r['ours_cells']:.2f}" if "ours_cells" in r else "–"
         lines.append(f"| {task} | {length} / {steps} | {r['n']} | {100 * r['d1']:.2f} | {100 * r['agrpo_grader']:.2f} | "
-                     f"{100 * r['ours']:.2f} | {cells} | {r['d1_vs_ours_disagree']} |")
+                     f"{100 * r['ours']:.2f} | {cells} | {r['d1_vs_ours_disagree']} | {100 * r['boxed_in_tags']:.1f} | "
+                     f"{100 * r['boxed_no_tags']:.1f} |")
         print(lines[-1], flush=True)
     table = "\n".join([header, *lines])
     if args.out is not None:

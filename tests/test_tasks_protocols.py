@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 import random
 import time
@@ -211,3 +212,17 @@ def test_ours_grades_with_the_task_reward_and_records_it():
     assert rec["protocol"] == "ours" and rec["grader"] == task.grader and rec["eval_file"].endswith("cd3_test.jsonl")
     with pytest.raises(ValueError, match="unknown evaluation protocol"):
         P.get_protocol("d2")
+
+
+def test_grade_published_on_d1_format_files(tmp_path):
+    from benchmarks.grade_published import main as grade_published
+
+    rows = [{"question": "Numbers: [49, 55, 53]\nTarget: 51", "ground_truth": [[49, 55, 53], 51],
+             "generations": "r</reasoning>\n<answer>\n\\boxed{49 + 55 - 53}\n</answer><|eot_id|><|endoftext|>"},
+            {"question": "Numbers: [49, 55, 53]\nTarget: 51", "ground_truth": [[49, 55, 53], 51],
+             "generations": "r</reasoning>\n\\boxed{49 + 55 - 53}<|eot_id|>"}]  # no tags: d1 still finds the box
+    (tmp_path / "countdown_instruct_128_64_0_generations.json").write_text(json.dumps({"generations": rows}))
+    out = tmp_path / "graders.md"
+    grade_published([str(tmp_path), "--out", str(out)])
+    line = next(x for x in out.read_text().splitlines() if x.startswith("| countdown"))
+    assert line.split(" | ")[1:] == ["128 / 64", "2", "100.00", "0.00", "100.00", "–", "0", "50.0", "50.0 |"]

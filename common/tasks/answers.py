@@ -1,10 +1,10 @@
 """Finding the answer in a chat completion the way LLaDA-8B-Instruct actually writes it.
 
-The habits below are counted on d1's published LLaDA-8B-Instruct generations (``eval/eval_baselines`` in
-github.com/dllm-reasoning/d1; Countdown, 768 completions at 128/256/512 tokens): 81% put the answer in a box
-inside the answer tags (``<answer>\\n\\boxed{49 + 55 - 53}\\n</answer>``), 15% write the box after
-``</reasoning>`` with no answer tags at all, and some write LaTeX operators (``\\times``, ``\\div``,
-``\\frac{a}{b}``) or append ``= target``. GSM8K completions also leave ``<answer></answer>`` empty and box the
+The habits below are seen in d1's published LLaDA-8B-Instruct generations (``eval/eval_baselines`` in
+github.com/dllm-reasoning/d1; counts by ``benchmarks/grade_published.py``): on Countdown 75-95% of answers
+(512 down to 128 tokens) sit in a box inside the answer tags (``<answer>\\n\\boxed{49 + 55 - 53}\\n</answer>``),
+3-15% in a box after ``</reasoning>`` with no answer tags at all (GSM8K and MATH: up to 24-25%), and some
+write LaTeX operators (``\\times``, ``\\div``, ``\\frac{a}{b}``) or append ``= target``. GSM8K completions also leave ``<answer></answer>`` empty and box the
 number after it, stop right after an opening tag, copy the prompt's ``\\boxed{...}`` placeholder or leave a
 box empty.
 
