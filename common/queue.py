@@ -279,3 +279,7 @@ class ReplayQueue(ReplayQueueCore):
 
     def __init__(self, cfg: QueueConfig, groups_per_step: int, spill_dir: str | None = None):
         super().__init__(cfg, groups_per_step, spill_dir, name=ray.get_runtime_context().get_actor_name() or "replay")
+
+    def node_id(self) -> str:
+        """The Ray node this queue (and its spill directory) lives on."""
+        return ray.get_runtime_context().get_node_id()

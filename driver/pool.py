@@ -43,6 +43,7 @@ class RolloutPool:
     busy: dict[Any, Call] = field(default_factory=dict)  # ObjectRef -> Call
     retiring: set[str] = field(default_factory=set)
     pending: dict[str, tuple[Any, float]] = field(default_factory=dict)  # worker id -> (ready ref, since)
+    info: dict[str, dict] = field(default_factory=dict)  # worker id -> its ready() answer (host, node, device)
     _reported: set[str] = field(default_factory=set)
     _ids: Any = field(default_factory=lambda: itertools.count())
 
@@ -79,7 +80,7 @@ class RolloutPool:
             wid = refs[ref]
             del self.pending[wid]
             try:
-                ray.get(ref, timeout=0)
+                self.info[wid] = ray.get(ref, timeout=0)
                 joined.append(wid)
             except ray.exceptions.RayError as e:
                 log.warning("rollout worker %s failed to start (%s); a new one takes its place", wid, type(e).__name__)

@@ -113,6 +113,7 @@ class Controller:
         self.failed_calls: dict[str, int] = {}  # consecutive failed rollout calls per worker
         # --- learner group (first: a resumed run's state decides what the queue may recover)
         self.learner = self._build_learner()
+        self._check_run_root_shared()
         if resume and any((run_dir / "checkpoints").glob("step_*")):
             self.state.update(self.learner.load(str(run_dir / "checkpoints")).get("data_position", {}))
             self.state["incarnation"] += 1
@@ -123,14 +124,20 @@ class Controller:
         # --- replay queue
         from common.queue import ReplayQueue
 
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         self.queue_name = f"unmask-queue-{run_dir.name}"
-        self.queue = ReplayQueue.options(name=self.queue_name, max_restarts=-1).remote(
+        # On the driver's node (the head under `ray job submit`): its spill files and ledger are in the run
+        # directory the driver reads, and a restarted queue finds them again.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = ReplayQueue.options(name=self.queue_name, max_restarts=-1, scheduling_strategy=here).remote(
             cfg.queue, cfg.learner.groups_per_step, str(run_dir / "trajectories") if cfg.queue.spill else None)
         ray.get(self.queue.set_version.remote(self.state["version"], rebase=True), timeout=CONTROL_TIMEOUT_S)
         log.info("replay queue: capacity %d groups, max_staleness %d, spill %s", cfg.queue.capacity_groups,
                  cfg.queue.max_staleness, "on" if cfg.queue.spill else "off")
         # --- rollout pool
         self.pool = self._build_pool()
+        self._log_placement()
         self.update = self._sync_weights(block=True) if self._workers_need_weights() else None
         self.prompts = itertools.islice(self.task.train_items(cfg.task.seed), self.state["data_position"], None)
         self.eval_items = self.task.eval_items(cfg.task.eval_size)
@@ -142,6 +149,30 @@ class Controller:
         self.pending_sync: list = []
 
     # --- building
+
+    def _check_run_root_shared(self) -> None:
+        """Every learner rank must see the run directory (checkpoints, exports): a file the driver writes."""
+        import uuid
+
+        token, probe = uuid.uuid4().hex, self.run_dir / ".shared-probe"
+        probe.write_text(token)
+        try:
+            blind = self.learner.check_shared(str(probe), token)
+        finally:
+            probe.unlink()
+        if blind:
+            raise RunError(f"run.root {self.cfg.run.root} is not shared with the learner node(s) ({'; '.join(blind)}): "
+                           "mount one shared filesystem at the same path on the driver's and the learner nodes")
+
+    def _log_placement(self) -> None:
+        """Which node each part landed on (metrics.jsonl event ``placement``)."""
+        import ray
+
+        record = {"event": "placement", "driver": ray.get_runtime_context().get_node_id(),
+                  "queue": ray.get(self.queue.node_id.remote(), timeout=CONTROL_TIMEOUT_S),
+                  "learner": self.learner.node_ids(),
+                  "rollout": {wid: info.get("node") for wid, info in self.pool.info.items()}}
+        self.metrics.log(record)
 
     def _build_learner(self):
         from learner.group import LearnerGroup

@@ -23,7 +23,7 @@ def _strategy(bundles: list[dict[str, float]]) -> str:
     """STRICT_PACK (all ranks on one node: shared-memory collectives, one checkpoint disk) when one node fits them."""
     import ray
 
-    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in {k for b in bundles for k in b}}  # custom ones too
     for node in ray.nodes():
         if node.get("Alive") and all(node["Resources"].get(k, 0.0) >= v for k, v in need.items() if v > 0):
             return "STRICT_PACK"
@@ -136,6 +136,19 @@ class LearnerGroup:
 
         refs = [a.sync_weights.remote() for a in self._actors]
         return ray.get(refs)[0] if block else refs[0]
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank."""
+        import ray
+
+        return ray.get([a.node_id.remote() for a in self._actors], timeout=60)
+
+    def check_shared(self, path: str, token: str) -> list[str]:
+        """The ranks that do not see ``path`` holding ``token`` (a file the driver just wrote), as 'ip: why'."""
+        import ray
+
+        answers = ray.get([a.reads.remote(path, token) for a in self._actors], timeout=60)
+        return [a for a in answers if a is not None]
 
     def shutdown(self) -> None:
         """Tear down the ranks and release their placement group."""

@@ -354,6 +354,19 @@ class LearnerRank:
             update.lora_scales = dict(self.lora_scales)
         return update
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def reads(self, path: str, token: str) -> str | None:
+        """None when ``path`` holds ``token`` on this rank's node; else what this node sees (for the error)."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            return f"{node_ip()}: {type(e).__name__}"
+        return None if text == token else f"{node_ip()}: another file"
+
     def shutdown(self) -> None:
         if self.sender is not None:
             self.sender.close()

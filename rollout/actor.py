@@ -109,8 +109,10 @@ class RolloutWorker:
         self._merge = None  # AdapterMerge of adapter-only syncs (LoRA over a checkpoint base)
 
     def ready(self) -> dict[str, Any]:
+        import ray
+
         return {"worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": self.gen.device, "version": self.version}
+                "node": ray.get_runtime_context().get_node_id(), "device": self.gen.device, "version": self.version}
 
     def set_weights(self, update) -> dict[str, float]:
         """Swap in a new policy version (Ray runs this between rollouts) through its transport's receiver."""
