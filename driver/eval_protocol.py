@@ -19,8 +19,8 @@ def evaluate_protocol(cfg: UnmaskConfig, protocol: str, batch_size: int = 64, ou
     """Protocol accuracy and our reward's accuracy per generation length, with what produced them."""
     from tqdm import tqdm
 
-    from common.tasks import score_completions
-    from common.tasks.paper_graders import accuracy
+    from common.tasks import summarize_rewards
+    from common.tasks.paper_graders import Grade, accuracy
     from common.tasks.protocols import get_protocol
     from common.threads import set_cpu_threads
     from rollout.actor import Generator, completion_text
@@ -45,9 +45,11 @@ def evaluate_protocol(cfg: UnmaskConfig, protocol: str, batch_size: int = 64, ou
         for start in tqdm(range(0, len(items), batch_size), desc=f"{proto.name} gen_length={length}", leave=False):
             traj = gen.generate(prompts[start:start + batch_size], seed=start, sampler_cfg=sampler)
             texts += [completion_text(tok, row.tolist()) for row in traj.completion_ids_BG.cpu()]
-        grades = [proto.grade(task, text, it) for text, it in zip(texts, items)]
-        ours = score_completions(task, texts, items)
-        ours_correct = [task.reward(text, it).correct for text, it in zip(texts, items)]
+        rewards = [task.reward(text, it) for text, it in zip(texts, items)]
+        grades = ([Grade(r.correct, float(r.correct)) for r in rewards] if proto.name == "ours"
+                  else [proto.grade(task, text, it) for text, it in zip(texts, items)])
+        ours = summarize_rewards(rewards)
+        ours_correct = [r.correct for r in rewards]
         row = {"gen_length": length, "sampler": sampler.model_dump(mode="json"), "accuracy": accuracy(grades),
                "grader": record["grader"], "ours": {"grader": task.grader, **ours},
                "items_graders_disagree": sum(g.correct != c for g, c in zip(grades, ours_correct)),

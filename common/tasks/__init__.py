@@ -5,9 +5,11 @@
     prompts = [task.prompt(it, tokenizer) for it in items]
     metrics = score_completions(task, completions, items)   # accuracy, mean_reward, mean of each component
 
-Registry keys are ``TaskConfig.name``. See ``base`` for the reward shaping shared by all tasks and each
-task module for its data and compact format. Importing this package imports neither torch nor ray;
-math-verify is imported only when a MATH reward is computed.
+Registry keys are ``TaskConfig.name``. See ``base`` for the reward shaping shared by all tasks, ``answers``
+for how a chat completion's answer is found (LLaDA-8B-Instruct's boxes, tags and LaTeX), ``guard`` for
+reward timeouts that hold in any thread, ``protocols`` / ``paper_graders`` for the papers' evaluation
+protocols and graders, and each task module for its data and compact format. Importing this package imports
+neither torch nor ray; math-verify is imported only when a MATH reward is computed (in the reward child).
 """
 from __future__ import annotations
 
@@ -53,7 +55,11 @@ def score_completions(task: Task, completions: list[str], items: list[Item]) -> 
     """Score completions against their items: ``accuracy``, ``mean_reward``, ``mean_<component>``, ``n``."""
     if len(completions) != len(items):
         raise ValueError(f"got {len(completions)} completions for {len(items)} items: pass one completion per item")
-    rewards = [task.reward(c, it) for c, it in zip(completions, items)]
+    return summarize_rewards([task.reward(c, it) for c, it in zip(completions, items)])
+
+
+def summarize_rewards(rewards: list[Reward]) -> dict[str, float]:
+    """``accuracy``, ``mean_reward``, ``mean_<component>`` and ``n`` of already computed rewards."""
     n = len(rewards)
     out: dict[str, float] = {
         "n": float(n),
@@ -66,4 +72,4 @@ def score_completions(task: Task, completions: list[str], items: list[Item]) -> 
     return out
 
 
-__all__ = ["TASKS", "CountdownTask", "check_data", "Gsm8kTask", "Item", "MathTask", "Reward", "SudokuTask", "Task", "get_task", "score_completions"]
+__all__ = ["TASKS", "CountdownTask", "check_data", "Gsm8kTask", "Item", "MathTask", "Reward", "SudokuTask", "Task", "get_task", "score_completions", "summarize_rewards"]
