@@ -23,6 +23,9 @@ class Slow(CountdownTask):
             time.sleep(float(completion.split()[1]))
         if completion == "raise":
             raise RuntimeError("boom in the child")
+        if completion == "die":
+            import os
+            os._exit(3)
         return super().compute_reward(completion, item)
 
 TASKS["countdown"] = Slow
@@ -71,6 +74,12 @@ def test_timeout_holds_in_a_worker_thread(guarded):
     assert set(late.components) == set(good.components)  # the same keys: batches of rewards stay tabular
     again = in_thread(lambda: guarded.reward("<answer>3+5*2</answer>", ITEM))  # a fresh child answers
     assert again.correct
+
+
+def test_a_child_that_dies_on_a_completion_scores_it_as_timed_out(guarded):
+    dead = guarded.reward("die", ITEM)
+    assert not dead.correct and dead.components["timed_out"] == 1.0
+    assert guarded.reward("<answer>3+5*2</answer>", ITEM).correct  # the replacement child answers
 
 
 def test_reward_errors_are_raised_not_scored(guarded):

@@ -35,7 +35,7 @@ class TaskConfig(Section):
     reward_timeout_s: float | None = Field(
         default=None, ge=0.0,
         description="Seconds one reward may take, enforced in a child process so it holds in any thread (a late "
-        "reward scores 0 with component timed_out=1). None: the task's default (math 5; countdown, sudoku, gsm8k "
+        "reward, or one that kills the reward process, scores 0 with component timed_out=1). None: the task's default (math 5; countdown, sudoku, gsm8k "
         "0 = inline, their work is linear in the bounded completion).",
     )
     seed: int = Field(default=0, description="Seed of the training-item generator / shuffle.")

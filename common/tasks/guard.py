@@ -5,7 +5,7 @@ Python thread cannot be interrupted at all (sympy's big-integer work holds the G
 actor with concurrency groups calls rewards from worker threads, so there the old MATH reward ran with no
 timeout. Here the reward runs in a long-lived child (``python -m common.tasks.guard``) fed one request at
 a time over pipes as length-prefixed JSON (no pickle: nothing the child sends back is executed). When the
-answer is late the child is killed (SIGKILL), the completion scores zero with component ``timed_out`` = 1,
+answer is late the child is killed (SIGKILL), the completion scores zero with component ``timed_out`` = 1 (also when the child dies on it),
 and a fresh child starts importing at once so the next call finds it ready. Start-up (imports) is never
 counted against a reward's timeout.
 
@@ -14,6 +14,7 @@ One child per process, one request at a time (a lock): rewards are milliseconds,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -28,6 +29,8 @@ from common.tasks.base import Item, Reward
 
 if TYPE_CHECKING:
     from common.config.task import TaskConfig
+
+log = logging.getLogger("unmask")
 
 STARTUP_TIMEOUT_S = 300.0  # imports on a loaded machine (sympy + math-verify take seconds)
 _HEADER = 8
@@ -109,11 +112,16 @@ class RewardGuard:
 
     def reward(self, cfg: "TaskConfig", completion: str, item: Item, timeout_s: float,
                preload: tuple[str, ...] = ()) -> Reward | None:
-        """The reward computed in the child, or None when it took longer than ``timeout_s``."""
+        """The reward computed in the child, or None when it took longer than ``timeout_s`` or the child died
+        on this completion (a C-level crash or the OOM killer in the parser: the text's doing, like a timeout)."""
         with self._lock:
             child = self._ensure_child(preload)
-            child.send({"cfg": cfg.model_dump(mode="json"), "completion": completion, "item": asdict(item)})
-            out = child.receive(time.monotonic() + timeout_s)
+            try:
+                child.send({"cfg": cfg.model_dump(mode="json"), "completion": completion, "item": asdict(item)})
+                out = child.receive(time.monotonic() + timeout_s)
+            except (BrokenPipeError, RewardProcessError) as e:
+                log.warning("reward process died on a completion (%s); scoring it as timed out", e)
+                out = None
             if out is None:
                 child.kill()
                 self._child = _Child(self._preload)  # importing while the caller moves on
