@@ -176,7 +176,8 @@ class LearnerRank:
         norms, applied = [], 0
         epochs = getattr(self.loss, "inner_epochs", 1)  # algorithm.inner_epochs; SFT takes one pass
         for epoch in range(epochs):
-            sums = self._accumulate(self.loss.prepare(batch, seed=step_seed, epoch=epoch), per_micro, num_micro)
+            prepared = self.loss.prepare(batch, seed=step_seed, **({"epoch": epoch} if epochs > 1 else {}))
+            sums = self._accumulate(prepared, per_micro, num_micro)
             for k, v in sums.items():
                 metrics[k] = metrics.get(k, 0.0) + v
             grad_norm, ok = self._apply(lr, sums.get("loss", 0.0))
