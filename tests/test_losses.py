@@ -115,6 +115,12 @@ def test_eligible_steps_skip_eos_only_and_filled_steps():
     assert S.eligible_steps(unmask_BG, ids_BG, 5, None).tolist() == [[True, True, True, True, False]]
     drawn_BG = torch.tensor([[True, True, True, False, True, True]])
     assert S.eligible_steps(unmask_BG, ids_BG, 5, EOS, drawn_BG).tolist() == [[True, False, False, False, False]]
+    # AGRPO's release: every step up to the last one with a non-EOS token (EOS-only step 1 included).
+    assert S.eligible_steps(unmask_BG, ids_BG, 5, EOS, rule="through_last").tolist() == [[True, True, True, False, False]]
+    assert S.eligible_steps(unmask_BG, ids_BG, 5, EOS, drawn_BG, rule="through_last").tolist() == [[True, False, False, False, False]]
+    assert S.eligible_steps(unmask_BG, ids_BG, 5, EOS, rule="all").tolist() == [[True, True, True, True, False]]
+    only_eos_BG = torch.full_like(ids_BG, EOS)
+    assert not S.eligible_steps(unmask_BG, only_eos_BG, 5, EOS, rule="through_last").any()
 
 
 def test_stratified_draws_cover_every_stratum():
@@ -213,29 +219,52 @@ def test_atpo_scores_on_a_hand_made_profile():
         dict(temperature=1.0, top_k=7, top_p=0.9, remasking="random", pad_rows=3),
         dict(temperature=0.7, logits_eos_inf=True, position_ids="packed", pad_rows=2, steps=4),
         dict(temperature=1.0, threshold=0.05, stop_on_eos_block=True),
+        dict(temperature=0.8, top_k=5, remasking="margin", confidence_eos_eot_inf=True, pad_rows=1),
+        dict(temperature=1.0, top_p=0.8, threshold=0.02, remasking="low_confidence"),
     ],
 )
 def test_fresh_rollout_has_ratio_one(model, sampler):
+    """Every draw the sampler made, committed or discarded, rescored by the learner, at its recorded
+    log-prob (support cut-offs included)."""
     pytest.importorskip("rollout.sampler")
+    from learner.losses.actions import step_rows
+
     traj = rollout(model, **sampler)
     P = traj.prompt_ids_BP.shape[1]
-    worst = 0.0
+    worst, discarded = 0.0, 0
     for t in range(traj.num_steps):
-        ids_BL, attn_BL, pos_BL = state_inputs(traj, torch.full((len(traj),), t), MASK, "cpu")
-        b_N, g_N = (traj.unmask_step_BG == t).nonzero(as_tuple=True)
-        keep_N = ~traj.extras["filled_BG"][b_N, g_N] if "filled_BG" in traj.extras else torch.ones_like(b_N, dtype=torch.bool)
-        b_N, g_N = b_N[keep_N], g_N[keep_N]
+        step_B = torch.full((len(traj),), t)
+        ids_BL, attn_BL, pos_BL = state_inputs(traj, step_B, MASK, "cpu")
+        rows = step_rows(traj, step_B, torch.ones(len(traj), dtype=torch.bool), discarded=True, device="cpu")
         with torch.no_grad():
-            h_ND = model.hidden_states(ids_BL, attn_BL, pos_BL)[b_N, P + g_N]
-            logp_N = sampler_logprobs(model.lm_head(h_ND), traj.completion_ids_BG[b_N, g_N], temperature=traj.temperature,
-                                      cutoff_N=traj.cutoff_BG[b_N, g_N], banned_ids=traj.banned_ids)
-        worst = max([worst] + (logp_N - traj.logp_BG[b_N, g_N]).abs().tolist())
+            h_ND = model.hidden_states(ids_BL, attn_BL, pos_BL)[rows.b_N, P + rows.g_N]
+            logp_N = sampler_logprobs(model.lm_head(h_ND), rows.token_N, temperature=traj.temperature,
+                                      cutoff_N=rows.cutoff_N, banned_ids=traj.banned_ids)
+        worst = max([worst] + (logp_N - rows.old_logp_N).abs().tolist())
+        discarded += int((~rows.committed_N).sum())
     assert worst < 1e-4
-    # The loss itself sees the same: every ratio is 1 and nothing is clipped.
-    loss = build_loss(AgrpoConfig(k_steps=3), mask_id=MASK, pad_id=PAD, eos_id=EOS)
-    m = loss.backward(model, loss.prepare(traj, seed=0), total_samples=len(traj))
-    model.zero_grad()
-    assert m["tokens"] > 0 and m["clipped_tokens"] == 0 and m["abs_log_ratio_sum"] < 1e-4 * m["tokens"]
+    assert discarded > 0 or sampler.get("temperature") == 0.0
+    # The loss itself sees the same, with (all) and without (committed) the discarded draws.
+    for draws in ("all", "committed", "auto"):
+        loss = build_loss(AgrpoConfig(k_steps=3, draws=draws), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+        m = loss.backward(model, loss.prepare(traj, seed=0), total_samples=len(traj))
+        model.zero_grad()
+        assert m["tokens"] > 0 and m["clipped_tokens"] == 0 and m["abs_log_ratio_sum"] < 1e-4 * m["tokens"]
+        assert (m["discarded_tokens"] > 0) == (draws == "all" or (draws == "auto" and traj.commit_reads_draws)) or discarded == 0
+
+
+def test_auto_scores_discarded_draws_exactly_where_the_commit_rule_reads_them(model):
+    reads = {}
+    for sampler in (dict(remasking="random"), dict(remasking="margin"), dict(remasking="entropy"),
+                    dict(remasking="low_confidence"), dict(remasking="margin", threshold=0.5),
+                    dict(remasking="random", confidence_eos_eot_inf=True)):
+        reads[str(sampler)] = rollout(model, B=2, **sampler).commit_reads_draws
+    assert list(reads.values()) == [False, False, False, True, True, True], reads
+    traj = rollout(model, B=2)
+    traj.discard_ids_BGS = None  # a batch from before the draws were recorded
+    loss = build_loss(AgrpoConfig(), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    with pytest.raises(ValueError, match="draws=committed"):
+        loss.backward(model, loss.prepare(traj, seed=0), total_samples=2)
 
 
 # --- split invariance
@@ -267,7 +296,9 @@ def _grads_for_split(loss, policy, batch, splits, ref):
         AgrpoConfig(k_steps=2, step_sampling="entropy", std_normalize=True),
         AtpoConfig(k_steps=3, selection="sample", clip_eps_high=0.3),
         AtpoConfig(k_steps=2, selection="topk", score="roec"),
+        AgrpoConfig(k_steps=2, normalize="sum", eligible_steps="non_eos", draws="committed", beta_kl=0.05, kl="k3"),
         DiffuGrpoConfig(beta_kl=0.04, prompt_mask_prob=0.3),
+        DiffuGrpoConfig(normalize="sample_mean", kl="k3_ratio", beta_kl=0.04),
     ],
     ids=lambda c: c.name,
 )
@@ -342,3 +373,70 @@ def test_step_blocks_ignore_the_filled_tail():
     assert S.step_blocks(unmask_BG, 2, 3).tolist() == [[0, 1, -1]]
     drawn_BG = torch.tensor([[True, True, False, False]])
     assert S.step_blocks(unmask_BG, 2, 3, drawn_BG).tolist() == [[0, 0, -1]]
+
+
+# --- inner epochs, normalisation, KL
+
+
+def test_inner_epochs_draw_fresh_steps_and_keep_the_behaviour_log_probs(model):
+    traj = rollout(model, B=4)
+    loss = build_loss(AgrpoConfig(k_steps=2, inner_epochs=3), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    assert loss.inner_epochs == 3
+    e0, e0_again, e1 = loss.prepare(traj, seed=5), loss.prepare(traj, seed=5, epoch=0), loss.prepare(traj, seed=5, epoch=1)
+    assert torch.equal(e0.extras["steps_BK"], e0_again.extras["steps_BK"])
+    assert not torch.equal(e0.extras["steps_BK"], e1.extras["steps_BK"])
+    assert torch.equal(e0.extras["advantages_B"], e1.extras["advantages_B"])
+    # Old log-probs are the sampler's at every epoch: the unchanged policy has ratio 1 in epoch 1 too.
+    m = loss.backward(model, e1, total_samples=4)
+    model.zero_grad()
+    assert m["abs_log_ratio_sum"] < 1e-4 * m["tokens"]
+
+
+def test_diffu_grpo_epochs_mask_the_prompt_anew_with_first_visit_old_log_probs(model):
+    traj = rollout(model, B=4)
+    loss = build_loss(DiffuGrpoConfig(prompt_mask_prob=0.5, inner_epochs=3), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    batches = [loss.prepare(traj, seed=1, epoch=e) for e in range(3)]
+    masks = batches[0].extras["prompt_masked_BEP"]
+    assert masks.shape[1] == 3 and not torch.equal(masks[:, 0], masks[:, 1])
+    assert all(torch.equal(b.extras["prompt_masked_BP"], masks[:, e]) for e, b in enumerate(batches))
+    policy = copy.deepcopy(model)
+    assert loss.backward(policy, batches[0], total_samples=4)["abs_log_ratio_sum"] == 0.0
+    # Epoch 1 before any update: its old log-probs were taken under epoch 1's mask at the first visit.
+    assert loss.backward(policy, batches[1], total_samples=4)["abs_log_ratio_sum"] < 1e-5
+    with torch.no_grad():
+        next(policy.parameters()).mul_(1.5)
+    assert loss.backward(policy, batches[2], total_samples=4)["abs_log_ratio_sum"] > 1e-3
+
+
+def test_normalisations_follow_the_references(model):
+    traj = rollout(model, B=4)
+    traj.rewards_B = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    traj.group_B = torch.zeros(4, dtype=torch.long)  # advantages 0.75, -0.25, -0.25, -0.25
+    # diffu-GRPO token mean (d1): at ratio 1 the loss is -sum_i A_i n_i / sum_i n_i.
+    loss = build_loss(DiffuGrpoConfig(), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    batch = loss.prepare(traj, seed=0)
+    n_B = batch.extras["completion_mask_BG"].sum(1).double()
+    m = loss.backward(copy.deepcopy(model), batch, total_samples=4)
+    adv_B = torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64)
+    assert m["loss"] == pytest.approx(float(-(adv_B * n_B).sum() / n_B.sum()), abs=1e-6)
+    # AGRPO step_mean: the weights of a trajectory sum to 1 (the mean over its steps); sum: to T_i.
+    mean = build_loss(AgrpoConfig(k_steps=3), mask_id=MASK, pad_id=PAD, eos_id=EOS).prepare(traj, seed=0)
+    summed = build_loss(AgrpoConfig(k_steps=3, normalize="sum"), mask_id=MASK, pad_id=PAD, eos_id=EOS).prepare(traj, seed=0)
+    T_B = summed.extras["eligible_steps_B"].float()
+    assert torch.allclose(mean.extras["step_weights_BK"].sum(1), torch.ones(4))
+    assert torch.allclose(summed.extras["step_weights_BK"].sum(1), T_B)
+
+
+def test_kl_k3_ratio_is_the_release_gradient(model):
+    """k3 x ratio and k3 agree in value at ratio 1; their gradients differ (KL(pi||ref) vs KL(ref||pi))."""
+    traj = rollout(model, B=4)
+    traj.rewards_B = torch.zeros(4)  # no policy term: the gradient is the KL's alone
+    ref = _perturbed(model, scale=0.2)
+    grads, kls = {}, {}
+    for kl in ("k3_ratio", "k3"):
+        loss = build_loss(AgrpoConfig(k_steps=2, beta_kl=1.0, kl=kl), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+        policy = copy.deepcopy(model)
+        m = loss.backward(policy, loss.prepare(traj, seed=0), total_samples=4, ref_model=ref)
+        grads[kl], kls[kl] = flat_grad(policy), m["kl_sum"]
+    assert kls["k3_ratio"] == pytest.approx(kls["k3"], rel=1e-4)
+    assert not torch.allclose(grads["k3_ratio"], grads["k3"], rtol=1e-2)
