@@ -1,0 +1,121 @@
+"""The learner step with the policy-gradient losses: 1 vs 3 micro-batches and 1 vs 2 gloo ranks (under Ray)
+give the same AGRPO/ATPO step, and ``algorithm.inner_epochs`` takes that many optimizer steps per batch."""
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from common.config import AgrpoConfig, AtpoConfig, LearnerConfig, ModelConfig
+from learner.losses import build_loss
+from learner.worker import LearnerRank, free_port
+from tests.test_losses import EOS, MASK, PAD, rollout
+
+MODEL = ModelConfig(preset="tiny")
+PARAM_ATOL = 3e-5  # as tests/test_learner_group.py: Adam magnifies summation-order rounding
+CONFIGS = {"agrpo": AgrpoConfig(k_steps=3, beta_kl=0.05), "atpo": AtpoConfig(k_steps=2)}
+
+
+def loss_factory(name, **overrides):
+    cfg = CONFIGS[name].model_copy(update=overrides)
+    return functools.partial(build_loss, cfg, mask_id=MASK, pad_id=PAD, eos_id=EOS)
+
+
+def learner_cfg(**kw) -> LearnerConfig:
+    return LearnerConfig(num_cpus_per_rank=0.5, lr=1e-3, **kw)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    from common.model import build_model, preset_config
+
+    model = build_model(preset_config("tiny"), seed=1)  # not the learner's weights: ratios differ from 1
+    return [rollout(model, B=5, G=8, steps=8, block=4, seed=s) for s in range(2)]
+
+
+@pytest.fixture(scope="module")
+def local_group():
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def local_rank(cfg: LearnerConfig, factory) -> LearnerRank:
+    rank = LearnerRank(cfg, MODEL, rank=0, world_size=1, loss_factory=factory, seed=0, ref_model=True)
+    rank.setup("127.0.0.1", 0)
+    return rank
+
+
+SEQ = 6 + 8  # P + G of the batches
+
+
+def _same_steps(a: LearnerRank, b, batches):
+    for seed, batch in enumerate(batches):
+        ma, mb = a.step(batch, step_seed=seed), b.step(batch, step_seed=seed)
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+        assert ma["clipped_tokens"] == mb["clipped_tokens"] and ma["ratio_sum"] == pytest.approx(mb["ratio_sum"], rel=1e-6)
+    sa, sb = a.state_dict_for_sync(), b.state_dict_for_sync()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=PARAM_ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_one_and_three_micro_batches_give_the_same_step(local_group, batches, name):
+    whole = local_rank(learner_cfg(micro_batch_tokens=100 * SEQ), loss_factory(name))
+    split = local_rank(learner_cfg(micro_batch_tokens=2 * SEQ), loss_factory(name))  # 5 samples -> 2 + 2 + 1
+    _same_steps(whole, split, batches)
+
+
+def test_inner_epochs_take_that_many_optimizer_steps_per_batch(local_group, batches):
+    one = local_rank(learner_cfg(), loss_factory("agrpo"))
+    two = local_rank(learner_cfg(), loss_factory("agrpo", inner_epochs=2))
+    m1, m2 = one.step(batches[0], step_seed=0), two.step(batches[0], step_seed=0)
+    assert (m1["optimizer_steps"], m2["optimizer_steps"]) == (1, 2)
+    assert one.version == two.version == 1  # one policy version per batch: rollouts see the batch's last weights
+    assert m2["tokens"] == m1["tokens"] and m2["steps"] == 2 * m1["steps"]  # epoch 2 draws its own steps
+    s1, s2 = one.state_dict_for_sync(), two.state_dict_for_sync()
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.fixture(scope="module")
+def one_rank_steps(local_group, batches):
+    """The single in-process rank's metrics and weights, taken before Ray starts in this process."""
+    out = {}
+    for name in sorted(CONFIGS):
+        one = local_rank(learner_cfg(micro_batch_tokens=100 * SEQ), loss_factory(name))
+        metrics = [one.step(batch, step_seed=seed) for seed, batch in enumerate(batches)]
+        out[name] = (metrics, one.state_dict_for_sync())
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_groups(one_rank_steps):
+    ray = pytest.importorskip("ray")
+    from learner.group import LearnerGroup
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    groups = {name: LearnerGroup(learner_cfg(num_ranks=2, micro_batch_tokens=2 * SEQ), MODEL,
+                                 loss_factory=loss_factory(name), seed=0, ref_model=True) for name in sorted(CONFIGS)}
+    yield groups
+    for group in groups.values():
+        group.shutdown()
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_one_and_two_gloo_ranks_give_the_same_step(batches, one_rank_steps, two_rank_groups, name):
+    # 5 samples: rank 0 gets 3 (2 + 1), rank 1 gets 2 (2 + a zero-weight replay)
+    metrics, state = one_rank_steps[name]
+    group = two_rank_groups[name]
+    for seed, batch in enumerate(batches):
+        ma, mb = metrics[seed], group.step(batch, step_seed=seed)
+        assert mb["micro_batches"] == 2
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+        assert ma["clipped_tokens"] == mb["clipped_tokens"] and ma["ratio_sum"] == pytest.approx(mb["ratio_sum"], rel=1e-6)
+    sb = group.state_dict_for_sync()
+    for name_ in state:
+        torch.testing.assert_close(state[name_], sb[name_], atol=PARAM_ATOL, rtol=0, msg=name_)
