@@ -5,6 +5,10 @@ x = [prompt | MASK x G] is decoded block by block (semi-autoregressive); each of
 (their hidden states are gathered before the LM head, so the vocabulary projection is [N, D] -> [N, V],
 never [B, L, D] -> [B, L, V]), draws a token for each through the fused kernel ``rollout.kernels.sample_rows``
 and commits some of them (by confidence, at random, by margin, by entropy, or by a confidence threshold).
+With ``cache`` the model runs the full sequence only at a block's first step (and every ``cache_refresh``
+steps) and otherwise only the block (dual) or the block and suffix (prefix) on the kept keys/values: a
+different policy from ``none``, recorded with the trajectory and rebuilt exactly by the learner
+(``common.states.policy_hidden``).
 
 Letters: B samples, P prompt length, G completion length, L = P + G, K block length, R scored positions
 per sample in this step, N = B * R scored rows, D model width, V vocabulary, T denoising steps.
@@ -97,8 +101,9 @@ def generate(
     ``confidence_eos_eot_inf`` EOS/EoT rank last in every remasking rule (the reference's statement only
     zeroes EoT's probability); ``threshold`` commits max(#confidence > tau, ceil(masked / steps left), 1)
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
-    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids``
-    and ``cfg_scale``: the learner needs all three to rebuild the sampled distributions. The draws a step
+    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids``,
+    ``cfg_scale`` and the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the
+    sampled distributions. The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
     """
