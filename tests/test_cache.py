@@ -210,6 +210,20 @@ def test_learner_loss_sees_ratio_one_with_rows_at_different_blocks(model, cache)
     assert m["tokens"] > 0 and m["clipped_tokens"] == 0 and m["abs_log_ratio_sum"] < 1e-5 * m["tokens"]
 
 
+def test_cached_rebuild_gradient_is_the_same_with_activation_checkpointing(model):
+    prompt_BP, mask_BP = _prompts(4, 6, 9, pad_rows=2)
+    traj = _run(model, prompt_BP, mask_BP, seed=4, gen_length=16, block_length=8, steps=8, temperature=1.0,
+                cache="prefix")
+    step_B = torch.tensor([1, 2, 5, 7])
+    grads = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(model).train()
+        m.set_activation_checkpointing(ckpt)
+        policy_hidden(m, traj, step_B, MASK, "cpu").h_BQD.square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 class _EosModel(torch.nn.Module):
     """EOS made likely for some prompts only, so some rows stop early and the others keep decoding."""
 
