@@ -29,7 +29,7 @@ elif [ "$stage" = sampler ]; then
 elif [ "$stage" = cache ]; then
   # tok/s at batch 1/8/32, prompt 64, gen 256, block 32, 128 steps, greedy, random bf16 weights: LLaDA's
   # reference generate(), ours without a cache (reference-equivalent) and with the prefix / dual cache.
-  timeout 560 python3 -m benchmarks.bench_cache --sections sampler --preset llada-8b --batches 1 8 32 \
+  timeout 560 python3 -m benchmarks.bench_cache --sections sampler --preset llada-8b --batches 1 8 32 --repeats 1 \
     --temperature 0 --tiny-batch 0 --reference --out "$OUT/cache_gpu.md" 2>&1 | tee -a "$log"
   echo "=== summary"; grep "|" "$OUT/cache_gpu.md"
 else
