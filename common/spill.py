@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.schema import SCHEMA, check_schema, validate_group
+from common.schema import SCHEMA, SCHEMA_VERSION, VERSION_KEY, validate_group
 
 log = logging.getLogger(__name__)
 LEDGER = "consumed.ledger"
@@ -89,10 +89,10 @@ def recover(spill_dir: Path, on_corrupt: str, keep_consumed: bool = False) -> Re
                 continue
             _corrupt(f"spill file {path} has an unreadable header ({err})", on_corrupt, rec)
             continue
-        try:  # an older layout is not corruption: say which versions differ, in one line
-            check_schema(reader.schema)
-        except ValueError as err:
-            raise ValueError(f"spill file {path}: {err}") from None
+        found = (reader.schema.metadata or {}).get(VERSION_KEY, b"").decode(errors="replace")
+        if found.isdigit() and found != str(SCHEMA_VERSION):  # another layout, not corruption: say so in one line
+            raise ValueError(f"spill file {path}: trajectory schema version {found} but this code reads version "
+                             f"{SCHEMA_VERSION}; convert the data or run the matching code version")
         position = 0
         while True:
             try:
@@ -109,7 +109,8 @@ def recover(spill_dir: Path, on_corrupt: str, keep_consumed: bool = False) -> Re
             except pa.ArrowException as err:
                 _corrupt(f"spill file {path} record {position - 1} is malformed ({err})", on_corrupt, rec)
                 continue
-            if meta is None or _CRC_KEY not in meta or int(meta[_CRC_KEY]) != _crc(rb):
+            crc = meta[_CRC_KEY] if meta is not None and _CRC_KEY in meta else b""
+            if not crc.isdigit() or int(crc) != _crc(rb):  # a flipped byte can land in the crc digits too
                 _corrupt(f"spill file {path} record {position - 1} fails its crc32 check", on_corrupt, rec)
                 continue
             try:
