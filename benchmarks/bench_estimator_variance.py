@@ -102,11 +102,12 @@ def enumeration_rows() -> list[dict]:
 
     model = _tiny()
     rows = []
-    for rule, G, steps, temperature, threshold in CASES:
+    for rule, G, steps, temperature, threshold, top_k in CASES:
         remasking = "low_confidence" if rule == "threshold" else rule
-        row = {"rule": rule if threshold is None else f"threshold {threshold}", "G": G, "steps": steps, "T": temperature}
+        label = (rule if threshold is None else f"threshold {threshold}") + ("" if top_k is None else f", top-k {top_k}")
+        row = {"rule": label, "G": G, "steps": steps, "T": temperature}
         for draws in ("all", "committed"):
-            exact, est, leaves = exact_and_estimated(model, G, steps, remasking, temperature, threshold, draws)
+            exact, est, leaves = exact_and_estimated(model, G, steps, remasking, temperature, threshold, draws, top_k)
             row[draws], row["trajectories"] = _rel(est, exact), len(leaves)
         rows.append(row)
     return rows

@@ -1,7 +1,8 @@
 """Exactness of the policy-gradient estimators, against independent ground truths.
 
 1. The score function (which draws make a step's action), by exact enumeration. A tiny LLaDA with a
-   6-token vocabulary decodes G = 2 or 3 tokens in one block of 2 steps. Every draw sequence the sampler
+   6-token vocabulary decodes G = 2 or 3 tokens in one block of 2 steps (temperature 1 or 0.7, one case
+   with a top-k support). Every draw sequence the sampler
    can make is enumerated with its probability, computed here from plain ``model(ids).logits`` and the
    commit rule written out again; autograd on  E[R] = sum_tau P(tau) R(tau)  gives the exact gradient.
    The learner's real loss (``prepare`` + ``backward``), run on every trajectory at once with advantage
@@ -63,9 +64,10 @@ def _choose(rule, n, masked, conf, margin, threshold):
     return [(chosen, 1.0)]
 
 
-def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None):
+def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None, top_k=None):
     """Every trajectory of one block of G tokens in ``steps`` steps, with its probability (differentiable),
-    the records the sampler writes, and the final completion. Ground-truth forwards use model(ids).logits."""
+    the records the sampler writes, and the final completion. Ground-truth forwards use model(ids).logits;
+    ``top_k`` keeps the k largest logits (cut-off recorded halfway to the largest dropped one)."""
     from rollout.sampler import transfer_schedule
 
     schedule = transfer_schedule(G, steps)
@@ -76,46 +78,56 @@ def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None):
         if key not in cache:
             logits = model(torch.tensor([PROMPT + list(completion)])).logits[0, len(PROMPT):].float()
             logits = logits.index_fill(1, torch.tensor([MASK]), float("-inf"))
-            logp_tilde = torch.log_softmax(logits / temperature, -1)  # what the sampler drew from
-            conf = torch.softmax(logits, -1).detach()  # the sampler's confidence: raw probabilities
+            cutoff = torch.full((G,), float("-inf"))
+            kept = logits
+            if top_k is not None:
+                top = logits.detach().topk(top_k + 1, -1).values
+                cutoff = (top[:, top_k - 1] + top[:, top_k]) * 0.5
+                kept = logits.masked_fill(logits.detach() < cutoff[:, None], float("-inf"))
+            logp_tilde = torch.log_softmax(kept / temperature, -1)  # what the sampler drew from
+            conf = torch.softmax(logits, -1).detach()  # the sampler's confidence: raw probabilities, full support
             top2 = logp_tilde.exp().detach().topk(2, -1).values
-            cache[key] = (logp_tilde, conf, top2[:, 0] - top2[:, 1])
+            cache[key] = (logp_tilde, conf, top2[:, 0] - top2[:, 1], cutoff)
         return cache[key]
 
     leaves = []
 
-    def walk(t, completion, unmask, discards, logp_rec, disc_logp, logprob):
+    def walk(t, completion, unmask, discards, logp_rec, disc_logp, cut_rec, disc_cut, logprob):
         masked = [j for j in range(G) if completion[j] == MASK]
         if not masked:
             leaves.append(dict(completion=list(completion), unmask=list(unmask), discards=[list(d) for d in discards],
-                               logp=list(logp_rec), disc_logp=[list(d) for d in disc_logp], logprob=logprob))
+                               logp=list(logp_rec), disc_logp=[list(d) for d in disc_logp], cutoff=list(cut_rec),
+                               disc_cutoff=[list(d) for d in disc_cut], logprob=logprob))
             return
-        logp_tilde, conf, margin = dists(completion)
+        logp_tilde, conf, margin, cutoff = dists(completion)
         if threshold is None:
             n = schedule[t]
         else:
             n = min(max(math.ceil(len(masked) / (steps - t)), 1), len(masked))
-        for draw in itertools.product(DRAWABLE, repeat=len(masked)):
+        support = [[v for v in DRAWABLE if logp_tilde[j, v] > float("-inf")] for j in masked]
+        for draw in itertools.product(*support):
             y = dict(zip(masked, draw))
             lp = sum(logp_tilde[j, y[j]] for j in masked)
             c = {j: float(conf[j, y[j]]) for j in masked}
             m = {j: float(margin[j]) for j in masked}
             for chosen, p_choice in _choose(rule, n, masked, c, m, threshold):
-                comp, um, dis, lr, dl = list(completion), list(unmask), [list(d) for d in discards], list(logp_rec), [list(d) for d in disc_logp]
+                comp, um, lr, cr = list(completion), list(unmask), list(logp_rec), list(cut_rec)
+                dis, dl, dc = ([list(d) for d in rec] for rec in (discards, disc_logp, disc_cut))
                 for j in masked:
                     if j in chosen:
-                        comp[j], um[j], lr[j] = y[j], t, float(logp_tilde[j, y[j]].detach())
+                        comp[j], um[j], lr[j], cr[j] = y[j], t, float(logp_tilde[j, y[j]].detach()), float(cutoff[j])
                     else:
-                        dis[j][t], dl[j][t] = y[j], float(logp_tilde[j, y[j]].detach())
-                walk(t + 1, comp, um, dis, lr, dl, logprob + lp + math.log(p_choice))
+                        dis[j][t], dl[j][t], dc[j][t] = y[j], float(logp_tilde[j, y[j]].detach()), float(cutoff[j])
+                walk(t + 1, comp, um, dis, lr, dl, cr, dc, logprob + lp + math.log(p_choice))
 
     S = steps - 1
-    walk(0, [MASK] * G, [-1] * G, [[-1] * max(S, 1) for _ in range(G)], [0.0] * G, [[0.0] * max(S, 1) for _ in range(G)],
-         torch.zeros(()))
+    slots = max(S, 1)
+    walk(0, [MASK] * G, [-1] * G, [[-1] * slots for _ in range(G)], [0.0] * G, [[0.0] * slots for _ in range(G)],
+         [float("-inf")] * G, [[float("-inf")] * slots for _ in range(G)], torch.zeros(()))
     return leaves
 
 
-def leaves_batch(leaves, G, steps, temperature, reads_draws) -> Trajectory:
+def leaves_batch(leaves, G, steps, temperature, reads_draws, top_k=None) -> Trajectory:
     N, S = len(leaves), steps - 1
     committed_NT = torch.zeros(N, steps, dtype=torch.long)
     unmask_NG = torch.tensor([leaf["unmask"] for leaf in leaves])
@@ -124,11 +136,12 @@ def leaves_batch(leaves, G, steps, temperature, reads_draws) -> Trajectory:
         prompt_ids_BP=torch.tensor([PROMPT] * N), prompt_mask_BP=torch.ones(N, len(PROMPT), dtype=torch.bool),
         completion_ids_BG=torch.tensor([leaf["completion"] for leaf in leaves]), unmask_step_BG=unmask_NG,
         logp_BG=torch.tensor([leaf["logp"] for leaf in leaves]), entropy_BG=torch.zeros(N, G), margin_BG=torch.zeros(N, G),
-        cutoff_BG=torch.full((N, G), float("-inf")), step_entropy_BT=torch.zeros(N, steps),
+        cutoff_BG=torch.tensor([leaf["cutoff"] for leaf in leaves]), step_entropy_BT=torch.zeros(N, steps),
         step_margin_BT=torch.zeros(N, steps), step_committed_BT=committed_NT, temperature=temperature,
         block_length=G, banned_ids=(MASK,),
         discard_ids_BGS=torch.tensor([leaf["discards"] for leaf in leaves])[:, :, :S],
         discard_logp_BGS=torch.tensor([leaf["disc_logp"] for leaf in leaves])[:, :, :S],
+        discard_cutoff_BGS=None if top_k is None else torch.tensor([leaf["disc_cutoff"] for leaf in leaves])[:, :, :S],
         commit_reads_draws=reads_draws, rewards_B=torch.zeros(N), group_B=torch.arange(N),
     )
 
@@ -139,9 +152,9 @@ def _reward(completion, G):
     return float(table[tuple(completion)])
 
 
-def exact_and_estimated(model, G, steps, rule, temperature, threshold, draws):
+def exact_and_estimated(model, G, steps, rule, temperature, threshold, draws, top_k=None):
     """(exact grad E[R], the learner's expected gradient with ``draws``) as flat [D] float64 vectors."""
-    leaves = enumerate_trajectories(model, G, steps, rule, temperature, threshold)
+    leaves = enumerate_trajectories(model, G, steps, rule, temperature, threshold, top_k)
     logprob_N = torch.stack([leaf["logprob"] for leaf in leaves])
     reward_N = torch.tensor([_reward(leaf["completion"], G) for leaf in leaves], dtype=torch.float64)
     assert abs(float(logprob_N.detach().double().exp().sum()) - 1.0) < 1e-5  # the enumeration is complete
@@ -150,7 +163,7 @@ def exact_and_estimated(model, G, steps, rule, temperature, threshold, draws):
     exact_D = flat_grad(model).double().clone()
     model.zero_grad()
 
-    batch = leaves_batch(leaves, G, steps, temperature, _rule_reads_draws(rule, threshold))
+    batch = leaves_batch(leaves, G, steps, temperature, _rule_reads_draws(rule, threshold), top_k)
     N = len(leaves)
     cfg = AgrpoConfig(k_steps=steps, step_sampling="stratified", normalize="sum", eligible_steps="all", draws=draws)
     loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=None)
@@ -165,12 +178,13 @@ def exact_and_estimated(model, G, steps, rule, temperature, threshold, draws):
     return exact_D, est_D, leaves
 
 
-CASES = [  # (rule, G, steps, temperature, threshold)
-    ("random", 2, 2, 1.0, None),
-    ("low_confidence", 2, 2, 1.0, None),
-    ("low_confidence", 3, 2, 0.7, None),
-    ("margin", 2, 2, 0.7, None),
-    ("threshold", 2, 2, 1.0, 0.3),
+CASES = [  # (rule, G, steps, temperature, threshold, top_k)
+    ("random", 2, 2, 1.0, None, None),
+    ("low_confidence", 2, 2, 1.0, None, None),
+    ("low_confidence", 3, 2, 0.7, None, None),
+    ("low_confidence", 2, 2, 0.7, None, 3),
+    ("margin", 2, 2, 0.7, None, None),
+    ("threshold", 2, 2, 1.0, 0.3, None),
 ]
 
 
@@ -183,13 +197,13 @@ def tiny():
     return _tiny()
 
 
-@pytest.mark.parametrize("rule,G,steps,temperature,threshold", CASES, ids=lambda v: str(v))
-def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperature, threshold):
+@pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
+def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperature, threshold, top_k):
     remasking = "low_confidence" if rule == "threshold" else rule
-    exact_D, est_D, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, draws="all")
+    exact_D, est_D, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, "all", top_k)
     assert exact_D.norm() > 0
     assert _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
-    exact_c, est_c, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, draws="committed")
+    exact_c, est_c, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, "committed", top_k)
     off = _rel(est_c, exact_c)
     if rule in ("random", "margin"):  # the commit rule ignores the draws: committed tokens are the exact score
         assert off < 1e-4, off
@@ -197,8 +211,9 @@ def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperat
         assert off > 0.01, off
 
 
-@pytest.mark.parametrize("rule,G,steps,temperature,threshold", CASES, ids=lambda v: str(v))
-def test_the_sampler_makes_the_enumerated_trajectories_at_their_probabilities(tiny, rule, G, steps, temperature, threshold):
+@pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
+def test_the_sampler_makes_the_enumerated_trajectories_at_their_probabilities(tiny, rule, G, steps, temperature, threshold,
+                                                                              top_k):
     """The enumeration above is the real sampler: every sampled trajectory is an enumerated one with the same
     records (committed and discarded draws, their log-probs), and the frequencies match the probabilities."""
     from common.config.sampler import SamplerConfig
@@ -206,12 +221,12 @@ def test_the_sampler_makes_the_enumerated_trajectories_at_their_probabilities(ti
 
     remasking = "low_confidence" if rule == "threshold" else rule
     with torch.no_grad():
-        leaves = enumerate_trajectories(tiny, G, steps, remasking, temperature, threshold)
+        leaves = enumerate_trajectories(tiny, G, steps, remasking, temperature, threshold, top_k)
     S = steps - 1
     index = {(tuple(lf["completion"]), tuple(lf["unmask"]), tuple(tuple(d[:S]) for d in lf["discards"])): lf for lf in leaves}
     n = 4000
     cfg = SamplerConfig(gen_length=G, block_length=G, steps=steps, temperature=temperature, remasking=remasking,
-                        threshold=threshold)
+                        threshold=threshold, top_k=top_k)
     with torch.no_grad():
         traj = generate(tiny, torch.tensor([PROMPT] * n), None, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=7)
     assert traj.commit_reads_draws == _rule_reads_draws(remasking, threshold)
@@ -225,6 +240,10 @@ def test_the_sampler_makes_the_enumerated_trajectories_at_their_probabilities(ti
         assert torch.allclose(traj.logp_BG[b], torch.tensor(leaf["logp"]), atol=1e-5)
         has = traj.discard_ids_BGS[b] >= 0
         assert torch.allclose(traj.discard_logp_BGS[b][has], torch.tensor([d[:S] for d in leaf["disc_logp"]])[has], atol=1e-5)
+        assert torch.allclose(traj.cutoff_BG[b], torch.tensor(leaf["cutoff"]), atol=1e-5)  # the same support
+        if top_k is not None:
+            want = torch.tensor([d[:S] for d in leaf["disc_cutoff"]])[has]
+            assert torch.allclose(traj.discard_cutoff_BGS[b][has], want, atol=1e-5)
     for key, leaf in index.items():
         p = float(leaf["logprob"].exp())
         f = counts.get(key, 0) / n
