@@ -110,6 +110,13 @@ def enumeration_rows() -> list[dict]:
             exact, est, leaves = exact_and_estimated(model, G, steps, remasking, temperature, threshold, draws, top_k)
             row[draws], row["trajectories"] = _rel(est, exact), len(leaves)
         rows.append(row)
+    # The same model without the x4 head: flatter distributions, so the commit rule matters less.
+    flat = _tiny(scale=1.0)
+    row = {"rule": "low_confidence, head x1", "G": 2, "steps": 2, "T": 1.0}
+    for draws in ("all", "committed"):
+        exact, est, leaves = exact_and_estimated(flat, 2, 2, "low_confidence", 1.0, None, draws)
+        row[draws], row["trajectories"] = _rel(est, exact), len(leaves)
+    rows.append(row)
     return rows
 
 
