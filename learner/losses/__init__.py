@@ -1,9 +1,10 @@
 """Policy-gradient losses behind one interface (``PolicyLoss``), built from the ``algorithm:`` section.
 
     loss = build_loss(cfg, mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id)
-    batch = loss.prepare(batch, seed=step)                     # whole batch, before splitting
-    for micro in micro_batches:                                # rows via learner.losses.select_rows
-        metrics = loss.backward(model, micro, total_samples=global_batch_size, ref_model=ref)
+    for epoch in range(loss.inner_epochs):                     # one optimizer step each
+        prepared = loss.prepare(batch, seed=step, epoch=epoch)  # whole batch, before splitting
+        for micro in micro_batches:                            # rows via learner.losses.select_rows
+            metrics = loss.backward(model, micro, total_samples=global_batch_size, ref_model=ref)
 """
 from __future__ import annotations
 
