@@ -196,7 +196,8 @@ class ReplayQueueCore:
         async with self._cond:
             start = time.monotonic()
             try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self._ready(n_groups)), timeout_s)
+                if not self._ready(n_groups):  # (wait_for with timeout 0 would time out even when ready)
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self._ready(n_groups)), timeout_s)
             except asyncio.TimeoutError:
                 return None
             finally:

@@ -53,3 +53,32 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
                                out / "accuracy_vs_steps.png", f"{label} on {cfg.task.name}\nheld-out accuracy vs sampling steps")
         print(f"wrote {out / 'eval.json'} and {out / 'accuracy_vs_steps.png'}")
     return results
+
+
+def evaluate_on_pool(pool, items: list, overrides: dict, label: str = "eval", skip: set[str] = frozenset(),
+                     timeout: float = 1800.0) -> dict:
+    """Held-out accuracy during a run, the items spread over the pool's active workers (but ``skip``: those
+    not on the current weights). A worker that has not answered within ``timeout`` s (or died) is left out,
+    and the accuracy is over the items that came back (``n`` says how many)."""
+    import ray
+
+    from driver.runtime import RunError
+
+    workers = [pool.workers[wid] for wid in pool.active() if wid not in skip]
+    if not workers:
+        raise RunError("no rollout worker is placed and on the current weights to evaluate with")
+    chunks = [items[i::len(workers)] for i in range(len(workers))]
+    refs = [w.evaluate.remote(chunk, overrides) for w, chunk in zip(workers, chunks) if chunk]
+    done, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    records = []
+    for ref in done:
+        try:
+            records += ray.get(ref)
+        except ray.exceptions.RayError as e:
+            log.warning("%s: a worker failed (%s); its items are left out", label, type(e).__name__)
+    if late:
+        log.warning("%s: %d worker(s) did not answer in %.0f s; their items are left out", label, len(late), timeout)
+    acc = sum(r["correct"] for r in records) / max(len(records), 1)
+    reward = sum(r["reward"] for r in records) / max(len(records), 1)
+    log.info("%s: accuracy %.3f (%d items), mean reward %.3f", label, acc, len(records), reward)
+    return {"accuracy": acc, "reward": reward, "n": len(records), "records": records}

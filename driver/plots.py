@@ -59,9 +59,10 @@ def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarra
     rows = {"step_entropy": [], "step_margin": [], "correct": [], "policy_version": []}
     if not spill_dir.is_dir():
         return None
-    for rb in recover(spill_dir, "skip", keep_consumed=True).groups:
-        for name in rows:
-            rows[name].extend(rb.column(name).to_pylist())
+    for directory in [spill_dir, *sorted(spill_dir.glob("driver-*"))]:  # a resumed run's earlier drivers too
+        for rb in recover(directory, "skip", keep_consumed=True).groups:
+            for name in rows:
+                rows[name].extend(rb.column(name).to_pylist())
     if not rows["correct"]:
         return None
     idx = np.linspace(0, len(rows["correct"]) - 1, min(limit, len(rows["correct"]))).astype(int)

@@ -104,6 +104,15 @@ class RolloutPool:
             ray.wait(refs, num_returns=len(refs), timeout=timeout)
         return self.poll(report_after_s=0.0)
 
+    def restarted(self, worker_id: str, pid: int | None) -> bool:
+        """True (once) when a call came back from another process than the one that answered ``ready``: Ray
+        restarted the actor between calls, so it holds base weights."""
+        info = self.info.get(worker_id)
+        if info is None or pid is None or info.get("pid") == pid:
+            return False
+        self.info[worker_id] = {**info, "pid": pid}
+        return True
+
     def drop(self, worker_id: str) -> None:
         """Forget a worker for good (Ray gave up restarting it); the next ``resize`` replaces it."""
         import ray

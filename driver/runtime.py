@@ -14,6 +14,10 @@ from common.config.loader import dump_config
 log = logging.getLogger("unmask")
 
 
+class RunError(Exception):
+    """A run cannot go on, for a reason the user can act on: printed as one line, exit code 1."""
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "urllib3", "filelock", "matplotlib"):

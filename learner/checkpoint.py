@@ -49,13 +49,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(directory: Path) -> dict:
-    """The small JSON record of a checkpoint (step, version, data position, world size)."""
+    """The small JSON record of a checkpoint (step, version, the driver's run state, world size)."""
     file = directory / META_FILE
     try:
         meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: unreadable checkpoint record ({e})") from None
-    for key in ("step", "version", "data_position"):
+    for key in ("step", "version", "run_state"):
         if key not in meta:
             raise CheckpointError(f"{file}: field {key!r} missing")
     if not (directory / ".metadata").is_file():

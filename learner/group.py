@@ -82,16 +82,27 @@ class LearnerGroup:
         Metric sums from the loss are summed over micro-batches and ranks; ``grad_norm``, ``lr``,
         ``step_time_s``, ``tokens_per_s``, ``skipped`` and ``version`` are added.
         """
+        return self.step_result(self.step_refs(batch, step_seed=step_seed))
+
+    def step_refs(self, batch, *, step_seed: int) -> list:
+        """Start ``step`` on every rank and return at once: one ref per rank, for a caller's ``ray.wait``."""
         import ray
 
         ref = ray.put(batch) if isinstance(batch, Trajectory) else batch  # one copy in the store for M ranks
-        metrics = self._all("step", ref, step_seed)
+        return [a.step.remote(ref, step_seed) for a in self._actors]
+
+    def step_result(self, refs: list) -> dict[str, float]:
+        """The metrics of a step started with ``step_refs`` (rank 0's; they are all-reduced)."""
+        import ray
+
+        metrics = ray.get(refs)[0]
         self.version = int(metrics["version"])
         return metrics
 
-    def save(self, root: str, data_position: dict | None = None) -> str:
-        """Checkpoint into ``root/step_<version>`` (a filesystem every rank sees); keeps the newest ``keep_checkpoints``."""
-        return self._all("save", str(root), data_position or {})
+    def save(self, root: str, run_state: dict | None = None) -> str:
+        """Checkpoint into ``root/step_<version>`` (a filesystem every rank sees) with the caller's ``run_state``
+        record; keeps the newest ``keep_checkpoints``."""
+        return self._all("save", str(root), run_state or {})
 
     def load(self, path: str) -> dict:
         """Resume from a checkpoint directory (or the newest complete one under a root); returns its record.

@@ -59,6 +59,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+class TooManyBadSteps(RuntimeError):
+    """More than ``learner.max_bad_steps`` consecutive non-finite steps: the run must stop."""
+
+
 class LearnerRank:
     """One rank; construct, then ``setup(master_addr, master_port)`` on every rank at once."""
 
@@ -228,7 +232,7 @@ class LearnerRank:
             if self.rank == 0:
                 log.warning("learner step %d skipped: %s", self.step_count + 1, reason)
             if self.bad_steps > self.cfg.max_bad_steps:
-                raise RuntimeError(f"{self.bad_steps} consecutive learner steps had a {reason}; more than "
+                raise TooManyBadSteps(f"{self.bad_steps} consecutive learner steps had a {reason}; more than "
                                    f"learner.max_bad_steps={self.cfg.max_bad_steps}: lower learner.lr or check the data")
         else:
             set_lr(self.optimizer, lr)
@@ -247,10 +251,10 @@ class LearnerRank:
         return out
 
     # --- checkpoints
-    def save(self, root: str, data_position: dict) -> str:
+    def save(self, root: str, run_state: dict) -> str:
         """Checkpoint into ``root/step_<version>`` and prune to ``keep_checkpoints``; returns the directory."""
         directory = ckpt.step_dir(root, self.version)
-        meta = {"step": self.step_count, "version": self.version, "data_position": data_position,
+        meta = {"step": self.step_count, "version": self.version, "run_state": run_state,
                 "world_size": self.world_size, "bad_steps": self.bad_steps}
         ckpt.save_checkpoint(directory, self.model, self.optimizer, meta=meta, rank=self.rank)
         if self.rank == 0:
@@ -259,7 +263,7 @@ class LearnerRank:
         return str(directory)
 
     def load(self, directory: str) -> dict:
-        """Restore from a complete checkpoint directory; returns its record (incl. ``data_position``)."""
+        """Restore from a complete checkpoint directory; returns its record (incl. the driver's ``run_state``)."""
         meta = ckpt.load_checkpoint(Path(directory), self.model, self.optimizer, rank=self.rank)
         self.step_count, self.version, self.bad_steps = meta["step"], meta["version"], meta.get("bad_steps", 0)
         return meta

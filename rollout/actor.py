@@ -205,7 +205,7 @@ class RolloutWorker:
             self.queue.release.remote(rejected)  # their reservations will never be filled
             items, encoded = [items[i] for i in keep], [encoded[i] for i in keep]
         if not items:
-            return {"worker": self.worker_id, "groups": 0, "dropped_stale": 0, "rejected_prompts": rejected,
+            return {"worker": self.worker_id, "pid": os.getpid(), "groups": 0, "dropped_stale": 0, "rejected_prompts": rejected,
                     "tokens": 0, "gen_seconds": 0.0, "reward_seconds": 0.0, "version": self.version}
         rows = [r for r in encoded for _ in range(G)]
         traj = self.gen.generate(rows, seed=self.seed * 1_000_003 + zlib.crc32(call_tag.encode()))
@@ -232,8 +232,8 @@ class RolloutWorker:
         tokens = traj.completion_ids_BG.numel()
         self.metrics.record("rollout_tokens_per_s", tokens / max(t_gen, 1e-9), {"worker": self.worker_id})
         self.metrics.record("rollout_groups", float(len(put)), {"worker": self.worker_id})
-        return {"worker": self.worker_id, "groups": len(put), "dropped_stale": dropped, "rejected_prompts": rejected,
-                "tokens": tokens,
+        return {"worker": self.worker_id, "pid": os.getpid(), "groups": len(put), "dropped_stale": dropped,
+                "rejected_prompts": rejected, "tokens": tokens,
                 "gen_seconds": t_gen, "reward_seconds": t_reward, "version": self.version,
                 "reward": sum(r.total for r in rewards) / len(rewards),
                 "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards)}

@@ -50,7 +50,7 @@ def test_resume_at_another_world_size(ray_local, tmp_path):
     two = group(2)
     two.step(make_batch(seed=0), step_seed=0)
     two.step(make_batch(seed=1), step_seed=1)
-    path = two.save(str(tmp_path / "ckpt"), data_position={"epoch": 1, "index": 8})
+    path = two.save(str(tmp_path / "ckpt"), run_state={"epoch": 1, "index": 8})
     saved = two.full_state()
     after_two = two.step(make_batch(seed=2), step_seed=2)
     continued = two.full_state()
@@ -58,7 +58,7 @@ def test_resume_at_another_world_size(ray_local, tmp_path):
 
     one = group(1)
     meta = one.load(str(tmp_path / "ckpt"))  # the root resolves to its newest complete checkpoint
-    assert meta["data_position"] == {"epoch": 1, "index": 8} and meta["world_size"] == 2
+    assert meta["run_state"] == {"epoch": 1, "index": 8} and meta["world_size"] == 2
     assert one.version == 2
     assert_same_state(saved, one.full_state())
     after_one = one.step(make_batch(seed=2), step_seed=2)

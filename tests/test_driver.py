@@ -31,7 +31,8 @@ def _scrape(port: int) -> str:
 
 
 def _scale_during_run(root: Path, seen: list, stop: threading.Event) -> None:
-    """After the first step ask for 2 rollout workers; once the new one has delivered, for 1 again; once
+    """After the first step ask for 2 rollout workers; once the new one has delivered and a step has run on
+    both, for 1 again; once
     two steps have run on the shrunk pool, `unmask stop`. The run's length follows what happened (on a
     loaded 2-core box the new worker can take many steps to start), not a fixed step count."""
     from driver.cli import main
@@ -44,7 +45,7 @@ def _scale_during_run(root: Path, seen: list, stop: threading.Event) -> None:
         if not seen and steps:
             main(["scale", str(runs[0].parent), "--rollout-workers", "2"])
             seen.append(("up", 2))
-        elif len(seen) == 1 and len(workers) >= 2:
+        elif len(seen) == 1 and len(workers) >= 2 and any(r["rollout_workers"] == 2 for r in steps):
             main(["scale", str(runs[0].parent), "--rollout-workers", "1"])
             seen.append(("down", steps[-1]["step"]))
         elif len(seen) == 2 and [r["rollout_workers"] for r in steps if r["step"] > seen[1][1]][-2:] == [1, 1]:

@@ -145,11 +145,18 @@ def test_driver_killed_then_resumed_continues_where_the_checkpoint_left(tmp_path
     assert f"resumed: step {resumed_from}, version {resumed_from}" in second.stderr
     after = _steps(run_dir)[len(before):]
     assert after == list(range(resumed_from + 1, 7))  # same step counter, nothing skipped or repeated
+    # Each prompt is trained exactly once in the weights' history: the first driver's steps up to the
+    # checkpoint, then the second driver's (the first driver's later steps were rolled back with the weights).
+    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    lineage = [r for r in steps[:len(before)] if r["step"] <= resumed_from] + steps[len(before):]
+    trained = [p for r in lineage for p in r["prompts"]]
+    assert len(lineage) == 6 and len(trained) == 6 * 2  # SMALL: 2 groups (prompts) per step
+    assert len(trained) == len(set(trained)), "a prompt was trained twice across the kill and the resume"
     from common.spill import recover
 
-    spilled = recover(run_dir / "trajectories", "raise", keep_consumed=True)
-    ids = [rb.column("group_id")[0].as_py() for rb in spilled.groups]
-    assert len(ids) == len(set(ids))  # no group admitted twice across the two drivers
+    ids = [rb.column("group_id")[0].as_py() for d in (run_dir / "trajectories", run_dir / "trajectories" / "driver-0")
+           for rb in recover(d, "raise", keep_consumed=True).groups]
+    assert len(ids) == len(set(ids))  # no group id reused across the two drivers
 
 
 def test_repeated_nan_steps_stop_the_run_with_a_checkpoint(tmp_path):

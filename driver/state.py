@@ -1,0 +1,77 @@
+"""The driver's run state: what a checkpoint records beside the weights, and the prompt stream it numbers.
+
+Every training prompt has a stream position (its index in the task's seeded ``train_items`` stream). The
+state records which positions a learner step has trained, as a low watermark plus the sparse set above
+it, so that a resumed run dispatches exactly the prompts the restored weights have not been trained on:
+each prompt is trained once across a kill and a resume (tests/test_reliability.py counts it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+_POSITION_PREFIX = "p"
+
+
+@dataclass
+class RunState:
+    """Typed run state; ``to_dict`` / ``from_dict`` are what checkpoints store."""
+
+    step: int = 0  # learner steps taken
+    version: int = 0  # policy version the rollout workers should hold
+    call_id: int = 0  # rollout calls dispatched (with ``incarnation``, makes group ids unique)
+    incarnation: int = 0  # drivers this run has had: a resumed driver never reuses an earlier one's group ids
+    trained_below: int = 0  # every prompt position below this has been trained
+    trained_above: list[int] = field(default_factory=list)  # trained positions >= trained_below, sorted
+
+    def mark_trained(self, positions: Iterable[int]) -> None:
+        """Record positions a learner step trained; the watermark moves over the contiguous ones."""
+        above = set(self.trained_above) | {p for p in positions if p >= self.trained_below}
+        while self.trained_below in above:
+            above.remove(self.trained_below)
+            self.trained_below += 1
+        self.trained_above = sorted(above)
+
+    def trained(self, position: int) -> bool:
+        return position < self.trained_below or position in set(self.trained_above)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "RunState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(record) - names
+        if unknown:
+            raise ValueError(f"run state has unknown fields {sorted(unknown)}: written by another Unmask version")
+        return cls(**record)
+
+
+class PromptStream:
+    """The task's training items numbered by stream position, without the positions ``state`` has trained.
+
+    Each item handed out carries its position in its id (``p<position>:<item id>``), so the groups made
+    from it name the prompt they answer (``position_of``).
+    """
+
+    def __init__(self, items: Iterable, state: RunState):
+        self._state = state
+        self._items: Iterator = itertools.islice(enumerate(items), state.trained_below, None)
+        self._skip = set(state.trained_above)
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            position, item = next(self._items)
+            if position not in self._skip:
+                out.append(dataclasses.replace(item, id=f"{_POSITION_PREFIX}{position}:{item.id}"))
+        return out
+
+
+def position_of(group_id: str) -> int:
+    """The prompt position of a group id ``<call tag>:p<position>:<item id>`` (see ``PromptStream``)."""
+    part = group_id.split(":", 2)[1]
+    assert part.startswith(_POSITION_PREFIX), group_id
+    return int(part[len(_POSITION_PREFIX):])
