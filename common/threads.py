@@ -14,7 +14,8 @@ def set_cpu_threads(n: float | None = None) -> int:
     if n is None:
         import ray
 
-        n = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        n = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if in_actor else 1.0
     threads = max(1, int(n))
     torch.set_num_threads(threads)
     return threads

@@ -151,6 +151,13 @@ def connect_group(host: str, port: int, rank: int, world_size: int, backend: str
     raise ValueError(f"weight group backend must be nccl or gloo, got {backend!r}")
 
 
+def close_group(group) -> None:
+    """Shut a replaced weight-broadcast group down (communicators, and the TCPStore it holds) rather than
+    dropping it: with pool churn every rebuild would otherwise leak a group and a listening store."""
+    if group is not None:
+        group.shutdown()
+
+
 class WeightSender(ABC):
     """Learner side (rank 0 sends; other learner ranks only take part in gathering the full tensors)."""
 
@@ -182,12 +189,11 @@ class WeightReceiver(ABC):
         """Release handles and groups."""
 
 
-def resolve_transport(choice: str, *, learner_gpus: float, rollout_gpus: float, colocated: bool) -> str:
-    """``auto``: cuda_ipc when learner and rollout share one GPU, nccl across GPUs, object_store on CPU."""
+def resolve_transport(choice: str, *, learner_gpus: float, rollout_gpus: float) -> str:
+    """``auto``: nccl when learner and rollout actors have GPUs, object_store on CPU. cuda_ipc (learner and
+    rollout actors sharing one GPU through fractional num_gpus) is chosen by name."""
     if choice != "auto":
         if choice not in TRANSPORTS:
             raise ValueError(f"unknown weight transport {choice!r}; choose auto or one of {TRANSPORTS}")
         return choice
-    if learner_gpus > 0 and rollout_gpus > 0:
-        return "cuda_ipc" if colocated else "nccl"
-    return "object_store"
+    return "nccl" if learner_gpus > 0 and rollout_gpus > 0 else "object_store"

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UserError(Exception):
+    """A mistake the user can fix: printed as ``unmask: <message>``, exit code 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -74,62 +78,77 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "scale":
-        return _scale(args.run_dir, args.rollout_workers)
-    if args.command == "stop":
-        return _stop(args.run_dir)
-    if args.command == "eval":
-        if args.protocol in ("d1", "agrpo") and args.steps:
-            print(f"unmask: --protocol {args.protocol} fixes the steps (length/2); drop --steps", file=sys.stderr)
-            return 2
-        args.overrides = list(args.overrides)
-        if args.model:
-            from pathlib import Path
+    try:
+        if args.command in ("scale", "stop"):
+            _scale(args.run_dir, args.rollout_workers) if args.command == "scale" else _stop(args.run_dir)
+            return 0
+        cfg = _config(args)
+        if args.command == "config":
+            from common.config.loader import dump_config
 
-            if not (Path(args.model) / "config.json").is_file():
-                print(f"unmask: --model {args.model} is not a checkpoint directory (no config.json there)",
-                      file=sys.stderr)
-                return 2
-            args.overrides += [f"model.path={args.model}", "model.preset=null"]
-        if args.task:
-            args.overrides.append(f"task.name={args.task}")
+            print(dump_config(cfg), end="")
+            return 0
+        _check_before_start(args, cfg)
+    except _UserError as e:
+        print(f"unmask: {e}", file=sys.stderr)
+        return 2
+    return _run(args, cfg)
+
+
+def _config(args):
+    """The resolved config of ``args`` (a resumed run keeps its own, plus any --set given now)."""
+    from pathlib import Path
+
     from common.config import ConfigError, load_config
 
+    if args.command == "eval":
+        _eval_overrides(args)
     if getattr(args, "resume", None):
-        from pathlib import Path
-
         if not _is_run_dir(args.resume):
-            return 2
-        args.config = str(Path(args.resume) / "config.yaml")  # a resumed run keeps its own config (plus --set)
-    from common.config.loader import dump_config
-
+            raise _UserError(f"{args.resume} is not a run directory (no config.yaml)")
+        args.config = str(Path(args.resume) / "config.yaml")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":  # every step count must make a valid sampler with this config
             for steps in args.steps or ():
                 load_config(args.config, args.overrides + [f"sampler.steps={steps}"])
     except ConfigError as e:
-        print(f"unmask: {e}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        print(dump_config(cfg), end="")
-        return 0
+        raise _UserError(str(e)) from None
+    return cfg
+
+
+def _eval_overrides(args) -> None:
+    from pathlib import Path
+
+    if args.protocol in ("d1", "agrpo") and args.steps:
+        raise _UserError(f"--protocol {args.protocol} fixes the steps (length/2); drop --steps")
+    args.overrides = list(args.overrides)
+    if args.model:
+        if not (Path(args.model) / "config.json").is_file():
+            raise _UserError(f"--model {args.model} is not a checkpoint directory (no config.json there)")
+        args.overrides += [f"model.path={args.model}", "model.preset=null"]
+    if args.task:
+        args.overrides.append(f"task.name={args.task}")
+
+
+def _check_before_start(args, cfg) -> None:
+    """What can fail in a second, before Ray starts and before a run directory exists."""
+    from pathlib import Path
+
+    from common.tasks import check_data
+    from driver.runtime import resume_problem
+
     if getattr(args, "resume", None):
-        from pathlib import Path
-
-        from driver.runtime import resume_problem
-
         problem = resume_problem(Path(args.resume).resolve(), cfg.run.total_steps)
         if problem:
-            print(f"unmask: {problem}", file=sys.stderr)
-            return 2
-    from common.tasks import check_data
-
-    try:  # before Ray starts and before a run directory exists
+            raise _UserError(problem)
+    try:
         check_data(cfg.task, ("eval",) if args.command == "eval" else ("train", "eval"))
     except ValueError as e:
-        print(f"unmask: {e}", file=sys.stderr)
-        return 2
+        raise _UserError(str(e)) from None
+
+
+def _run(args, cfg) -> int:
     if args.command == "sft":
         from driver.sft import sft
 
@@ -152,50 +171,35 @@ def main(argv: list[str] | None = None) -> int:
 def _is_run_dir(run_dir: str) -> bool:
     from pathlib import Path
 
-    if not (Path(run_dir) / "config.yaml").is_file():
-        print(f"unmask: {run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
-        return False
-    return True
+    return (Path(run_dir) / "config.yaml").is_file()
 
 
-def _is_running(run_dir: str, command: str) -> bool:
-    """A run directory whose run has not finished (``scale`` and ``stop`` act on running runs only)."""
+def _running_run(run_dir: str, command: str):
+    """``run_dir`` as a Path when it holds a run that has not finished (``scale`` and ``stop`` act on those)."""
     from pathlib import Path
 
     from driver.runtime import finished_step
 
     if not _is_run_dir(run_dir):
-        return False
+        raise _UserError(f"{run_dir} is not a run directory (no config.yaml)")
     step = finished_step(Path(run_dir))
     if step is not None:
-        print(f"unmask: {run_dir} finished at step {step}; `unmask {command}` applies to running runs only "
-              "(nothing changed)", file=sys.stderr)
-        return False
-    return True
+        raise _UserError(f"{run_dir} finished at step {step}; `unmask {command}` applies to running runs only "
+                         "(nothing changed)")
+    return Path(run_dir)
 
 
-def _stop(run_dir: str) -> int:
-    from pathlib import Path
-
+def _stop(run_dir: str) -> None:
     from driver.runtime import write_control
 
-    if not _is_running(run_dir, "stop"):
-        return 2
-    write_control(Path(run_dir), stop=True)
+    write_control(_running_run(run_dir, "stop"), stop=True)
     print(f"{run_dir}: stopping after the current step (final evaluation, checkpoint and export follow)")
-    return 0
 
 
-def _scale(run_dir: str, n: int) -> int:
-    from pathlib import Path
-
+def _scale(run_dir: str, n: int) -> None:
     from driver.runtime import write_control
 
-    if not _is_running(run_dir, "scale"):
-        return 2
     if n < 0:
-        print("unmask: --rollout-workers must be >= 0", file=sys.stderr)
-        return 2
-    write_control(Path(run_dir), rollout_workers=n)
+        raise _UserError("--rollout-workers must be >= 0")
+    write_control(_running_run(run_dir, "scale"), rollout_workers=n)
     print(f"{run_dir}: rollout workers -> {n} (the driver applies it within a second)")
-    return 0

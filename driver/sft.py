@@ -22,7 +22,7 @@ def sft_batch(items: list, task, tokenizer, gen_length: int) -> tuple[Trajectory
     """Prompt + EOS-padded reference completion of each item as a ``Trajectory`` (ids only), and how many
     items were left out because their reference plus its EOS does not fit in ``gen_length`` tokens (a
     truncated reference would teach a wrong answer with no end: a 16-digit Sudoku grid cut to 15)."""
-    from rollout.actor import left_pad
+    from rollout.actor import pad_rows
 
     prompts, completions = [], []
     for item in items:
@@ -38,7 +38,7 @@ def sft_batch(items: list, task, tokenizer, gen_length: int) -> tuple[Trajectory
         need = len(tokenizer.encode(task.reference_completion(items[0]))) + 1
         raise ValueError(f"no reference completion in the batch fits sampler.gen_length={gen_length} (the first "
                          f"needs {need} tokens with its EOS); raise sampler.gen_length")
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
+    prompt_ids, prompt_mask = pad_rows(prompts, tokenizer.pad_id)
     B, G = len(completions), gen_length
     zeros = torch.zeros(B, G)
     return Trajectory(

@@ -52,7 +52,7 @@ class Controller:
         self.task = get_task(cfg.task)
         self.state = RunState()
         self.transport = resolve_transport(cfg.learner.weight_transport, learner_gpus=cfg.learner.num_gpus_per_rank,
-                                           rollout_gpus=cfg.rollout.num_gpus_per_worker, colocated=cfg.run.colocated)
+                                           rollout_gpus=cfg.rollout.num_gpus_per_worker)
         # --- learner group (first: a resumed run's state decides which prompts are left to train)
         self.learner = self._build_learner()
         self._check_run_root_shared()

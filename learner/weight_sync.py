@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from common.weights import TensorMeta, WeightSender, WeightUpdate, bucketize, connect_group, flat_layout, view_in
+from common.weights import (TensorMeta, WeightSender, WeightUpdate, bucketize, close_group, connect_group, flat_layout,
+                            view_in)
 
 
 
@@ -143,6 +144,7 @@ class NcclSender(WeightSender):
         return WeightUpdate(version, self.name, self.layout, self.total_bytes, metrics=metrics)
 
     def close(self) -> None:
+        close_group(self._group)
         self._group = None
         self._buffers = []
 

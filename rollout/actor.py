@@ -26,15 +26,15 @@ from common.config import ModelConfig, SamplerConfig, TaskConfig
 log = logging.getLogger("unmask")
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → left-padded ids [B, P] and attention mask [B, P]."""
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → left-padded ids [B, P] and attention mask [B, P] (``rollout.sampler.left_pad``)."""
+    from rollout.sampler import left_pad
+
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    ids, mask = left_pad(ids, mask, pad_id)
+    return ids, mask.long()
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
@@ -68,7 +68,7 @@ class Generator:
     def generate(self, prompt_rows: list[list[int]], seed: int, sampler_cfg: SamplerConfig | None = None):
         from rollout.sampler import generate
 
-        ids, mask = left_pad(prompt_rows, self.tokenizer.pad_id)
+        ids, mask = pad_rows(prompt_rows, self.tokenizer.pad_id)
         tok = self.tokenizer
         return generate(self.model, ids.to(self.device), mask.to(self.device), sampler_cfg or self.sampler_cfg,
                         mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id, pad_id=tok.pad_id, seed=seed)

@@ -69,7 +69,8 @@ def _forward_fn(model, mode: str):
         return model.hidden_states
     compiled = model.__dict__.setdefault("_unmask_compiled_forward", {})
     if mode not in compiled:
-        compiled[mode] = torch.compile(model.hidden_states, mode=mode, dynamic=False)
+        # dynamic=None: the first new prompt length recompiles once with dynamic shapes, not on every length
+        compiled[mode] = torch.compile(model.hidden_states, mode=mode, dynamic=None)
     return compiled[mode]
 
 

@@ -12,7 +12,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from common.weights import WeightReceiver, WeightUpdate, bucketize, check_layout, connect_group, flat_layout, load_views, view_in
+from common.weights import (WeightReceiver, WeightUpdate, bucketize, check_layout, close_group, connect_group, flat_layout,
+                            load_views, view_in)
 
 
 class ObjectStoreReceiver(WeightReceiver):
@@ -72,6 +73,9 @@ class NcclReceiver(WeightReceiver):
     """Group rank ``rank`` (>= 1) of the learner's weight broadcast group; buckets mirror the sender's.
 
     ``receive`` must run while the learner's ``send`` of the same version runs (the driver launches both).
+    It runs on the actor's weights thread beside a running rollout, so on a GPU it uses a CUDA stream of its
+    own: its collectives and copies never queue behind the rollout's kernels, and it waits only for its
+    own work before the staged weights are handed over.
     """
 
     name = "nccl"
@@ -84,11 +88,22 @@ class NcclReceiver(WeightReceiver):
         self.bucket_bytes, self.backend, self.device = bucket_bytes, backend, torch.device(device)
         self.timeout_s = timeout_s
         self._group = None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.last_seconds = 0.0
 
     def receive_into(self, targets: dict[str, torch.Tensor], update: WeightUpdate | None = None) -> int:
         """Receive the next broadcast into ``targets`` (a state dict, a staging copy, or adapter buffers)."""
         start = time.perf_counter()
+        if self._stream is None:
+            version = self._receive(targets)
+        else:
+            with torch.cuda.stream(self._stream):
+                version = self._receive(targets)
+            self._stream.synchronize()  # this stream only: the rollout's kernels on the default stream run on
+        self.last_seconds = time.perf_counter() - start
+        return version
+
+    def _receive(self, targets: dict[str, torch.Tensor]) -> int:
         layout, total = flat_layout((k, tuple(v.shape), v.dtype) for k, v in targets.items())
         buckets = bucketize(layout, self.bucket_bytes)
         if self._group is None:
@@ -111,12 +126,10 @@ class NcclReceiver(WeightReceiver):
                     pending = self._group.broadcast([buffers[(i + 1) % 2][: buckets[i + 1].nbytes]], opts)
                 for meta in bucket.metas:
                     targets[meta.name].copy_(view_in(buffers[i % 2], meta))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.last_seconds = time.perf_counter() - start
         return int(version)
 
     def close(self) -> None:
+        close_group(self._group)
         self._group = None
 
 

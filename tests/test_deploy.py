@@ -85,7 +85,8 @@ def test_llada8b_presets_validate_for_gpu_rl(name):
     assert cfg.model.path == "/models/LLaDA-8B-Instruct" and cfg.model.dtype == "bfloat16"
     assert cfg.task.prompt_style == "chat"
     assert cfg.sampler.temperature > 0, "policy-gradient rollouts must sample"
-    assert (cfg.sampler.gen_length, cfg.sampler.block_length, cfg.sampler.steps) == (256, 32, 128)
+    # The AGRPO release's decoding (probablyabot/agrpo): 384 tokens, blocks of 12, 128 steps.
+    assert (cfg.sampler.gen_length, cfg.sampler.block_length, cfg.sampler.steps) == (384, 12, 128)
     assert cfg.rollout.group_size == 8 and cfg.rollout.num_gpus_per_worker >= 1
     assert cfg.learner.lora.enabled and cfg.learner.lora.r == 64 and cfg.learner.lr == 5e-6
     assert cfg.learner.num_gpus_per_rank >= 1 and cfg.learner.backend == "nccl"

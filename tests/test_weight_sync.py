@@ -31,11 +31,11 @@ def test_layout_is_aligned_and_buckets_cover_it():
 
 
 def test_resolve_transport():
-    assert resolve_transport("auto", learner_gpus=0, rollout_gpus=0, colocated=False) == "object_store"
-    assert resolve_transport("auto", learner_gpus=1, rollout_gpus=0.5, colocated=True) == "cuda_ipc"
-    assert resolve_transport("auto", learner_gpus=1, rollout_gpus=1, colocated=False) == "nccl"
+    assert resolve_transport("auto", learner_gpus=0, rollout_gpus=0) == "object_store"
+    assert resolve_transport("cuda_ipc", learner_gpus=1, rollout_gpus=0.5) == "cuda_ipc"
+    assert resolve_transport("auto", learner_gpus=1, rollout_gpus=1) == "nccl"
     with pytest.raises(ValueError, match="choose"):
-        resolve_transport("carrier_pigeon", learner_gpus=0, rollout_gpus=0, colocated=False)
+        resolve_transport("carrier_pigeon", learner_gpus=0, rollout_gpus=0)
 
 
 @pytest.mark.ray

@@ -62,8 +62,8 @@ class LearnerConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adapters.")
     weight_transport: Literal["auto", "nccl", "cuda_ipc", "object_store"] = Field(
         default="auto",
-        description="How weights reach rollout actors: auto picks cuda_ipc when colocated on one GPU, "
-        "nccl across GPUs, object_store on CPU.",
+        description="How weights reach rollout actors: auto picks nccl when both sides have GPUs, object_store "
+        "on CPU; cuda_ipc when learner and rollout actors share one GPU (fractional num_gpus).",
     )
     checkpoint_every: int = Field(default=0, ge=0, description="Save a checkpoint every n steps (0: only at the end).")
     sync_bucket_mb: int = Field(

@@ -11,7 +11,7 @@ class RolloutConfig(Section):
 
     num_workers: int = Field(default=1, ge=0, description="Rollout actors; changeable while running (`unmask scale`).")
     num_gpus_per_worker: float = Field(
-        default=0.0, ge=0.0, description="GPUs per rollout actor (fractional when colocated with the learner)."
+        default=0.0, ge=0.0, description="GPUs per rollout actor (fractional to share a GPU with the learner; then learner.weight_transport=cuda_ipc)."
     )
     num_cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs per rollout actor.")
     group_size: int = Field(default=8, ge=2, description="Samples per prompt (G); advantages are group-relative.")

@@ -35,9 +35,6 @@ class RunConfig(Section):
     ray_address: str | None = Field(
         default=None, description="Ray cluster address; None attaches to RAY_ADDRESS or starts a local instance."
     )
-    colocated: bool = Field(
-        default=False, description="Rollout and learner share one GPU (fractional num_gpus, CUDA IPC weight sync)."
-    )
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers fed the scalars of metrics.jsonl and, at the end, the plots (driver/trackers.py): "

@@ -86,8 +86,8 @@ def _weight_files(directory: Path) -> dict[str, Path] | list[Path]:
     pickled = [name for name in PICKLE_FILES if (directory / name).exists()]
     if pickled:
         raise CheckpointError(
-            f"{directory / pickled[0]}: pickled weights are not loaded; convert them to safetensors "
-            "(e.g. `python -m driver.convert DIR`) and retry"
+            f"{directory / pickled[0]}: pickled weights are not loaded; save them as safetensors (with "
+            "transformers: model.save_pretrained(DIR, safe_serialization=True)) and retry"
         )
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
 

@@ -57,15 +57,6 @@ def _ordered(eligible_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order_BT, eligible_BT.sum(1)
 
 
-def all_steps(eligible_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every eligible step with weight 1 (the exact full sum; K = the largest eligible count)."""
-    order_BT, count_B = _ordered(eligible_BT.cpu())
-    K = max(int(count_B.max()), 1) if count_B.numel() else 1
-    valid_BK = torch.arange(K)[None, :] < count_B[:, None]
-    steps_BK = torch.where(valid_BK, order_BT[:, :K], _NO_STEP)
-    return steps_BK, valid_BK.float()
-
-
 def uniform_steps(eligible_BT: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """k i.i.d. uniform draws among the T_i eligible steps, each weighted T_i / k."""
     order_BT, count_B = _ordered(eligible_BT.cpu())
