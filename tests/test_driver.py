@@ -82,7 +82,7 @@ def test_tiny_run_end_to_end_with_scaling_and_metrics(tmp_path):
     assert final_version.search(text), f"policy version {last} never reached the Prometheus export"
 
     run_dir = next(tmp_path.glob("e2e-*"))
-    for rel in ("config.yaml", "metrics.jsonl", "eval_after.jsonl", "policy/config.json",
+    for rel in ("config.yaml", "metrics.jsonl", "eval_after.jsonl", "policy/config.json", "policy/README.md",
                 "policy/model.safetensors", "plots/reward_accuracy.png", "plots/confusion_zones.png",
                 "plots/accuracy_vs_steps.png"):
         assert (run_dir / rel).is_file(), rel
