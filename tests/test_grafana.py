@@ -85,3 +85,16 @@ def test_dashboard_uses_a_datasource_variable_not_a_fixed_uid():
     assert uids == {"${datasource}"}
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_every_metric_name_the_readme_gives_is_one_we_export():
+    """README's Monitoring section names metrics as a user greps them in the export (braces expand)."""
+    text = (REPO / "README.md").read_text()
+    named = set()
+    for match in re.finditer(r"ray_unmask_[a-z_]*(?:\{[a-z_,]+\}[a-z_]*)*", text):
+        names = [""]
+        for literal, group in re.findall(r"([a-z_]*)(?:\{([a-z_,]+)\})?", match.group(0)):
+            names = [n + literal + (alt if group else "") for n in names for alt in (group.split(",") if group else [""])]
+        named |= set(names)
+    exported = prometheus_names(defined_metrics())
+    assert len(named) >= 15 and not named - set(exported), sorted(named - set(exported))
