@@ -36,7 +36,8 @@ class MaskedDiffusionSFT:
         out.extras = extras
         return out
 
-    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
+                 before_backward=None) -> dict[str, float]:
         """Forward + backward of this micro-batch's share of the global mean loss; returns metric sums."""
         device = next(model.parameters()).device
         t_B = per_sample_extra(micro, "sft_t_B").to(device)
@@ -54,6 +55,8 @@ class MaskedDiffusionSFT:
         length_B = (comp_BG != self.pad_id).sum(1).clamp(min=1).float()
         per_sample_B = torch.zeros(len(micro), device=device).index_add(0, rows_B, ce_N / t_B[rows_B])
         per_sample_B = per_sample_B / length_B
+        if before_backward is not None:
+            before_backward(True)
         (per_sample_B.sum() / total_samples).backward()
         # The logged loss is the global mean, whatever ``total_samples`` the caller passed for weighting.
         return {

@@ -12,6 +12,7 @@ weight). The loss must therefore run the same number of forward/backward passes 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -208,17 +209,24 @@ class LearnerRank:
         lo, hi = shard_bounds(total, self.world_size, self.rank)
         sums: dict[str, float] = {}
         for i in range(num_micro):
-            self.model.set_requires_gradient_sync(i == num_micro - 1)
+            last_micro = i == num_micro - 1
+            self._grad_sync(last_micro, True)  # for a loss that makes one pass and calls no hook
+            hook = functools.partial(self._grad_sync, last_micro)
             a, b = lo + i * per_micro, min(hi, lo + (i + 1) * per_micro)
             if a < b:
                 metrics = self.loss.backward(self.model, select_rows(batch, slice(a, b)).to(self.device),
-                                             total_samples=total, ref_model=self.ref_model)
+                                             total_samples=total, ref_model=self.ref_model, before_backward=hook)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             else:  # zero-weight replay so this rank's FSDP collectives pair with the other ranks'
                 self.loss.backward(self.model, select_rows(batch, slice(0, 1)).to(self.device),
-                                   total_samples=math.inf, ref_model=self.ref_model)
+                                   total_samples=math.inf, ref_model=self.ref_model, before_backward=hook)
         return self._all_reduce_sums(sums)
+
+    def _grad_sync(self, last_micro: bool, last_pass: bool) -> None:
+        """Reduce-scatter gradients only on the optimizer step's last backward: the earlier ones accumulate
+        unsharded gradients locally (in the reduce dtype), so collectives per step do not grow with K or M."""
+        self.model.set_requires_gradient_sync(last_micro and last_pass)
 
     def _apply(self, lr: float, loss_value: float) -> tuple[float, bool]:
         """Clip and take the optimizer step unless the loss or gradient is non-finite; returns (grad norm, taken)."""

@@ -77,9 +77,9 @@ class NanAfterFirst:
         self.calls += 1
         return self.inner.prepare(batch, seed=seed)
 
-    def backward(self, model, micro, *, total_samples, ref_model=None):
+    def backward(self, model, micro, *, total_samples, ref_model=None, before_backward=None):
         scale = 1.0 if self.calls == 1 else math.nan
-        return self.inner.backward(model, micro, total_samples=total_samples / scale)
+        return self.inner.backward(model, micro, total_samples=total_samples / scale, before_backward=before_backward)
 
 
 def test_nan_guard_skips_then_stops(local_group):

@@ -54,7 +54,8 @@ class StepwiseLoss(PolicyLoss):
         out.extras["eligible_steps_B"] = eligible_BT.sum(1).to(device)
         return out
 
-    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
+                 before_backward=None) -> dict[str, float]:
         """One forward + backward per selected step column (K of them, always, so every FSDP rank runs
         the same collectives even when its rows have padding there)."""
         if total_samples <= 0:
@@ -89,6 +90,8 @@ class StepwiseLoss(PolicyLoss):
                     kl_N = kl_N * torch.exp(logp_N - rows.old_logp_N)
                 tok_loss_N = tok_loss_N + self.cfg.beta_kl * kl_N
             loss = (w_B[b_N] * tok_loss_N).sum() / total_samples
+            if before_backward is not None:
+                before_backward(j == steps_BK.shape[1] - 1)
             loss.backward()  # per step: activation memory does not grow with K
             m.add("loss", loss)
             m.add("steps", (w_B > 0).sum())

@@ -22,6 +22,10 @@ class PolicyLoss(ABC):
     the global-batch loss, normalised by ``total_samples`` (the global batch size), so summing over all
     micro-batches and ranks gives the gradient of the global loss whatever the split. It returns metric
     SUMS (all-reduce them with SUM; ``loss`` sums to the global loss, fractions are sums over ``tokens``).
+
+    ``before_backward(last)``, when given, is called right before each ``.backward()`` with whether it is
+    the micro-batch's last one: the learner reduces gradients across ranks only on the last backward of an
+    optimizer step, so its collectives do not grow with the passes a loss makes (K sampled steps).
     """
 
     def __init__(self, cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None):
@@ -38,7 +42,8 @@ class PolicyLoss(ABC):
         step draws or prompt mask); returns the batch with per-sample tensors in ``extras``."""
 
     @abstractmethod
-    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
+                 before_backward=None) -> dict[str, float]:
         """Forward + backward on ``micro`` (rows of a prepared batch); returns metric sums."""
 
     @property

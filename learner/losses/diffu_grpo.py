@@ -75,7 +75,8 @@ class DiffuGrpoLoss(PolicyLoss):
         logits_BGV = model.lm_head(model.hidden_states(ids_BL, attn_BL, pos_BL)[:, -G:]).float()
         return logits_BGV.gather(2, tokens_BG[..., None])[..., 0] - torch.logsumexp(logits_BGV, dim=-1)
 
-    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None) -> dict[str, float]:
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
+                 before_backward=None) -> dict[str, float]:
         """One pass; the mean over the batch's scored tokens (or per-sample means, ``normalize``), each
         sample's share divided by ``total_samples`` so any split sums to the same loss."""
         if total_samples <= 0:
@@ -103,6 +104,8 @@ class DiffuGrpoLoss(PolicyLoss):
         else:
             per_sample_B = (tok_loss_BG * cmask_BG).sum(1) / cmask_BG.sum(1).clamp(min=1)
         loss = per_sample_B.sum() / total_samples
+        if before_backward is not None:
+            before_backward(True)
         loss.backward()
         m = MetricSums()
         m.add("loss", loss)
