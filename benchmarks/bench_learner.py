@@ -65,7 +65,7 @@ def bench_fwd_bwd(preset: str, B: int, L: int, iters: int, activation_checkpoint
     dtype = "bfloat16" if cuda else "float32"
     cfg = LearnerConfig(num_gpus_per_rank=1.0 if cuda else 0.0, param_dtype=dtype, micro_batch_tokens=B * L)
     model_cfg = ModelConfig(preset=preset, dtype=dtype, gradient_checkpointing=activation_checkpointing)
-    loss_factory = functools.partial(build_sft_loss, mask_id=3, pad_id=0)
+    loss_factory = functools.partial(build_sft_loss, mask_id=3)
     rank = LearnerRank(cfg, model_cfg, rank=0, world_size=1, loss_factory=loss_factory, seed=0)
     rank.setup("127.0.0.1", 0)
     config = rank.hf_config

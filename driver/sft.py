@@ -81,8 +81,7 @@ def sft(cfg: UnmaskConfig) -> int:
     metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[trackers])
     connect_ray(cfg.run.ray_address)
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
-                           loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id,
-                                                         pad_id=tokenizer.pad_id, eps=cfg.sft.eps))
+                           loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps))
     out = Path(cfg.sft.output).resolve() if cfg.sft.output else run_dir / "model"
     log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
     t0, skipped = time.time(), 0

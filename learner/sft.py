@@ -1,8 +1,11 @@
 """LLaDA's masked-diffusion SFT loss, with the same interface as the RL losses so SFT runs on the learner group.
 
 Per sample: t ~ U(eps, 1); every completion token is masked independently with probability t; the prompt
-is never masked. Loss = sum over masked tokens of CE / t, divided by the sample's completion length
-(tokens that are not ``pad_id``; LLaDA pads answers with EOS, which count), then by the global batch size.
+is never masked. Loss = sum over masked tokens of CE / t, divided by the sample's completion length, then
+by the global batch size. The completion is every position of ``completion_ids_BG``: LLaDA pads answers with
+EOS to the generation length and trains on that EOS run (it is how the model learns to stop). Positions,
+not token ids, decide what counts: LLaDA's tokenizer has pad == eos (126081), so dropping "pad" ids would
+drop every EOS.
 
 Letters: B samples, P prompt length, G completion length, L = P + G, N masked tokens, V vocabulary.
 """
@@ -18,10 +21,10 @@ from learner.losses.base import per_sample_extra
 class MaskedDiffusionSFT:
     """``prepare`` draws t and the mask for the whole batch; ``backward`` trains on one micro-batch."""
 
-    def __init__(self, *, mask_id: int, pad_id: int, eps: float = 1e-3):
+    def __init__(self, *, mask_id: int, eps: float = 1e-3):
         if not 0.0 < eps < 1.0:
             raise ValueError(f"SFT eps must be in (0, 1), got {eps}")
-        self.mask_id, self.pad_id, self.eps = int(mask_id), int(pad_id), float(eps)
+        self.mask_id, self.eps = int(mask_id), float(eps)
 
     def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
         """Draw ``sft_t_B`` and ``sft_masked_BG`` into ``extras`` (same seed, same draw on every rank); SFT takes
@@ -30,7 +33,6 @@ class MaskedDiffusionSFT:
         B, G = batch.completion_ids_BG.shape
         t_B = self.eps + (1.0 - self.eps) * torch.rand(B, generator=gen)
         masked_BG = torch.rand(B, G, generator=gen) < t_B[:, None]
-        masked_BG &= batch.completion_ids_BG.cpu() != self.pad_id
         extras = {**batch.extras, "sft_t_B": t_B, "sft_masked_BG": masked_BG}
         out = batch.select(slice(None))
         out.extras = extras
@@ -52,9 +54,8 @@ class MaskedDiffusionSFT:
         rows_B, cols_N = masked_BG.nonzero(as_tuple=True)
         logits_NV = model.lm_head(hidden_BLD[rows_B, P + cols_N])  # only masked rows reach the vocabulary
         ce_N = F.cross_entropy(logits_NV.float(), comp_BG[rows_B, cols_N], reduction="none")
-        length_B = (comp_BG != self.pad_id).sum(1).clamp(min=1).float()
         per_sample_B = torch.zeros(len(micro), device=device).index_add(0, rows_B, ce_N / t_B[rows_B])
-        per_sample_B = per_sample_B / length_B
+        per_sample_B = per_sample_B / comp_BG.shape[1]  # the completion length: every position, EOS run included
         if before_backward is not None:
             before_backward(True)
         (per_sample_B.sum() / total_samples).backward()
@@ -67,6 +68,6 @@ class MaskedDiffusionSFT:
         }
 
 
-def build_sft_loss(*, mask_id: int, pad_id: int, eps: float = 1e-3) -> MaskedDiffusionSFT:
+def build_sft_loss(*, mask_id: int, eps: float = 1e-3) -> MaskedDiffusionSFT:
     """The SFT loss object (a ``loss_factory`` for ``LearnerGroup`` can return this)."""
-    return MaskedDiffusionSFT(mask_id=mask_id, pad_id=pad_id, eps=eps)
+    return MaskedDiffusionSFT(mask_id=mask_id, eps=eps)

@@ -14,7 +14,7 @@ from learner.sft import build_sft_loss
 pytestmark = pytest.mark.ray
 
 MODEL = ModelConfig(preset="tiny")
-SFT = functools.partial(build_sft_loss, mask_id=3, pad_id=0)
+SFT = functools.partial(build_sft_loss, mask_id=3)
 PARAM_ATOL = 3e-5  # AdamW magnifies summation-order rounding on near-zero gradients (see test_learner_group)
 
 

@@ -15,7 +15,7 @@ from learner.worker import LearnerRank, free_port
 
 MASK, PAD = 3, 0
 MODEL = ModelConfig(preset="tiny")
-SFT = functools.partial(build_sft_loss, mask_id=MASK, pad_id=PAD)
+SFT = functools.partial(build_sft_loss, mask_id=MASK)
 
 
 def make_batch(B=5, P=4, G=8, seed=0) -> Trajectory:

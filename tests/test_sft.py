@@ -1,4 +1,5 @@
-"""The masked-diffusion SFT loss: LLaDA's objective, deterministic preparation, micro-batch invariance."""
+"""The masked-diffusion SFT loss: LLaDA's objective, deterministic preparation, micro-batch invariance, and the
+EOS run trained whatever the tokenizer's pad id (LLaDA's pad == eos)."""
 import torch
 import torch.nn.functional as F
 
@@ -7,7 +8,7 @@ from common.trajectory import Trajectory
 from learner.losses.base import select_rows
 from learner.sft import MaskedDiffusionSFT
 
-MASK, PAD = 3, 0
+MASK, PAD, EOS = 3, 0, 2
 
 
 def make_batch(B=6, P=5, G=9, seed=0) -> Trajectory:
@@ -16,7 +17,7 @@ def make_batch(B=6, P=5, G=9, seed=0) -> Trajectory:
     prompt_mask = torch.ones(B, P, dtype=torch.bool)
     prompt[0, :2], prompt_mask[0, :2] = PAD, False  # one left-padded prompt
     comp = torch.randint(5, 101, (B, G), generator=g)
-    comp[1, -3:] = PAD  # one completion with padding that must not count
+    comp[1, -3:] = EOS  # one completion ending in an EOS run (trained: it is how the model learns to stop)
     zf, T = torch.zeros(B, G), 3
     return Trajectory(prompt, prompt_mask, comp, torch.zeros(B, G, dtype=torch.long), zf, zf, zf, zf,
                       torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.long))
@@ -27,14 +28,13 @@ def tiny(seed=0):
 
 
 def test_prepare_is_deterministic_and_masks_only_completion_tokens():
-    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    loss = MaskedDiffusionSFT(mask_id=MASK)
     batch = make_batch(B=64, G=32)
     a, b = loss.prepare(batch, seed=7), loss.prepare(batch, seed=7)
     assert torch.equal(a.extras["sft_masked_BG"], b.extras["sft_masked_BG"])
     assert torch.equal(a.extras["sft_t_B"], b.extras["sft_t_B"])
     assert not torch.equal(loss.prepare(batch, seed=8).extras["sft_masked_BG"], a.extras["sft_masked_BG"])
     masked, t = a.extras["sft_masked_BG"], a.extras["sft_t_B"]
-    assert not masked[batch.completion_ids_BG == PAD].any()
     assert ((t >= 1e-3) & (t <= 1)).all()
     # The masked fraction tracks t (32 tokens per row): correlation across rows is strong.
     frac = masked.float().mean(1)
@@ -43,7 +43,7 @@ def test_prepare_is_deterministic_and_masks_only_completion_tokens():
 
 def test_loss_equals_llada_formula():
     torch.manual_seed(0)
-    model, loss = tiny(), MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    model, loss = tiny(), MaskedDiffusionSFT(mask_id=MASK)
     batch = loss.prepare(make_batch(), seed=3)
     metrics = loss.backward(model, batch, total_samples=len(batch))
 
@@ -54,7 +54,7 @@ def test_loss_equals_llada_formula():
     with torch.no_grad():
         logits = model(ids, attention_mask=attn).logits[:, batch.prompt_ids_BP.shape[1]:]
     ce = F.cross_entropy(logits.transpose(1, 2), batch.completion_ids_BG, reduction="none")
-    length = (batch.completion_ids_BG != PAD).sum(1)
+    length = batch.completion_ids_BG.shape[1]  # every completion position, the EOS run included
     expected = ((ce * masked / t[:, None]).sum(1) / length).mean()
     assert abs(metrics["loss"] - expected.item()) < 1e-5
     assert metrics["masked_tokens"] == masked.sum().item()
@@ -75,7 +75,7 @@ def test_prompt_is_never_masked_in_the_model_input():
         def lm_head(self, h):
             return self.model.lm_head(h)
 
-    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    loss = MaskedDiffusionSFT(mask_id=MASK)
     batch = loss.prepare(make_batch(), seed=0)
     loss.backward(Spy(tiny()), batch, total_samples=len(batch))
     P = batch.prompt_ids_BP.shape[1]
@@ -84,7 +84,7 @@ def test_prompt_is_never_masked_in_the_model_input():
 
 
 def test_gradients_identical_for_one_and_two_micro_batches():
-    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    loss = MaskedDiffusionSFT(mask_id=MASK)
     batch = loss.prepare(make_batch(B=5), seed=1)
     one, two = tiny(), tiny()
     m1 = loss.backward(one, batch, total_samples=5)
@@ -99,7 +99,7 @@ def test_gradients_identical_for_one_and_two_micro_batches():
 
 def test_infinite_total_samples_contributes_zero_gradient():
     # The learner replays a row with total_samples=inf on ranks that ran out of samples.
-    loss = MaskedDiffusionSFT(mask_id=MASK, pad_id=PAD)
+    loss = MaskedDiffusionSFT(mask_id=MASK)
     batch = loss.prepare(make_batch(B=2), seed=1)
     model = tiny()
     loss.backward(model, batch, total_samples=float("inf"))
@@ -142,3 +142,37 @@ def test_unmask_sft_refuses_a_gen_length_without_room_in_one_line(capsys, caplog
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["unmask: no reference completion in the batch fits sampler.gen_length=16 (the first needs "
                       "17 tokens with its EOS); raise sampler.gen_length"]
+
+
+def test_a_tokenizer_with_pad_equal_to_eos_still_trains_the_eos_run():
+    """LLaDA's tokenizer has pad == eos (126081): masking by token id would drop every EOS and the model would
+    never learn to stop. Masking is by position, so the EOS run is masked and trained like any token."""
+    import itertools
+
+    from common.config import TaskConfig
+    from common.tasks import get_task
+    from common.tokenizers import CharTokenizer
+    from driver.sft import sft_batch
+
+    tok, task = CharTokenizer(), get_task(TaskConfig(name="sudoku"))
+    tok.pad_id = tok.eos_id
+    batch, _ = sft_batch(list(itertools.islice(task.train_items(0), 16)), task, tok, gen_length=24)
+    eos_BG = batch.completion_ids_BG == tok.eos_id
+    assert eos_BG[:, 16:].all()  # 16 answer digits, then the EOS run
+    loss = MaskedDiffusionSFT(mask_id=tok.mask_id)
+    prepared = loss.prepare(batch, seed=0)
+    masked_BG = prepared.extras["sft_masked_BG"]
+    # EOS positions are masked at the rate of the other positions (8 of 24 per row)
+    assert abs(masked_BG[eos_BG].float().mean() - masked_BG[~eos_BG].float().mean()) < 0.15
+    # Training only on the masked EOS positions: a positive loss with a gradient, and one SGD step on it
+    # raises the model's EOS probability there.
+    only_eos = prepared.select(slice(None))
+    only_eos.extras = {**prepared.extras, "sft_masked_BG": masked_BG & eos_BG}
+    model = build_model(preset_config("tiny", vocab_size=tok.vocab_size), seed=0)
+    first = loss.backward(model, only_eos, total_samples=len(batch))
+    assert first["masked_tokens"] == int((masked_BG & eos_BG).sum()) > 0 and first["loss"] > 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+            p.grad = None
+    assert loss.backward(model, only_eos, total_samples=len(batch))["loss"] < first["loss"]
