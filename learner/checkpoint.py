@@ -1,9 +1,13 @@
 """Training checkpoints with torch.distributed.checkpoint (resharded on load), plus the HF-format export.
 
-Layout of one checkpoint, ``<root>/step_<version>/``: DCP shards and ``.metadata`` (model + optimizer,
-sharded, loadable at any world size), ``rng_rank<r>.pt`` (each rank's RNG states) and
-``unmask_checkpoint.json`` (step, policy version, data position, world size), written last by rank 0 so
+Layout of one checkpoint, ``<root>/step_<version>/``: DCP shards and ``.metadata`` (the trainable parameters
+and their optimizer state, sharded, loadable at any world size), ``rng_rank<r>.pt`` (each rank's RNG states)
+and ``unmask_checkpoint.json`` (step, policy version, data position, world size), written last by rank 0 so
 a directory without it is an incomplete save and is never picked for resume.
+
+Frozen parameters (a LoRA base) are not saved: every learner build reads them from ``model.path`` (or
+rebuilds the seeded preset), so a LoRA checkpoint of LLaDA-8B holds its 0.67 GB of adapters and their Adam
+moments, not 34 GB of unchanged base weights.
 """
 from __future__ import annotations
 
@@ -91,10 +95,16 @@ def _root_cause(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[:limit]}"
 
 
+def trainable_state(model) -> dict:
+    """The checkpointed part of the model's (sharded) state dict: its trainable parameters."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
+
+
 def save_checkpoint(directory: Path, model, optimizer, *, meta: dict, rank: int) -> Path:
     """Collective: every rank writes its shards and RNG state; rank 0 then writes the record."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": trainable_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.save(state, checkpoint_id=str(directory))
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     dist.barrier()
@@ -107,15 +117,16 @@ def save_checkpoint(directory: Path, model, optimizer, *, meta: dict, rank: int)
 def load_checkpoint(directory: Path, model, optimizer, *, rank: int) -> dict:
     """Collective: load model + optimizer (resharded to this world size) and this rank's RNG; returns the record.
 
-    A rank with no saved RNG file (the new world size is larger) keeps its seeded RNG.
+    A rank with no saved RNG file (the new world size is larger) keeps its seeded RNG. Frozen parameters keep
+    the values the learner was built with (checkpoints from before they were left out hold them too; unread).
     """
     meta = read_meta(directory)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": trainable_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures; reduce them to one line that names the directory
         raise CheckpointError(f"{directory}: cannot load checkpoint shards ({_root_cause(e)})") from None
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = directory / f"rng_rank{rank}.pt"
     if rng_file.is_file():

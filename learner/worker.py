@@ -108,12 +108,15 @@ class LearnerRank:
 
         # Only rank 0 reads the weights (an 8B checkpoint once per node, not once per rank); the others
         # build the architecture on the meta device and receive their shards from rank 0 after sharding.
+        # Trained weights are fp32 masters (MixedPrecisionPolicy casts them for compute); a frozen LoRA base is
+        # stored in the compute dtype (an fp32 copy of LLaDA-8B's base would be 32 GB for nothing).
+        base_dtype = to_dtype(self.cfg.param_dtype) if self.cfg.lora.enabled else torch.float32
         full_state = None
         if self.rank == 0:
             torch.manual_seed(self.seed)
             full, _ = load_policy(self.model_cfg)
-            full = full.float()  # fp32 master weights; MixedPrecisionPolicy casts for compute
-            if self.cfg.lora.enabled:
+            full = full.to(base_dtype)
+            if self.cfg.lora.enabled:  # adapters in fp32
                 apply_lora(full, self.cfg.lora)
             full_state = full.state_dict()
             del full
@@ -134,7 +137,7 @@ class LearnerRank:
             register_fsdp_forward_method(model, "lm_head")
             return model
 
-        model = build_model(policy_config(self.model_cfg), device="meta")
+        model = build_model(policy_config(self.model_cfg), dtype=base_dtype, device="meta")
         self.hf_config = model.config
         if self.cfg.lora.enabled:
             apply_lora(model, self.cfg.lora)

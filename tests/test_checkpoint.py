@@ -86,3 +86,47 @@ def test_resume_at_another_world_size(ray_local, tmp_path):
         one.load(str(broken))
     assert "\n" not in str(corrupt.value) and "broken" in str(corrupt.value)
     one.shutdown()
+
+
+def test_lora_checkpoint_holds_only_adapters_and_resumes_exactly(ray_local, tmp_path):
+    """A LoRA base stays in the compute dtype and out of the checkpoint (it comes from model.path); resuming at
+    another world size restores the adapters and their Adam state exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    from common.config.loader import REPO_ROOT
+    from learner.group import LearnerGroup
+
+    model = ModelConfig(path=str(REPO_ROOT / "checkpoints" / "tiny-countdown-base"))
+
+    def lora_group(num_ranks: int) -> LearnerGroup:
+        cfg = LearnerConfig(num_ranks=num_ranks, num_cpus_per_rank=0.5, lr=1e-3, micro_batch_tokens=24,
+                            param_dtype="bfloat16", lora={"enabled": True, "r": 4, "alpha": 8.0})
+        return LearnerGroup(cfg, model, loss_factory=SFT, seed=0)
+
+    two = lora_group(2)
+    for seed in range(2):  # B starts at zero: the second step moves both A and B
+        two.step(make_batch(seed=seed), step_seed=seed)
+    path = two.save(str(tmp_path / "ckpt"), run_state={})
+    saved = two.full_state()
+    after_two = two.step(make_batch(seed=2), step_seed=2)
+    continued = two.full_state()
+    two.shutdown()
+
+    base = {k: v for k, v in saved["model"].items() if not k.endswith(("lora_A", "lora_B"))}
+    adapters = {k: v for k, v in saved["model"].items() if k not in base}
+    assert {v.dtype for v in base.values()} == {torch.bfloat16} and {v.dtype for v in adapters.values()} == {torch.float32}
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    stored_model = {k.removeprefix("model.") for k in stored if k.startswith("model.")}
+    assert stored_model == set(adapters)  # no base weight on disk
+    stored_bytes = sum(m.size.numel() * m.properties.dtype.itemsize for m in stored.values() if hasattr(m, "size"))
+    adapter_bytes = sum(v.numel() * 4 for v in adapters.values())
+    assert 3 * adapter_bytes <= stored_bytes < 3 * adapter_bytes + 1024  # A, B, their two Adam moments (+ step counts)
+
+    one = lora_group(1)
+    one.load(path)
+    assert_same_state(saved, one.full_state())  # the base from model.path, adapters and optimizer from the checkpoint
+    after_one = one.step(make_batch(seed=2), step_seed=2)
+    assert after_one["loss"] == pytest.approx(after_two["loss"], abs=1e-6)
+    assert after_one["grad_norm"] == pytest.approx(after_two["grad_norm"], rel=1e-5)
+    assert_same_state(continued, one.full_state(), atol=PARAM_ATOL)
+    one.shutdown()
