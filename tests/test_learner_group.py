@@ -178,10 +178,12 @@ def two_ranks():
     from learner.group import LearnerGroup
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    group = LearnerGroup(learner_cfg(num_ranks=2, micro_batch_tokens=2 * 12), MODEL, loss_factory=SFT, seed=0)
-    yield group
-    group.shutdown()
-    ray.shutdown()
+    try:  # a group that fails to build must not leave Ray running for every later module
+        group = LearnerGroup(learner_cfg(num_ranks=2, micro_batch_tokens=2 * 12), MODEL, loss_factory=SFT, seed=0)
+        yield group
+        group.shutdown()
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.ray
