@@ -14,16 +14,15 @@ from pathlib import Path
 from common.config import UnmaskConfig
 
 
-def evaluate_protocol(cfg: UnmaskConfig, protocol: str, batch_size: int = 64, out_dir: str | Path | None = None,
+def evaluate_protocol(cfg: UnmaskConfig, protocol: str, out_dir: str | Path | None = None,
                       limit: int | None = None) -> dict:
-    """Protocol accuracy and our reward's accuracy per generation length, with what produced them."""
-    from tqdm import tqdm
-
+    """Protocol accuracy and our reward's accuracy per generation length, with what produced them (decoded in
+    ``rollout.eval_batch_tokens`` batches by ``Generator.decode``, as every evaluation is)."""
     from common.tasks import summarize_rewards
     from common.tasks.paper_graders import Grade, accuracy
     from common.tasks.protocols import get_protocol
     from common.threads import set_cpu_threads
-    from rollout.actor import Generator, completion_text
+    from rollout.actor import Generator
 
     proto = get_protocol(protocol)
     set_cpu_threads(cfg.run.cpu_threads)
@@ -41,10 +40,7 @@ def evaluate_protocol(cfg: UnmaskConfig, protocol: str, batch_size: int = 64, ou
             settings.update(top_k=None, top_p=None, temperature=cfg.run.eval_temperature)
         sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), **settings})
         t0 = time.perf_counter()
-        texts: list[str] = []
-        for start in tqdm(range(0, len(items), batch_size), desc=f"{proto.name} gen_length={length}", leave=False):
-            traj = gen.generate(prompts[start:start + batch_size], seed=start, sampler_cfg=sampler)
-            texts += [completion_text(tok, row.tolist()) for row in traj.completion_ids_BG.cpu()]
+        texts = gen.decode(prompts, sampler, cfg.rollout.eval_batch_tokens)
         rewards = [task.reward(text, it) for text, it in zip(texts, items)]
         grades = ([Grade(r.correct, float(r.correct)) for r in rewards] if proto.name == "ours"
                   else [proto.grade(task, text, it) for text, it in zip(texts, items)])

@@ -11,12 +11,11 @@ from common.config import UnmaskConfig
 log = logging.getLogger("unmask")
 
 
-def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: int = 64,
-                        out_dir: str | Path | None = None, limit: int | None = None) -> dict[int, dict]:
-    """Accuracy and mean reward on the task's held-out items for each sampling-step count."""
-    from tqdm import tqdm
-
-    from common.tasks import score_completions
+def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], out_dir: str | Path | None = None,
+                        limit: int | None = None) -> dict[int, dict]:
+    """Accuracy and mean reward on the task's held-out items for each sampling-step count, decoded in
+    ``rollout.eval_batch_tokens`` batches by ``Generator.evaluate`` (what rollout workers evaluate with)."""
+    from common.tasks import summarize_rewards
     from common.tasks.protocols import get_protocol
     from common.threads import set_cpu_threads
     from rollout.actor import Generator
@@ -24,18 +23,14 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], batch_size: in
     set_cpu_threads(cfg.run.cpu_threads)
     gen = Generator(cfg.model, cfg.sampler, cfg.task)
     items = gen.task.eval_items(limit or cfg.task.eval_size)
-    prompts = gen.encode_prompts(items)
     results: dict[int, dict] = {}
     for steps in steps_list:
         # Held-out evaluation decodes as the run's evaluations do (greedy by default), not as rollouts sample.
         sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), "steps": steps, "top_k": None,
                                                     "top_p": None, "temperature": cfg.run.eval_temperature})
-        texts = []
         t0 = time.perf_counter()
-        for start in tqdm(range(0, len(items), batch_size), desc=f"eval steps={steps}", leave=False):
-            traj = gen.generate(prompts[start:start + batch_size], seed=start, sampler_cfg=sampler)
-            texts += gen.score(traj, items[start:start + batch_size])[0]
-        scores = score_completions(gen.task, texts, items)
+        _, rewards = gen.evaluate(items, sampler, cfg.rollout.eval_batch_tokens)
+        scores = summarize_rewards(rewards)
         scores["seconds"] = time.perf_counter() - t0
         # What produced the number (`unmask eval --protocol d1|agrpo` for the papers' protocols).
         scores.update(get_protocol("ours").record(gen.task), sampler=sampler.model_dump(mode="json"))

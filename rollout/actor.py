@@ -47,6 +47,21 @@ def completion_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids)
 
 
+def token_batches(prompt_lengths: list[int], gen_length: int, token_budget: int) -> list[slice]:
+    """Consecutive rows cut into batches whose padded size, rows x (longest prompt + ``gen_length``), stays
+    within ``token_budget`` (a row that alone exceeds it gets a batch of its own)."""
+    batches, start, longest = [], 0, 0
+    for i, length in enumerate(prompt_lengths):
+        longest_with = max(longest, length)
+        if i > start and (i - start + 1) * (longest_with + gen_length) > token_budget:
+            batches.append(slice(start, i))
+            start, longest_with = i, length
+        longest = longest_with
+    if prompt_lengths:
+        batches.append(slice(start, len(prompt_lengths)))
+    return batches
+
+
 class Generator:
     """Policy + tokenizer + task on one device: prompts in, trajectories and rewards out."""
 
@@ -77,12 +92,30 @@ class Generator:
         texts = [completion_text(self.tokenizer, row.tolist()) for row in traj.completion_ids_BG.cpu()]
         return texts, [self.task.reward(text, item) for text, item in zip(texts, items_per_row)]
 
+    def decode(self, prompt_rows: list[list[int]], sampler_cfg: SamplerConfig, token_budget: int,
+               seed: int = 0) -> list[str]:
+        """Completion texts of ``prompt_rows``, generated in batches of at most ``token_budget`` tokens (the
+        batch starting at row i is seeded ``seed + i``, so the split does not depend on who decodes)."""
+        texts: list[str] = []
+        for rows in token_batches([len(r) for r in prompt_rows], sampler_cfg.gen_length, token_budget):
+            traj = self.generate(prompt_rows[rows], seed=seed + rows.start, sampler_cfg=sampler_cfg)
+            texts += [completion_text(self.tokenizer, row.tolist()) for row in traj.completion_ids_BG.cpu()]
+        return texts
+
+    def evaluate(self, items: list, sampler_cfg: SamplerConfig, token_budget: int,
+                 seed: int = 0) -> tuple[list[str], list[Any]]:
+        """Held-out evaluation, the one both a run (rollout workers) and ``unmask eval`` use: completions and
+        rewards of ``items``, decoded in token-budgeted batches."""
+        texts = self.decode(self.encode_prompts(items), sampler_cfg, token_budget, seed)
+        return texts, [self.task.reward(text, item) for text, item in zip(texts, items)]
+
 
 class RolloutWorker:
     """Ray actor body (wrapped with ``ray.remote`` by the driver with per-worker resources)."""
 
     def __init__(self, worker_id: str, model_cfg: ModelConfig, sampler_cfg: SamplerConfig, task_cfg: TaskConfig,
-                 group_size: int, queue_name: str, seed: int, max_prompt_tokens: int = 1 << 30):
+                 group_size: int, queue_name: str, seed: int, max_prompt_tokens: int = 1 << 30,
+                 eval_batch_tokens: int = 32768):
         import ray
 
         from common.metrics import RayMetrics
@@ -93,6 +126,7 @@ class RolloutWorker:
         self.gen = Generator(model_cfg, sampler_cfg, task_cfg)
         self.group_size = group_size
         self.max_prompt_tokens = max_prompt_tokens
+        self.eval_batch_tokens = eval_batch_tokens  # rollout.eval_batch_tokens
         self.queue = ray.get_actor(queue_name)  # by name: the same handle reaches a restarted queue
         self.seed = seed
         self.version = 0
@@ -239,11 +273,10 @@ class RolloutWorker:
                 "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards)}
 
     def evaluate(self, items: list, sampler_overrides: dict[str, Any] | None = None, seed: int = 0) -> list[dict]:
-        """Greedy (or configured) decoding of held-out items; one record per item."""
+        """Greedy (or configured) decoding of held-out items in ``rollout.eval_batch_tokens`` batches
+        (``Generator.evaluate``); one record per item."""
         self._apply_staged()
-        cfg = self.gen.sampler_cfg.model_copy(update=sampler_overrides or {})
-        cfg = type(cfg).model_validate(cfg.model_dump())
-        traj = self.gen.generate(self.gen.encode_prompts(items), seed=seed, sampler_cfg=cfg)
-        texts, rewards = self.gen.score(traj, items)
+        cfg = type(self.gen.sampler_cfg).model_validate({**self.gen.sampler_cfg.model_dump(), **(sampler_overrides or {})})
+        texts, rewards = self.gen.evaluate(items, cfg, self.eval_batch_tokens, seed)
         return [{"id": item.id, "completion": text, "reward": r.total, "correct": bool(r.correct)}
                 for item, text, r in zip(items, texts, rewards)]

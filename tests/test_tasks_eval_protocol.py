@@ -26,6 +26,8 @@ class FakeGenerator:
         self.task = get_task(task_cfg)
         self.tokenizer = CharTokenizer()
 
+    decode = rollout.actor.Generator.decode  # the real token-budget batching over the fake generate
+
     def generate(self, prompt_rows, seed, sampler_cfg):
         FakeGenerator.samplers.append(sampler_cfg)
         return SimpleNamespace(completion_ids_BG=torch.arange(seed, seed + len(prompt_rows)).unsqueeze(1))

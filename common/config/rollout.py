@@ -21,6 +21,10 @@ class RolloutConfig(Section):
     max_prompt_tokens: int = Field(
         default=256, ge=1, description="Prompts longer than this are rejected with a logged reason."
     )
+    eval_batch_tokens: int = Field(
+        default=32768, ge=1,
+        description="Token budget of one evaluation batch (sequences x (longest prompt + gen_length)): held-out "
+        "items are decoded in as many batches as it takes, by rollout workers and by `unmask eval` alike.")
     max_restarts: int = Field(default=3, ge=0, description="Ray restarts of a rollout actor that died.")
     resources: dict[str, float] = Field(
         default_factory=dict,

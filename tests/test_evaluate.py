@@ -1,0 +1,68 @@
+"""Held-out evaluation decodes in batches of at most ``rollout.eval_batch_tokens`` tokens, through one function
+(``Generator.evaluate``) that rollout workers and ``unmask eval`` share."""
+import pytest
+
+from common.config import load_config
+from rollout.actor import Generator, RolloutWorker, token_batches
+
+# Greedy, deterministic commit order: the completions do not depend on how the items are batched.
+GREEDY = ["sampler.remasking=low_confidence", "run.eval_temperature=0.0"]
+
+
+def test_token_batches_cover_the_rows_in_order_within_the_budget():
+    lengths, G = [3, 5, 2, 9, 4, 4, 1, 30, 2], 6
+    for budget in (1, 20, 33, 60, 10**6):
+        batches = token_batches(lengths, G, budget)
+        assert [i for b in batches for i in range(b.start, b.stop)] == list(range(len(lengths)))
+        for b in batches:
+            size = (b.stop - b.start) * (max(lengths[b]) + G)
+            assert size <= budget or b.stop - b.start == 1  # only a row that alone exceeds it goes over
+            if b.stop < len(lengths):  # greedy: the next row would not have fitted
+                assert (b.stop - b.start + 1) * (max(lengths[b.start:b.stop + 1]) + G) > budget
+    assert len(token_batches(lengths, G, 10**6)) == 1 and len(token_batches(lengths, G, 1)) == len(lengths)
+    assert token_batches([], G, 100) == []
+
+
+@pytest.fixture(scope="module")
+def gen():
+    cfg = load_config("tiny_countdown", GREEDY)
+    return cfg, Generator(cfg.model, cfg.sampler, cfg.task, device="cpu")
+
+
+def test_budgeted_batches_decode_what_one_batch_decodes(gen, monkeypatch):
+    cfg, g = gen
+    items = g.task.eval_items(10)
+    sampler = cfg.sampler.model_copy(update={"temperature": 0.0})
+    sizes = []
+    generate = g.generate
+    monkeypatch.setattr(g, "generate", lambda rows, **kw: sizes.append(len(rows)) or generate(rows, **kw))
+    width = max(len(p) for p in g.encode_prompts(items)) + sampler.gen_length
+    texts, rewards = g.evaluate(items, sampler, token_budget=3 * width)
+    assert len(sizes) >= 4 and max(sizes) <= 3 and sum(sizes) == 10
+    sizes.clear()
+    whole, whole_rewards = g.evaluate(items, sampler, token_budget=10**6)
+    assert sizes == [10]
+    assert texts == whole and [r.total for r in rewards] == [r.total for r in whole_rewards]
+
+
+def test_unmask_eval_and_rollout_workers_evaluate_through_generator_evaluate(gen, monkeypatch):
+    from common.tasks import Reward
+    from driver.evaluate import evaluate_checkpoint
+
+    cfg, g = gen
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"eval_batch_tokens": 123})})
+    seen = []
+
+    def fake(self, items, sampler_cfg, token_budget, seed=0):
+        seen.append((len(items), sampler_cfg.steps, token_budget))
+        return ["x"] * len(items), [Reward(total=1.0, correct=True, components={}) for _ in items]
+
+    monkeypatch.setattr(Generator, "evaluate", fake)
+    res = evaluate_checkpoint(cfg, [4, 8], limit=5)
+    assert seen == [(5, 4, 123), (5, 8, 123)] and res[4]["accuracy"] == 1.0
+
+    worker = RolloutWorker.__new__(RolloutWorker)  # the actor's evaluate, without its queue and Ray
+    worker.gen, worker.eval_batch_tokens = g, 77
+    worker._apply_staged = lambda: None
+    records = worker.evaluate(g.task.eval_items(3), {"steps": 8})
+    assert seen[-1] == (3, 8, 77) and [r["correct"] for r in records] == [True] * 3
