@@ -7,7 +7,8 @@
 Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
 same base checkpoint and config (default configs/tiny_countdown.yaml), and is evaluated greedily on the
 task's 256 held-out items at 1/4, 1/2 and 1 x the generation length in sampling steps. Writes results.json, a
-markdown table (results.md) and plots into --out.
+markdown table (results.md: mean ± half-width of the 95% Student-t interval over seeds, and each seed) and
+plots into --out.
 """
 from __future__ import annotations
 
@@ -17,15 +18,27 @@ import statistics
 import time
 from pathlib import Path
 
-METHODS = {"agrpo": ["algorithm.name=agrpo"], "atpo": ["algorithm.name=atpo"],
-           "diffu_grpo": ["algorithm={name: diffu_grpo}"]}  # a whole section: diffu_grpo has no k_steps
+# Each method is a list of config overrides. diffu_grpo is a whole section (it has no k_steps); the
+# others keep the preset's algorithm fields (k_steps, draws: auto = the exact estimator of the remasking).
+METHODS = {
+    "agrpo": ["algorithm.name=agrpo"],
+    "atpo": ["algorithm.name=atpo", "algorithm.selection=topk"],  # the paper's reallocation (biased)
+    "atpo_unbiased": ["algorithm.name=atpo", "algorithm.selection=sample"],  # AGRPO in expectation
+    "diffu_grpo": ["algorithm={name: diffu_grpo}"],
+    # control: under low-confidence remasking scores only the committed draws (biased, low variance)
+    "agrpo_committed": ["algorithm.name=agrpo", "algorithm.draws=committed"],
+}
+DEFAULT_METHODS = ["agrpo", "atpo", "atpo_unbiased", "diffu_grpo"]
+# Two-sided 95% Student-t quantiles by degrees of freedom (n - 1): the CI of a mean over n seeds.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40, help="learner steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every n learner steps")
     p.add_argument("--config", default="tiny_countdown")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every RL run (repeatable), e.g. learner.lr=3e-5")
@@ -72,7 +85,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 cfg = load_config(args.config, METHODS[method] + args.overrides + [
                     f"run.root={out / 'runs'}", f"run.name={method}-s{seed}", f"run.seed={seed}",
-                    f"task.seed={seed}", f"run.total_steps={args.steps}", "run.eval_every=10",
+                    f"task.seed={seed}", f"run.total_steps={args.steps}", f"run.eval_every={args.eval_every}",
                     f"run.eval_sampling_steps={sampling_steps}"])
                 assert train(cfg) == 0, f"{method} seed {seed} failed"
                 run_dir = sorted((out / "runs").glob(f"{method}-s{seed}-*"))[-1]
@@ -105,20 +118,31 @@ def main(argv=None) -> int:
     return 0
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its two-sided 95% Student-t confidence interval (0 for one value)."""
     if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+        return values[0], 0.0
+    return statistics.mean(values), T95[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+
+
+def _mean_ci(values: list[float]) -> str:
+    mean, half = mean_ci95(values)
+    if len(values) == 1:
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * half:.1f}"
 
 
 def write_report(results: dict, out: Path) -> None:
     steps = results["sampling_steps"]
-    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 1) + "|",
-             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " |"]
+    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + f" | per seed at {steps[-1]} | minutes/run |",
+             "|---" * (len(steps) + 3) + "|",
+             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | |"]
     for method in dict.fromkeys(r["method"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["method"] == method]
-        cells = [_mean_sd([r["at_steps"][str(s)] for r in runs]) for s in steps]
-        lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+        cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
+        per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
+        minutes = statistics.mean(r["minutes"] for r in runs)
+        lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} |")
     if results.get("overrides"):
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
