@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_cfg = load_config(args.config)
+    base_cfg = load_config(args.config, args.overrides)  # the base decodes as the RL runs do (e.g. remasking)
     sampling_steps = [base_cfg.sampler.gen_length // 4, base_cfg.sampler.gen_length // 2, base_cfg.sampler.gen_length]
     results: dict = {"config": args.config, "overrides": args.overrides, "task": base_cfg.task.name, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
