@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_all.sh core      # GPU tests, kernel benchmark (T=0.9, 1, 0), learner benchmark
 #   bash benchmarks/gpu_all.sh sampler   # end-to-end sampler vs LLaDA's reference, LLaDA-8B shape
 #   bash benchmarks/gpu_all.sh cache     # block KV cache none/prefix/dual beside the reference, LLaDA-8B shape
+#   bash benchmarks/gpu_all.sh smoke     # 3 RL steps, 1b preset in bf16: learner GPU + rollout GPU over nccl
 # On the lent device machine: source .devicepkgs/activate.sh first (ray, pydantic). Results go to $OUT
 # (default /tmp/unmask-gpu): markdown + JSON per benchmark and one log; a short table prints last.
 set -uo pipefail
@@ -32,6 +33,31 @@ elif [ "$stage" = cache ]; then
   timeout 560 python3 -m benchmarks.bench_cache --sections sampler --preset llada-8b --batches 1 8 32 --repeats 1 \
     --temperature 0 --tiny-batch 0 --reference --out "$OUT/cache_gpu.md" 2>&1 | tee -a "$log"
   echo "=== summary"; grep "|" "$OUT/cache_gpu.md"
+elif [ "$stage" = smoke ]; then
+  # `unmask train` end to end: 3 AGRPO steps of the 1b preset (random bf16 weights, the char vocabulary), one
+  # learner GPU and one rollout GPU, weights over nccl, on-policy (tiny_countdown: max_staleness 0). The
+  # learner's mean |log(pi_learner / pi_sampler)| on the first inner epoch is then pure bf16 drift between
+  # the sampler's forward + kernel and the learner's FSDP2 forward (0 in exact arithmetic).
+  # With one GPU the two share it (0.5 each) and weights go by cuda_ipc: NCCL cannot put two ranks on one GPU.
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then gpus=1 transport=nccl; else gpus=0.5 transport=cuda_ipc; fi
+  timeout 540 python3 -m driver train --config tiny_countdown --set run.root="$OUT/smoke_runs" --set run.name=smoke \
+    --set model.path=null --set model.preset=1b --set model.vocab_size=101 --set model.dtype=bfloat16 \
+    --set learner.param_dtype=bfloat16 --set learner.num_gpus_per_rank=$gpus --set learner.weight_transport=$transport \
+    --set rollout.num_gpus_per_worker=$gpus --set rollout.num_workers=1 --set rollout.group_size=4 \
+    --set learner.groups_per_step=2 --set run.total_steps=3 --set run.eval_every=0 --set 'run.eval_sampling_steps=[]' \
+    --set task.eval_size=16 2>&1 | tee -a "$log"
+  echo "=== summary (weights by $transport)"
+  python3 - "$OUT/smoke_runs" <<'PY' | tee -a "$log"
+import json, pathlib, sys
+runs = sorted(pathlib.Path(sys.argv[1]).glob("smoke-*/metrics.jsonl"))
+steps = [r for r in map(json.loads, runs[-1].read_text().splitlines()) if "abs_log_ratio_sum" in r] if runs else []
+print("| step | scored tokens | mean abs log-ratio (learner vs sampler, bf16) | ratio std |\n|---|---:|---:|---:|")
+for r in steps:
+    n = max(r["scored_tokens"], 1)
+    mean = r["ratio_sum"] / n
+    print(f"| {r['step']} | {r['scored_tokens']:.0f} | {r['abs_log_ratio_sum'] / n:.2e} | {max(r['ratio_sq_sum'] / n - mean ** 2, 0) ** 0.5:.2e} |")
+sys.exit(0 if len(steps) == 3 else 1)
+PY
 else
-  echo "unknown stage $stage (core | sampler | cache)"; exit 2
+  echo "unknown stage $stage (core | sampler | cache | smoke)"; exit 2
 fi

@@ -199,6 +199,8 @@ class LearnerRank:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         metrics["loss"] = metrics.get("loss", 0.0) / epochs
+        if "tokens" in metrics:  # the loss's count of scored tokens (what its ratio sums are over); not the batch's
+            metrics["scored_tokens"] = metrics.pop("tokens")
         metrics.update({
             "grad_norm": sum(norms) / len(norms), "lr": lr, "step_time_s": seconds, "tokens": float(total * seq_len),
             "tokens_per_s": total * seq_len / seconds, "batch_samples": float(total), "micro_batches": float(num_micro),
