@@ -13,7 +13,8 @@ learner rank (W = learner.num_ranks, FSDP2 per block + root):
                norm: unsharded for the whole forward+backward) and two blocks (the current one, the prefetched)
   grads        sharded grads (reduce dtype) / W, plus the unsharded gradient accumulator of every trained
                parameter: gradients are reduced once per optimizer step, so backwards before the last keep
-               their unsharded sum (the price of collectives that do not grow with K or the micro-batches)
+               their unsharded sum (the price of collectives that do not grow with K or the micro-batches;
+               learner.reduce_every_backward drops it)
   optimizer    AdamW's two fp32 moments / W
   reference    the frozen reference policy (algorithm.beta_kl > 0 only), param dtype / W
   activations  one micro-batch of learner.micro_batch_tokens // (max_prompt_tokens + gen_length) sequences at
@@ -83,7 +84,7 @@ def model_shape(cfg) -> Shape:
                  adapted=sum(m.weight.numel() for m in model.modules() if isinstance(m, LoraLinear)))
 
 
-def learner_rank(cfg, s: Shape, *, lora: bool, checkpointing: bool) -> dict[str, float]:
+def learner_rank(cfg, s: Shape, *, lora: bool, checkpointing: bool, every_backward: bool = False) -> dict[str, float]:
     """Bytes per learner rank, by component."""
     L = cfg.learner
     W, pbytes, rbytes = L.num_ranks, BYTES[L.param_dtype], BYTES[L.reduce_dtype]
@@ -101,7 +102,8 @@ def learner_rank(cfg, s: Shape, *, lora: bool, checkpointing: bool) -> dict[str,
     return {
         "weights (sharded)": (trained * 4 + frozen * pbytes) / W,
         "weights (gathered root + 2 blocks)": (s.root + 2 * s.block) * pbytes,
-        "grads (sharded + unsharded accumulator)": trained * rbytes / W + trained * rbytes,
+        "grads (sharded" + (")" if every_backward else " + unsharded accumulator)"):
+            trained * rbytes / W + (0 if every_backward else trained * rbytes),
         "optimizer (AdamW moments)": 2 * trained * 4 / W,
         "reference policy": ref * pbytes / W,
         f"activations ({rows} seq x {seq} tok)": acts,
@@ -154,6 +156,8 @@ def plan(config: str) -> list[str]:
                   learner_rank(cfg, s, lora=lora, checkpointing=ac))
     out += _table(f"learner rank, activation checkpointing={not ac}", learner_rank(cfg, s, lora=lora, checkpointing=not ac))
     out += _table("learner rank, full fine-tuning (lora off)", learner_rank(cfg, s, lora=False, checkpointing=ac))
+    out += _table("learner rank, full fine-tuning, learner.reduce_every_backward",
+                  learner_rank(cfg, s, lora=False, checkpointing=ac, every_backward=True))
     out += _table(f"rollout worker as configured (cache={cfg.sampler.cache})",
                   rollout_worker(cfg, s, lora=lora, cache=cfg.sampler.cache))
     for cache in ("prefix", "dual"):

@@ -230,8 +230,9 @@ class LearnerRank:
 
     def _grad_sync(self, last_micro: bool, last_pass: bool) -> None:
         """Reduce-scatter gradients only on the optimizer step's last backward: the earlier ones accumulate
-        unsharded gradients locally (in the reduce dtype), so collectives per step do not grow with K or M."""
-        self.model.set_requires_gradient_sync(last_micro and last_pass)
+        unsharded gradients locally (in the reduce dtype), so collectives per step do not grow with K or M
+        (``learner.reduce_every_backward`` trades that accumulator's memory for K x M reductions)."""
+        self.model.set_requires_gradient_sync(self.cfg.reduce_every_backward or (last_micro and last_pass))
 
     def _apply(self, lr: float, loss_value: float) -> tuple[float, bool]:
         """Clip and take the optimizer step unless the loss or gradient is non-finite; returns (grad norm, taken)."""

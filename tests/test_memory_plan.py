@@ -27,3 +27,6 @@ def test_counts_are_llada_8b_and_the_presets_fit():
     # without activation checkpointing one micro-batch does not fit; full fine-tuning does not fit either
     assert sum(mp.learner_rank(cfg, s, lora=True, checkpointing=False).values()) > usable
     assert sum(mp.learner_rank(cfg, s, lora=False, checkpointing=True).values()) > usable
+    # ... unless gradients are reduced after every backward (no unsharded fp32 accumulator of 8B parameters)
+    every = mp.learner_rank(cfg, s, lora=False, checkpointing=True, every_backward=True)
+    assert sum(every.values()) < usable

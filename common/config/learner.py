@@ -41,6 +41,12 @@ class LearnerConfig(Section):
     micro_batch_tokens: int = Field(
         default=4096, ge=1, description="Token budget of one micro-batch (sequences x length)."
     )
+    reduce_every_backward: bool = Field(
+        default=False,
+        description="Reduce-scatter gradients after every backward (K sampled steps x micro-batches times per "
+        "step) instead of once per optimizer step. Off, each rank keeps an unsharded gradient accumulator of "
+        "the trained parameters in the reduce dtype (0.6 GiB for LLaDA-8B LoRA r=64, 30 GiB for its full "
+        "fine-tuning: benchmarks/results/memory_plan.md); on, that memory is saved for K x M times the collectives.")
     lr: float = Field(default=1e-5, gt=0.0, description="AdamW peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field(default=(0.9, 0.99), description="AdamW betas.")
