@@ -6,8 +6,8 @@ and ``unmask_checkpoint.json`` (step, policy version, data position, world size)
 a directory without it is an incomplete save and is never picked for resume.
 
 Frozen parameters (a LoRA base) are not saved: every learner build reads them from ``model.path`` (or
-rebuilds the seeded preset), so a LoRA checkpoint of LLaDA-8B holds its 0.67 GB of adapters and their Adam
-moments, not 34 GB of unchanged base weights.
+rebuilds the seeded preset), so a LoRA checkpoint of LLaDA-8B holds its 167.8M adapter parameters and their
+Adam moments (3 x 0.67 GB in fp32), not the 8B unchanged base weights as well.
 """
 from __future__ import annotations
 
