@@ -95,7 +95,7 @@ class Generator:
     def decode(self, prompt_rows: list[list[int]], sampler_cfg: SamplerConfig, token_budget: int,
                seed: int = 0) -> list[str]:
         """Completion texts of ``prompt_rows``, generated in batches of at most ``token_budget`` tokens (the
-        batch starting at row i is seeded ``seed + i``, so the split does not depend on who decodes)."""
+        batch starting at row i is seeded ``seed + i``, as ``unmask eval`` seeded its fixed-size batches)."""
         texts: list[str] = []
         for rows in token_batches([len(r) for r in prompt_rows], sampler_cfg.gen_length, token_budget):
             traj = self.generate(prompt_rows[rows], seed=seed + rows.start, sampler_cfg=sampler_cfg)
