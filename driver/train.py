@@ -163,7 +163,8 @@ class Controller:
         seeds = itertools.count(cfg.run.seed * 7919 + self.state.call_id)
         needs = {"CPU": cfg.rollout.num_cpus_per_worker, "GPU": cfg.rollout.num_gpus_per_worker, **cfg.rollout.resources}
         pool = RolloutPool(lambda wid: worker_cls.remote(wid, cfg.model, cfg.sampler, cfg.task, cfg.rollout.group_size,
-                                                         self.queue_name, next(seeds), cfg.rollout.max_prompt_tokens),
+                                                         self.queue_name, next(seeds), cfg.rollout.max_prompt_tokens,
+                                                         cfg.rollout.eval_batch_tokens),
                            needs={k: float(v) for k, v in needs.items() if v})
         desired = read_control(self.run_dir).get("rollout_workers", cfg.rollout.num_workers)
         write_control(self.run_dir, rollout_workers=desired, stop=False)  # a resumed run forgets an old stop
