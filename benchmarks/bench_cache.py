@@ -201,7 +201,7 @@ def learner_section(args, model, trajs: dict, device) -> list[dict]:
         loss = build_loss(AgrpoConfig(k_steps=args.learner_steps, step_sampling="stratified"),
                           mask_id=mc.mask_token_id, pad_id=mc.pad_token_id, eos_id=mc.eos_token_id)
         batches[mode] = (loss, loss.prepare(traj, seed=0), mode in trajs)
-    times = {mode: [] for mode in MODES}
+    times, last = {mode: [] for mode in MODES}, {}
     for _ in range(args.learner_repeats):
         for mode, (loss, batch, _own) in batches.items():
             with FlopCounter(model) as fc:
@@ -211,10 +211,11 @@ def learner_section(args, model, trajs: dict, device) -> list[dict]:
                 _sync(device)
                 times[mode].append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
-            batches[mode] = batches[mode][:3] + ((fc.flops, m),)
+            last[mode] = (fc.flops, m)
     rows = []
     k = args.learner_steps
-    for mode, (loss, batch, own, (flops, m)) in batches.items():
+    for mode, (loss, batch, own) in batches.items():
+        flops, m = last[mode]
         row = dict(mode=mode, batch=len(batch), steps=k, seconds_per_step=min(times[mode]) / k,
                    all_seconds=times[mode], fwd_flops_per_step=flops / k, own_rollout=own,
                    mean_abs_log_ratio=m["abs_log_ratio_sum"] / max(m["tokens"], 1) if own else None)
@@ -348,7 +349,7 @@ def accuracy_section() -> list[dict]:
         for cache, overrides in ACCURACY_CACHES.items():
             cfg = load_config(config, overrides)
             with contextlib.redirect_stdout(io.StringIO()):
-                res = evaluate_checkpoint(cfg, steps_list, batch_size=128)
+                res = evaluate_checkpoint(cfg, steps_list)  # batches of rollout.eval_batch_tokens
             for steps, r in res.items():
                 rows.append(dict(base=cfg.model.path, cache=cache, steps=steps, items=cfg.task.eval_size,
                                  accuracy=r["accuracy"], seconds=r["seconds"]))
