@@ -282,6 +282,46 @@ def test_guidance_with_cache_matches_a_guided_rebuild(model):
         torch.testing.assert_close(logp_N, traj.logp_BG[b_N, g_N], atol=1e-4, rtol=0)
 
 
+class _RowEosModel(torch.nn.Module):
+    """EOS made overwhelmingly likely in even rows of the batch only, so those rows stop after block 0 while
+    the odd rows keep decoding (the LM head sees rows b-major: [B * R, D] or [B, Q, D])."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.B = base, None
+
+    def hidden_states(self, input_ids, *args, **kwargs):
+        self.B = input_ids.shape[0]
+        return self.base.hidden_states(input_ids, *args, **kwargs)
+
+    def lm_head(self, h):
+        logits = self.base.lm_head(h)
+        by_row = logits.view(self.B, -1, logits.shape[-1]) if logits.dim() == 2 else logits
+        by_row[0::2, :, EOS] += 100.0
+        return logits
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_rows_stopping_at_different_blocks_keep_their_eos_fill(model, cache):
+    eos_model = _RowEosModel(model)
+    prompt_BP, mask_BP = _prompts(4, 5, 8, pad_rows=1)
+    traj = _run(eos_model, prompt_BP, mask_BP, seed=3, gen_length=24, block_length=8, steps=12, temperature=0.8,
+                cache=cache, stop_on_eos_block=True)
+    filled_B = traj.extras["filled_BG"].sum(1)
+    assert filled_B.tolist() == [16, 0, 16, 0]
+    assert bool(traj.completion_ids_BG[0::2].eq(EOS).all()) and not bool(traj.completion_ids_BG.eq(MASK).any())
+    P = traj.prompt_ids_BP.shape[1]
+    for t in range(traj.num_steps):
+        chosen_BG = (traj.unmask_step_BG == t) & ~traj.extras["filled_BG"]
+        with torch.no_grad():
+            hidden = policy_hidden(eos_model, traj, torch.full((4,), t), MASK, "cpu")
+            logits_BQV = eos_model.lm_head(hidden.h_BQD)
+        b_N, g_N = chosen_BG.nonzero(as_tuple=True)
+        logp_N = sampler_logprobs(logits_BQV[b_N, P + g_N - hidden.lo_B[b_N]], traj.completion_ids_BG[b_N, g_N],
+                                  temperature=0.8, cutoff_N=None, banned_ids=traj.banned_ids)
+        torch.testing.assert_close(logp_N, traj.logp_BG[b_N, g_N], atol=1e-4, rtol=0)
+
+
 def test_cache_rule_travels_through_the_arrow_schema(model):
     import pyarrow as pa
 
