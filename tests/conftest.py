@@ -18,6 +18,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def local_group():
+    """One in-process gloo group of size 1 (the default process group) for single-rank learner tests."""
+    import torch
+    import torch.distributed as dist
+
+    from learner.worker import free_port
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module (2 CPUs, no dashboard)."""
     ray = pytest.importorskip("ray")

@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from common.config import LearnerConfig, ModelConfig
 from common.model import build_model, load_pretrained, preset_config
 from common.trajectory import Trajectory
 from learner.sft import build_sft_loss
-from learner.worker import LearnerRank, free_port
+from learner.worker import LearnerRank
 
 MASK, PAD = 3, 0
 MODEL = ModelConfig(preset="tiny")
@@ -38,13 +37,7 @@ def learner_cfg(**kw) -> LearnerConfig:
     return LearnerConfig(num_cpus_per_rank=0.5, lr=1e-3, **kw)
 
 
-# --- in-process single rank (one gloo group of size 1 shared by the ranks built here)
-@pytest.fixture(scope="module")
-def local_group():
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+# --- in-process single rank (conftest.local_group: one gloo group of size 1 shared by the ranks built here)
 
 
 def local_rank(cfg: LearnerConfig, loss_factory=SFT) -> LearnerRank:

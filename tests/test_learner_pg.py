@@ -4,11 +4,10 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from common.config import AgrpoConfig, AtpoConfig, LearnerConfig, ModelConfig
 from learner.losses import build_loss
-from learner.worker import LearnerRank, free_port
+from learner.worker import LearnerRank
 from tests.test_losses import EOS, MASK, PAD, rollout
 
 MODEL = ModelConfig(preset="tiny")
@@ -33,12 +32,6 @@ def batches():
     return [rollout(model, B=5, G=8, steps=8, block=4, seed=s) for s in range(2)]
 
 
-@pytest.fixture(scope="module")
-def local_group():
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def local_rank(cfg: LearnerConfig, factory) -> LearnerRank:
