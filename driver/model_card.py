@@ -80,7 +80,7 @@ A LLaDA masked-diffusion language model post-trained with reinforcement learning
 | learner steps | {steps} |
 | held-out accuracy before training | {_pct(before)} |
 | held-out accuracy after training | {_pct(after)} |
-| evaluation sampler | temperature {cfg.run.eval_temperature}, {sampler.steps} steps, gen_length {sampler.gen_length}, block_length {sampler.block_length}, {sampler.remasking} remasking |
+| evaluation sampler | temperature {cfg.run.eval_temperature}, {sampler.steps} steps, gen_length {sampler.gen_length}, block_length {sampler.block_length}, {sampler.remasking} remasking, KV cache {sampler.cache} |
 | weights | safetensors, `{cfg.model.dtype}` |
 
 ## Use
