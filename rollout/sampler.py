@@ -119,110 +119,129 @@ def generate(
     if bool((prompt_BP.eq(mask_id) & prompt_mask_BP).any()):
         raise ValueError(f"a prompt contains the mask token {mask_id}; prompts must be fully observed")
 
-    B, P = prompt_BP.shape
-    G, K, T = config.gen_length, config.block_length, config.steps
-    spb = config.steps_per_block
-    x_BL = torch.cat([prompt_BP, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)
-
-    # --- model inputs that stay fixed for the whole decode
-    padded = not bool(prompt_mask_BP.all())
-    attn_BL = torch.cat([prompt_mask_BP, torch.ones(B, G, dtype=torch.bool, device=device)], 1) if padded else None
-    pos_BL = None
-    if config.position_ids == "packed" and padded:
-        pos_BL = packed_positions(attn_BL)
-    if config.cfg_scale > 0:
-        attn_BL = None if attn_BL is None else torch.cat([attn_BL, attn_BL])
-        pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
-    forward = _forward_fn(model, config.compile_forward)
-
-    rec = _Records(B, G, T, device, discard_slots=spb - 1)
-    active_B = torch.ones(B, dtype=torch.bool, device=device)
-    banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
-    demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
-    schedule = transfer_schedule(K, spb)
-    row_base_B1 = ((torch.arange(B, device=device) + row_offset) * (T * G))[:, None]
-
-    refresh = config.cache_refresh or spb
+    decoder = _Decoder(model, prompt_BP, prompt_mask_BP, config, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                       seed=seed, row_offset=row_offset)
     for block in range(config.num_blocks):
-        start = P + block * K
-        kv = None  # the block's cache (config.cache): built by the full forward at its anchor steps
+        decoder.decode_block(block)
+        if config.stop_on_eos_block:
+            decoder.active_B = _stop_eos_rows(decoder.x_BL, decoder.active_B, decoder.P + block * config.block_length,
+                                              config.block_length, decoder.P, eos_id, decoder.rec)
+            if not bool(decoder.active_B.any()):
+                break
+    return decoder.trajectory()
+
+
+class _Decoder:
+    """One decode's fixed inputs and running state: ``decode_block`` runs a block's steps, ``trajectory``
+    packs the records."""
+
+    def __init__(self, model, prompt_BP, prompt_mask_BP, config: SamplerConfig, *, mask_id: int, eos_id: int,
+                 eot_id: int | None, seed: int, row_offset: int):
+        device = prompt_BP.device
+        B, P = prompt_BP.shape
+        G, K, T, spb = config.gen_length, config.block_length, config.steps, config.steps_per_block
+        self.model, self.config, self.mask_id, self.seed = model, config, mask_id, seed
+        self.prompt_BP, self.prompt_mask_BP, self.B, self.P = prompt_BP, prompt_mask_BP, B, P
+        self.x_BL = torch.cat([prompt_BP, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)
+        # --- model inputs that stay fixed for the whole decode
+        padded = not bool(prompt_mask_BP.all())
+        attn_BL = torch.cat([prompt_mask_BP, torch.ones(B, G, dtype=torch.bool, device=device)], 1) if padded else None
+        pos_BL = packed_positions(attn_BL) if config.position_ids == "packed" and padded else None
+        if config.cfg_scale > 0:
+            attn_BL = None if attn_BL is None else torch.cat([attn_BL, attn_BL])
+            pos_BL = None if pos_BL is None else torch.cat([pos_BL, pos_BL])
+        self.attn_BL, self.pos_BL = attn_BL, pos_BL
+        self.forward = _forward_fn(model, config.compile_forward)
+        self.rec = _Records(B, G, T, device, discard_slots=spb - 1)
+        self.active_B = torch.ones(B, dtype=torch.bool, device=device)
+        self.banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
+        self.demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
+        self.schedule = transfer_schedule(K, spb)
+        self.row_base_B1 = ((torch.arange(B, device=device) + row_offset) * (T * G))[:, None]
+
+    def decode_block(self, block: int) -> None:
+        """The block's steps; its cache (``config.cache``) is built by the full forward at its anchor steps."""
+        config, K, spb = self.config, self.config.block_length, self.config.steps_per_block
+        start, refresh, kv = self.P + block * K, self.config.cache_refresh or spb, None
         for i in range(spb):
-            t = block * spb + i
             if config.threshold is None:
-                width = K - sum(schedule[:i])  # every unfinished row has exactly this many masked positions
-                n_B = schedule[i]
+                width = K - sum(self.schedule[:i])  # every unfinished row has exactly this many masked positions
+                n_B = self.schedule[i]
             else:
-                remaining_B = x_BL[:, start:start + K].eq(mask_id).sum(1)
+                remaining_B = self.x_BL[:, start:start + K].eq(self.mask_id).sum(1)
                 width = int(remaining_B.max())  # host sync: threshold decoding skips finished blocks
                 if width == 0:
                     break
                 steps_left = spb - i
                 n_B = torch.minimum(((remaining_B + steps_left - 1) // steps_left).clamp(min=1), remaining_B)
+            kv = self._step(block, i, width, n_B, kv, anchor=i % refresh == 0)
 
-            # --- forward (full, or the cached query columns), then the LM head on the block's masked rows only
-            if config.cache == "none":
-                h_BLD, first = _hidden(forward, x_BL, attn_BL, pos_BL, config, P, mask_id), start
-            elif i % refresh == 0:
-                h_BLD, kv = _hidden(model.hidden_states, x_BL, attn_BL, pos_BL, config, P, mask_id, return_kv=True)
-                first = start
-            else:
-                lo, hi = query_columns(config.cache, start, K, x_BL.shape[1])
-                h_BLD, first = _cached_hidden(model, x_BL, attn_BL, pos_BL, kv, lo, hi), start - lo
-            block_BK = x_BL[:, start:start + K]
-            masked_BK = block_BK.eq(mask_id)
-            # masked positions first, in position order (stable sort)
-            idx_BR = torch.argsort(masked_BK.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-            valid_BR = masked_BK.gather(1, idx_BR)
-            logits_NV = _block_logits(model, h_BLD, first, idx_BR, config.cfg_scale, B)
-            for token in banned:
-                logits_NV[:, token] = float("-inf")
+    def _step(self, block: int, i: int, width: int, n_B, kv, anchor: bool):
+        """One denoising step: forward, LM head on the block's masked rows, sample, commit, record."""
+        config, x_BL, B, K = self.config, self.x_BL, self.B, self.config.block_length
+        t, start = block * config.steps_per_block + i, self.P + block * K
+        # --- forward (full, or the cached query columns), then the LM head on the block's masked rows only
+        if config.cache == "none":
+            h_BLD, first = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id), start
+        elif anchor:
+            h_BLD, kv = _hidden(self.model.hidden_states, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id,
+                                return_kv=True)
+            first = start
+        else:
+            lo, hi = query_columns(config.cache, start, K, x_BL.shape[1])
+            h_BLD, first = _cached_hidden(self.model, x_BL, self.attn_BL, self.pos_BL, kv, lo, hi), start - lo
+        block_BK = x_BL[:, start:start + K]
+        masked_BK = block_BK.eq(self.mask_id)
+        # masked positions first, in position order (stable sort)
+        idx_BR = torch.argsort(masked_BK.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+        valid_BR = masked_BK.gather(1, idx_BR)
+        logits_NV = _block_logits(self.model, h_BLD, first, idx_BR, config.cfg_scale, B)
+        for token in self.banned:
+            logits_NV[:, token] = float("-inf")
 
-            # --- sample every scored row
-            pos_BR = idx_BR + block * K  # completion positions
-            row_ids_N = (row_base_B1 + (pos_BR + t * G)).reshape(-1)  # ((row_offset + b) * T + t) * G + pos
-            cutoff_N = _robust_cutoff(logits_NV, support_cutoff(logits_NV, config.temperature, config.top_k,
-                                                                 config.top_p))
-            stats = sample_rows(logits_NV, config.temperature, seed, row_ids_N, cutoff_N, kernel=config.kernel)
-            token_BR = stats.token_N.view(B, width)
+        # --- sample every scored row
+        G = config.gen_length
+        pos_BR = idx_BR + block * K  # completion positions
+        row_ids_N = (self.row_base_B1 + (pos_BR + t * G)).reshape(-1)  # ((row_offset + b) * T + t) * G + pos
+        cutoff_N = _robust_cutoff(logits_NV, support_cutoff(logits_NV, config.temperature, config.top_k, config.top_p))
+        stats = sample_rows(logits_NV, config.temperature, self.seed, row_ids_N, cutoff_N, kernel=config.kernel)
+        token_BR = stats.token_N.view(B, width)
+        commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, self.demoted, self.seed, row_ids_N)
 
-            commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N)
+        # --- write tokens and records; a scored position that is not committed keeps its token (a row
+        # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
+        kept_BR = block_BK.gather(1, idx_BR)
+        x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, kept_BR))
+        self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
+        self.rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N)
+        return kv
 
-            # --- write tokens and records; a scored position that is not committed keeps its token (a row
-            # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
-            kept_BR = block_BK.gather(1, idx_BR)
-            x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, kept_BR))
-            rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
-            rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N)
-
-        if config.stop_on_eos_block:
-            active_B = _stop_eos_rows(x_BL, active_B, start, K, P, eos_id, rec)
-            if not bool(active_B.any()):
-                break
-
-    if bool(x_BL[:, P:].eq(mask_id).any()):
-        raise RuntimeError("the model drew the mask token, leaving positions undecoded; set ban_mask_token")
-    return Trajectory(
-        prompt_ids_BP=prompt_BP,
-        prompt_mask_BP=prompt_mask_BP,
-        completion_ids_BG=x_BL[:, P:].clone(),
-        unmask_step_BG=rec.unmask_step_BG.contiguous(),
-        logp_BG=rec.token_stat(0),
-        entropy_BG=rec.token_stat(1),
-        margin_BG=rec.token_stat(2),
-        cutoff_BG=rec.token_stat(3),
-        step_entropy_BT=rec.step_stats_2BT[0].contiguous(),
-        step_margin_BT=rec.step_stats_2BT[1].contiguous(),
-        step_committed_BT=rec.step_committed_BT,
-        temperature=config.temperature,
-        block_length=K,
-        banned_ids=banned,
-        discard_ids_BGS=rec.discard_ids_BGS[:, :G, :-1].contiguous(),
-        discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
-        discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
-        commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(demoted),
-        extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
-                "cache": config.cache, "cache_refresh": config.cache_refresh},
-    )
+    def trajectory(self) -> Trajectory:
+        config, rec, P, G = self.config, self.rec, self.P, self.config.gen_length
+        if bool(self.x_BL[:, P:].eq(self.mask_id).any()):
+            raise RuntimeError("the model drew the mask token, leaving positions undecoded; set ban_mask_token")
+        return Trajectory(
+            prompt_ids_BP=self.prompt_BP,
+            prompt_mask_BP=self.prompt_mask_BP,
+            completion_ids_BG=self.x_BL[:, P:].clone(),
+            unmask_step_BG=rec.unmask_step_BG.contiguous(),
+            logp_BG=rec.token_stat(0),
+            entropy_BG=rec.token_stat(1),
+            margin_BG=rec.token_stat(2),
+            cutoff_BG=rec.token_stat(3),
+            step_entropy_BT=rec.step_stats_2BT[0].contiguous(),
+            step_margin_BT=rec.step_stats_2BT[1].contiguous(),
+            step_committed_BT=rec.step_committed_BT,
+            temperature=config.temperature,
+            block_length=config.block_length,
+            banned_ids=self.banned,
+            discard_ids_BGS=rec.discard_ids_BGS[:, :G, :-1].contiguous(),
+            discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
+            discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
+            commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(self.demoted),
+            extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
+                    "cache": config.cache, "cache_refresh": config.cache_refresh},
+        )
 
 
 def _hidden(forward, x_BL, attn_BL, pos_BL, config: SamplerConfig, P: int, mask_id: int, **kv):
