@@ -89,53 +89,18 @@ class LearnerRank:
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group, build and shard the policy, build the optimizer and the loss."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
         from common.model import build_model
-        from common.policy import load_policy, policy_config
+        from common.policy import policy_config
 
-        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        # In-process tests build several single-rank learners in one process: they share one group.
-        self._owns_group = not dist.is_initialized()
-        if self._owns_group:
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                    rank=self.rank, world_size=self.world_size)
+        backend = self._join_group(master_addr, master_port)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-
-        # Only rank 0 reads the weights (an 8B checkpoint once per node, not once per rank); the others
-        # build the architecture on the meta device and receive their shards from rank 0 after sharding.
         # Trained weights are fp32 masters (MixedPrecisionPolicy casts them for compute); a frozen LoRA base is
         # stored in the compute dtype (an fp32 copy of LLaDA-8B's base would be 32 GB for nothing).
         base_dtype = to_dtype(self.cfg.param_dtype) if self.cfg.lora.enabled else torch.float32
-        full_state = None
-        if self.rank == 0:
-            torch.manual_seed(self.seed)
-            full, _ = load_policy(self.model_cfg)
-            full = full.to(base_dtype)
-            if self.cfg.lora.enabled:  # adapters in fp32
-                apply_lora(full, self.cfg.lora)
-            full_state = full.state_dict()
-            del full
+        full_state = self._rank0_state(base_dtype)
         mp = MixedPrecisionPolicy(param_dtype=to_dtype(self.cfg.param_dtype), reduce_dtype=to_dtype(self.cfg.reduce_dtype))
-
-        def sharded(model: torch.nn.Module, state: dict | None) -> torch.nn.Module:
-            """fully_shard per block and at the root, then fill every rank's shards from rank 0's ``state``."""
-            for block in model.transformer.blocks:
-                fully_shard(block, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
-            model.to_empty(device=self.device)
-            # (a copy: set_model_state_dict writes the local shards back into the dict it is given)
-            set_model_state_dict(model, dict(state or {}),
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-            # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
-            # methods need FSDP's unshard/reshard hooks just like forward.
-            register_fsdp_forward_method(model, "hidden_states")
-            register_fsdp_forward_method(model, "lm_head")
-            return model
 
         model = build_model(policy_config(self.model_cfg), dtype=base_dtype, device="meta")
         self.hf_config = model.config
@@ -143,13 +108,13 @@ class LearnerRank:
             apply_lora(model, self.cfg.lora)
         self.lora_scales = lora_scales(model)
         model.set_activation_checkpointing(self.model_cfg.gradient_checkpointing)
-        model = sharded(model, full_state)
+        model = self._sharded(model, full_state, mesh, mp)
         self.ref_model = None
         if self.use_ref:  # the frozen initial policy, sharded like the policy (an 8B copy per rank would not fit)
             ref_state = None if full_state is None else {  # in the ref's dtype: the broadcast needs them equal
                 k: v.to(to_dtype(self.cfg.param_dtype)) for k, v in full_state.items() if not is_adapter(k)}
             ref = build_model(policy_config(self.model_cfg), dtype=self.cfg.param_dtype, device="meta")
-            self.ref_model = sharded(ref, ref_state).eval().requires_grad_(False)
+            self.ref_model = self._sharded(ref, ref_state, mesh, mp).eval().requires_grad_(False)
         del full_state
         # Losses already divide by the global sample count, so ranks must SUM gradients (FSDP averages by default).
         for module in model.modules():
@@ -166,6 +131,50 @@ class LearnerRank:
             log.info("learner: %d ranks on %s (%s), %.2fM params (%.2fM trainable), lora=%s",
                      self.world_size, self.device.type, backend, n_params / 1e6, n_train / 1e6, self.cfg.lora.enabled)
         return {"params": n_params, "trainable_params": n_train, "backend": backend}
+
+    def _join_group(self, master_addr: str, master_port: int) -> str:
+        """Join the learner's default process group; returns its backend."""
+        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # In-process tests build several single-rank learners in one process: they share one group.
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                    rank=self.rank, world_size=self.world_size)
+        return backend
+
+    def _rank0_state(self, base_dtype: torch.dtype) -> dict | None:
+        """The full initial state on rank 0 (None elsewhere). Only rank 0 reads the weights (an 8B checkpoint
+        once per node, not once per rank); the others build on the meta device and receive their shards."""
+        from common.policy import load_policy
+
+        if self.rank != 0:
+            return None
+        torch.manual_seed(self.seed)
+        full, _ = load_policy(self.model_cfg)
+        full = full.to(base_dtype)
+        if self.cfg.lora.enabled:  # adapters in fp32
+            apply_lora(full, self.cfg.lora)
+        return full.state_dict()
+
+    def _sharded(self, model: torch.nn.Module, state: dict | None, mesh, mp) -> torch.nn.Module:
+        """fully_shard per block and at the root, then fill every rank's shards from rank 0's ``state``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for block in model.transformer.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.to_empty(device=self.device)
+        # (a copy: set_model_state_dict writes the local shards back into the dict it is given)
+        set_model_state_dict(model, dict(state or {}),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
+        # methods need FSDP's unshard/reshard hooks just like forward.
+        register_fsdp_forward_method(model, "hidden_states")
+        register_fsdp_forward_method(model, "lm_head")
+        return model
 
     # --- step
     def step(self, batch: Trajectory, step_seed: int) -> dict[str, float]:
