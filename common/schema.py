@@ -151,31 +151,8 @@ def group_to_record_batch(
     """
     traj = traj.to("cpu")
     B = len(traj)
-    if B == 0:
-        raise ValueError("group_to_record_batch needs at least one sample")
-    if len(rewards) != B or len(correct) != B:
-        raise ValueError(f"rewards and correct need one entry per sample ({B}), got {len(rewards)} and {len(correct)}")
-    for name, values in components.items():
-        if len(values) != B:
-            raise ValueError(f"reward component {name!r} has {len(values)} values, expected one per sample ({B})")
-    if set(timings) != set(TIMING_KEYS):
-        raise ValueError(f"timings must have exactly the keys {TIMING_KEYS}, got {sorted(timings)}")
-
-    # Prompts: drop the left padding with one boolean gather; offsets from the per-row counts.
-    mask_BP = traj.prompt_mask_BP.bool()
-    prompt_len_B = mask_BP.sum(dim=1).numpy().astype(np.int32)
-    prompt_offsets = np.zeros(B + 1, dtype=np.int32)
-    np.cumsum(prompt_len_B, out=prompt_offsets[1:])
-    prompt_values = traj.prompt_ids_BP[mask_BP].numpy().astype(np.int32)
-    prompt_col = pa.ListArray.from_arrays(pa.array(prompt_offsets), pa.array(prompt_values, _i32))
-
-    names = list(components)
-    comp_values = np.asarray([components[n] for n in names], dtype=np.float32).reshape(len(names), B)
-    comp_offsets = np.arange(B + 1, dtype=np.int32) * len(names)
-    comp_col = pa.MapArray.from_arrays(
-        pa.array(comp_offsets), pa.array(np.tile(np.asarray(names, dtype=object), B), pa.string()),
-        pa.array(comp_values.T.reshape(-1), _f32),  # row-major: sample b's components are contiguous
-    )
+    _check_group_inputs(B, rewards, correct, components, timings)
+    prompt_col, comp_col = _prompt_column(traj), _components_column(components, B)
     banned = np.asarray(traj.banned_ids, dtype=np.int32).reshape(1, -1).repeat(B, axis=0)
     filled_BG = traj.extras.get("filled_BG")
     filled = (filled_BG.cpu().numpy().astype(bool) if filled_BG is not None
@@ -217,6 +194,38 @@ def group_to_record_batch(
     rb = pa.RecordBatch.from_arrays(list(columns.values()), schema=SCHEMA)
     validate_group(rb)
     return rb
+
+
+def _check_group_inputs(B: int, rewards, correct, components: dict, timings: dict) -> None:
+    if B == 0:
+        raise ValueError("group_to_record_batch needs at least one sample")
+    if len(rewards) != B or len(correct) != B:
+        raise ValueError(f"rewards and correct need one entry per sample ({B}), got {len(rewards)} and {len(correct)}")
+    for name, values in components.items():
+        if len(values) != B:
+            raise ValueError(f"reward component {name!r} has {len(values)} values, expected one per sample ({B})")
+    if set(timings) != set(TIMING_KEYS):
+        raise ValueError(f"timings must have exactly the keys {TIMING_KEYS}, got {sorted(timings)}")
+
+
+def _prompt_column(traj: Trajectory) -> pa.ListArray:
+    """Prompts without their left padding (one boolean gather; offsets from the per-row counts)."""
+    mask_BP = traj.prompt_mask_BP.bool()
+    prompt_len_B = mask_BP.sum(dim=1).numpy().astype(np.int32)
+    prompt_offsets = np.zeros(len(prompt_len_B) + 1, dtype=np.int32)
+    np.cumsum(prompt_len_B, out=prompt_offsets[1:])
+    prompt_values = traj.prompt_ids_BP[mask_BP].numpy().astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(prompt_offsets), pa.array(prompt_values, _i32))
+
+
+def _components_column(components: dict[str, list[float]], B: int) -> pa.MapArray:
+    names = list(components)
+    comp_values = np.asarray([components[n] for n in names], dtype=np.float32).reshape(len(names), B)
+    comp_offsets = np.arange(B + 1, dtype=np.int32) * len(names)
+    return pa.MapArray.from_arrays(
+        pa.array(comp_offsets), pa.array(np.tile(np.asarray(names, dtype=object), B), pa.string()),
+        pa.array(comp_values.T.reshape(-1), _f32),  # row-major: sample b's components are contiguous
+    )
 
 
 # --- validation
