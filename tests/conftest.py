@@ -18,6 +18,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: intra-op threads only add contention on shared CI cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny LLaDA preset with seeded random weights, in eval mode."""
+    from common.model import build_model, preset_config
+
+    return build_model(preset_config("tiny"), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
 def local_group():
     """One in-process gloo group of size 1 (the default process group) for single-rank learner tests."""
     import torch

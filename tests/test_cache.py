@@ -19,17 +19,7 @@ from rollout.sampler import generate
 PAD, EOS, MASK, EOT = 0, 2, 3, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(preset_config("tiny"), seed=0).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest; the tiny random model is conftest's ``model``
 
 
 def _prompts(B: int, P: int, seed: int, pad_rows: int = 0):
