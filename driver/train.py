@@ -298,8 +298,9 @@ class Controller:
 
         self.batch = batch = table_to_trajectory(table, self.tokenizer.pad_id)
         self.batch_positions = sorted({position_of(g) for g in table.column("group_id").to_pylist()})
-        spread_G = torch.zeros(int(batch.group_B.max()) + 1).index_reduce_(0, batch.group_B, batch.rewards_B, "amax")
-        spread_G -= torch.zeros_like(spread_G).index_reduce_(0, batch.group_B, batch.rewards_B, "amin", include_self=False)
+        _, group_B = torch.unique(batch.group_B, return_inverse=True)
+        hi_G = torch.full((int(group_B.max()) + 1,), float("-inf")).scatter_reduce(0, group_B, batch.rewards_B, "amax")
+        spread_G = hi_G - torch.full_like(hi_G, float("inf")).scatter_reduce(0, group_B, batch.rewards_B, "amin")
         self.batch_info = {
             "reward": float(batch.rewards_B.mean()),
             "accuracy": float(batch.extras["correct_B"].float().mean()),
