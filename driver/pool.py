@@ -89,11 +89,16 @@ class RolloutPool:
         for wid, (_, since) in self.pending.items():
             if wid not in self._reported and now - since > report_after_s:
                 self._reported.add(wid)
-                free = ray.available_resources()
-                log.warning("rollout worker %s cannot be placed yet: it needs %s and the cluster has %s free; it joins "
-                            "when they free up (or lower the pool with `unmask scale RUN --rollout-workers N`)",
-                            wid, _fmt(self.needs), _fmt({k: free.get(k, 0.0) for k in self.needs}))
+                log.warning("rollout worker %s cannot be placed yet: %s; it joins when they free up (or lower the "
+                            "pool with `unmask scale RUN --rollout-workers N`)", wid, self.shortfall())
         return joined
+
+    def shortfall(self) -> str:
+        """What one worker needs against what the cluster has free, for a message."""
+        import ray
+
+        free = ray.available_resources()
+        return f"it needs {_fmt(self.needs)} and the cluster has {_fmt({k: free.get(k, 0.0) for k in self.needs})} free"
 
     def wait_ready(self, timeout: float) -> list[str]:
         """Block up to ``timeout`` s for the pending workers (at start); returns those that joined."""

@@ -34,9 +34,6 @@ class RunState:
             self.trained_below += 1
         self.trained_above = sorted(above)
 
-    def trained(self, position: int) -> bool:
-        return position < self.trained_below or position in set(self.trained_above)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -57,7 +54,6 @@ class PromptStream:
     """
 
     def __init__(self, items: Iterable, state: RunState):
-        self._state = state
         self._items: Iterator = itertools.islice(enumerate(items), state.trained_below, None)
         self._skip = set(state.trained_above)
 

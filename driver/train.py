@@ -171,10 +171,9 @@ class Controller:
         pool.resize(desired)
         pool.wait_ready(PLACEMENT_TIMEOUT_S)
         if desired and not pool.active():
-            free = ray.available_resources()
+            shortfall = pool.shortfall()
             pool.shutdown()
-            raise RunError(f"no rollout worker could be placed in {PLACEMENT_TIMEOUT_S:.0f} s: each needs "
-                           f"{pool.needs} and the cluster has {({k: free.get(k, 0.0) for k in pool.needs})} free; "
+            raise RunError(f"no rollout worker could be placed in {PLACEMENT_TIMEOUT_S:.0f} s: {shortfall}; "
                            "lower rollout.num_cpus_per_worker / num_gpus_per_worker or add nodes")
         log.info("rollout pool: %d worker(s)%s", pool.size,
                  f", {len(pool.pending)} waiting for resources" if pool.pending else "")
