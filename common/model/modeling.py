@@ -90,8 +90,10 @@ class LLaDABlock(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor | None,
                 cache_k: torch.Tensor | None = None, cache_v: torch.Tensor | None = None,
-                idx_BHQD: torch.Tensor | None = None, keep_B1Q1: torch.Tensor | None = None):
-        """Returns the block output and the keys/values the queries attended to ([B, Hkv, L or cache L, Dh])."""
+                idx_BHQD: torch.Tensor | None = None, keep_B1Q1: torch.Tensor | None = None, return_kv: bool = False):
+        """Returns the block output and, with ``return_kv``, the keys/values the queries attended to
+        ([B, Hkv, L or cache L, Dh]; else None, None). Outputs are never views: FSDP2 hooks a block's outputs
+        for backward, and an in-place op on a view output would silently skip that hook."""
         B, L, _ = x_BLD.shape
         h = self.attn_norm(x_BLD)
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
@@ -106,7 +108,8 @@ class LLaDABlock(nn.Module):
         )
         x_BLD = x_BLD + self.attn_out(att.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x_BLD)
-        return x_BLD + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), k, v
+        x_BLD = x_BLD + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return (x_BLD, k.contiguous(), v.contiguous()) if return_kv else (x_BLD, None, None)
 
 
 class LLaDATransformer(nn.Module):
@@ -210,9 +213,9 @@ class LLaDAModelLM(PreTrainedModel):
         for i, block in enumerate(self.transformer.blocks):
             cached = () if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i], idx_BHQD, keep_B1Q1)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x, k, v = checkpoint(block, x, cos, sin, attn_bias, *cached, use_reentrant=False)
+                x, k, v = checkpoint(block, x, cos, sin, attn_bias, *cached, return_kv=return_kv, use_reentrant=False)
             else:
-                x, k, v = block(x, cos, sin, attn_bias, *cached)
+                x, k, v = block(x, cos, sin, attn_bias, *cached, return_kv=return_kv)
             if return_kv:
                 out.keys.append(k)
                 out.values.append(v)
