@@ -13,6 +13,7 @@ plots into --out.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import time
@@ -90,16 +91,15 @@ def main(argv=None) -> int:
                 assert train(cfg) == 0, f"{method} seed {seed} failed"
                 run_dir = sorted((out / "runs").glob(f"{method}-s{seed}-*"))[-1]
                 records = read_metrics(run_dir / "metrics.jsonl")
-                results["runs"].append({
+                results = record_run(out, results, {
                     "method": method, "seed": seed, "run_dir": str(run_dir), "minutes": (time.time() - t0) / 60,
                     "curve": [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r],
                     "at_steps": {str(r["eval_sampling_steps"]): r["eval_accuracy_at_steps"] for r in records
                                  if "eval_sampling_steps" in r},
                 })
-                (out / "results.json").write_text(json.dumps(results, indent=1))
     finally:
         ray.shutdown()
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = record_run(out, results, None)
     write_report(results, out)
     first = next((r["run_dir"] for r in results["runs"] if r["method"] == "agrpo"), None)
     if first:  # confusion zones of the first and last policy versions of one AGRPO run
@@ -116,6 +116,28 @@ def main(argv=None) -> int:
     plot_accuracy_vs_steps(points, out / "accuracy_vs_sampling_steps.png")
     plot_curves_by_method(results, out / "accuracy_vs_rl_step.png")
     return 0
+
+
+def record_run(out: Path, results: dict, run: dict | None) -> dict:
+    """Adds ``run`` to out/results.json and returns the file's results. Invocations of the same setup may run
+    at once into one --out (e.g. one per method on a 2-core box): under a lock each re-reads the file and
+    keeps the runs the others wrote, so none is lost."""
+    with open(out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = out / "results.json"
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        if (on_disk.get("steps"), on_disk.get("config"), on_disk.get("overrides", [])) == (
+                results["steps"], results["config"], results["overrides"]):
+            mine = {(r["method"], r["seed"]) for r in results["runs"]}
+            results["runs"] += [r for r in on_disk["runs"] if (r["method"], r["seed"]) not in mine]
+            results["seeds"] = sorted(set(on_disk.get("seeds", [])) | set(results["seeds"]))
+        if run is not None:
+            results["runs"] = [r for r in results["runs"] if (r["method"], r["seed"]) != (run["method"], run["seed"])]
+            results["runs"].append(run)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+        return results
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:

@@ -1,0 +1,39 @@
+"""benchmarks.rl_compare keeps every run when invocations of one setup write into the same --out at once."""
+import json
+import multiprocessing as mp
+
+from benchmarks.rl_compare import mean_ci95, record_run
+
+
+def _header(seeds):
+    return {"config": "tiny_countdown", "overrides": [], "steps": 2, "seeds": seeds, "runs": []}
+
+
+def _write_runs(out, method, n):
+    results = _header(list(range(n)))
+    for seed in range(n):
+        results = record_run(out, results, {"method": method, "seed": seed})
+
+
+def test_concurrent_invocations_lose_no_run(tmp_path):
+    procs = [mp.get_context("fork").Process(target=_write_runs, args=(tmp_path, m, 20)) for m in ("agrpo", "atpo")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ("agrpo", "atpo") for s in range(20))
+
+
+def test_a_redone_run_replaces_the_old_one_and_another_setup_starts_afresh(tmp_path):
+    record_run(tmp_path, _header([0]), {"method": "agrpo", "seed": 0, "v": 1})
+    results = record_run(tmp_path, _header([0]), {"method": "agrpo", "seed": 0, "v": 2})
+    assert [r["v"] for r in results["runs"]] == [2]
+    other = dict(_header([0]), steps=5)
+    results = record_run(tmp_path, other, {"method": "atpo", "seed": 0})
+    assert [r["method"] for r in results["runs"]] == ["atpo"]
+
+
+def test_mean_ci95_is_the_student_t_interval():
+    mean, half = mean_ci95([0.1, 0.2, 0.3])
+    assert abs(mean - 0.2) < 1e-12 and abs(half - 4.303 * 0.1 / 3 ** 0.5) < 1e-9
