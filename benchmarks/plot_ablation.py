@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="agrpo")
     p.add_argument("--out", required=True, help="PNG path")
     args = p.parse_args(argv)
-    from benchmarks.rl_compare import plot_curves
+    from benchmarks.compare_plots import plot_curves
 
     series, results = {}, {}
     for spec in args.dirs:

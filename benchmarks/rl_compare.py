@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.compare_plots import mean_ci95, plot_all
+
 # Each method is a list of config overrides. diffu_grpo is a whole section (it has no k_steps); the
 # others keep the preset's algorithm fields (k_steps, draws: auto = the exact estimator of the remasking).
 METHODS = {
@@ -30,8 +32,6 @@ METHODS = {
     "agrpo_committed": ["algorithm.name=agrpo", "algorithm.draws=committed"],
 }
 DEFAULT_METHODS = ["agrpo", "atpo", "atpo_unbiased", "diffu_grpo"]
-# Two-sided 95% Student-t quantiles by degrees of freedom (n - 1): the CI of a mean over n seeds.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def parse(argv=None):
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from common.config import load_config
     from common.metrics import read_metrics
     from driver.evaluate import evaluate_checkpoint
-    from driver.plots import load_step_profiles, plot_accuracy_vs_steps, plot_confusion_zones
+    from driver.plots import load_step_profiles, plot_confusion_zones
     from driver.train import train
 
     out = Path(args.out)
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     sampling_steps = [base_cfg.sampler.gen_length // 4, base_cfg.sampler.gen_length // 2, base_cfg.sampler.gen_length]
     results: dict = {"config": args.config, "overrides": args.overrides, "task": base_cfg.task.name, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
+                     "eval_items": base_cfg.task.eval_size,
                      "base": {}, "runs": []}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     same_setup = (previous.get("steps"), previous.get("config"), previous.get("overrides", [])) == (
@@ -109,12 +110,7 @@ def main(argv=None) -> int:
             sub = {k: v[pick] for k, v in profiles.items()}
             plot_confusion_zones(sub, out / f"confusion_zones_{name}.png",
                                  title=f"zones of confusion, policy version {int(versions[pick][0])}")
-    points = {"base": [(s, results["base"][str(s)]) for s in sampling_steps]}
-    for method in dict.fromkeys(r["method"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["method"] == method]
-        points[method] = [(s, statistics.mean(r["at_steps"][str(s)] for r in runs)) for s in sampling_steps]
-    plot_accuracy_vs_steps(points, out / "accuracy_vs_sampling_steps.png")
-    plot_curves_by_method(results, out / "accuracy_vs_rl_step.png")
+    plot_all(results, out)
     return 0
 
 
@@ -140,13 +136,6 @@ def record_run(out: Path, results: dict, run: dict | None) -> dict:
         return results
 
 
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its two-sided 95% Student-t confidence interval (0 for one value)."""
-    if len(values) == 1:
-        return values[0], 0.0
-    return statistics.mean(values), T95[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
-
-
 def _mean_ci(values: list[float]) -> str:
     mean, half = mean_ci95(values)
     if len(values) == 1:
@@ -169,37 +158,6 @@ def write_report(results: dict, out: Path) -> None:
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def plot_curves_by_method(results: dict, path: Path) -> None:
-    series = {m: [r for r in results["runs"] if r["method"] == m] for m in dict.fromkeys(r["method"] for r in results["runs"])}
-    plot_curves(series, results["base"][str(results["sampling_steps"][-1])],
-                f"held-out accuracy ({results.get('task', 'countdown')}, greedy)", path)
-
-
-def plot_curves(series: dict[str, list[dict]], base: float, ylabel: str, path: Path, title: str | None = None) -> None:
-    """Held-out accuracy over learner steps: per label the mean over its runs, thin lines per run."""
-    from driver.plots import _plt
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, runs in series.items():
-        steps = [s for s, _ in runs[0]["curve"]]
-        mean = [statistics.mean(dict(r["curve"]).get(s, float("nan")) for r in runs) for s in steps]
-        line, = ax.plot(steps, mean, "o-", label=label)
-        for r in runs:
-            ax.plot(*zip(*r["curve"]), color=line.get_color(), alpha=0.25, lw=1)
-    ax.axhline(base, color="gray", ls="--", label="base")
-    ax.set_xlabel("learner step")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 import json
 import multiprocessing as mp
 
-from benchmarks.rl_compare import mean_ci95, record_run
+from benchmarks.compare_plots import mean_ci95
+from benchmarks.rl_compare import record_run
 
 
 def _header(seeds):
@@ -37,3 +38,14 @@ def test_a_redone_run_replaces_the_old_one_and_another_setup_starts_afresh(tmp_p
 def test_mean_ci95_is_the_student_t_interval():
     mean, half = mean_ci95([0.1, 0.2, 0.3])
     assert abs(mean - 0.2) < 1e-12 and abs(half - 4.303 * 0.1 / 3 ** 0.5) < 1e-9
+
+
+def test_comparison_plots_are_written_from_a_results_file(tmp_path):
+    from benchmarks.compare_plots import plot_all
+
+    runs = [{"method": m, "seed": s, "curve": [(0, 0.1), (10, 0.15 + 0.01 * s)],
+             "at_steps": {"4": 0.1, "8": 0.12, "16": 0.15 + 0.01 * s}} for m in ("agrpo", "diffu_grpo") for s in range(3)]
+    results = {"task": "countdown", "budget_trajectories": 2560, "eval_items": 256, "sampling_steps": [4, 8, 16],
+               "base": {"4": 0.07, "8": 0.1, "16": 0.11}, "runs": runs}
+    for path in plot_all(results, tmp_path):
+        assert path.stat().st_size > 10_000
