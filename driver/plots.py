@@ -33,22 +33,42 @@ def _finish(plt, fig, ax, out: Path, title: str = "") -> Path:
     return out
 
 
+def moving_average(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` points (the first points average what exists so far)."""
+    csum = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    return (csum[idx] - csum[np.maximum(idx - window, 0)]) / np.minimum(idx, window)
+
+
 def plot_curves(records: list[dict], out: Path, title: str = "") -> Path | None:
-    """Training reward/accuracy per step and held-out accuracy at each evaluation."""
+    """Training reward/accuracy per step (faint) with their moving average, held-out accuracy at each
+    evaluation, and below them the share of groups whose samples all got one reward (no gradient signal)."""
     train = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_accuracy" in r]
     if not train and not evals:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    window = max(1, len(train) // 20)
     if train:
         steps = [r["step"] for r in train]
-        ax.plot(steps, [r["reward"] for r in train], label="train reward", alpha=0.8)
-        ax.plot(steps, [r["accuracy"] for r in train], label="train accuracy", alpha=0.8)
+        for key, label in (("reward", "train reward"), ("accuracy", "train accuracy")):
+            values = [r[key] for r in train]
+            line, = ax.plot(steps, values, alpha=0.25, lw=0.8)
+            ax.plot(steps, moving_average(values, window), color=line.get_color(),
+                    label=f"{label}" + (f" ({window}-step mean)" if window > 1 else ""))
+        if any("no_signal_groups" in r for r in train):
+            share = [r.get("no_signal_groups", float("nan")) for r in train]
+            low.plot(steps, share, color="gray", alpha=0.3, lw=0.8)
+            low.plot(steps, moving_average(share, window), color="black")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy")
-    ax.set_xlabel("learner step")
+        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", color="C2",
+                label="held-out accuracy (greedy)")
     ax.set_ylim(-0.02, 1.02)
+    low.set_ylim(-0.02, 1.02)
+    low.set_ylabel("no-signal\ngroups", fontsize=8)
+    low.set_xlabel("learner step")
+    low.grid(alpha=0.3)
     return _finish(plt, fig, ax, out, title)
 
 
