@@ -19,18 +19,28 @@ STYLE = {
     "diffu_grpo": ("C3", "diffu-GRPO"),
     "agrpo_committed": ("C4", "AGRPO committed-only"),
 }
-# Two-sided 95% Student-t quantiles by degrees of freedom (n - 1): the CI of a mean over n seeds.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
-
-
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of its two-sided 95% Student-t confidence interval (0 for one value)."""
+    from scipy import stats
+
     if len(values) == 1:
         return values[0], 0.0
-    df = len(values) - 1
-    t = T95.get(df) or T95[max(k for k in T95 if k <= df)]  # the next smaller df: a slightly wider interval
-    return statistics.mean(values), t * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.mean(values), stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def separation(a: list[float], b: list[float]) -> dict:
+    """How far apart two methods' seeds are: the difference of means with its Welch 95% interval and p-value,
+    whether their own 95% intervals overlap, and how many seeds per method would make them stop overlapping
+    if the difference and the spreads stayed as measured (None: not within 1,000)."""
+    from scipy import stats
+
+    (ma, ha), (mb, hb) = mean_ci95(a), mean_ci95(b)
+    welch = stats.ttest_ind(a, b, equal_var=False)
+    diff_ci = welch.confidence_interval(0.95)
+    spread = statistics.stdev(a) + statistics.stdev(b)
+    need = next((n for n in range(2, 1001) if stats.t.ppf(0.975, n - 1) * spread / n ** 0.5 < abs(ma - mb)), None)
+    return {"diff": ma - mb, "diff_low": diff_ci.low, "diff_high": diff_ci.high, "p": welch.pvalue,
+            "overlap": ma - ha <= mb + hb and mb - hb <= ma + ha, "seeds_needed": need}
 
 
 def _style(method: str) -> tuple[str, str]:

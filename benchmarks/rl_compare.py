@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.compare_plots import mean_ci95, plot_all
+from benchmarks.compare_plots import mean_ci95, plot_all, separation
 
 # Each method is a list of config overrides. diffu_grpo is a whole section (it has no k_steps); the
 # others keep the preset's algorithm fields (k_steps, draws: auto = the exact estimator of the remasking).
@@ -149,15 +149,43 @@ def write_report(results: dict, out: Path) -> None:
              "|---" * (len(steps) + 3) + "|",
              "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | |"]
     for method in dict.fromkeys(r["method"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["method"] == method]
+        runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["seed"])
         cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
         per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
         minutes = statistics.mean(r["minutes"] for r in runs)
         lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} |")
+    lines += separation_lines(results)
     if results.get("overrides"):
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def separation_lines(results: dict, reference: str = "agrpo") -> list[str]:
+    """Each other method against the reference: difference of means (points) with its Welch 95% interval and
+    p-value, whether the two methods' own 95% intervals overlap, and the seeds per method that would separate
+    them at the measured difference and spreads."""
+    steps = results["sampling_steps"]
+    seeds = lambda m, s: [r["at_steps"][str(s)] for r in sorted(results["runs"], key=lambda r: r["seed"]) if r["method"] == m]
+    others = [m for m in dict.fromkeys(r["method"] for r in results["runs"]) if m != reference]
+    if len(seeds(reference, steps[-1])) < 2 or not others:
+        return []
+    lines = ["", f"{reference} minus each method, points: difference [Welch 95% interval] p; "
+             "whether the two 95% intervals above overlap; seeds per method that would separate them "
+             "at this difference and spread", "", "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
+             "|---" * (len(steps) + 1) + "|"]
+    for m in others:
+        cells = []
+        for s in steps:
+            if len(seeds(m, s)) < 2:
+                cells.append("")
+                continue
+            sep = separation(seeds(reference, s), seeds(m, s))
+            need = "> 1,000 seeds" if sep["seeds_needed"] is None else f"~{sep['seeds_needed']} seeds"
+            cells.append(f"{100 * sep['diff']:+.1f} [{100 * sep['diff_low']:+.1f}, {100 * sep['diff_high']:+.1f}] "
+                         f"p={sep['p']:.2f}, {'overlap' if sep['overlap'] else '**separate**'}, {need}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

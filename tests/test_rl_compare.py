@@ -49,3 +49,12 @@ def test_comparison_plots_are_written_from_a_results_file(tmp_path):
                "base": {"4": 0.07, "8": 0.1, "16": 0.11}, "runs": runs}
     for path in plot_all(results, tmp_path):
         assert path.stat().st_size > 10_000
+
+
+def test_separation_tells_apart_distinct_and_overlapping_seeds():
+    from benchmarks.compare_plots import separation
+
+    far = separation([0.30, 0.31, 0.29, 0.30, 0.32], [0.20, 0.21, 0.19, 0.22, 0.20])
+    assert not far["overlap"] and far["p"] < 1e-4 and far["diff_low"] > 0.05 and far["seeds_needed"] <= 5
+    near = separation([0.197, 0.211, 0.172, 0.207, 0.191], [0.184, 0.156, 0.188, 0.203, 0.188])
+    assert near["overlap"] and near["diff_low"] < 0 < near["diff_high"] and near["seeds_needed"] > 5
