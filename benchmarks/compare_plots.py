@@ -48,7 +48,10 @@ def _style(method: str) -> tuple[str, str]:
 
 
 def by_method(results: dict) -> dict[str, list[dict]]:
-    return {m: [r for r in results["runs"] if r["method"] == m] for m in dict.fromkeys(r["method"] for r in results["runs"])}
+    """Each method's runs in seed order, the methods in STYLE's order (then any other)."""
+    order = list(STYLE) + [r["method"] for r in results["runs"]]
+    methods = sorted({r["method"] for r in results["runs"]}, key=order.index)
+    return {m: sorted((r for r in results["runs"] if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
 
 
 def _setting(results: dict) -> str:

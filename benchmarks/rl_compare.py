@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.compare_plots import mean_ci95, plot_all, separation
+from benchmarks.compare_plots import by_method, mean_ci95, plot_all, separation
 
 # Each method is a list of config overrides. diffu_grpo is a whole section (it has no k_steps); the
 # others keep the preset's algorithm fields (k_steps, draws: auto = the exact estimator of the remasking).
@@ -148,13 +148,13 @@ def write_report(results: dict, out: Path) -> None:
     lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + f" | per seed at {steps[-1]} | minutes/run |",
              "|---" * (len(steps) + 3) + "|",
              "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | |"]
-    for method in dict.fromkeys(r["method"] for r in results["runs"]):
-        runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["seed"])
+    for method, runs in by_method(results).items():
         cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
         per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
         minutes = statistics.mean(r["minutes"] for r in runs)
         lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} |")
-    lines += separation_lines(results)
+    for reference in ("agrpo", "atpo"):  # the paper's estimator, and its reallocation against the rest
+        lines += separation_lines(results, reference)
     if results.get("overrides"):
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -167,7 +167,7 @@ def separation_lines(results: dict, reference: str = "agrpo") -> list[str]:
     them at the measured difference and spreads."""
     steps = results["sampling_steps"]
     seeds = lambda m, s: [r["at_steps"][str(s)] for r in sorted(results["runs"], key=lambda r: r["seed"]) if r["method"] == m]
-    others = [m for m in dict.fromkeys(r["method"] for r in results["runs"]) if m != reference]
+    others = [m for m in by_method(results) if m != reference]
     if len(seeds(reference, steps[-1])) < 2 or not others:
         return []
     lines = ["", f"{reference} minus each method, points: difference [Welch 95% interval] p; "
