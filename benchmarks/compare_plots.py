@@ -86,8 +86,9 @@ def plot_curves(series: dict[str, list[dict]], base: float, ylabel: str, path: P
 
 
 def plot_rl_curves(results: dict, path: Path) -> None:
-    series = {_style(m)[1]: runs for m, runs in by_method(results).items()}
-    colors = {_style(m)[1]: _style(m)[0] for m in by_method(results)}
+    methods = by_method(results)
+    series = {_style(m)[1]: runs for m, runs in methods.items()}
+    colors = {_style(m)[1]: _style(m)[0] for m in methods}
     full = results["sampling_steps"][-1]
     plot_curves(series, results["base"][str(full)], f"held-out accuracy (greedy, {full} sampling steps)", path,
                 f"{_setting(results)}\nmean over seeds, shaded 95% interval, thin lines = single seeds", colors)

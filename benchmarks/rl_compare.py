@@ -67,18 +67,11 @@ def main(argv=None) -> int:
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
                      "eval_items": base_cfg.task.eval_size,
                      "base": {}, "runs": []}
-    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
-    same_setup = (previous.get("steps"), previous.get("config"), previous.get("overrides", [])) == (
-        args.steps, args.config, args.overrides)
-    if same_setup:
-        # Runs (method, seed) of an earlier invocation that this one does not redo are kept (same budget).
-        redo = {(m, seed) for m in args.methods for seed in args.seeds}
-        results["runs"] = [r for r in previous["runs"] if (r["method"], r["seed"]) not in redo]
-        results["seeds"] = sorted(set(previous.get("seeds", [])) | set(args.seeds))
+    # Runs of earlier (or concurrent) invocations of the same setup are kept: record_run merges them from the file.
     base = evaluate_checkpoint(base_cfg, sampling_steps)
     results["base"] = {str(s): base[s]["accuracy"] for s in sampling_steps}
     if args.report_only:
-        results["runs"] = previous["runs"]
+        results["runs"] = json.loads((out / "results.json").read_text())["runs"]
         args.methods = []
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
@@ -114,18 +107,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def _setup(results: dict) -> tuple:
+    """What makes runs comparable (one budget, config and overrides): only such runs share a results.json."""
+    return results.get("steps"), results.get("config"), results.get("overrides", [])
+
+
 def record_run(out: Path, results: dict, run: dict | None) -> dict:
-    """Adds ``run`` to out/results.json and returns the file's results. Invocations of the same setup may run
-    at once into one --out (e.g. one per method on a 2-core box): under a lock each re-reads the file and
-    keeps the runs the others wrote, so none is lost."""
+    """Adds ``run`` to out/results.json (replacing an earlier run of its method and seed) and returns the
+    file's results. The file holds the runs: invocations of the same setup may run at once into one --out
+    (e.g. one per method on a 2-core box), and under a lock each re-reads it, so no run another wrote or
+    redid is lost or overwritten with a stale copy. A file of another setup is replaced."""
     with open(out / ".results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = out / "results.json"
         on_disk = json.loads(path.read_text()) if path.is_file() else {}
-        if (on_disk.get("steps"), on_disk.get("config"), on_disk.get("overrides", [])) == (
-                results["steps"], results["config"], results["overrides"]):
-            mine = {(r["method"], r["seed"]) for r in results["runs"]}
-            results["runs"] += [r for r in on_disk["runs"] if (r["method"], r["seed"]) not in mine]
+        if _setup(on_disk) == _setup(results):
+            results["runs"] = on_disk["runs"]
             results["seeds"] = sorted(set(on_disk.get("seeds", [])) | set(results["seeds"]))
         if run is not None:
             results["runs"] = [r for r in results["runs"] if (r["method"], r["seed"]) != (run["method"], run["seed"])]
@@ -166,8 +163,9 @@ def separation_lines(results: dict, reference: str = "agrpo") -> list[str]:
     p-value, whether the two methods' own 95% intervals overlap, and the seeds per method that would separate
     them at the measured difference and spreads."""
     steps = results["sampling_steps"]
-    seeds = lambda m, s: [r["at_steps"][str(s)] for r in sorted(results["runs"], key=lambda r: r["seed"]) if r["method"] == m]
-    others = [m for m in by_method(results) if m != reference]
+    runs = by_method(results)
+    seeds = lambda m, s: [r["at_steps"][str(s)] for r in runs.get(m, [])]
+    others = [m for m in runs if m != reference]
     if len(seeds(reference, steps[-1])) < 2 or not others:
         return []
     lines = ["", f"{reference} minus each method, points: difference [Welch 95% interval] p; "

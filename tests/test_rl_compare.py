@@ -35,6 +35,15 @@ def test_a_redone_run_replaces_the_old_one_and_another_setup_starts_afresh(tmp_p
     assert [r["method"] for r in results["runs"]] == ["atpo"]
 
 
+def test_a_run_redone_by_another_invocation_is_not_overwritten_with_a_stale_copy(tmp_path):
+    mine = record_run(tmp_path, _header([0]), {"method": "agrpo", "seed": 0, "v": 1})
+    record_run(tmp_path, _header([0]), {"method": "agrpo", "seed": 0, "v": 2})  # another invocation redoes it
+    mine = record_run(tmp_path, mine, {"method": "atpo", "seed": 0})
+    on_disk = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {(r["method"], r.get("v")) for r in on_disk} == {("agrpo", 2), ("atpo", None)} == {
+        (r["method"], r.get("v")) for r in mine["runs"]}
+
+
 def test_mean_ci95_is_the_student_t_interval():
     mean, half = mean_ci95([0.1, 0.2, 0.3])
     assert abs(mean - 0.2) < 1e-12 and abs(half - 4.3027 * 0.1 / 3 ** 0.5) < 1e-5
