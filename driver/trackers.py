@@ -76,6 +76,9 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before wandb's service process has written the run's records to the offline
+        # .wandb file (seen in CI: a header-only file); teardown waits for the service to finish and exit.
+        self.wandb.teardown()
 
 
 class MlflowTracker:
