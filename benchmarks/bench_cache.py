@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class FlopCounter:
-    """Wraps ``model.hidden_states`` and ``model.lm_head`` on the instance and sums their FLOPs."""
+    """Wraps ``model.hidden_states`` and ``model.vocab_logits`` on the instance and sums their FLOPs."""
 
     def __init__(self, model):
         cfg = model.config
@@ -64,7 +64,7 @@ class FlopCounter:
         self.block_params = cfg.n_layers * (2 * d * d + 2 * d * kv + 3 * d * cfg.mlp_hidden_size)
         self.n_layers, self.d, self.vocab = cfg.n_layers, d, cfg.embedding_size
         self.model, self.flops = model, 0.0
-        self._hidden, self._head = model.hidden_states, model.lm_head
+        self._hidden, self._head = model.hidden_states, model.vocab_logits
 
     def __enter__(self):
         def hidden_states(input_ids, *args, kv_cache=None, **kwargs):
@@ -73,15 +73,15 @@ class FlopCounter:
             self.flops += 2.0 * B * Q * self.block_params + 4.0 * self.n_layers * B * Q * Lk * self.d
             return self._hidden(input_ids, *args, kv_cache=kv_cache, **kwargs)
 
-        def lm_head(h):
+        def vocab_logits(h):
             self.flops += 2.0 * h[..., 0].numel() * self.d * self.vocab
             return self._head(h)
 
-        self.model.hidden_states, self.model.lm_head = hidden_states, lm_head
+        self.model.hidden_states, self.model.vocab_logits = hidden_states, vocab_logits
         return self
 
     def __exit__(self, *exc):
-        del self.model.hidden_states, self.model.lm_head  # back to the class methods
+        del self.model.hidden_states, self.model.vocab_logits  # back to the class methods
 
 
 def _sync(device) -> None:
@@ -300,7 +300,7 @@ def _worst_log_ratio(model, traj) -> tuple[float, int]:
             continue
         with torch.no_grad():
             h_ND = policy_hidden(model, traj, step_B, 3, "cpu").rows(b_N, P + g_N)
-            logp_N = sampler_logprobs(model.lm_head(h_ND), tok_N, temperature=traj.temperature, cutoff_N=cut_N,
+            logp_N = sampler_logprobs(model.vocab_logits(h_ND), tok_N, temperature=traj.temperature, cutoff_N=cut_N,
                                       banned_ids=traj.banned_ids)
         worst, n = max(worst, (logp_N - old_N).abs().max().item()), n + len(b_N)
     return worst, n

@@ -18,6 +18,8 @@ Column notes:
   by position and step by step within a position (the s-th entry of a position is the s-th step of its
   block); ``discard_cutoff`` is parallel to them, or empty when the sampler cut no support (no
   top-k/top-p). ``commit_reads_draws``: the commit rule looked at the drawn tokens.
+- ``block_grid`` (v4): where the sampler's blocks started, "completion" (at the completion's first token) or
+  "sequence" (every block_length positions from the prompt's first token: block diffusion, SDAR).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.config.sampler import block_rounds
+
 if TYPE_CHECKING:
     import torch
 
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 3  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`
+SCHEMA_VERSION = 4  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`; v4: `block_grid`
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -74,6 +78,7 @@ SCHEMA = pa.schema(
         pa.field("discard_logp", pa.list_(_f32), nullable=False),
         pa.field("discard_cutoff", pa.list_(_f32), nullable=False),
         pa.field("commit_reads_draws", pa.bool_(), nullable=False),
+        pa.field("block_grid", pa.string(), nullable=False),
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -187,6 +192,7 @@ def group_to_record_batch(
         "cache_refresh": pa.array(np.full(B, traj.extras.get("cache_refresh") or 0, dtype=np.int32)),
         **_discard_columns(traj),
         "commit_reads_draws": pa.array(np.full(B, traj.commit_reads_draws, dtype=bool)),
+        "block_grid": pa.array([traj.block_grid] * B, pa.string()),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -407,8 +413,9 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
     group_codes = pc.dictionary_encode(_column(table, "group_id"))  # codes in order of first appearance
     G, T = per_token["completion_ids"].shape[1], per_step["step_entropy"].shape[1]
     block_length = int(_uniform_scalar(table, "block_length"))
-    num_blocks = G // block_length if block_length > 0 else 1
-    discards = _discards(table, B, G, max(T // max(num_blocks, 1) - 1, 0))
+    block_grid = str(_uniform_scalar(table, "block_grid"))
+    rounds = block_rounds(G, block_length, block_grid) if block_length > 0 else 1
+    discards = _discards(table, B, G, max(T // rounds - 1, 0))
     first_row = np.unique(group_codes.indices.to_numpy(), return_index=True)[1]
     return Trajectory(
         prompt_ids_BP=torch.from_numpy(prompt_ids_BP),
@@ -427,6 +434,7 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
         banned_ids=tuple(int(i) for i in banned_BK[0]),
         **discards,
         commit_reads_draws=bool(_uniform_scalar(table, "commit_reads_draws")),
+        block_grid=block_grid,
         rewards_B=_tensor(_column(table, "reward").to_numpy(), torch.float32),
         group_B=_tensor(group_codes.indices.to_numpy(), torch.int64),
         policy_version_B=_tensor(_column(table, "policy_version").to_numpy(), torch.int64),

@@ -49,10 +49,37 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     return ids_BL, attn_BL, pos_BL
 
 
+def block_starts(prompt_mask_BP: torch.Tensor, block: int, block_length: int, grid: str) -> torch.Tensor:
+    """Column [B] where each row's ``block``-th decoded block starts (prompts left-padded to P columns).
+
+    ``completion``: P + block * K for every row. ``sequence``: blocks count K real positions from the
+    prompt's first token, so a row with p real prompt tokens starts its first decoded block p mod K columns
+    before the completion (holding the prompt's tail)."""
+    P = prompt_mask_BP.shape[1]
+    if grid == "completion":
+        return torch.full((prompt_mask_BP.shape[0],), P + block * block_length, dtype=torch.long,
+                          device=prompt_mask_BP.device)
+    offset_B = prompt_mask_BP.sum(1) % block_length
+    return P - offset_B + block * block_length
+
+
+def completion_blocks(traj: Trajectory) -> tuple[torch.Tensor, int]:
+    """The decoded block of every completion position [B, G] (its index in decoding order) and the sampler's
+    steps per block (the trajectory's T over the blocks it decoded): one home for the block layout."""
+    from common.config.sampler import block_rounds
+
+    B, G = traj.completion_ids_BG.shape
+    K = traj.block_length if traj.block_length > 0 else G
+    g_BG = torch.arange(G, device=traj.completion_ids_BG.device).expand(B, G)
+    if traj.block_grid == "sequence":
+        offset_B1 = (traj.prompt_mask_BP.sum(1) % K)[:, None].to(g_BG.device)
+        g_BG = g_BG + offset_B1
+    return g_BG // K, traj.num_steps // block_rounds(G, K, traj.block_grid)
+
+
 def steps_per_block(traj: Trajectory) -> int:
-    """T / (G / block_length): the sampler's steps in each block."""
-    G, T = traj.completion_ids_BG.shape[1], traj.num_steps
-    return T // (G // traj.block_length)
+    """The sampler's steps in each block."""
+    return completion_blocks(traj)[1]
 
 
 def anchor_steps(step_B: torch.Tensor, spb: int, refresh: int | None) -> torch.Tensor:
@@ -62,12 +89,13 @@ def anchor_steps(step_B: torch.Tensor, spb: int, refresh: int | None) -> torch.T
     return first_B if not refresh else step_B - (step_B - first_B) % refresh
 
 
-def query_columns(mode: str, block_start, block_length: int, L: int):
-    """[lo, hi) columns a cached step of the block starting at column ``block_start`` (int or [B]) runs."""
+def query_columns(mode: str, block_start, block_length: int, L: int, shift: int = 0):
+    """[lo, hi) columns a cached step of the block starting at column ``block_start`` (int or [B]) runs; with a
+    logit ``shift`` (Dream) the window starts ``shift`` columns early, where the block's first logits sit."""
     if mode == "dual":
-        return block_start, block_start + block_length
+        return block_start - shift, block_start + block_length
     if mode == "prefix":
-        return block_start, block_start * 0 + L
+        return block_start - shift, block_start * 0 + L
     raise ValueError(f"unknown cache mode {mode!r}; choose one of {CACHE_MODES}")
 
 
@@ -78,9 +106,12 @@ class StepHidden:
     h_BQD: torch.Tensor
     lo_B: torch.Tensor
 
+    shift: int = 0  # the policy's logit shift: token column c is scored by the hidden state at c - shift
+
     def rows(self, b_N: torch.Tensor, col_N: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, D] of sequence columns ``col_N`` (each within its row's queried columns)."""
-        return self.h_BQD[b_N, col_N - self.lo_B[b_N]]
+        """Hidden states [N, D] that score the tokens at sequence columns ``col_N`` (the model's logit shift
+        applied; each within its row's queried columns)."""
+        return self.h_BQD[b_N, col_N - self.shift - self.lo_B[b_N]]
 
 
 def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, device) -> StepHidden:
@@ -97,7 +128,8 @@ def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, d
     mode = traj.extras.get("cache", "none")
     B, L = ids_BL.shape
     if mode == "none":
-        return StepHidden(model.hidden_states(ids_BL, attn_BL, pos_BL), torch.zeros(B, dtype=torch.long, device=device))
+        return StepHidden(model.hidden_states(ids_BL, attn_BL, pos_BL), torch.zeros(B, dtype=torch.long, device=device),
+                          model.logit_shift)
 
     spb, K, P = steps_per_block(traj), traj.block_length, traj.prompt_ids_BP.shape[1]
     anchor_B = anchor_steps(step_B, spb, traj.extras.get("cache_refresh"))
@@ -107,14 +139,14 @@ def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, d
     # Each row's query columns [lo, hi) are those of its block; rows differ in block, so the batch runs
     # the widest window [lo_B, lo_B + Q) and queries outside a row's own columns only read the cache.
     start_B = P + (anchor_B // spb) * K
-    lo_B, hi_B = query_columns(mode, start_B, K, L)
-    Q = int((hi_B - lo_B).max())
-    lo_B = torch.minimum(lo_B, torch.full_like(lo_B, L - Q))
+    first_B, hi_B = query_columns(mode, start_B, K, L, model.logit_shift)
+    Q = int((hi_B - first_B).max())
+    lo_B = torch.minimum(first_B, torch.full_like(first_B, L - Q))
     col_BQ = lo_B[:, None] + torch.arange(Q, device=device)
-    keep_BQ = (col_BQ >= start_B[:, None]) & (col_BQ < hi_B[:, None])
+    keep_BQ = (col_BQ >= first_B[:, None]) & (col_BQ < hi_B[:, None])
     q_pos_BQ = None if pos_BL is None else pos_BL.gather(1, col_BQ)
     h_BQD = model.hidden_states(ids_BL.gather(1, col_BQ), attn_BL, q_pos_BQ, kv_cache=kv, query_idx=col_BQ,
                                 query_keep=None if bool(keep_BQ.all()) else keep_BQ)
     at_anchor_B11 = (step_B.clamp(min=0) == anchor_B)[:, None, None]
     anchor_BQD = h_BLD.gather(1, col_BQ[..., None].expand(-1, -1, h_BLD.shape[-1]))
-    return StepHidden(torch.where(at_anchor_B11, anchor_BQD, h_BQD), lo_B)
+    return StepHidden(torch.where(at_anchor_B11, anchor_BQD, h_BQD), lo_B, model.logit_shift)

@@ -99,18 +99,28 @@ class CharTokenizer:
 
 
 class HFTokenizer:
-    """A checkpoint's own tokenizer (LLaDA's), loaded from local files only, chat template applied."""
+    """A checkpoint's own tokenizer (any family's), loaded from local files only, chat template applied.
 
-    def __init__(self, directory: str | Path, mask_id: int | None = None):
+    The mask and end-of-turn ids come from the model family (``mask_id`` from config.json's
+    ``mask_token_id``, ``eot_token`` the family's end-of-turn text), not from guesses over the vocabulary.
+    """
+
+    def __init__(self, directory: str | Path, mask_id: int | None = None, eot_token: str | None = None):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         vocab = self.tok.get_vocab()
-        self.mask_id = mask_id if mask_id is not None else vocab.get("<|mdm_mask|>", 126336)
-        self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab.get("<|endoftext|>", 126081)
+        if mask_id is None:
+            mask_id = self.tok.mask_token_id
+        if mask_id is None:
+            raise ValueError(f"{directory}: no mask token id (config.json mask_token_id or the tokenizer's mask_token)")
+        self.mask_id = int(mask_id)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"{directory}: the tokenizer has no eos_token")
+        self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.bos_id = self.tok.bos_token_id
-        self.eot_id = vocab.get("<|eot_id|>")
+        self.eot_id = vocab.get(eot_token) if eot_token else None
         self.vocab_size = len(self.tok)
 
     def encode(self, text: str) -> list[int]:
@@ -130,10 +140,19 @@ class HFTokenizer:
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer saved in a checkpoint directory: ours if present, else the HF files there."""
+    """The tokenizer saved in a checkpoint directory: ours if present, else the HF files there (special ids
+    from the checkpoint's family)."""
     directory = Path(directory)
     if (directory / CHAR_TOKENIZER_FILE).is_file():
         return CharTokenizer.load(directory)
     if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return HFTokenizer(directory)
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            return HFTokenizer(directory)
+        from common.model.family import family_for_type
+        import common.model  # noqa: F401  (registers the families)
+
+        config = json.loads(config_file.read_text())
+        family = family_for_type(config.get("model_type"), where=str(config_file))
+        return HFTokenizer(directory, mask_id=config.get("mask_token_id"), eot_token=family.eot_token)
     raise ValueError(f"{directory}: no tokenizer files (tokenizer.json or {CHAR_TOKENIZER_FILE})")

@@ -48,6 +48,7 @@ class Trajectory:
     discard_logp_BGS: torch.Tensor | None = None  # float32 behaviour log-prob of each discarded draw
     discard_cutoff_BGS: torch.Tensor | None = None  # float32 support cut-off of each draw (None: no top-k/top-p)
     commit_reads_draws: bool = True  # the commit rule looked at the drawn tokens (the draws are the action)
+    block_grid: str = "completion"  # where blocks start: the completion ("completion") or every K positions ("sequence")
     # Filled after generation by the rollout actor:
     rewards_B: torch.Tensor | None = None  # float32
     group_B: torch.Tensor | None = None  # int64: samples of one prompt share a group index

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from common.model import CheckpointError, LLaDAModelLM, save_pretrained
+from common.model import CheckpointError, family_of, save_pretrained
 
 META_FILE = "unmask_checkpoint.json"
 STEP_PREFIX = "step_"
@@ -156,8 +156,9 @@ def full_optimizer_state(model, optimizer) -> dict:
 
 
 def export_hf(state: dict[str, torch.Tensor], config, directory: str | Path, dtype: str | torch.dtype) -> Path:
-    """Write an HF-format LLaDA checkpoint (``common.model.load_pretrained`` reads it) from a full state dict."""
+    """Write an HF-format checkpoint of the config's family (``common.model.load_pretrained`` reads it) from a
+    full state dict."""
     with torch.device("meta"):
-        model = LLaDAModelLM(config)
+        model = family_of(config).model_class(config)
     model.load_state_dict(state, assign=True, strict=True)
     return save_pretrained(model, directory, dtype=dtype)

@@ -1,7 +1,7 @@
 """Low-rank adapters written for our model and FSDP2 (no peft dependency).
 
 Each targeted ``nn.Linear`` becomes a ``LoraLinear`` that keeps its frozen ``weight`` under the same name
-(so base keys stay LLaDA's) and adds ``lora_A`` [r, in] and ``lora_B`` [out, r] (B starts at zero, so the
+(so base keys stay the family's public ones) and adds ``lora_A`` [r, in] and ``lora_B`` [out, r] (B starts at zero, so the
 adapted model equals the base at step 0). The HF export holds merged weights ``W + (alpha / r) * B @ A``
 (``load_pretrained`` never sees adapters). Weight syncs send only ``A`` and ``B`` when the base is a
 checkpoint both sides load (``lora.sync_adapters``; rollout actors merge with ``rollout.lora_merge``),
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import LoraConfig
+from common.model import family_of
 
 
 class LoraLinear(nn.Linear):
@@ -42,15 +43,23 @@ class LoraLinear(nn.Linear):
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     """Freeze ``model`` and replace targeted linears inside each block by adapters; returns how many."""
+    family = family_of(model)
+    targets = cfg.target_modules if cfg.target_modules is not None else family.lora_targets
     for p in model.parameters():
         p.requires_grad_(False)
     count = 0
-    for block in model.transformer.blocks:
-        for name in cfg.target_modules:
-            base = getattr(block, name, None)
+    for block in model.blocks:
+        for name in targets:
+            parent_name, _, leaf = name.rpartition(".")
+            try:
+                parent = block.get_submodule(parent_name)
+            except AttributeError:
+                parent = None
+            base = getattr(parent, leaf, None)
             if not isinstance(base, nn.Linear):
-                raise ValueError(f"learner.lora.target_modules: {name!r} is not a linear layer of a block")
-            setattr(block, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+                raise ValueError(f"learner.lora.target_modules: {name!r} is not a linear layer of a {family.name} "
+                                 f"block (its defaults: {', '.join(family.lora_targets)})")
+            setattr(parent, leaf, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
             count += 1
     return count
 

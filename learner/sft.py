@@ -52,7 +52,8 @@ class MaskedDiffusionSFT:
 
         hidden_BLD = model.hidden_states(ids_BL, attn_BL)
         rows_B, cols_N = masked_BG.nonzero(as_tuple=True)
-        logits_NV = model.lm_head(hidden_BLD[rows_B, P + cols_N])  # only masked rows reach the vocabulary
+        # only masked rows reach the vocabulary; the model's logit shift says where each row's logits sit
+        logits_NV = model.vocab_logits(hidden_BLD[rows_B, P + cols_N - model.logit_shift])
         ce_N = F.cross_entropy(logits_NV.float(), comp_BG[rows_B, cols_N], reduction="none")
         per_sample_B = torch.zeros(len(micro), device=device).index_add(0, rows_B, ce_N / t_B[rows_B])
         per_sample_B = per_sample_B / comp_BG.shape[1]  # the completion length: every position, EOS run included

@@ -163,17 +163,17 @@ class LearnerRank:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        for block in model.transformer.blocks:
+        for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         model.to_empty(device=self.device)
         # (a copy: set_model_state_dict writes the local shards back into the dict it is given)
         set_model_state_dict(model, dict(state or {}),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        # Losses call hidden_states + lm_head directly (to project only the rows they need), so those
+        # Losses call hidden_states + vocab_logits directly (to project only the rows they need), so those
         # methods need FSDP's unshard/reshard hooks just like forward.
         register_fsdp_forward_method(model, "hidden_states")
-        register_fsdp_forward_method(model, "lm_head")
+        register_fsdp_forward_method(model, "vocab_logits")
         return model
 
     # --- step

@@ -1,10 +1,15 @@
-"""LLaDA-style iterative-unmasking sampler that records everything the learner needs.
+"""The iterative-unmasking sampler of every model family, recording everything the learner needs.
 
-x = [prompt | MASK x G] is decoded block by block (semi-autoregressive); each of a block's
-``steps / num_blocks`` steps runs the model once, scores only the block's still-masked positions
-(their hidden states are gathered before the LM head, so the vocabulary projection is [N, D] -> [N, V],
-never [B, L, D] -> [B, L, V]), draws a token for each through the fused kernel ``rollout.kernels.sample_rows``
-and commits some of them (by confidence, at random, by margin, by entropy, or by a confidence threshold).
+x = [prompt | MASK x G] is decoded block by block; each of a block's ``steps / num_blocks`` steps runs the
+model once, scores only the block's still-masked positions (their hidden states are gathered before the
+output head, so the vocabulary projection is [N, D] -> [N, V], never [B, L, D] -> [B, L, V]), draws a token
+for each through the fused kernel ``rollout.kernels.sample_rows`` and commits some of them (by confidence,
+at random, by margin, by entropy, by a confidence threshold, or Dream's per-position ``origin`` rule).
+What differs between families is configuration, not code: where the logits of a position sit (the model's
+``logit_shift``: Dream's column i - 1), where blocks start (``block_grid``: at the completion for LLaDA and
+Dream, every K positions from the prompt's start for SDAR, so a row's first block can hold its prompt's
+tail and rows of a batch have their blocks at different columns) and how many tokens a step commits
+(``transfer``: LLaDA's linear split, Dream's timestep schedule).
 With ``cache`` the model runs the full sequence only at a block's first step (and every ``cache_refresh``
 steps) and otherwise only the block (dual) or the block and suffix (prefix) on the kept keys/values: a
 different policy from ``none``, recorded with the trajectory and rebuilt exactly by the learner
@@ -18,12 +23,13 @@ from __future__ import annotations
 import torch
 
 from common.config.sampler import SamplerConfig
-from common.states import packed_positions, query_columns
+from common.states import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
 
 _MASK32 = 0xFFFFFFFF
 _RANDOM_REMASK_SALT = 0x5EED0F5  # keeps random remasking independent of the kernel's Gumbel noise
+_REMASK_GUMBEL_SALT = 0x6A1E7E3  # the remasking temperature's Gumbel noise, independent of both
 # Ranks EOS/EoT below every real score but above the -inf of positions that are not candidates.
 _BANNED_SCORE = -1e30
 
@@ -41,9 +47,9 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def counter_uniform(seed: int, row_ids_N: torch.Tensor) -> torch.Tensor:
+def counter_uniform(seed: int, row_ids_N: torch.Tensor, salt: int = _RANDOM_REMASK_SALT) -> torch.Tensor:
     """Uniform [0, 1) float32 per row id, a pure function of (seed, row id): independent of batch composition."""
-    key = _hash32(torch.full_like(row_ids_N, (seed ^ _RANDOM_REMASK_SALT) & _MASK32))
+    key = _hash32(torch.full_like(row_ids_N, (seed ^ salt) & _MASK32))
     key = _hash32(((row_ids_N >> 32) & _MASK32) ^ key)
     key = _hash32((row_ids_N & _MASK32) ^ key)
     return (key >> 8).to(torch.float32) * (1.0 / (1 << 24))
@@ -121,7 +127,7 @@ def generate(
 
     decoder = _Decoder(model, prompt_BP, prompt_mask_BP, config, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
                        seed=seed, row_offset=row_offset)
-    for block in range(config.num_blocks):
+    for block in range(config.num_rounds):
         decoder.decode_block(block)
         if config.stop_on_eos_block:
             decoder.active_B = _stop_eos_rows(decoder.x_BL, decoder.active_B, decoder.P + block * config.block_length,
@@ -139,10 +145,14 @@ class _Decoder:
                  eot_id: int | None, seed: int, row_offset: int):
         device = prompt_BP.device
         B, P = prompt_BP.shape
-        G, K, T, spb = config.gen_length, config.block_length, config.steps, config.steps_per_block
+        G, K, spb = config.gen_length, config.block_length, config.steps_per_block
+        T = config.num_rounds * spb
         self.model, self.config, self.mask_id, self.seed = model, config, mask_id, seed
         self.prompt_BP, self.prompt_mask_BP, self.B, self.P = prompt_BP, prompt_mask_BP, B, P
+        self.shift = model.logit_shift  # the logits of column c score the token at c + shift
         self.x_BL = torch.cat([prompt_BP, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)
+        if config.block_grid == "sequence" and P + G < K:
+            raise ValueError(f"block_grid: sequence needs prompt + gen_length >= block_length ({P} + {G} < {K})")
         # --- model inputs that stay fixed for the whole decode
         padded = not bool(prompt_mask_BP.all())
         attn_BL = torch.cat([prompt_mask_BP, torch.ones(B, G, dtype=torch.bool, device=device)], 1) if padded else None
@@ -157,61 +167,90 @@ class _Decoder:
         self.banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
         self.demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
         self.schedule = transfer_schedule(K, spb)
+        self.timesteps = torch.linspace(1, config.eps, spb + 1, device=device)  # Dream's, per block
+        # uniform: every row's block starts at the same column and holds K masked positions at its first step
+        self.uniform = config.block_grid == "completion"
         self.row_base_B1 = ((torch.arange(B, device=device) + row_offset) * (T * G))[:, None]
 
     def decode_block(self, block: int) -> None:
         """The block's steps; its cache (``config.cache``) is built by the full forward at its anchor steps."""
         config, K, spb = self.config, self.config.block_length, self.config.steps_per_block
-        start, refresh, kv = self.P + block * K, self.config.cache_refresh or spb, None
+        refresh, kv = self.config.cache_refresh or spb, None
+        start_B = block_starts(self.prompt_mask_BP, block, K, config.block_grid)
+        fixed = self.uniform and config.threshold is None and config.transfer == "linear"
         for i in range(spb):
-            if config.threshold is None:
-                width = K - sum(self.schedule[:i])  # every unfinished row has exactly this many masked positions
-                n_B = self.schedule[i]
+            if fixed:  # every row has exactly this many masked positions: no host sync
+                width, n_B = K - sum(self.schedule[:i]), self.schedule[i]
             else:
-                remaining_B = self.x_BL[:, start:start + K].eq(self.mask_id).sum(1)
-                width = int(remaining_B.max())  # host sync: threshold decoding skips finished blocks
+                remaining_B = self._window(start_B)[2].sum(1)
+                width = int(remaining_B.max())  # host sync: finished blocks (or rows) are skipped
                 if width == 0:
                     break
-                steps_left = spb - i
-                n_B = torch.minimum(((remaining_B + steps_left - 1) // steps_left).clamp(min=1), remaining_B)
-            kv = self._step(block, i, width, n_B, kv, anchor=i % refresh == 0)
+                n_B = self._counts(i, remaining_B)
+            kv = self._step(block, i, start_B, width, n_B, kv, anchor=i % refresh == 0)
 
-    def _step(self, block: int, i: int, width: int, n_B, kv, anchor: bool):
-        """One denoising step: forward, LM head on the block's masked rows, sample, commit, record."""
-        config, x_BL, B, K = self.config, self.x_BL, self.B, self.config.block_length
-        t, start = block * config.steps_per_block + i, self.P + block * K
-        # --- forward (full, or the cached query columns), then the LM head on the block's masked rows only
-        if config.cache == "none":
-            h_BLD, first = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id), start
-        elif anchor:
-            h_BLD, kv = _hidden(self.model.hidden_states, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id,
-                                return_kv=True)
-            first = start
-        else:
-            lo, hi = query_columns(config.cache, start, K, x_BL.shape[1])
-            h_BLD, first = _cached_hidden(self.model, x_BL, self.attn_BL, self.pos_BL, kv, lo, hi), start - lo
-        block_BK = x_BL[:, start:start + K]
-        masked_BK = block_BK.eq(self.mask_id)
+    def _window(self, start_B):
+        """The block's columns [B, K] per row, its tokens, and which of them are masked completion positions.
+        Columns past the sequence's end (a row's last block on the sequence grid) point K columns back, at
+        its previous block: distinct from the block's own columns and never masked."""
+        K, L = self.config.block_length, self.x_BL.shape[1]
+        cols_BK = start_B[:, None] + torch.arange(K, device=start_B.device)
+        cols_BK = torch.where(cols_BK < L, cols_BK, cols_BK - K)
+        block_BK = self.x_BL.gather(1, cols_BK)
+        return cols_BK, block_BK, block_BK.eq(self.mask_id) & (cols_BK >= self.P)
+
+    def _counts(self, i: int, remaining_B: torch.Tensor) -> torch.Tensor:
+        """Tokens each row commits at step i of a block (never more than it has masked)."""
+        config, spb = self.config, self.config.steps_per_block
+        if config.transfer == "timestep":
+            if i == spb - 1:
+                return remaining_B
+            t, s = self.timesteps[i], self.timesteps[i + 1]
+            return (remaining_B.float() * (1 - s / t)).long()  # Dream's int(masked * (1 - s / t)), in fp32
+        n_B = torch.full_like(remaining_B, self.schedule[i])
+        if config.threshold is not None and config.threshold_floor == "remaining":
+            steps_left = spb - i
+            n_B = ((remaining_B + steps_left - 1) // steps_left).clamp(min=1)
+        return torch.minimum(n_B, remaining_B)
+
+    def _step(self, block: int, i: int, start_B, width: int, n_B, kv, anchor: bool):
+        """One denoising step: forward, output head on the block's masked rows, sample, commit, record."""
+        config, x_BL, B = self.config, self.x_BL, self.B
+        t, shift = block * config.steps_per_block + i, self.shift
+        cols_BK, block_BK, masked_BK = self._window(start_B)
         # masked positions first, in position order (stable sort)
         idx_BR = torch.argsort(masked_BK.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid_BR = masked_BK.gather(1, idx_BR)
-        logits_NV = _block_logits(self.model, h_BLD, first, idx_BR, config.cfg_scale, B)
+        col_BR = cols_BK.gather(1, idx_BR)
+        # --- forward (full, or the cached query columns), then the output head on the block's masked rows only
+        if config.cache == "none":
+            h_BLD, lo = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id), 0
+        elif anchor:
+            h_BLD, kv = _hidden(self.model.hidden_states, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id,
+                                return_kv=True)
+            lo = 0
+        else:  # the completion grid: one block start for all rows
+            lo, hi = query_columns(config.cache, int(start_B[0]), config.block_length, x_BL.shape[1], shift)
+            h_BLD = _cached_hidden(self.model, x_BL, self.attn_BL, self.pos_BL, kv, lo, hi)
+        logits_NV = _block_logits(self.model, h_BLD, col_BR - shift - lo, config.cfg_scale, B)
         for token in self.banned:
             logits_NV[:, token] = float("-inf")
 
         # --- sample every scored row
         G = config.gen_length
-        pos_BR = idx_BR + block * K  # completion positions
-        row_ids_N = (self.row_base_B1 + (pos_BR + t * G)).reshape(-1)  # ((row_offset + b) * T + t) * G + pos
+        pos_BR = col_BR - self.P  # completion positions (negative only on rows that are not candidates)
+        row_ids_N = (self.row_base_B1 + (pos_BR.clamp(min=0) + t * G)).reshape(-1)  # ((row_offset + b) * T + t) * G + pos
         cutoff_N = _robust_cutoff(logits_NV, support_cutoff(logits_NV, config.temperature, config.top_k, config.top_p))
         stats = sample_rows(logits_NV, config.temperature, self.seed, row_ids_N, cutoff_N, kernel=config.kernel)
         token_BR = stats.token_N.view(B, width)
-        commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, self.demoted, self.seed, row_ids_N)
+        p_transfer = None
+        if config.remasking == "origin":
+            p_transfer = 1.0 if i == config.steps_per_block - 1 else 1 - self.timesteps[i + 1] / self.timesteps[i]
+        commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, self.demoted, self.seed, row_ids_N, p_transfer)
 
         # --- write tokens and records; a scored position that is not committed keeps its token (a row
         # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
-        kept_BR = block_BK.gather(1, idx_BR)
-        x_BL[:, start:start + K] = block_BK.scatter(1, idx_BR, torch.where(commit_BR, token_BR, kept_BR))
+        x_BL.scatter_(1, col_BR, torch.where(commit_BR, token_BR, block_BK.gather(1, idx_BR)))
         self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
         self.rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N)
         return kv
@@ -239,6 +278,7 @@ class _Decoder:
             discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
             discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
             commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(self.demoted),
+            block_grid=config.block_grid,
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
                     "cache": config.cache, "cache_refresh": config.cache_refresh},
         )
@@ -265,14 +305,14 @@ def _cached_hidden(model, x_BL, attn_BL, pos_BL, kv, lo: int, hi: int) -> torch.
     return model.hidden_states(ids_XQ, attn_BL, pos_XQ, kv_cache=kv, query_idx=col_XQ)
 
 
-def _block_logits(model, h_BLD: torch.Tensor, start: int, idx_BR: torch.Tensor, cfg_scale: float, B: int):
-    """Logits [B * R, V] of the gathered block positions (the block starts at column ``start`` of ``h``);
-    guidance combines the two halves in fp32."""
+def _block_logits(model, h_BLD: torch.Tensor, idx_BR: torch.Tensor, cfg_scale: float, B: int):
+    """Logits [B * R, V] of the hidden states at columns ``idx_BR`` of ``h``; guidance combines the two
+    halves in fp32."""
     D, R = h_BLD.shape[-1], idx_BR.shape[1]
     idx_XR = idx_BR if h_BLD.shape[0] == B else idx_BR.repeat(2, 1)  # X = B, or 2B under guidance
     idx_XRD = idx_XR[..., None].expand(-1, R, D)
-    h_XRD = h_BLD[:, start:].gather(1, idx_XRD)
-    logits = model.lm_head(h_XRD.reshape(-1, D))
+    h_XRD = h_BLD.gather(1, idx_XRD)
+    logits = model.vocab_logits(h_XRD.reshape(-1, D))
     if cfg_scale > 0:
         cond, uncond = logits.float().chunk(2)
         return uncond + (cfg_scale + 1) * (cond - uncond)
@@ -305,11 +345,17 @@ def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor) -> 
     raise ValueError(f"unknown remasking {remasking!r}; choose low_confidence, random, margin or entropy")
 
 
-def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N) -> torch.Tensor:
+def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N,
+            p_transfer=None) -> torch.Tensor:
     """Positions to commit [B, R]: each row's n_B (an int, or [B]) best-scored candidates, plus all above
-    the confidence threshold."""
+    the confidence threshold; under ``origin`` each candidate independently with probability ``p_transfer``."""
     B, R = token_BR.shape
+    if config.remasking == "origin":
+        return valid_BR & (counter_uniform(seed, row_ids_N).view(B, R) < p_transfer)
     score_BR = _remask_score(config.remasking, stats, seed, row_ids_N).view(B, R)
+    if config.remasking_temperature > 0:  # sampling without replacement ~ softmax(score / temperature)
+        u_BR = counter_uniform(seed, row_ids_N, _REMASK_GUMBEL_SALT).view(B, R)
+        score_BR = score_BR / config.remasking_temperature - torch.log(-torch.log(u_BR))
     for token in demoted:
         score_BR = score_BR.masked_fill(token_BR.eq(token), _BANNED_SCORE)
     score_BR = score_BR.masked_fill(~valid_BR, float("-inf"))

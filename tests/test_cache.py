@@ -48,7 +48,7 @@ def _worst_log_ratio(model, traj) -> float:
         with torch.no_grad():
             step_B = torch.full((len(traj),), t, device=traj.logp_BG.device)
             h_ND = policy_hidden(model, traj, step_B, MASK, traj.logp_BG.device).rows(b_N, P + g_N)
-            logp_N = sampler_logprobs(model.lm_head(h_ND), traj.completion_ids_BG[b_N, g_N],
+            logp_N = sampler_logprobs(model.vocab_logits(h_ND), traj.completion_ids_BG[b_N, g_N],
                                       temperature=traj.temperature, cutoff_N=traj.cutoff_BG[b_N, g_N],
                                       banned_ids=traj.banned_ids)
         worst = max(worst, (logp_N - traj.logp_BG[b_N, g_N]).abs().max().item())
@@ -61,7 +61,7 @@ def _worst_log_ratio(model, traj) -> float:
 def _independent_cached_forward(model, ids_BL, anchor_ids_BL, lo: int, hi: int):
     """Ground truth written out layer by layer without the model's cache code: queries [lo, hi) of
     ``ids_BL`` attend to keys/values that are the anchor forward's outside [lo, hi) and their own inside."""
-    from common.model.modeling import apply_rope, rope_cos_sin
+    from common.model.layers import apply_rope, rope_cos_sin
 
     cfg = model.config
     B, L = ids_BL.shape
@@ -217,6 +217,8 @@ def test_cached_rebuild_gradient_is_the_same_with_activation_checkpointing(model
 class _EosModel(torch.nn.Module):
     """EOS made likely for some prompts only, so some rows stop early and the others keep decoding."""
 
+    logit_shift = 0  # wraps a LLaDA model
+
     def __init__(self, base):
         super().__init__()
         self.base = base
@@ -224,8 +226,8 @@ class _EosModel(torch.nn.Module):
     def hidden_states(self, *args, **kwargs):
         return self.base.hidden_states(*args, **kwargs)
 
-    def lm_head(self, h):
-        logits = self.base.lm_head(h)
+    def vocab_logits(self, h):
+        logits = self.base.vocab_logits(h)
         logits[..., EOS] += 6.0 * h[..., 0].sign().clamp(min=0)
         return logits
 
@@ -265,7 +267,7 @@ def test_guidance_with_cache_matches_a_guided_rebuild(model):
                 h = h_full if t == anchor else torch.cat(
                     [h_full[:, :lo], model.hidden_states(ids[:, lo:lo + 4], attn, kv_cache=kv,
                                                          query_idx=torch.arange(lo, lo + 4).expand(2, -1))], 1)
-            halves.append(model.lm_head(h[b_N, P + g_N]).float())
+            halves.append(model.vocab_logits(h[b_N, P + g_N]).float())
         cond, uncond = halves
         logp_N = sampler_logprobs(uncond + (scale + 1) * (cond - uncond), traj.completion_ids_BG[b_N, g_N],
                                   temperature=0.8, cutoff_N=None, banned_ids=traj.banned_ids)
@@ -276,6 +278,8 @@ class _RowEosModel(torch.nn.Module):
     """EOS made overwhelmingly likely in even rows of the batch only, so those rows stop after block 0 while
     the odd rows keep decoding (the LM head sees rows b-major: [B * R, D] or [B, Q, D])."""
 
+    logit_shift = 0  # wraps a LLaDA model
+
     def __init__(self, base):
         super().__init__()
         self.base, self.B = base, None
@@ -284,8 +288,8 @@ class _RowEosModel(torch.nn.Module):
         self.B = input_ids.shape[0]
         return self.base.hidden_states(input_ids, *args, **kwargs)
 
-    def lm_head(self, h):
-        logits = self.base.lm_head(h)
+    def vocab_logits(self, h):
+        logits = self.base.vocab_logits(h)
         by_row = logits.view(self.B, -1, logits.shape[-1]) if logits.dim() == 2 else logits
         by_row[0::2, :, EOS] += 100.0
         return logits
@@ -305,7 +309,7 @@ def test_rows_stopping_at_different_blocks_keep_their_eos_fill(model, cache):
         chosen_BG = (traj.unmask_step_BG == t) & ~traj.extras["filled_BG"]
         with torch.no_grad():
             hidden = policy_hidden(eos_model, traj, torch.full((4,), t), MASK, "cpu")
-            logits_BQV = eos_model.lm_head(hidden.h_BQD)
+            logits_BQV = eos_model.vocab_logits(hidden.h_BQD)
         b_N, g_N = chosen_BG.nonzero(as_tuple=True)
         logp_N = sampler_logprobs(logits_BQV[b_N, P + g_N - hidden.lo_B[b_N]], traj.completion_ids_BG[b_N, g_N],
                                   temperature=0.8, cutoff_N=None, banned_ids=traj.banned_ids)

@@ -48,7 +48,8 @@ def test_method_and_free_save_write_the_same_sharded_layout(tiny, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tiny.state_dict().values())
     config = json.loads(method["config.json"])
     assert config["model_type"] == "llada" and config["architectures"] == ["LLaDAModelLM"]
-    assert "auto_map" not in config  # our code loads it; there is no remote code to point at
+    # our registration loads it without remote code; trust_remote_code=True anywhere else loads the public code
+    assert config["auto_map"]["AutoModel"] == "GSAI-ML/LLaDA-8B-Instruct--modeling_llada.LLaDAModelLM"
     generation = json.loads(method["generation_config.json"])
     assert (generation["eos_token_id"], generation["pad_token_id"], generation["mask_token_id"]) == (2, 0, 3)
 

@@ -238,7 +238,7 @@ def test_fresh_rollout_has_ratio_one(model, sampler):
         rows = step_rows(traj, step_B, torch.ones(len(traj), dtype=torch.bool), discarded=True, device="cpu")
         with torch.no_grad():
             h_ND = model.hidden_states(ids_BL, attn_BL, pos_BL)[rows.b_N, P + rows.g_N]
-            logp_N = sampler_logprobs(model.lm_head(h_ND), rows.token_N, temperature=traj.temperature,
+            logp_N = sampler_logprobs(model.vocab_logits(h_ND), rows.token_N, temperature=traj.temperature,
                                       cutoff_N=rows.cutoff_N, banned_ids=traj.banned_ids)
         worst = max([worst] + (logp_N - rows.old_logp_N).abs().tolist())
         discarded += int((~rows.committed_N).sum())
@@ -370,9 +370,10 @@ def test_errors_say_what_to_fix(model):
 
 def test_step_blocks_ignore_the_filled_tail():
     unmask_BG = torch.tensor([[0, 1, 1, 1]])  # block length 2: step 1 drew position 1, then "filled" 2 and 3
-    assert S.step_blocks(unmask_BG, 2, 3).tolist() == [[0, 1, -1]]
+    blk_BG = torch.tensor([[0, 0, 1, 1]])
+    assert S.step_blocks(unmask_BG, blk_BG, 3).tolist() == [[0, 1, -1]]
     drawn_BG = torch.tensor([[True, True, False, False]])
-    assert S.step_blocks(unmask_BG, 2, 3, drawn_BG).tolist() == [[0, 0, -1]]
+    assert S.step_blocks(unmask_BG, blk_BG, 3, drawn_BG).tolist() == [[0, 0, -1]]
 
 
 # --- inner epochs, normalisation, KL

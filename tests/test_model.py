@@ -88,7 +88,7 @@ def test_bad_checkpoints_name_file_and_key(tiny, tmp_path):
     save_pretrained(tiny, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+    with pytest.raises(CheckpointError, match="model_type 'llama' is not supported; supported: 'llada'"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     state = dict(tiny.state_dict())
@@ -149,6 +149,8 @@ def test_hf_tokenizer_loads_from_local_files_with_chat_template(tmp_path):
                                    unk_token="[UNK]")
     fast.chat_template = "{% for m in messages %}<|startoftext|>{{ m['content'] }}<|eot_id|>{% endfor %}"
     fast.save_pretrained(tmp_path)
+    # a checkpoint folder: the mask id comes from config.json, the end-of-turn token from the family
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llada", "mask_token_id": 2}))
     tok = load_tokenizer(tmp_path)
     assert tok.mask_id == 2 and tok.eos_id == 0 and tok.eot_id == 3
     assert tok.encode("hi there") == [4, 5]

@@ -37,7 +37,7 @@ def _rebuild_logp(model, traj, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     chosen_BG = (traj.unmask_step_BG == t) & ~traj.extras["filled_BG"]
     b_N, g_N = chosen_BG.nonzero(as_tuple=True)
     hidden = policy_hidden(model, traj, torch.full((len(traj),), t), MASK, "cpu")
-    rows_NV = model.lm_head(hidden.rows(b_N, P + g_N)).float()
+    rows_NV = model.vocab_logits(hidden.rows(b_N, P + g_N)).float()
     for token in traj.banned_ids:
         rows_NV[:, token] = float("-inf")
     cutoff_N = traj.cutoff_BG[chosen_BG]
@@ -190,6 +190,8 @@ class _SharpModel(nn.Module):
     """The tiny model with logits scaled up: confident enough that threshold decoding finishes rows of one
     batch at different steps."""
 
+    logit_shift = 0  # wraps a LLaDA model
+
     def __init__(self, base, scale: float = 20.0):
         super().__init__()
         self.base, self.scale = base, scale
@@ -197,8 +199,8 @@ class _SharpModel(nn.Module):
     def hidden_states(self, *args, **kwargs):
         return self.base.hidden_states(*args, **kwargs)
 
-    def lm_head(self, h):
-        return self.base.lm_head(h) * self.scale
+    def vocab_logits(self, h):
+        return self.base.vocab_logits(h) * self.scale
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -269,6 +271,8 @@ def test_guidance_runs_with_padding_and_sampling(model):
 class _EosModel(nn.Module):
     """The tiny model with EOS made overwhelmingly likely, to exercise stop_on_eos_block."""
 
+    logit_shift = 0  # wraps a LLaDA model
+
     def __init__(self, base):
         super().__init__()
         self.base = base
@@ -276,8 +280,8 @@ class _EosModel(nn.Module):
     def hidden_states(self, ids, mask=None, pos=None):
         return self.base.hidden_states(ids, mask, pos)
 
-    def lm_head(self, h):
-        logits = self.base.lm_head(h)
+    def vocab_logits(self, h):
+        logits = self.base.vocab_logits(h)
         logits[..., EOS] += 100.0
         return logits
 

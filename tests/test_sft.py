@@ -64,6 +64,8 @@ def test_prompt_is_never_masked_in_the_model_input():
     seen = {}
 
     class Spy(torch.nn.Module):
+        logit_shift = 0  # wraps a LLaDA model
+
         def __init__(self, model):
             super().__init__()
             self.model = model
@@ -72,8 +74,8 @@ def test_prompt_is_never_masked_in_the_model_input():
             seen["ids"] = ids
             return self.model.hidden_states(ids, mask)
 
-        def lm_head(self, h):
-            return self.model.lm_head(h)
+        def vocab_logits(self, h):
+            return self.model.vocab_logits(h)
 
     loss = MaskedDiffusionSFT(mask_id=MASK)
     batch = loss.prepare(make_batch(), seed=0)

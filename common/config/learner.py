@@ -20,9 +20,11 @@ class LoraConfig(Section):
         description="Weight syncs send only the adapters (LLaDA-8B at r=64: 0.67 GB in fp32 instead of 16 GB of "
         "bf16 weights) and rollout actors merge W0 + scale*B@A into the base they loaded; needs model.path "
         "(a random preset base syncs merged weights).")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
-        description="Linear layer names inside each block that get adapters.",
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Linear layers inside each block that get adapters (dotted paths, e.g. 'self_attn.q_proj'); "
+        "None: the model family's defaults, every attention and MLP projection (LLaDA: q_proj, k_proj, v_proj, "
+        "attn_out, ff_proj, up_proj, ff_out; Dream/SDAR: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj).",
     )
 
 

@@ -1,4 +1,5 @@
-"""`sampler:` section: LLaDA-style iterative unmasking."""
+"""`sampler:` section: iterative unmasking as each family's public decoder does it (LLaDA's semi-autoregressive
+blocks, Dream's timestep schedule, SDAR's block diffusion)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -8,22 +9,54 @@ from pydantic import Field, model_validator
 from common.config.base import Section
 
 
+def block_rounds(gen_length: int, block_length: int, grid: str) -> int:
+    """Blocks the sampler decodes one after another. ``completion``: the completion's G / K blocks.
+    ``sequence``: blocks of K positions counted from the prompt's first token, so the first one may hold
+    the prompt's tail; a completion then meets at most ceil((G + K - 1) / K) of them (rows whose prompt
+    length is a multiple of K use one fewer, and leave the last round empty)."""
+    if grid == "completion":
+        return gen_length // block_length
+    return -(-(gen_length + block_length - 1) // block_length)
+
+
 class SamplerConfig(Section):
     """Decoding schedule and sampling distribution of the iterative-unmasking sampler."""
 
     gen_length: int = Field(default=32, ge=1, description="Completion tokens generated per sample (G in LLaDA).")
-    block_length: int = Field(default=32, ge=1, description="Semi-autoregressive block length; divides gen_length.")
-    steps: int = Field(default=32, ge=1, description="Total denoising steps; a multiple of gen_length/block_length.")
+    block_length: int = Field(
+        default=32, ge=1,
+        description="Block length (semi-autoregressive blocks; for block-causal models the model's block_size); "
+        "divides gen_length on the completion grid.")
+    steps: int = Field(
+        default=32, ge=1,
+        description="Denoising steps over the completion: steps per block x ceil(gen_length / block_length).")
+    block_grid: Literal["completion", "sequence"] = Field(
+        default="completion",
+        description="Where blocks start: 'completion' = at the completion's first position (LLaDA, Dream); "
+        "'sequence' = every block_length positions from the prompt's first token, so the first block may hold "
+        "the prompt's tail (SDAR's block diffusion: the model's attention uses the same grid).")
+    transfer: Literal["linear", "timestep"] = Field(
+        default="linear",
+        description="Tokens committed per step: 'linear' = LLaDA's even split of a block over its steps (SDAR's "
+        "too); 'timestep' = Dream's: with timesteps linspace(1, eps, steps + 1), step i commits "
+        "int(masked * (1 - t_{i+1} / t_i)) and the last step every masked position left.")
+    eps: float = Field(default=1e-3, gt=0.0, lt=1.0, description="Dream's final timestep (transfer: timestep).")
     temperature: float = Field(default=0.0, ge=0.0, description="Gumbel-max temperature; 0 is greedy argmax.")
     top_k: int | None = Field(default=None, ge=1, description="Sample only among the k most likely tokens.")
     top_p: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Nucleus sampling: smallest support with mass >= top_p."
     )
-    remasking: Literal["low_confidence", "random", "margin", "entropy"] = Field(
+    remasking: Literal["low_confidence", "random", "margin", "entropy", "origin"] = Field(
         default="low_confidence",
-        description="Which masked positions to commit each step: highest probability, random, "
-        "largest top1-top2 margin, or lowest entropy.",
+        description="Which masked positions to commit each step: highest probability of the drawn token (Dream's "
+        "maskgit_plus), random, largest top1-top2 margin (topk_margin), or lowest entropy (entropy); 'origin' "
+        "(Dream's default) commits each masked position independently with probability 1 - t_{i+1}/t_i "
+        "(transfer: timestep), so the count per step is random.",
     )
+    remasking_temperature: float = Field(
+        default=0.0, ge=0.0,
+        description="Dream's alg_temp: > 0 draws the committed positions with probability softmax(score / this) "
+        "without replacement (Gumbel-top-k on the remasking score) instead of taking the best ones.")
     threshold: float | None = Field(
         default=None,
         gt=0.0,
@@ -31,6 +64,11 @@ class SamplerConfig(Section):
         description="Confidence-threshold parallel decoding: commit every masked token of the block whose "
         "confidence exceeds this (at least one per step) instead of the fixed schedule.",
     )
+    threshold_floor: Literal["remaining", "schedule"] = Field(
+        default="remaining",
+        description="With a threshold, the fewest tokens a step commits: 'remaining' = ceil(masked / steps left) "
+        "(Fast-dLLM-style; a block always finishes in its steps); 'schedule' = the linear schedule's count for the "
+        "step (SDAR's low_confidence_dynamic).")
     cfg_scale: float = Field(default=0.0, ge=0.0, description="Classifier-free guidance scale (0 disables).")
     logits_eos_inf: bool = Field(default=False, description="LLaDA option: never sample EOS.")
     confidence_eos_eot_inf: bool = Field(
@@ -75,7 +113,13 @@ class SamplerConfig(Section):
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        """Blocks the completion spans (the steps budget is split over these)."""
+        return -(-self.gen_length // self.block_length)
+
+    @property
+    def num_rounds(self) -> int:
+        """Blocks the sampler decodes in turn (``block_rounds``); the trajectory has num_rounds x steps_per_block steps."""
+        return block_rounds(self.gen_length, self.block_length, self.block_grid)
 
     @property
     def steps_per_block(self) -> int:
@@ -83,7 +127,7 @@ class SamplerConfig(Section):
 
     @model_validator(mode="after")
     def _schedule(self) -> "SamplerConfig":
-        if self.gen_length % self.block_length:
+        if self.gen_length % self.block_length and self.block_grid == "completion":
             raise ValueError(
                 f"block_length {self.block_length} must divide gen_length {self.gen_length}"
             )
@@ -97,6 +141,11 @@ class SamplerConfig(Section):
         if self.cache != "none" and self.compile_forward != "none":
             raise ValueError("compile_forward works without a cache only (the cached forward runs eagerly); "
                              "set cache: none or compile_forward: none")
+        if self.block_grid == "sequence" and (self.cache != "none" or self.stop_on_eos_block or self.cfg_scale > 0):
+            raise ValueError("block_grid: sequence decodes without cache, stop_on_eos_block and cfg_scale "
+                             "(block-causal attention never changes a finished block: no cache is needed)")
+        if self.remasking == "origin" and (self.transfer != "timestep" or self.threshold is not None):
+            raise ValueError("remasking: origin is Dream's timestep rule; set transfer: timestep and no threshold")
         if self.top_k is not None and self.temperature == 0.0:
             raise ValueError("top_k has no effect at temperature 0; unset it or raise the temperature")
         return self

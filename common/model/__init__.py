@@ -1,22 +1,58 @@
-"""The LLaDA architecture: config, model, checkpoint I/O and presets.
+"""Model families behind one interface (``common.model.family``): LLaDA, Dream and SDAR, their configs,
+checkpoint I/O and presets.
 
-Importing this package registers LLaDA with transformers' Auto classes (model_type "llada"), so
-``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` (the class LLaDA's
-public ``auto_map`` names) ``.from_pretrained(directory)`` load a LLaDA checkpoint with our code and no
-``trust_remote_code``.
+Importing this package registers every family with transformers' Auto classes under its public
+``model_type``, so ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM``
+``.from_pretrained(directory)`` load a checkpoint of any of them with our code and no ``trust_remote_code``.
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from common.model.configuration import LLaDAConfig
+from common.model.dream.modeling import DreamConfig, DreamModel
+from common.model.family import FAMILIES, ModelFamily, family_for_type, family_of, register
 from common.model.io import CheckpointError, build_model, load_pretrained, read_config, save_pretrained, to_dtype
-from common.model.modeling import LLaDAModelLM, LLaDAOutput
+from common.model.llada.configuration import LLaDAConfig
+from common.model.llada.modeling import LLaDAModelLM, LLaDAOutput
 from common.model.presets import PRESETS, preset_config
+from common.model.sdar.modeling import SDARConfig, SDARForCausalLM
 
-AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
-for _auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
-    _auto.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+_QWEN_LORA = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+register(ModelFamily(
+    name="llada", model_type="llada", config_class=LLaDAConfig, model_class=LLaDAModelLM,
+    public_repo="GSAI-ML/LLaDA-8B-Instruct",
+    auto_map={"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+              "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+    architectures=("LLaDAModelLM",), logit_shift=0, attention="bidirectional",
+    lora_targets=("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"),
+    mask_token="<|mdm_mask|>", eot_token="<|eot_id|>",
+    decoding=dict(remasking="low_confidence", transfer="linear", block_grid="completion"),
+))
+register(ModelFamily(
+    name="dream", model_type="Dream", config_class=DreamConfig, model_class=DreamModel,
+    public_repo="Dream-org/Dream-v0-Instruct-7B",
+    auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+    architectures=("DreamModel",), logit_shift=1, attention="bidirectional", lora_targets=_QWEN_LORA,
+    mask_token="<|mask|>", eot_token="<|im_end|>",
+    decoding=dict(transfer="timestep", block_grid="completion", position_ids="packed"),
+))
+register(ModelFamily(
+    name="sdar", model_type="sdar", config_class=SDARConfig, model_class=SDARForCausalLM,
+    public_repo="JetLM/SDAR-8B-Chat",
+    auto_map={"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+              "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+    architectures=("SDARForCausalLM",), logit_shift=0, attention="block_causal", lora_targets=_QWEN_LORA,
+    mask_token="<MASK>", eot_token="<|im_end|>",
+    decoding=dict(remasking="low_confidence", transfer="linear", block_grid="sequence", position_ids="packed"),
+))
+
+for _family in FAMILIES.values():
+    AutoConfig.register(_family.model_type, _family.config_class, exist_ok=True)
+    for _auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
+        _auto.register(_family.config_class, _family.model_class, exist_ok=True)
 
 __all__ = [
-    "PRESETS", "CheckpointError", "LLaDAConfig", "LLaDAModelLM", "LLaDAOutput", "build_model",
-    "load_pretrained", "preset_config", "read_config", "save_pretrained", "to_dtype",
+    "FAMILIES", "PRESETS", "CheckpointError", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM",
+    "LLaDAOutput", "ModelFamily", "SDARConfig", "SDARForCausalLM", "build_model", "family_for_type", "family_of",
+    "load_pretrained", "preset_config", "read_config", "register", "save_pretrained", "to_dtype",
 ]

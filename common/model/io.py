@@ -1,9 +1,10 @@
-"""Load and save HF-format LLaDA checkpoints (config.json + safetensors), offline, no remote code.
+"""Load and save HF-format checkpoints of every supported family (config.json + safetensors), offline, no
+remote code; the family comes from config.json's ``model_type`` (``common.model.family``).
 
-One path for everything: ``load_pretrained`` / ``LLaDAModelLM.from_pretrained`` / ``AutoModel.from_pretrained``
-all read through ``load_pretrained``, and ``save_pretrained`` / ``model.save_pretrained`` both write LLaDA's
-layout: safetensors shards + ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits a
-shard), ``config.json`` and ``generation_config.json``.
+One path for everything: ``load_pretrained`` / ``<Model>.from_pretrained`` / ``AutoModel.from_pretrained``
+all read through ``load_pretrained``, and ``save_pretrained`` / ``model.save_pretrained`` both write the
+family's public layout: safetensors shards + ``model.safetensors.index.json`` (one ``model.safetensors`` when
+it fits a shard), ``config.json`` (with the public ``auto_map``) and ``generation_config.json``.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.model.configuration import LLaDAConfig
-from common.model.modeling import LLaDAModelLM
+from common.model.family import family_for_type, family_of
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 DEFAULT_SHARD_SIZE = "5GB"  # transformers 4.x's default; LLaDA-8B in bf16 is then 4 shards
+# config.json keys that describe the file, not the architecture
+_FILE_KEYS = ("auto_map", "architectures", "transformers_version", "model_type")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -50,24 +52,26 @@ def shard_bytes(size: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
-def read_config(path: str | Path) -> LLaDAConfig:
-    """Read and check ``config.json`` of a checkpoint directory."""
+def read_config(path: str | Path):
+    """Read and check ``config.json`` of a checkpoint directory: the family's config class, by ``model_type``."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     file = directory / "config.json"
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; a LLaDA checkpoint directory needs config.json")
+        raise CheckpointError(f"{file}: missing; a checkpoint directory needs config.json")
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if raw.get("model_type") != "llada":
-        raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'llada'")
-    for key in ("auto_map", "architectures", "transformers_version", "model_type"):
+    try:
+        family = family_for_type(raw.get("model_type"), where=str(file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    for key in _FILE_KEYS:
         raw.pop(key, None)
     try:
-        return LLaDAConfig(**raw)
+        return family.config_class(**raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
 
@@ -124,19 +128,20 @@ def tensor_plan(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return plan
 
 
-def build_model(config: LLaDAConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                seed: int | None = None) -> LLaDAModelLM:
-    """A randomly initialised model (``device='meta'`` builds the shape without memory)."""
+def build_model(config, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+                seed: int | None = None):
+    """A randomly initialised model of the config's family (``device='meta'`` builds the shape without memory)."""
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device(device):
-        model = LLaDAModelLM(config)
+        model = family_of(config).model_class(config)
     return model.to(to_dtype(dtype))
 
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                    config: LLaDAConfig | None = None) -> LLaDAModelLM:
-    """Load an HF-format LLaDA checkpoint directory with LLaDA's key names; no network, no remote code.
+                    config=None):
+    """Load an HF-format checkpoint directory of any supported family with its public key names; no network,
+    no remote code.
 
     Keys and shapes are checked from the safetensors headers before any weight is read; then each tensor
     goes from its file straight to ``device`` and ``dtype`` and is assigned into a model built on ``meta``,
@@ -145,11 +150,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype = "float32", devi
     directory = Path(path)
     config = config if config is not None else read_config(directory)
     with torch.device("meta"):
-        model = LLaDAModelLM(config)
+        model = family_of(config).model_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = tensor_plan(directory)
-    if config.weight_tying:
-        plan.pop("model.transformer.ff_out.weight", None)
+    plan = {k: v for k, v in tensor_plan(directory).items() if k in expected or not _tied_copy(model, k)}
     missing = sorted(set(expected) - set(plan))
     if missing:
         raise CheckpointError(f"{directory}: tensor {missing[0]!r} missing ({len(missing)} missing in all)")
@@ -172,17 +175,23 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype = "float32", devi
     return model.eval()
 
 
-def save_pretrained(model: LLaDAModelLM, path: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+def _tied_copy(model, key: str) -> bool:
+    """A checkpoint key the model does not hold because its config ties it to the embedding (public
+    checkpoints sometimes store the tied output projection anyway)."""
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith(("ff_out.weight", "lm_head.weight"))
+
+
+def save_pretrained(model, path: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
                     dtype: str | torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None,
                     is_main_process: bool = True, safe_serialization: bool = True) -> Path:
-    """Write LLaDA's layout: safetensors shard(s) (+ index), config.json, generation_config.json.
+    """Write the family's layout: safetensors shard(s) (+ index), config.json, generation_config.json.
 
     Tensors come to the host one shard at a time (at most ``max_shard_size`` bytes). ``model.save_pretrained(path)``
     is this function.
     """
     directory = Path(path)
     if not safe_serialization:
-        raise ValueError("LLaDA checkpoints are written as safetensors only (safe_serialization=False is not supported)")
+        raise ValueError("checkpoints are written as safetensors only (safe_serialization=False is not supported)")
     if not is_main_process:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -216,16 +225,19 @@ def save_pretrained(model: LLaDAModelLM, path: str | Path, max_shard_size: int |
     return directory
 
 
-def _write_configs(config: LLaDAConfig, directory: Path, dtype: torch.dtype | None) -> None:
-    """config.json with LLaDA's keys (+ the dtype written) and a generation_config.json of its special ids."""
+def _write_configs(config, directory: Path, dtype: torch.dtype | None) -> None:
+    """config.json with the family's public keys, model_type, architectures and auto_map (+ the dtype written),
+    and a generation_config.json of its special ids."""
     from transformers import GenerationConfig
 
     data = config.to_dict()
     dtype_key = "dtype" if "dtype" in data else "torch_dtype"  # transformers 5 says "dtype", 4.x "torch_dtype"
     for key in ("_name_or_path", "dtype", "torch_dtype"):
         data.pop(key, None)
-    data["model_type"] = "llada"
-    data["architectures"] = ["LLaDAModelLM"]
+    family = family_of(config)
+    data["model_type"] = family.model_type
+    data["architectures"] = list(family.architectures)
+    data["auto_map"] = family.export_auto_map()
     if dtype is not None:
         data[dtype_key] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -234,10 +246,10 @@ def _write_configs(config: LLaDAConfig, directory: Path, dtype: torch.dtype | No
                      mask_token_id=config.mask_token_id).save_pretrained(str(directory))
 
 
-def from_pretrained(cls: type[LLaDAModelLM], name_or_path: str | Path, *model_args, config: LLaDAConfig | None = None,
+def from_pretrained(cls: type, name_or_path: str | Path, *model_args, config=None,
                     dtype: str | torch.dtype | None = "auto", torch_dtype: str | torch.dtype | None = None,
-                    device_map: str | torch.device | dict | None = None, **kwargs) -> LLaDAModelLM:
-    """``LLaDAModelLM.from_pretrained`` / ``AutoModel.from_pretrained``: ``load_pretrained`` with HF's arguments.
+                    device_map: str | torch.device | dict | None = None, **kwargs):
+    """``<Model>.from_pretrained`` / ``AutoModel.from_pretrained``: ``load_pretrained`` with HF's arguments.
 
     ``dtype`` "auto" (transformers 5's default) keeps the dtype config.json records (float32 if none);
     ``device_map`` is one device (``"auto"``: the first GPU, else the CPU); a Hub id is downloaded with
@@ -264,7 +276,7 @@ def _device_of(device_map: str | torch.device | dict | None) -> torch.device:
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
-            raise ValueError(f"device_map {device_map!r}: LLaDA loads onto one device; give one device")
+            raise ValueError(f"device_map {device_map!r}: the model loads onto one device; give one device")
         device_map = devices.pop()
     if device_map is None:
         return torch.device("cpu")

@@ -1,29 +1,51 @@
-"""Architecture presets: a ~1M-parameter CPU model up to LLaDA-8B's exact shape."""
+"""Architecture presets of every family: ~1M-parameter CPU models up to the public checkpoints' exact shapes."""
 from __future__ import annotations
 
-from common.model.configuration import LLaDAConfig
+from common.model.dream.modeling import DreamConfig
+from common.model.llada.configuration import LLaDAConfig
+from common.model.sdar.modeling import SDARConfig
 
-PRESETS: dict[str, dict] = {
-    # ~0.9M parameters over the built-in character tokenizer (ids: pad 0, bos 1, eos 2, mask 3, eot 4):
-    # trains on a laptop CPU in minutes.
-    "tiny": dict(d_model=128, n_heads=4, n_layers=4, mlp_hidden_size=384, vocab_size=101, embedding_size=101,
-                 max_sequence_length=512, rope_theta=10000.0, mask_token_id=3, eos_token_id=2, pad_token_id=0,
-                 bos_token_id=1),
-    "100m": dict(d_model=768, n_heads=12, n_layers=12, mlp_hidden_size=2048, vocab_size=126464,
-                 embedding_size=126464, max_sequence_length=4096),
-    "1b": dict(d_model=2048, n_heads=16, n_layers=16, mlp_hidden_size=5632, vocab_size=126464,
-               embedding_size=126464, max_sequence_length=4096),
+# The tiny presets share the built-in character tokenizer's ids: pad 0, bos 1, eos 2, mask 3, eot 4.
+_CHAR_IDS = dict(mask_token_id=3, eos_token_id=2, pad_token_id=0, bos_token_id=1)
+_TINY_QWEN = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=512, **_CHAR_IDS)
+
+PRESETS: dict[str, tuple[type, dict]] = {
+    # ~0.9M parameters: trains on a laptop CPU in minutes.
+    "tiny": (LLaDAConfig, dict(d_model=128, n_heads=4, n_layers=4, mlp_hidden_size=384, vocab_size=101,
+                               embedding_size=101, max_sequence_length=512, rope_theta=10000.0, **_CHAR_IDS)),
+    "100m": (LLaDAConfig, dict(d_model=768, n_heads=12, n_layers=12, mlp_hidden_size=2048, vocab_size=126464,
+                               embedding_size=126464, max_sequence_length=4096)),
+    "1b": (LLaDAConfig, dict(d_model=2048, n_heads=16, n_layers=16, mlp_hidden_size=5632, vocab_size=126464,
+                             embedding_size=126464, max_sequence_length=4096)),
     # LLaDA-8B-Instruct's config.json shape: exactly 8,015,581,184 parameters.
-    "llada-8b": dict(d_model=4096, n_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
-                     embedding_size=126464, max_sequence_length=4096, rope_theta=500000.0),
+    "llada-8b": (LLaDAConfig, dict(d_model=4096, n_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
+                                   embedding_size=126464, max_sequence_length=4096, rope_theta=500000.0)),
+    "tiny-dream": (DreamConfig, dict(_TINY_QWEN, rope_theta=10000.0)),
+    "tiny-sdar": (SDARConfig, dict(_TINY_QWEN, rope_theta=10000.0, block_size=4)),
+    # Dream-v0-Instruct-7B's config.json shape.
+    "dream-7b": (DreamConfig, dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                   num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                   max_position_embeddings=131072, rope_theta=1e6, mask_token_id=151666,
+                                   bos_token_id=151643, eos_token_id=151643, pad_token_id=151643)),
+    # SDAR-8B-Chat's and SDAR-1.7B-Chat's config.json shapes.
+    "sdar-8b": (SDARConfig, dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=32768,
+                                 rope_theta=1e6, block_size=4, mask_token_id=151669, bos_token_id=151643,
+                                 eos_token_id=151643, pad_token_id=151643)),
+    "sdar-1.7b": (SDARConfig, dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                                   num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                   max_position_embeddings=32768, rope_theta=1e6, block_size=4, mask_token_id=151669,
+                                   bos_token_id=151643, eos_token_id=151643, pad_token_id=151643)),
 }
 
 
-def preset_config(name: str, **overrides) -> LLaDAConfig:
-    """An ``LLaDAConfig`` for a named preset; keyword overrides replace preset values."""
+def preset_config(name: str, **overrides):
+    """The config of a named preset (its family's config class); keyword overrides replace preset values."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    kwargs = {**PRESETS[name], **overrides}
-    if "vocab_size" in overrides and "embedding_size" not in overrides:
+    config_class, kwargs = PRESETS[name]
+    kwargs = {**kwargs, **overrides}
+    if config_class is LLaDAConfig and "vocab_size" in overrides and "embedding_size" not in overrides:
         kwargs["embedding_size"] = overrides["vocab_size"]
-    return LLaDAConfig(**kwargs)
+    return config_class(**kwargs)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.states import completion_blocks
 from common.trajectory import Trajectory
 from learner.losses.base import sampled_tokens
 
@@ -56,11 +57,9 @@ def step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, *
               micro.cutoff_BG.to(device)[b_N, g_N].float(), torch.ones_like(b_N, dtype=torch.bool))]
     S = 0 if micro.discard_ids_BGS is None else micro.discard_ids_BGS.shape[2]
     if discarded and S > 0:
-        B, G = unmask_BG.shape
-        K = micro.block_length if micro.block_length > 0 else G
-        steps_per_block = micro.num_steps // (G // K)
+        block_BG, steps_per_block = completion_blocks(micro)
         # Slot of step t at position g: how many steps of g's block came before t (outside [0, S): another block).
-        slot_BG = step_B[:, None] - (torch.arange(G, device=device) // K)[None, :] * steps_per_block
+        slot_BG = step_B[:, None] - block_BG.to(device) * steps_per_block
         inside_BG = (slot_BG >= 0) & (slot_BG < S) & active_B[:, None]
         slot_BG1 = slot_BG.clamp(0, S - 1)[..., None]
         ids_BG = micro.discard_ids_BGS.to(device).gather(2, slot_BG1)[..., 0]

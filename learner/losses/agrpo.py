@@ -101,7 +101,7 @@ class StepwiseLoss(PolicyLoss):
         return m.result()
 
     def _logp(self, model, h_ND, micro, rows):
-        return sampler_logprobs(model.lm_head(h_ND), rows.token_N, temperature=micro.temperature,
+        return sampler_logprobs(model.vocab_logits(h_ND), rows.token_N, temperature=micro.temperature,
                                 cutoff_N=rows.cutoff_N, banned_ids=tuple(micro.banned_ids))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from common.states import completion_blocks
 from learner.losses import steps as step_sel
 from learner.losses.agrpo import StepwiseLoss
 from learner.losses.base import sampled_tokens
@@ -18,7 +19,8 @@ class AtpoLoss(StepwiseLoss):
 
     def step_scores(self, batch, eligible_BT: torch.Tensor) -> torch.Tensor:
         """[B, T] scores in [0, 1] (0 off the eligible steps)."""
-        block_BT = step_sel.step_blocks(batch.unmask_step_BG, batch.block_length, batch.num_steps, sampled_tokens(batch))
+        block_BT = step_sel.step_blocks(batch.unmask_step_BG, completion_blocks(batch)[0], batch.num_steps,
+                                        sampled_tokens(batch))
         return step_sel.atpo_step_scores(
             batch.step_entropy_BT, batch.step_margin_BT, block_BT, eligible_BT,
             score=self.cfg.score, hybrid_weight=self.cfg.hybrid_weight, batch_mix=self.cfg.batch_mix,

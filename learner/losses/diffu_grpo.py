@@ -71,8 +71,8 @@ class DiffuGrpoLoss(PolicyLoss):
 
     def _logp_BG(self, model, ids_BL, attn_BL, pos_BL, tokens_BG):
         """log softmax of the raw logits (temperature 1, full vocabulary), as d1 scores its tokens."""
-        G = tokens_BG.shape[1]
-        logits_BGV = model.lm_head(model.hidden_states(ids_BL, attn_BL, pos_BL)[:, -G:]).float()
+        G, L, shift = tokens_BG.shape[1], ids_BL.shape[1], model.logit_shift
+        logits_BGV = model.vocab_logits(model.hidden_states(ids_BL, attn_BL, pos_BL)[:, L - G - shift:L - shift]).float()
         return logits_BGV.gather(2, tokens_BG[..., None])[..., 0] - torch.logsumexp(logits_BGV, dim=-1)
 
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,

@@ -153,13 +153,14 @@ def _finish(order_BT, idx_BK, weight_BK, valid_BK):
 # --- ATPO step scores (from the recorded rollout statistics only; no forward pass)
 
 
-def step_blocks(unmask_step_BG: torch.Tensor, block_length: int, num_steps: int, drawn_BG: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T] block index each step drew tokens in (-1 for a step that drew nothing)."""
-    B, G = unmask_step_BG.shape
-    blk_BG = (torch.arange(G, device=unmask_step_BG.device) // (block_length if block_length > 0 else G)).expand(B, G)
+def step_blocks(unmask_step_BG: torch.Tensor, blk_BG: torch.Tensor, num_steps: int,
+                drawn_BG: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] block index each step drew tokens in (-1 for a step that drew nothing), from the block of each
+    completion position ``blk_BG`` (``common.states.completion_blocks``)."""
+    blk_BG = blk_BG.to(unmask_step_BG.device)
     if drawn_BG is not None:  # the sampler's filled EOS tail belongs to later blocks; it was not drawn
         blk_BG = torch.where(drawn_BG.to(blk_BG.device), blk_BG, -1)
-    out_BT = torch.full((B, num_steps), -1, dtype=torch.int64, device=unmask_step_BG.device)
+    out_BT = torch.full((unmask_step_BG.shape[0], num_steps), -1, dtype=torch.int64, device=unmask_step_BG.device)
     return out_BT.scatter_reduce(1, unmask_step_BG.clamp(0, num_steps - 1), blk_BG, reduce="amax")
 
 

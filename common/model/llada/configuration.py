@@ -40,7 +40,10 @@ class LLaDAConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.weight_tying = weight_tying
         self.mask_token_id = mask_token_id
-        # LLaDA's checkpoint keys we read but whose non-default values we do not implement.
+        # LLaDA's checkpoint keys we read but whose non-default values we do not implement. The public
+        # configuration's default bias_for_layer_norm is None, meaning "the same as include_bias".
+        if kwargs.get("bias_for_layer_norm", False) is None:
+            kwargs["bias_for_layer_norm"] = kwargs.get("include_bias", False)
         for key, supported in (("rope", True), ("alibi", False), ("include_bias", False),
                                ("layer_norm_type", "rms"), ("block_type", "llama"),
                                ("activation_type", "silu"), ("scale_logits", False),

@@ -1,0 +1,68 @@
+"""The model-family contract: what the sampler, the learner's state rebuild, the losses, SFT, LoRA, FSDP2
+and checkpoint I/O ask of a model, and the registry that maps a checkpoint's ``model_type`` to it.
+
+A family is a folder (``common/model/<family>/``: configuration, modeling) plus one ``register`` call in
+``common/model/__init__.py``. Nothing outside a family's folder names its modules: callers read
+``family_of(model)`` (or ``family_for_type``) and the methods every model class has (``common.model.base``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+ATTENTION = ("bidirectional", "block_causal")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family of diffusion LMs: its classes, its public identity and what differs in using it."""
+
+    name: str  # our name (configs, docs): "llada", "dream", "sdar"
+    model_type: str  # config.json's model_type, exactly as the public checkpoints spell it
+    config_class: type
+    model_class: type
+    public_repo: str  # the model repository whose remote code ``auto_map`` points exports at
+    auto_map: dict[str, str]  # the public config.json's auto_map (module.Class), re-prefixed on export
+    architectures: tuple[str, ...]
+    logit_shift: int  # 0: logits at column i score token i; 1: they sit at column i - 1 (Dream)
+    attention: Literal["bidirectional", "block_causal"]
+    lora_targets: tuple[str, ...]  # linears inside a block (dotted paths) that LoRA adapts by default
+    mask_token: str  # the mask token's text in the real tokenizer (its id also sits in config.json)
+    eot_token: str | None  # end-of-turn token's text (LLaDA <|eot_id|>, Qwen <|im_end|>)
+    decoding: dict = field(default_factory=dict)  # sampler settings of the public decoder, for presets/docs
+
+    def block_size(self, config) -> int | None:
+        """Block length of block-causal attention (None for bidirectional families)."""
+        return int(config.block_size) if self.attention == "block_causal" else None
+
+    def export_auto_map(self) -> dict[str, str]:
+        """``auto_map`` pointing at the public repository's code (``owner/repo--module.Class``), so an export
+        loads anywhere with ``trust_remote_code=True`` and with our registration without it."""
+        return {k: f"{self.public_repo}--{v}" for k, v in self.auto_map.items()}
+
+    def completion_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """The logits columns that score the tokens at ``columns`` (the distribution at each position)."""
+        return columns - self.logit_shift
+
+
+FAMILIES: dict[str, ModelFamily] = {}  # by model_type
+
+
+def register(family: ModelFamily) -> None:
+    FAMILIES[family.model_type] = family
+
+
+def family_for_type(model_type: str | None, where: str = "config.json") -> ModelFamily:
+    """The family of a ``model_type``; one line naming the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        supported = ", ".join(f"{t!r} ({f.name})" for t, f in FAMILIES.items())
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: {supported}")
+    return FAMILIES[model_type]
+
+
+def family_of(model_or_config) -> ModelFamily:
+    """The family of a model (FSDP-wrapped or not) or of its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return family_for_type(getattr(config, "model_type", None), where=type(model_or_config).__name__)

@@ -1,0 +1,1 @@
+"""SDAR (JetLM/SDAR-*-Chat): a Qwen3 body trained for block diffusion."""

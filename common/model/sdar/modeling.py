@@ -1,0 +1,46 @@
+"""SDAR: Qwen3's body (per-head q/k RMSNorm, no biases) with block-causal attention: a query reads every
+key of its own block and of earlier blocks. Blocks are ``block_size`` consecutive positions counted from
+the sequence's first real token (position 0), as SDAR's public decoder lays them out, so a left-padded row
+(``position_ids`` counting real tokens) sees exactly what it would see unpadded. Logits are unshifted."""
+from __future__ import annotations
+
+import torch
+
+from common.model.layers import key_mask
+from common.model.qwen import QwenStyleConfig, QwenStyleLM
+
+
+class SDARConfig(QwenStyleConfig):
+    """SDAR's config.json (model_type "sdar")."""
+
+    model_type = "sdar"
+
+    def __init__(self, block_size: int = 4, mask_token_id: int = 151669, attention_bias: bool = False, **kwargs):
+        super().__init__(mask_token_id=mask_token_id, **kwargs)
+        self.block_size = block_size
+        self.attention_bias = attention_bias
+        self._refuse(attention_bias=(attention_bias, False))
+        if block_size < 1:
+            raise ValueError(f"config.json: block_size={block_size!r} must be >= 1")
+
+
+def block_causal_bias(position_ids_BL: torch.Tensor, block_size: int, attention_mask_BL=None) -> torch.Tensor:
+    """Bool [B, 1, L, L]: query i reads key j iff j's block (position // block_size) is not after i's."""
+    block_BL = torch.div(position_ids_BL, block_size, rounding_mode="floor")
+    bias = block_BL[:, None, None, :] <= block_BL[:, None, :, None]
+    keys = key_mask(attention_mask_BL)
+    return bias if keys is None else bias & keys
+
+
+class SDARForCausalLM(QwenStyleLM):
+    """SDAR's LM under its public class name (``architectures: ["SDARForCausalLM"]``)."""
+
+    config_class = SDARConfig
+    family = "sdar"
+    qk_norm = True
+
+    def attention_bias(self, attention_mask_BL, position_ids_BL, cached: bool):
+        if cached:
+            raise ValueError("SDAR's block-causal attention runs without the sampler's prefix/dual cache "
+                             "(set sampler.cache: none; finished blocks never change, so it is the same policy)")
+        return block_causal_bias(position_ids_BL, self.config.block_size, attention_mask_BL)
