@@ -17,8 +17,8 @@ log="$OUT/$stage.log"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$log"
 if [ "$stage" = core ]; then
-  timeout 240 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_kernels.py tests/test_sampler.py \
-    tests/test_cache.py tests/test_weight_sync.py tests/test_model.py 2>&1 | tee -a "$log"
+  timeout 240 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_kernels.py tests/test_kernels_compile.py \
+    tests/test_sampler.py tests/test_cache.py tests/test_weight_sync.py tests/test_model.py 2>&1 | tee -a "$log"
   for t in 0.9 1.0 0.0; do
     timeout 120 python3 -m benchmarks.bench_kernel --temperature "$t" --out "$OUT/kernel_T$t.md" 2>&1 | tee -a "$log"
   done

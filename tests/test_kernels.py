@@ -124,6 +124,18 @@ def test_dispatch_rejects_unknown_or_unavailable_kernels():
     assert torch.equal(auto.token_N, sample_rows_reference(logits, 1.0, 0, torch.arange(2)).token_N)
 
 
+def test_triton_launcher_rejects_what_it_compiles_no_variant_for():
+    pytest.importorskip("triton")
+    from rollout.kernels.triton_sampling import MAX_SPLITS, sample_rows_triton
+
+    rows = torch.arange(2)
+    with pytest.raises(ValueError, match="dtype"):
+        sample_rows_triton(torch.randn(2, 10, dtype=torch.float64), 1.0, 0, rows)
+    for n_split in (0, MAX_SPLITS + 1):
+        with pytest.raises(ValueError, match="n_split"):
+            sample_rows_triton(torch.randn(2, 10), 1.0, 0, rows, n_split=n_split)
+
+
 # --- the Triton kernel under TRITON_INTERPRET=1 (CPU), against the reference
 
 # (name, dtype, N, V, temperature, top_k, n_split, row_stride_pad)

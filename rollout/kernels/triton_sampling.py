@@ -9,12 +9,20 @@ cross-thread reductions; the lanes are reduced once per program and written as o
 (row, split). Pass 2 (grid N) merges the S partials and finishes logp,
 entropy, margin and confidence. S > 1 only when there are too few rows to fill the GPU.
 
+``launch_configs`` lists every variant the launcher can have Triton compile (logit dtype, constexprs,
+warps); ``rollout.kernels.compile_check`` compiles each for sm_80 and sm_90 without a GPU. Integer
+arguments are typed in the kernel signatures, and arguments whose value or alignment does not matter
+to the code are not specialized on, so the JIT builds no variants beyond these and the alignment of
+the caller's logits.
+
 All math is base 2 (exp2/log2 are the hardware's native transcendentals): s = x * log2(e) / T.
 The Gumbel-max key of a column is s - log2(E) with E the Exponential(1) variate of the Philox stream
 in ``rollout.kernels.philox``; inside a lane it is compared as the ratio 2^(s - max) / E, which
 reuses the exp2 of the online sum and so costs one log2 per column instead of two.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -26,7 +34,13 @@ from rollout.kernels.reference import LOG2E, RowStats
 
 _EXCLUDED = tl.constexpr(-3.0e38)  # scaled logit of a column outside the support (finite, so 0 * it is 0)
 _INIT = tl.constexpr(-1.0e30)  # initial lane max: above _EXCLUDED so excluded columns never move it
-_NUM_WARPS = 8  # sm_90 at T>0: 123 registers, 2 programs (16 warps) per SM; 4 warps need 240
+# Logit dtypes the kernels are compiled and checked for, with Triton's name of each.
+LOGIT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_PARTIAL_WARPS = 8  # at T>0 at most 128 registers: 2 programs (16 warps) per SM; 4 warps need 240
+_FINISH_WARPS = 1
+# The finish kernel holds S_BLOCK partials per row in one warp's registers: S_BLOCK 1024 spills on sm_90.
+MAX_SPLITS = 512
+_S_BLOCKS = (32, 128, MAX_SPLITS)  # below 32, one partial per lane of the warp, a smaller block saves nothing
 
 
 @triton.jit
@@ -122,9 +136,10 @@ def _second_max(m, t2, BLOCK: tl.constexpr):
     return tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(idx == first, _INIT, m), axis=0))
 
 
-@triton.jit
-def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part_i_ptr,
-                    V, cols_per_split, scale2, seed,
+# seed: one variant for every seed; row_ids and cutoff are read once per program, their alignment is moot
+@triton.jit(do_not_specialize=["seed"], do_not_specialize_on_alignment=["row_ids_ptr", "cutoff_ptr"])
+def _partial_kernel(x_ptr, stride_row: tl.int64, row_ids_ptr, cutoff_ptr, part_f_ptr, part_i_ptr,
+                    V: tl.int32, cols_per_split: tl.int32, scale2: tl.float32, seed: tl.int64,
                     Q: tl.constexpr, SAMPLE: tl.constexpr, HAS_CUTOFF: tl.constexpr,
                     SEPARATE_CONF: tl.constexpr, FAST_LOG2: tl.constexpr):
     row = tl.program_id(0)
@@ -216,8 +231,10 @@ def _partial_kernel(x_ptr, stride_row, row_ids_ptr, cutoff_ptr, part_f_ptr, part
     tl.store(part_i_ptr + row * n_split + split, i)
 
 
-@triton.jit
-def _finish_kernel(x_ptr, stride_row, part_f_ptr, part_i_ptr, n_split, V, scale2,
+# reads one logit per row: neither its alignment nor the row's shape is worth a variant
+@triton.jit(do_not_specialize=["stride_row", "n_split", "V"], do_not_specialize_on_alignment=["x_ptr"])
+def _finish_kernel(x_ptr, stride_row: tl.int64, part_f_ptr, part_i_ptr, n_split: tl.int32, V: tl.int32,
+                   scale2: tl.float32,
                    token_ptr, logp_ptr, entropy_ptr, margin_ptr, conf_ptr,
                    S_BLOCK: tl.constexpr, SEPARATE_CONF: tl.constexpr):
     row = tl.program_id(0)
@@ -256,12 +273,86 @@ def _finish_kernel(x_ptr, stride_row, part_f_ptr, part_i_ptr, n_split, V, scale2
     tl.store(conf_ptr + row, tl.exp2(x_tok * 1.4426950408889634 - log2_zf))
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One variant of a kernel as the launcher has Triton compile it.
+
+    ``signature``: Triton type of each runtime argument. ``aligned``: arguments always 16-divisible
+    (the launcher's own buffers and tile counts); ``caller_aligned``: those that are when the caller's
+    logits are (row start and row length), so the JIT builds one variant with and one without them.
+    """
+
+    kernel: triton.JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    aligned: tuple[str, ...]
+    caller_aligned: tuple[str, ...] = ()
+    programs_per_sm: int = 1  # occupancy the variant is tuned for (limited by its registers)
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
+        object.__setattr__(self, "name", f"{self.kernel.__name__}[{self.signature['x_ptr'][1:]},{flags}]")
+
+
+def _flags(temperature: float, has_cutoff: bool) -> dict[str, bool]:
+    """Constexpr flags of both kernels for a temperature and an optional support cut-off."""
+    sample = temperature > 0
+    # a separate T=1 full-vocabulary softmax for the confidence unless p~ is that distribution already
+    return dict(SAMPLE=sample, HAS_CUTOFF=has_cutoff, SEPARATE_CONF=has_cutoff or (sample and temperature != 1.0))
+
+
+def _s_block(n_split: int) -> int:
+    """The finish kernel's block of partials: few sizes, so few variants to compile."""
+    return next(b for b in _S_BLOCKS if b >= n_split)
+
+
+def _partial_launch(x_type: str, flags: dict[str, bool]) -> KernelLaunch:
+    return KernelLaunch(
+        _partial_kernel,
+        dict(x_ptr=f"*{x_type}", stride_row="i64", row_ids_ptr="*i64", cutoff_ptr="*fp32", part_f_ptr="*fp32",
+             part_i_ptr="*i32", V="i32", cols_per_split="i32", scale2="fp32", seed="i64"),
+        dict(Q=NOISE_Q, **flags, FAST_LOG2=True),  # FAST_LOG2 off only under the interpreter
+        _PARTIAL_WARPS,
+        aligned=("part_f_ptr", "part_i_ptr", "cols_per_split"),
+        caller_aligned=("x_ptr", "stride_row", "V"),
+        programs_per_sm=2,
+    )
+
+
+def _finish_launch(x_type: str, s_block: int, separate_conf: bool) -> KernelLaunch:
+    return KernelLaunch(
+        _finish_kernel,
+        dict(x_ptr=f"*{x_type}", stride_row="i64", part_f_ptr="*fp32", part_i_ptr="*i32", n_split="i32", V="i32",
+             scale2="fp32", token_ptr="*i64", logp_ptr="*fp32", entropy_ptr="*fp32", margin_ptr="*fp32",
+             conf_ptr="*fp32"),
+        dict(S_BLOCK=s_block, SEPARATE_CONF=separate_conf),
+        _FINISH_WARPS,
+        aligned=("part_f_ptr", "part_i_ptr", "token_ptr", "logp_ptr", "entropy_ptr", "margin_ptr", "conf_ptr"),
+    )
+
+
+def launch_configs() -> list[KernelLaunch]:
+    """Every kernel variant ``sample_rows_triton`` can launch on CUDA (the compile check's list)."""
+    flag_sets = {tuple(_flags(t, c).items()) for t in (0.0, 1.0, 0.7) for c in (False, True)}
+    s_blocks = sorted({_s_block(n) for n in range(1, MAX_SPLITS + 1)})
+    launches = []
+    for x_type in LOGIT_DTYPES.values():
+        for flags in sorted(flag_sets):
+            launches.append(_partial_launch(x_type, dict(flags)))
+        for s_block in s_blocks:
+            for separate_conf in (False, True):
+                launches.append(_finish_launch(x_type, s_block, separate_conf))
+    return launches
+
+
 def _default_splits(N: int, V: int, device: torch.device) -> int:
     """Vocabulary splits per row: enough programs for ~4 per SM when rows are few, else 1."""
     if device.type != "cuda":
         return 1
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-    max_splits = triton.cdiv(V, 4 * NOISE_Q)
+    max_splits = min(MAX_SPLITS, triton.cdiv(V, 4 * NOISE_Q))
     return max(1, min(max_splits, triton.cdiv(4 * n_sm, N)))
 
 
@@ -280,16 +371,18 @@ def sample_rows_triton(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if logits_NV.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logits dtype must be one of {list(LOGIT_DTYPES)}, got {logits_NV.dtype}; use kernel='torch'")
+    if n_split is not None and not 1 <= n_split <= MAX_SPLITS:
+        raise ValueError(f"n_split must be in [1, {MAX_SPLITS}], got {n_split}")
     if logits_NV.stride(1) != 1:
         logits_NV = logits_NV.contiguous()
     N, V = logits_NV.shape
     if V >= 2**31 - 1:
         raise ValueError(f"vocabulary of {V} columns exceeds the kernel's int32 column index")
     device = logits_NV.device
-    sample = temperature > 0
-    t = temperature if sample else 1.0
     has_cutoff = cutoff_N is not None
-    separate_conf = has_cutoff or t != 1.0
+    flags = _flags(temperature, has_cutoff)
     if n_split is None:
         n_split = _default_splits(N, V, device)
     tile = 4 * NOISE_Q
@@ -299,13 +392,12 @@ def sample_rows_triton(
     part_i = torch.empty(N, n_split, device=device, dtype=torch.int32)
     row_ids = row_ids_N.to(device=device, dtype=torch.int64).contiguous()
     cutoff = cutoff_N.to(device=device, dtype=torch.float32).contiguous() if has_cutoff else part_f
-    scale2 = LOG2E / t
+    scale2 = LOG2E / (temperature if flags["SAMPLE"] else 1.0)
     if N > 0:
         _partial_kernel[(N, n_split)](
             logits_NV, logits_NV.stride(0), row_ids, cutoff, part_f, part_i,
             V, cols_per_split, scale2, int(seed),
-            Q=NOISE_Q, SAMPLE=sample, HAS_CUTOFF=has_cutoff, SEPARATE_CONF=separate_conf,
-            FAST_LOG2=device.type == "cuda", num_warps=_NUM_WARPS,
+            Q=NOISE_Q, **flags, FAST_LOG2=device.type == "cuda", num_warps=_PARTIAL_WARPS,
         )
     out = RowStats(
         token_N=torch.empty(N, device=device, dtype=torch.int64),
@@ -318,7 +410,6 @@ def sample_rows_triton(
         _finish_kernel[(N,)](
             logits_NV, logits_NV.stride(0), part_f, part_i, n_split, V, scale2,
             out.token_N, out.logp_N, out.entropy_N, out.margin_N, out.confidence_N,
-            S_BLOCK=max(2, triton.next_power_of_2(n_split)), SEPARATE_CONF=separate_conf,
-            num_warps=1,
+            S_BLOCK=_s_block(n_split), SEPARATE_CONF=flags["SEPARATE_CONF"], num_warps=_FINISH_WARPS,
         )
     return out
