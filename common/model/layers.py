@@ -17,16 +17,21 @@ from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight (LLaDA's and Qwen2/3's formula)."""
+    """RMSNorm in fp32: LLaDA's and Qwen2/3's formula (rsqrt, cast back, then the weight), or with
+    ``fused_fp32`` flash-attn's fused ``rms_norm_fn`` that SDAR's public code calls (1 / sqrt, the weight
+    applied in fp32, then the cast): the two differ by an ulp in fp32 and visibly in bf16."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused_fp32: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused_fp32 = fused_fp32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
+        if self.fused_fp32:
+            return (x * (1.0 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * self.weight.float()).to(dtype)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 

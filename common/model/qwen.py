@@ -25,6 +25,8 @@ class QwenStyleConfig(PretrainedConfig):
                  rms_norm_eps: float = 1e-6, tie_word_embeddings: bool = False, mask_token_id: int = 151666,
                  initializer_range: float = 0.02, hidden_act: str = "silu", rope_scaling: dict | None = None,
                  use_sliding_window: bool = False, attention_dropout: float = 0.0, **kwargs):
+        # the public configs name the kernel they were trained with (flash/flex); ours is always SDPA
+        kwargs.pop("attn_implementation", None)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -52,7 +54,7 @@ class QwenStyleConfig(PretrainedConfig):
 
 
 class QwenAttention(nn.Module):
-    def __init__(self, config: QwenStyleConfig, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: QwenStyleConfig, qkv_bias: bool, qk_norm: bool, norm_fp32: bool):
         super().__init__()
         d, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, Dh
@@ -61,8 +63,8 @@ class QwenAttention(nn.Module):
         self.v_proj = nn.Linear(d, Hkv * Dh, bias=qkv_bias)
         self.o_proj = nn.Linear(H * Dh, d, bias=False)
         if qk_norm:
-            self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
-            self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
+            self.q_norm = RMSNorm(Dh, config.rms_norm_eps, norm_fp32)
+            self.k_norm = RMSNorm(Dh, config.rms_norm_eps, norm_fp32)
         self.qk_norm = qk_norm
 
     def forward(self, h_BLD, cos, sin, attn_bias, cache_kv, query):
@@ -92,11 +94,11 @@ class QwenMLP(nn.Module):
 class QwenBlock(nn.Module):
     """A pre-norm decoder layer with Qwen2/3's names."""
 
-    def __init__(self, config: QwenStyleConfig, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: QwenStyleConfig, qkv_bias: bool, qk_norm: bool, norm_fp32: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = QwenAttention(config, qkv_bias, qk_norm)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_fp32)
+        self.self_attn = QwenAttention(config, qkv_bias, qk_norm, norm_fp32)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_fp32)
         self.mlp = QwenMLP(config)
 
     def forward(self, x_BLD, cos, sin, attn_bias, cache_kv=None, query=None, return_kv: bool = False):
@@ -107,11 +109,12 @@ class QwenBlock(nn.Module):
 
 
 class QwenBody(nn.Module):
-    def __init__(self, config: QwenStyleConfig, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: QwenStyleConfig, qkv_bias: bool, qk_norm: bool, norm_fp32: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(QwenBlock(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(QwenBlock(config, qkv_bias, qk_norm, norm_fp32)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_fp32)
 
 
 class QwenStyleLM(DiffusionLM):
@@ -121,10 +124,11 @@ class QwenStyleLM(DiffusionLM):
     _no_split_modules = ["QwenBlock"]
     qkv_bias = False
     qk_norm = False
+    norm_fused_fp32 = False  # RMSNorm as flash-attn's fused kernel computes it (common.model.layers.RMSNorm)
 
     def __init__(self, config: QwenStyleConfig):
         super().__init__(config)
-        self.model = QwenBody(config, self.qkv_bias, self.qk_norm)
+        self.model = QwenBody(config, self.qkv_bias, self.qk_norm, self.norm_fused_fp32)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.head_dim, self.n_kv_heads, self.rope_theta = config.head_dim, config.num_key_value_heads, config.rope_theta

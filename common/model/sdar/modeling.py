@@ -25,7 +25,14 @@ class SDARConfig(QwenStyleConfig):
 
 
 def block_causal_bias(position_ids_BL: torch.Tensor, block_size: int, attention_mask_BL=None) -> torch.Tensor:
-    """Bool [B, 1, L, L]: query i reads key j iff j's block (position // block_size) is not after i's."""
+    """Bool [B, 1, L, L]: query i reads key j iff j's block (position // block_size) is not after i's.
+
+    Rows that share their positions and have no padding get one [1, L, L] mask, the shape SDAR's public
+    decoder passes: SDPA's CPU kernels round differently for other mask shapes, and this one is bitwise equal
+    to the public forward."""
+    if attention_mask_BL is None and (position_ids_BL.shape[0] == 1 or position_ids_BL.stride(0) == 0):
+        block_L = torch.div(position_ids_BL[0], block_size, rounding_mode="floor")
+        return (block_L[None, :] <= block_L[:, None])[None]
     block_BL = torch.div(position_ids_BL, block_size, rounding_mode="floor")
     bias = block_BL[:, None, None, :] <= block_BL[:, None, :, None]
     keys = key_mask(attention_mask_BL)
@@ -38,6 +45,7 @@ class SDARForCausalLM(QwenStyleLM):
     config_class = SDARConfig
     family = "sdar"
     qk_norm = True
+    norm_fused_fp32 = True  # the public code normalises with flash-attn's rms_norm_fn
 
     def attention_bias(self, attention_mask_BL, position_ids_BL, cached: bool):
         if cached:

@@ -1,0 +1,259 @@
+"""Model families behind one interface: each family against its public code, and the exactness every
+family must keep (the learner rebuilds each sampled step's distribution: ratio 1 on fresh rollouts).
+
+Reference data come from running the public code once (tests/fixtures/<family>/make_fixtures.py, with the
+source commit in its README); the tests never import public code.
+Letters: B samples, P prompt length, G completion length, N scored rows, V vocabulary.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common.model as M
+from common.config.sampler import SamplerConfig
+from common.states import policy_hidden
+from learner.losses.actions import step_rows
+from learner.losses.base import sampler_logprobs
+from rollout.sampler import generate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PAD, EOS, MASK = 0, 2, 3  # the tiny presets' character-tokenizer ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- the registry and checkpoint folders
+
+
+def test_an_unsupported_model_type_fails_in_one_line_naming_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(M.CheckpointError, match="model_type 'llama' is not supported; supported: 'llada'.*'Dream'.*'sdar'") as err:
+        M.load_pretrained(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_type,option", [("Dream", {"use_sliding_window": True}), ("Dream", {"use_mrope": True}),
+                                               ("sdar", {"rope_scaling": {"type": "yarn", "factor": 4.0}}),
+                                               ("sdar", {"attention_bias": True}), ("llada", {"alibi": True})])
+def test_an_option_our_code_does_not_implement_is_refused_at_load(tmp_path, model_type, option):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **option}))
+    with pytest.raises(M.CheckpointError, match=f"{next(iter(option))}=.* is not supported"):
+        M.read_config(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar"])
+def test_every_family_round_trips_its_public_layout_and_loads_through_auto_classes(tmp_path, preset):
+    from transformers import AutoModel
+
+    model = M.build_model(M.preset_config(preset), seed=0).eval()
+    family = M.family_of(model)
+    M.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == family.model_type and config["architectures"] == list(family.architectures)
+    assert all(v.startswith(family.public_repo + "--") for v in config["auto_map"].values())
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is family.model_class
+    ids = torch.randint(5, 101, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_public_shapes_have_the_public_parameter_counts():
+    counts = {name: sum(p.numel() for p in M.build_model(M.preset_config(name), device="meta").parameters())
+              for name in ("llada-8b", "dream-7b", "sdar-8b", "sdar-1.7b")}
+    # LLaDA-8B-Instruct, Dream-v0-Instruct-7B (Qwen2.5-7B's 7.62B), SDAR-8B (Qwen3-8B's 8.19B), SDAR-1.7B (2.03B)
+    assert counts == {"llada-8b": 8_015_581_184, "dream-7b": 7_615_616_512, "sdar-8b": 8_190_735_360,
+                      "sdar-1.7b": 2_031_739_904}
+
+
+# --- Dream against its public modeling_dream.py and generation_utils.py
+
+DREAM = FIXTURES / "dream"
+DREAM_ALGS = {"maskgit_plus": "low_confidence", "topk_margin": "margin", "entropy": "entropy"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", ["unpadded", "unpadded_masked", "padded", "padded_nomask"])
+def test_dream_logits_equal_the_public_code_bit_for_bit(case, dtype):
+    ref = load_file(DREAM / "logits.safetensors")
+    model = M.load_pretrained(DREAM / "checkpoint", dtype=dtype)
+    ids = ref[f"{case}.input_ids"]
+    # the public generate passes a query-and-key 4-D mask and tok_idx positions; ours takes the key mask
+    # [B, L] (rows of padding queries differ and are never read: compared at real positions only)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=ref.get(f"{case}.attention_mask_2d"),
+                       position_ids=ref.get(f"{case}.position_ids")).logits
+    valid = ref[f"{case}.valid"].bool()
+    want = ref[f"{case}.logits_fp32" if dtype == "float32" else f"{case}.logits_bf16"]
+    assert torch.equal(logits[valid], want[valid])
+
+
+def _dream_cases():
+    cases = json.loads((DREAM / "generate.json").read_text())["cases"]
+    # greedy cases without the top-k that transformers 4.46 leaks into an unset generation config
+    return [name for name in cases if ".topk_none." in name]
+
+
+@pytest.mark.parametrize("name", _dream_cases())
+def test_dream_greedy_decoding_equals_the_public_diffusion_generate(name):
+    data = json.loads((DREAM / "generate.json").read_text())
+    case, prompt = data["cases"][name], data["prompts"][name.split(".")[0]]
+    model = M.load_pretrained(DREAM / "checkpoint", dtype="bfloat16" if name.endswith(".bf16") else "float32")
+    cfg = SamplerConfig(gen_length=case["max_new_tokens"], block_length=case["max_new_tokens"], steps=case["steps"],
+                        temperature=0.0, transfer="timestep", remasking=DREAM_ALGS[case["alg"]],
+                        position_ids="packed", ban_mask_token=False)
+    ids, mask = torch.tensor(prompt["input_ids"]), torch.tensor(prompt["attention_mask"])
+    traj = generate(model, ids, mask, cfg, mask_id=data["mask_token_id"], eos_id=data["eos_token_id"],
+                    pad_id=data["pad_token_id"])
+    assert torch.equal(traj.completion_ids_BG, torch.tensor(case["sequences"])[:, ids.shape[1]:])
+    # and the same number of tokens per step as the public schedule committed
+    assert torch.equal(traj.step_committed_BT.T, torch.tensor(case["n_transfer_per_step"]))
+
+
+# --- SDAR against its public modeling_sdar.py and generate.py (block_diffusion_generate)
+
+SDAR = FIXTURES / "sdar"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdar_block_causal_logits_equal_the_public_code_bit_for_bit(dtype):
+    ref = load_file(SDAR / "logits.safetensors")
+    model = M.load_pretrained(SDAR / "checkpoint", dtype=dtype)
+    with torch.no_grad():
+        logits = model(ref["forward.input_ids"], position_ids=ref["forward.position_ids"]).logits
+    assert torch.equal(logits.float(), ref["forward.logits_fp32" if dtype == "float32" else "forward.logits_bf16"])
+
+
+def test_sdar_padded_rows_see_what_they_would_see_unpadded():
+    """Blocks count real positions, so a left-padded row's logits equal the unpadded row's."""
+    model = M.load_pretrained(SDAR / "checkpoint")
+    ids = torch.randint(0, 250, (1, 10))
+    padded = torch.cat([torch.full((1, 3), 253), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)], 1)
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = model(ids).logits
+        left = model(padded, attention_mask=mask, position_ids=pos).logits[:, 3:]
+        changed = ids.clone()
+        changed[0, 9] = (ids[0, 9] + 1) % 250  # position 9 is in block 2: blocks 0 and 1 must not see it
+        later = model(changed).logits
+    torch.testing.assert_close(left, alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(later[0, :8], alone[0, :8]) and not torch.equal(later[0, 8:], alone[0, 8:])
+
+
+def _sdar_cases():
+    cases = json.loads((SDAR / "generate.json").read_text())["cases"]
+    # the public function takes one prompt (batch 2 raises) and has no temperature-0 path (the fixture's
+    # greedy sampler is documented in make_fixtures.py); EOS stopping is not part of our sequence grid
+    return [c["name"] for c in cases if c["error"] is None and not c["stopping_criteria_idx"]]
+
+
+@pytest.mark.parametrize("name", _sdar_cases())
+def test_sdar_greedy_decoding_equals_the_public_block_diffusion_generate(name):
+    """Token for token and step for step, except where the public decoder overwrites a committed token
+    (a step asking for more tokens than are masked: torch.topk then picks -inf positions, prompt included):
+    ours never does, so from that step on the two decode different states and only the tokens are compared."""
+    case = next(c for c in json.loads((SDAR / "generate.json").read_text())["cases"] if c["name"] == name)
+    model = M.load_pretrained(SDAR / "checkpoint")
+    P, K, S = case["prompt_length"], case["block_length"], case["denoising_steps"]
+    G = case["total_length"] - P  # the public decoder fills whole blocks: its completion runs to a block end
+    strategy = case["remasking_strategy"]
+    rule = {"low_confidence_static": {}, "sequential": {"remasking": "sequential"},
+            "low_confidence_dynamic": {"threshold": case["confidence_threshold"], "threshold_floor": "schedule"}}[strategy]
+    cfg = SamplerConfig(gen_length=G, block_length=K, steps=S * -(-G // K), temperature=0.0, block_grid="sequence",
+                        position_ids="packed", ban_mask_token=False, **rule)
+    traj = generate(model, torch.tensor(case["prompt"]), None, cfg, mask_id=255, eos_id=253, pad_id=253)
+    want = torch.tensor(case["output"])[0, P:]
+    overwritten = {o["position"] for o in case["overwrites"] if o["changed"]}
+    keep = torch.tensor([P + g not in overwritten for g in range(G)])
+    assert torch.equal(traj.completion_ids_BG[0][keep], want[keep])
+    first_bug = min([(o["block"], o["step"]) for o in case["overwrites"]], default=None)
+    for step in case["steps"]:
+        if step["kind"] != "denoise" or (first_bug is not None and (step["block"], step["step"]) > first_bug):
+            continue
+        t = (step["block"] - P // K) * S + step["step"]
+        ours = (traj.unmask_step_BG[0] == t).nonzero()[:, 0] + P
+        assert sorted(ours.tolist()) == sorted(step["committed_positions"]), (step["block"], step["step"])
+
+
+def test_the_sdar_fixtures_exercise_the_public_overwrite_bug():
+    cases = json.loads((SDAR / "generate.json").read_text())["cases"]
+    assert any(o["changed"] for c in cases if c["name"] in _sdar_cases() for o in c["overwrites"])
+
+
+# --- exactness on every family: the learner rebuilds what the sampler drew (ratio 1)
+
+FAMILY_DECODING = {
+    "tiny": dict(block_length=8),
+    "tiny-dream": dict(block_length=16, transfer="timestep", position_ids="packed"),
+    "tiny-sdar": dict(block_length=4, block_grid="sequence", position_ids="packed"),
+}
+RULES = [dict(remasking="random"), dict(remasking="low_confidence"), dict(remasking="margin", top_k=20),
+         dict(remasking="entropy", top_p=0.9), dict(remasking="low_confidence", threshold=0.02),
+         dict(remasking="sequential"), dict(remasking="entropy", remasking_temperature=0.5)]
+
+
+def _prompts():
+    """Three left-padded prompts of lengths 7, 5 and 6 (so the sequence grid puts rows' blocks apart)."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(5, 101, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, :2] = mask[2, :1] = False
+    return ids.masked_fill(~mask, PAD), mask
+
+
+def _ratios(model, traj) -> torch.Tensor:
+    """New over behaviour log-prob of every draw the learner scores (committed and discarded) at every step."""
+    diffs = []
+    P = traj.prompt_ids_BP.shape[1]
+    for t in range(traj.num_steps):
+        step_B = torch.full((len(traj),), t)
+        rows = step_rows(traj, step_B, torch.ones(len(traj), dtype=torch.bool), discarded=True, device="cpu")
+        if len(rows.b_N) == 0:
+            continue
+        hidden = policy_hidden(model, traj, step_B, MASK, "cpu")
+        logp_N = sampler_logprobs(model.vocab_logits(hidden.rows(rows.b_N, P + rows.g_N)), rows.token_N,
+                                  temperature=traj.temperature, cutoff_N=rows.cutoff_N, banned_ids=traj.banned_ids)
+        diffs.append(logp_N - rows.old_logp_N)
+    return torch.cat(diffs)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
+@pytest.mark.parametrize("preset", list(FAMILY_DECODING))
+def test_every_family_rescores_its_fresh_rollouts_with_ratio_one(preset, rule):
+    model = M.build_model(M.preset_config(preset), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=16, steps=8, temperature=1.0, **FAMILY_DECODING[preset], **rule)
+    traj = generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=5)
+    assert bool(traj.unmask_step_BG.ge(0).all()) and not bool(traj.completion_ids_BG.eq(MASK).any())
+    with torch.no_grad():
+        diff = _ratios(model, traj)
+    assert diff.numel() >= 3 * 16
+    assert float(diff.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_dream_cached_rollouts_are_rebuilt_exactly(cache):
+    """The cache window of a shifted family starts a column early (where the block's first logits sit)."""
+    model = M.build_model(M.preset_config("tiny-dream"), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=16, block_length=8, steps=8, temperature=1.0, transfer="timestep",
+                        position_ids="packed", remasking="low_confidence", cache=cache)
+    traj = generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=2)
+    with torch.no_grad():
+        assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+def test_dream_origin_rollouts_are_rebuilt_exactly():
+    """Dream's default rule commits each masked position with probability 1 - t_{i+1}/t_i: a random count."""
+    model = M.build_model(M.preset_config("tiny-dream"), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=16, block_length=16, steps=8, temperature=1.0, transfer="timestep",
+                        position_ids="packed", remasking="origin")
+    traj = generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=2)
+    assert traj.commit_reads_draws is False and len(set(traj.step_committed_BT[:, :-1].flatten().tolist())) > 2
+    with torch.no_grad():
+        assert float(_ratios(model, traj).abs().max()) < 1e-4
