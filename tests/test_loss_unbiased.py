@@ -35,15 +35,25 @@ DRAWABLE = [i for i in range(V) if i != MASK]
 PROMPT = [1, 4, 5, 0]
 
 
-def _tiny(seed=0, scale=4.0):
-    """A tiny random LLaDA with a 6-token vocabulary; its LM head scaled so the distributions are peaked
-    enough for the commit rules to matter."""
+def _tiny(seed=0, scale=4.0, preset="tiny", block_size=None):
+    """A tiny random model of a family with a 6-token vocabulary; its output head scaled so the distributions
+    are peaked enough for the commit rules to matter (SDAR's block size: the completion's length)."""
     from common.model import build_model, preset_config
 
-    model = build_model(preset_config("tiny", vocab_size=V, n_layers=2), seed=seed).float()
+    if preset == "tiny":
+        config = preset_config(preset, vocab_size=V, n_layers=2)
+    else:
+        config = preset_config(preset, vocab_size=V, num_hidden_layers=2,
+                               **({"block_size": block_size} if block_size else {}))
+    model = build_model(config, seed=seed).float()
     with torch.no_grad():
-        model.model.transformer.ff_out.weight.mul_(scale)
+        head = model.model.transformer.ff_out if preset == "tiny" else model.lm_head
+        head.weight.mul_(scale)
     return model
+
+
+def _grid(model) -> str:
+    return "sequence" if model.config.model_type == "sdar" else "completion"
 
 
 def _rule_reads_draws(rule, threshold):
@@ -76,7 +86,8 @@ def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None, t
     def dists(completion):
         key = tuple(completion)
         if key not in cache:
-            logits = model(torch.tensor([PROMPT + list(completion)])).logits[0, len(PROMPT):].float()
+            first = len(PROMPT) - model.logit_shift  # where the completion's logits sit (Dream: a column early)
+            logits = model(torch.tensor([PROMPT + list(completion)])).logits[0, first:first + G].float()
             logits = logits.index_fill(1, torch.tensor([MASK]), float("-inf"))
             cutoff = torch.full((G,), float("-inf"))
             kept = logits
@@ -127,18 +138,21 @@ def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None, t
     return leaves
 
 
-def leaves_batch(leaves, G, steps, temperature, reads_draws, top_k=None) -> Trajectory:
+def leaves_batch(leaves, G, steps, temperature, reads_draws, top_k=None, grid="completion", block_length=None) -> Trajectory:
+    """The enumerated trajectories as the sampler records them; on the sequence grid (SDAR: PROMPT fills whole
+    blocks of G) the sampler's trajectory has a second, empty block round."""
     N, S = len(leaves), steps - 1
-    committed_NT = torch.zeros(N, steps, dtype=torch.long)
+    T = steps * (2 if grid == "sequence" else 1)
+    committed_NT = torch.zeros(N, T, dtype=torch.long)
     unmask_NG = torch.tensor([leaf["unmask"] for leaf in leaves])
     committed_NT.scatter_add_(1, unmask_NG, torch.ones_like(unmask_NG))
     return Trajectory(
         prompt_ids_BP=torch.tensor([PROMPT] * N), prompt_mask_BP=torch.ones(N, len(PROMPT), dtype=torch.bool),
         completion_ids_BG=torch.tensor([leaf["completion"] for leaf in leaves]), unmask_step_BG=unmask_NG,
         logp_BG=torch.tensor([leaf["logp"] for leaf in leaves]), entropy_BG=torch.zeros(N, G), margin_BG=torch.zeros(N, G),
-        cutoff_BG=torch.tensor([leaf["cutoff"] for leaf in leaves]), step_entropy_BT=torch.zeros(N, steps),
-        step_margin_BT=torch.zeros(N, steps), step_committed_BT=committed_NT, temperature=temperature,
-        block_length=G, banned_ids=(MASK,),
+        cutoff_BG=torch.tensor([leaf["cutoff"] for leaf in leaves]), step_entropy_BT=torch.zeros(N, T),
+        step_margin_BT=torch.zeros(N, T), step_committed_BT=committed_NT, temperature=temperature,
+        block_length=block_length or G, banned_ids=(MASK,), block_grid=grid,
         discard_ids_BGS=torch.tensor([leaf["discards"] for leaf in leaves])[:, :, :S],
         discard_logp_BGS=torch.tensor([leaf["disc_logp"] for leaf in leaves])[:, :, :S],
         discard_cutoff_BGS=None if top_k is None else torch.tensor([leaf["disc_cutoff"] for leaf in leaves])[:, :, :S],
@@ -163,7 +177,8 @@ def exact_and_estimated(model, G, steps, rule, temperature, threshold, draws, to
     exact_D = flat_grad(model).double().clone()
     model.zero_grad()
 
-    batch = leaves_batch(leaves, G, steps, temperature, _rule_reads_draws(rule, threshold), top_k)
+    batch = leaves_batch(leaves, G, steps, temperature, _rule_reads_draws(rule, threshold), top_k, _grid(model),
+                         getattr(model.config, "block_size", G))
     N = len(leaves)
     cfg = AgrpoConfig(k_steps=steps, step_sampling="stratified", normalize="sum", eligible_steps="all", draws=draws)
     loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=None)
@@ -209,6 +224,23 @@ def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperat
         assert off < 1e-4, off
     else:  # it ranks the draws: leaving the discarded ones out is biased
         assert off > 0.01, off
+
+
+@pytest.mark.parametrize("preset", ["tiny-dream", "tiny-sdar"])
+@pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
+def test_every_family_scores_its_actions_exactly(preset, rule, G, steps, temperature, threshold, top_k):
+    """The same enumeration on Dream (logits shifted by one) and SDAR (block-causal attention; blocks of the
+    smallest size >= G that the prompt fills exactly, so the completion is one block, decoded with its
+    schedule capped at what is masked): all draws exact everywhere, committed-only exactly where the rule
+    ignores the draws."""
+    block = next(k for k in range(G, len(PROMPT) + 1) if len(PROMPT) % k == 0) if preset == "tiny-sdar" else None
+    model = _tiny(preset=preset, block_size=block)
+    remasking = "low_confidence" if rule == "threshold" else rule
+    exact_D, est_D, _ = exact_and_estimated(model, G, steps, remasking, temperature, threshold, "all", top_k)
+    assert exact_D.norm() > 0 and _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
+    exact_c, est_c, _ = exact_and_estimated(model, G, steps, remasking, temperature, threshold, "committed", top_k)
+    off = _rel(est_c, exact_c)
+    assert off < 1e-4 if rule in ("random", "margin") else off > 0.01, off
 
 
 @pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
