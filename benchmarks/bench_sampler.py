@@ -1,5 +1,8 @@
 """End-to-end sampler throughput (completion tokens/s): our sampler against LLaDA's reference generate().
 
+Other families (``--preset dream-7b`` / ``sdar-8b``) decode with their family's settings (Dream's timestep
+schedule, SDAR's sequence grid with blocks of its block_size) and have no reference row.
+
     python -m benchmarks.bench_sampler --out benchmarks/results/sampler.md          # CUDA, LLaDA-8B shape
     python -m benchmarks.bench_sampler --cpu --out benchmarks/results/sampler_cpu.md
     # the forward compiled at the larger batches too (each shape compiles once, ~minutes for 8B):
@@ -68,7 +71,7 @@ def run(args) -> dict:
     import torch
 
     from common.config.sampler import SamplerConfig
-    from common.model import build_model, preset_config
+    from common.model import build_model, family_of, preset_config
     from rollout.sampler import generate
     from tests.llada_reference import generate as reference_generate
 
@@ -89,13 +92,17 @@ def run(args) -> dict:
 
     model = build_model(preset_config(preset), dtype="bfloat16" if gpu else "float32", device=device, seed=0).eval()
     mcfg = model.config
+    family = family_of(model)
+    decoding = {k: v for k, v in family.decoding.items() if k != "remasking"}
+    K = family.block_size(mcfg) or K  # a block-causal model decodes in its own blocks
+    skip_reference = args.skip_reference or family.name != "llada"  # the reference is LLaDA's generate()
     mask_id, eos_id = mcfg.mask_token_id, mcfg.eos_token_id
     low = 5 if preset == "tiny" else 0
     high = min(mcfg.vocab_size, mask_id) if mask_id > low else mcfg.vocab_size
 
     def ours(x_BP, temperature, compile_mode, steps=T, block=K):
         cfg = SamplerConfig(gen_length=G, block_length=block, steps=steps, temperature=temperature,
-                            compile_forward=compile_mode)
+                            compile_forward=compile_mode, **decoding)
         return generate(model, x_BP, None, cfg, mask_id=mask_id, eos_id=eos_id, pad_id=mcfg.pad_token_id)
 
     def reference(x_BP, temperature, steps=T, block=K):
@@ -106,14 +113,15 @@ def run(args) -> dict:
     for B in batches:
         x_BP = torch.randint(low, high, (B, P), device=device, generator=None)
         for temperature in args.temperatures:
-            impls = [] if args.skip_reference else [("reference", lambda s=T, k=K: reference(x_BP, temperature, s, k))]
+            impls = [] if skip_reference else [("reference", lambda s=T, k=K: reference(x_BP, temperature, s, k))]
             impls.append(("ours", lambda s=T, k=K: ours(x_BP, temperature, "none", s, k)))
             if B in args.compile_batches:
                 for mode in modes:
                     impls.append((f"ours+compile({mode})",
                                   lambda s=T, k=K, m=mode: ours(x_BP, temperature, m, s, k)))
             for name, fn in impls:
-                warm = _timed(lambda: fn(2, G), device, 2 if "compile" in name else 1)  # same shapes, 2 steps
+                warm_steps, warm_block = (2, G) if family.block_size(mcfg) is None else (-(-G // K), K)
+                warm = _timed(lambda: fn(warm_steps, warm_block), device, 2 if "compile" in name else 1)  # same shapes
                 seconds = None if warm is None else _timed(fn, device, repeats)
                 row = dict(impl=name, batch=B, temperature=temperature, seconds=seconds,
                            tok_per_s=None if seconds is None else B * G / seconds)

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_all.sh sampler   # end-to-end sampler vs LLaDA's reference, LLaDA-8B shape
 #   bash benchmarks/gpu_all.sh cache     # block KV cache none/prefix/dual beside the reference, LLaDA-8B shape
 #   bash benchmarks/gpu_all.sh smoke     # 3 RL steps, 1b preset in bf16: learner GPU + rollout GPU over nccl
+#   bash benchmarks/gpu_all.sh families  # our sampler at Dream-7B's and SDAR-8B's shapes (their own decoding)
 # On the lent device machine: source .devicepkgs/activate.sh first (ray, pydantic). Results go to $OUT
 # (default /tmp/unmask-gpu): markdown + JSON per benchmark and one log; a short table prints last.
 set -uo pipefail
@@ -58,6 +59,15 @@ for r in steps:
     print(f"| {r['step']} | {r['scored_tokens']:.0f} | {r['abs_log_ratio_sum'] / n:.2e} | {max(r['ratio_sq_sum'] / n - mean ** 2, 0) ** 0.5:.2e} |")
 sys.exit(0 if len(steps) == 3 else 1)
 PY
+elif [ "$stage" = families ]; then
+  # greedy tok/s at batch 1 and 8, prompt 64, gen 256, random bf16 weights: Dream-v0-Instruct-7B's shape decoded
+  # as diffusion_generate (one block, timestep schedule, 256 steps), SDAR-8B's block by block (blocks of 4,
+  # 4 steps each: 256 steps). No reference rows: the public decoders are not on the device.
+  timeout 280 python3 -m benchmarks.bench_sampler --preset dream-7b --block 256 --steps 256 --batches 1 8 \
+    --temperatures 0 --compile-modes --out "$OUT/sampler_dream.md" 2>&1 | tee -a "$log"
+  timeout 280 python3 -m benchmarks.bench_sampler --preset sdar-8b --steps 256 --batches 1 8 \
+    --temperatures 0 --compile-modes --out "$OUT/sampler_sdar.md" 2>&1 | tee -a "$log"
+  echo "=== summary"; grep "|" "$OUT/sampler_dream.md" "$OUT/sampler_sdar.md"
 else
-  echo "unknown stage $stage (core | sampler | cache | smoke)"; exit 2
+  echo "unknown stage $stage (core | sampler | cache | smoke | families)"; exit 2
 fi

@@ -26,6 +26,14 @@ def load_policy(cfg: ModelConfig, device: str = "cpu"):
     return model, CharTokenizer()
 
 
+def check_decoding(model_cfg: ModelConfig, sampler_cfg) -> None:
+    """A sampler setting the model's family cannot decode with fails here, in one line (ValueError)."""
+    from common.model import family_of
+
+    config = policy_config(model_cfg)
+    family_of(config).check_sampler(sampler_cfg, config)
+
+
 def policy_config(cfg: ModelConfig):
     """The architecture the `model:` section names, without loading any weights."""
     from common.model import preset_config

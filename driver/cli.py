@@ -135,6 +135,7 @@ def _check_before_start(args, cfg) -> None:
     """What can fail in a second, before Ray starts and before a run directory exists."""
     from pathlib import Path
 
+    from common.policy import check_decoding
     from common.tasks import check_data
     from driver.runtime import resume_problem
 
@@ -144,6 +145,7 @@ def _check_before_start(args, cfg) -> None:
             raise _UserError(problem)
     try:
         check_data(cfg.task, ("eval",) if args.command == "eval" else ("train", "eval"))
+        check_decoding(cfg.model, cfg.sampler)
     except ValueError as e:
         raise _UserError(str(e)) from None
 

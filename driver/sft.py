@@ -1,6 +1,6 @@
 """`unmask sft`: masked-diffusion supervised training of a base model on solver-made completions.
 
-Same learner group as RL, with LLaDA's SFT loss (learner/sft.py). The completion is padded with EOS to
+Same learner group as RL, with the masked-diffusion SFT loss (learner/sft.py). The completion is padded with EOS to
 ``sampler.gen_length`` (as LLaDA's SFT does), so the model learns to end its answer.
 """
 from __future__ import annotations
@@ -81,7 +81,10 @@ def sft(cfg: UnmaskConfig) -> int:
     metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[trackers])
     connect_ray(cfg.run.ray_address)
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
-                           loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps))
+                           loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps,
+                                                          position_ids=cfg.sampler.position_ids,
+                                                          block_grid=cfg.sampler.block_grid,
+                                                          block_length=cfg.sampler.block_length))
     out = Path(cfg.sft.output).resolve() if cfg.sft.output else run_dir / "model"
     log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
     t0, skipped = time.time(), 0

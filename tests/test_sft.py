@@ -70,9 +70,9 @@ def test_prompt_is_never_masked_in_the_model_input():
             super().__init__()
             self.model = model
 
-        def hidden_states(self, ids, mask):
+        def hidden_states(self, ids, mask, pos=None):
             seen["ids"] = ids
-            return self.model.hidden_states(ids, mask)
+            return self.model.hidden_states(ids, mask, pos)
 
         def vocab_logits(self, h):
             return self.model.vocab_logits(h)
@@ -178,3 +178,35 @@ def test_a_tokenizer_with_pad_equal_to_eos_still_trains_the_eos_run():
             p -= 0.5 * p.grad
             p.grad = None
     assert loss.backward(model, only_eos, total_samples=len(batch))["loss"] < first["loss"]
+
+
+def test_block_diffusion_sft_masks_one_block_on_clean_earlier_blocks_and_scales_by_the_blocks():
+    """On the sequence grid (SDAR) each sample masks tokens of one block only (blocks counted from the
+    prompt's first real token), and the loss counts that block x the number of blocks the completion spans;
+    Dream's shifted logits are read a column early. Both checked against the formula written out here."""
+    for preset, grid, K in (("tiny-sdar", "sequence", 4), ("tiny-dream", "completion", 0)):
+        torch.manual_seed(0)
+        model = build_model(preset_config(preset), seed=1)
+        loss = MaskedDiffusionSFT(mask_id=MASK, position_ids="packed", block_grid=grid, block_length=K)
+        batch = loss.prepare(make_batch(B=16, P=5, G=9), seed=4)
+        masked, t, scale = (batch.extras[k] for k in ("sft_masked_BG", "sft_t_B", "sft_scale_B"))
+        if grid == "sequence":
+            offset = batch.prompt_mask_BP.sum(1) % K  # row 0 has 3 real prompt tokens, the others 5
+            block = (torch.arange(9)[None, :] + offset[:, None]) // K
+            assert torch.equal(scale, (block[:, -1] + 1).float())
+            for b in range(16):
+                assert len(set(block[b][masked[b]].tolist())) <= 1
+            assert masked.any(1).float().mean() > 0.5
+        else:
+            assert torch.equal(scale, torch.ones(16))
+        metrics = loss.backward(model, batch, total_samples=len(batch))
+        noisy = torch.where(masked, MASK, batch.completion_ids_BG)
+        ids = torch.cat([batch.prompt_ids_BP, noisy], 1)
+        attn = torch.cat([batch.prompt_mask_BP, torch.ones_like(noisy, dtype=torch.bool)], 1)
+        pos = (attn.long().cumsum(1) - 1).clamp(min=0)
+        P, shift = batch.prompt_ids_BP.shape[1], model.logit_shift
+        with torch.no_grad():
+            logits = model(ids, attention_mask=attn, position_ids=pos).logits[:, P - shift:P - shift + 9]
+        ce = F.cross_entropy(logits.transpose(1, 2), batch.completion_ids_BG, reduction="none")
+        expected = ((ce * masked / t[:, None]).sum(1) * scale / 9).mean()
+        assert abs(metrics["loss"] - expected.item()) < 1e-5

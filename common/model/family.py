@@ -37,6 +37,20 @@ class ModelFamily:
         """Block length of block-causal attention (None for bidirectional families)."""
         return int(config.block_size) if self.attention == "block_causal" else None
 
+    def check_sampler(self, sampler, config) -> None:
+        """Refuse, in one line, a decoding this family's attention cannot run as the policy it claims to be."""
+        size = self.block_size(config)
+        if size is not None:
+            wanted = {"block_grid": "sequence", "block_length": size, "position_ids": "packed"}
+            wrong = {k: v for k, v in wanted.items() if getattr(sampler, k) != v}
+            if wrong:
+                sets = " ".join(f"sampler.{k}={v}" for k, v in wanted.items())
+                raise ValueError(f"{self.name} decodes block by block on its attention's grid (block_size {size}, "
+                                 f"counted from each prompt's first token): set {sets}")
+        elif sampler.block_grid != "completion":
+            raise ValueError(f"sampler.block_grid=sequence is for block-causal models; {self.name} attends "
+                             "bidirectionally: set sampler.block_grid=completion")
+
     def export_auto_map(self) -> dict[str, str]:
         """``auto_map`` pointing at the public repository's code (``owner/repo--module.Class``), so an export
         loads anywhere with ``trust_remote_code=True`` and with our registration without it."""
