@@ -13,10 +13,14 @@ from typing import Any
 from common.config import UnmaskConfig
 from common.config.loader import REPO_ROOT, dump_config
 
-# Public LLaDA checkpoints by the directory name they are usually downloaded to, and their license.
+# Public checkpoints by the directory name they are usually downloaded to, and their license.
 KNOWN_BASES = {"LLaDA-8B-Instruct": ("GSAI-ML/LLaDA-8B-Instruct", "mit"),
                "LLaDA-8B-Base": ("GSAI-ML/LLaDA-8B-Base", "mit"),
-               "LLaDA-1.5": ("GSAI-ML/LLaDA-1.5", "mit")}
+               "LLaDA-1.5": ("GSAI-ML/LLaDA-1.5", "mit"),
+               "Dream-v0-Instruct-7B": ("Dream-org/Dream-v0-Instruct-7B", "apache-2.0"),
+               "Dream-v0-Base-7B": ("Dream-org/Dream-v0-Base-7B", "apache-2.0"),
+               "SDAR-8B-Chat": ("JetLM/SDAR-8B-Chat", "apache-2.0"),
+               "SDAR-1.7B-Chat": ("JetLM/SDAR-1.7B-Chat", "apache-2.0")}
 PROJECT_LICENSE = "apache-2.0"  # pyproject.toml: weights trained from a random preset are the project's own
 
 
@@ -50,8 +54,9 @@ def _pct(value: float | None) -> str:
     return "not evaluated" if value is None else f"{100 * value:.1f}%"
 
 
-def model_card(cfg: UnmaskConfig, records: list[dict[str, Any]], run_name: str) -> str:
-    """The README.md text for a policy exported by ``cfg``'s run, whose metrics.jsonl records are ``records``."""
+def model_card(cfg: UnmaskConfig, records: list[dict[str, Any]], run_name: str, family) -> str:
+    """The README.md text for a policy of ``family`` exported by ``cfg``'s run, whose metrics.jsonl records are
+    ``records``."""
     from huggingface_hub import ModelCardData
 
     base, hub_id, license_ = base_model_of(cfg)
@@ -60,7 +65,7 @@ def model_card(cfg: UnmaskConfig, records: list[dict[str, Any]], run_name: str) 
     before, after = held_out(records)
     data = ModelCardData(
         license=license_, base_model=hub_id, library_name="transformers", pipeline_tag="text-generation",
-        tags=["llada", "masked-diffusion", "diffusion-language-model", "reinforcement-learning", algorithm, task,
+        tags=[family.name, "masked-diffusion", "diffusion-language-model", "reinforcement-learning", algorithm, task,
               "unmask"],
     )
     return f"""---
@@ -69,7 +74,7 @@ def model_card(cfg: UnmaskConfig, records: list[dict[str, Any]], run_name: str) 
 
 # {run_name}
 
-A LLaDA masked-diffusion language model post-trained with reinforcement learning ({algorithm.upper()}) on
+A {family.name} masked-diffusion language model post-trained with reinforcement learning ({algorithm.upper()}) on
 {task} with Unmask, starting from {base}.
 
 | | |
@@ -86,10 +91,11 @@ A LLaDA masked-diffusion language model post-trained with reinforcement learning
 ## Use
 
 ```python
-import common.model  # Unmask's LLaDA code: registers model_type "llada" with transformers' Auto classes
+import common.model  # Unmask's model code: registers model_type "{family.model_type}" with transformers' Auto classes
 from transformers import AutoModel, AutoTokenizer
 
 model = AutoModel.from_pretrained("path/to/this/directory")  # no trust_remote_code
+# elsewhere, without Unmask: trust_remote_code=True loads the public code of {family.public_repo} (config.json's auto_map)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 ```
 
@@ -105,7 +111,9 @@ Sample with iterative unmasking (`rollout.sampler.generate`), or evaluate it wit
 
 
 def write_model_card(directory: str | Path, cfg: UnmaskConfig, records: list[dict[str, Any]], run_name: str) -> Path:
-    """Write ``<directory>/README.md``."""
+    """Write ``<directory>/README.md`` beside the exported policy's config.json (which names its family)."""
+    from common.model import family_of, read_config
+
     path = Path(directory) / "README.md"
-    path.write_text(model_card(cfg, records, run_name))
+    path.write_text(model_card(cfg, records, run_name, family_of(read_config(directory))))
     return path

@@ -1,4 +1,5 @@
 """policy/README.md: Hub metadata the Hub's own parser reads, and the run's facts in the text."""
+import json
 import re
 
 import pytest
@@ -17,8 +18,9 @@ RECORDS = [
 ]
 
 
-def _card(tmp_path, overrides, records=RECORDS):
+def _card(tmp_path, overrides, records=RECORDS, model_type="llada"):
     cfg = load_config(None, overrides)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))  # the exported policy's
     path = write_model_card(tmp_path, cfg, records, "tiny-countdown-20261201-101500")
     return cfg, path.read_text(), ModelCard.load(path)
 
@@ -60,3 +62,9 @@ def test_a_random_preset_has_no_base_model_and_the_base_cards_license_wins(tmp_p
     (base / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# a base\n")
     _, _, card = _card(tmp_path, [f"model.path={base}"])
     assert card.data.license == "cc-by-4.0"
+
+
+def test_the_card_names_the_exported_familys_code(tmp_path):
+    _, text, card = _card(tmp_path, [], model_type="sdar")
+    assert "sdar" in card.data.tags and "A sdar masked-diffusion language model" in text
+    assert 'registers model_type "sdar"' in text and "JetLM/SDAR-8B-Chat" in text
