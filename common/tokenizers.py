@@ -105,10 +105,12 @@ class HFTokenizer:
     ``mask_token_id``, ``eot_token`` the family's end-of-turn text), not from guesses over the vocabulary.
     """
 
-    def __init__(self, directory: str | Path, mask_id: int | None = None, eot_token: str | None = None):
-        from transformers import AutoTokenizer
+    def __init__(self, directory: str | Path, mask_id: int | None = None, eot_token: str | None = None,
+                 tokenizer_class: str | None = None):
+        import transformers
 
-        self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        loader = getattr(transformers, tokenizer_class) if tokenizer_class else transformers.AutoTokenizer
+        self.tok = loader.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         vocab = self.tok.get_vocab()
         if mask_id is None:
             mask_id = self.tok.mask_token_id
@@ -154,5 +156,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
         config = json.loads(config_file.read_text())
         family = family_for_type(config.get("model_type"), where=str(config_file))
-        return HFTokenizer(directory, mask_id=config.get("mask_token_id"), eot_token=family.eot_token)
+        return HFTokenizer(directory, mask_id=config.get("mask_token_id"), eot_token=family.eot_token,
+                           tokenizer_class=family.tokenizer_class)
     raise ValueError(f"{directory}: no tokenizer files (tokenizer.json or {CHAR_TOKENIZER_FILE})")

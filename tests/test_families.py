@@ -257,3 +257,28 @@ def test_dream_origin_rollouts_are_rebuilt_exactly():
     assert traj.commit_reads_draws is False and len(set(traj.step_committed_BT[:, :-1].flatten().tolist())) > 2
     with torch.no_grad():
         assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+# --- tokenizers: the real Qwen2 BPE files (shared by Dream and SDAR), each family's chat template
+
+@pytest.mark.parametrize("family,preset,prompt", [
+    ("dream", "dream-7b", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                          "What is 2+3?<|im_end|>\n<|im_start|>assistant\n"),
+    ("sdar", "sdar-8b", "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"),
+])
+def test_the_public_tokenizer_files_load_with_the_familys_special_ids_and_chat_template(tmp_path, family, preset, prompt):
+    import shutil
+
+    from common.tokenizers import load_tokenizer
+
+    for folder in ("qwen2_bpe", family):  # the public files, as a checkpoint folder holds them
+        for file in (FIXTURES / "tokenizers" / folder).iterdir():
+            shutil.copy(file, tmp_path)
+    config = M.preset_config(preset)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": M.family_of(config).model_type,
+                                                      "mask_token_id": config.mask_token_id}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.mask_id, tok.eos_id, tok.pad_id, tok.eot_id) == (config.mask_token_id, 151643, 151643, 151645)
+    assert tok.format_prompt("What is 2+3?") == prompt
+    assert tok.encode("Hello world") == [9707, 1879]  # Qwen2's ids
+    assert tok.decode(tok.encode("Hello world, 2+3=5.")) == "Hello world, 2+3=5."

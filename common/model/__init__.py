@@ -33,7 +33,7 @@ register(ModelFamily(
     public_repo="Dream-org/Dream-v0-Instruct-7B",
     auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
     architectures=("DreamModel",), logit_shift=1, attention="bidirectional", lora_targets=_QWEN_LORA,
-    mask_token="<|mask|>", eot_token="<|im_end|>",
+    mask_token="<|mask|>", eot_token="<|im_end|>", tokenizer_class="Qwen2TokenizerFast",  # DreamTokenizer: remote code
     decoding=dict(transfer="timestep", block_grid="completion", position_ids="packed"),
 ))
 register(ModelFamily(

@@ -32,6 +32,7 @@ class ModelFamily:
     mask_token: str  # the mask token's text in the real tokenizer (its id also sits in config.json)
     eot_token: str | None  # end-of-turn token's text (LLaDA <|eot_id|>, Qwen <|im_end|>)
     decoding: dict = field(default_factory=dict)  # sampler settings of the public decoder, for presets/docs
+    tokenizer_class: str | None = None  # transformers class for a tokenizer whose public class is remote code
 
     def block_size(self, config) -> int | None:
         """Block length of block-causal attention (None for bidirectional families)."""
