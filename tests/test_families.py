@@ -282,3 +282,23 @@ def test_the_public_tokenizer_files_load_with_the_familys_special_ids_and_chat_t
     assert tok.format_prompt("What is 2+3?") == prompt
     assert tok.encode("Hello world") == [9707, 1879]  # Qwen2's ids
     assert tok.decode(tok.encode("Hello world, 2+3=5.")) == "Hello world, 2+3=5."
+
+
+@pytest.mark.parametrize("family", ["dream", "sdar"])
+def test_a_public_checkpoint_saves_back_to_its_public_layout(tmp_path, family):
+    from safetensors import safe_open
+
+    public = FIXTURES / family / "checkpoint"
+    model = M.load_pretrained(public)
+    M.save_pretrained(model, tmp_path)
+    keys = {}
+    for folder in (public, tmp_path):
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            keys[folder] = {k: f.get_tensor(k) for k in f.keys()}
+    assert keys[public].keys() == keys[tmp_path].keys()
+    assert all(torch.equal(keys[public][k].float(), keys[tmp_path][k]) for k in keys[public])
+    ours, theirs = (json.loads((d / "config.json").read_text()) for d in (tmp_path, public))
+    assert ours["model_type"] == theirs["model_type"] and ours["architectures"] == theirs["architectures"]
+    assert {k: v.split("--")[1] for k, v in ours["auto_map"].items()} == theirs["auto_map"]
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "rope_theta", "mask_token_id", "vocab_size"):
+        assert ours[key] == theirs[key], key
