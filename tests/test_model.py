@@ -155,3 +155,16 @@ def test_hf_tokenizer_loads_from_local_files_with_chat_template(tmp_path):
     assert tok.mask_id == 2 and tok.eos_id == 0 and tok.eot_id == 3
     assert tok.encode("hi there") == [4, 5]
     assert tok.format_prompt("hi").startswith("<|startoftext|>hi<|eot_id|>")
+
+
+def test_the_public_llada_default_bias_for_layer_norm_null_loads(tmp_path):
+    """The public LLaDA configuration's default bias_for_layer_norm is None ("same as include_bias")."""
+    from common.model import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llada", "bias_for_layer_norm": None,
+                                                      "include_bias": False}))
+    assert read_config(tmp_path).bias_for_layer_norm is False
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llada", "bias_for_layer_norm": None,
+                                                      "include_bias": True}))
+    with pytest.raises(CheckpointError, match="include_bias=True is not supported"):
+        read_config(tmp_path)
