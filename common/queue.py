@@ -73,6 +73,8 @@ class ReplayQueueCore:
         self._groups: collections.deque[tuple[str, int, pa.RecordBatch]] = collections.deque()
         self._seen: set[str] = set()  # every admitted id: a retried put must not admit a group twice
         self._dropped: set[str] = set()  # ids dropped as stale at put time (their reservation is settled)
+        self._rejected: set[str] = set()  # ids whose prompt the producer refused (their reservation is settled)
+        self._released_calls: set[str] = set()  # call prefixes release_call settled: later puts settle nothing
         self._cond = asyncio.Condition()
         self._version = 0
         self._admit_offset = 0  # re-bases admission after a version rollback
@@ -123,16 +125,36 @@ class ReplayQueueCore:
             raise ValueError(f"release({n}) but only {self._n['running']} reservations are running")
         self._n["running"] -= n
 
+    def reject(self, group_ids: list[str]) -> int:
+        """The producer will never put these groups (their prompts were refused): settle each one's
+        reservation once, however often it is reported. Returns how many were settled now."""
+        n = 0
+        for group_id in group_ids:
+            if self._settles(group_id) and group_id not in self._rejected:
+                self._rejected.add(group_id)
+                n += 1
+        self._n["running"] = max(0, self._n["running"] - n)
+        return n
+
     def release_call(self, group_id_prefix: str, reserved: int) -> int:
         """A rollout call that reserved ``reserved`` slots died: give back those its groups never settled.
 
-        Its groups were put with ids starting ``group_id_prefix``; each put (admitted or dropped stale)
-        already settled one reservation. Returns how many were released.
+        Its groups have ids starting ``group_id_prefix`` (``<call tag>:``); each put (admitted or dropped
+        stale) and each rejected id already settled one reservation, and a put or rejection of the call that
+        arrives after this settles none. Returns how many were released.
         """
-        settled = sum(1 for g in self._seen | self._dropped if g.startswith(group_id_prefix))
+        if group_id_prefix in self._released_calls:
+            return 0
+        self._released_calls.add(group_id_prefix)
+        settled = sum(1 for g in self._seen | self._dropped | self._rejected if g.startswith(group_id_prefix))
         n = max(0, min(reserved - settled, self._n["running"]))
         self._n["running"] -= n
         return n
+
+    def _settles(self, group_id: str) -> bool:
+        """Whether this group's arrival still settles a reservation (its call was not released already)."""
+        tag, sep, _ = group_id.partition(":")
+        return not (sep and f"{tag}:" in self._released_calls)
 
     def _too_stale(self, policy_version: int) -> bool:
         return policy_version < self._version - self.cfg.max_staleness
@@ -154,7 +176,8 @@ class ReplayQueueCore:
             self._record_wait("producer", time.monotonic() - start)
             if self._closed:
                 raise RuntimeError("replay queue is closed")
-            self._n["running"] = max(0, self._n["running"] - 1)  # the put settles its reservation either way
+            if self._settles(group_id):  # the put settles its reservation either way
+                self._n["running"] = max(0, self._n["running"] - 1)
             if group_id in self._seen:
                 self._n["duplicates"] += 1  # a retried put of a group we already hold: idempotent
                 return True
