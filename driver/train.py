@@ -342,9 +342,17 @@ class Controller:
             return
         self.metrics.log({"event": "rollout", **result})
         self.failed_calls.pop(call.worker_id, None)
+        self._settle_untrained(result)
         if self.pool.restarted(call.worker_id, result.get("pid")):  # died between calls: base weights now
             log.warning("rollout worker %s was restarted by Ray; it gets the current weights", call.worker_id)
             self.weights.bring_up(call.worker_id, self.state.version)
+
+    def _settle_untrained(self, result: dict) -> None:
+        """Prompts a rollout refused (over-long) or whose groups the queue dropped as stale are done: marked
+        with the trained ones, so the watermark moves past them (a resumed run does not send them again)."""
+        from driver.state import position_of
+
+        self.state.mark_trained(position_of(g) for g in result.get("rejected_ids", []) + result.get("dropped_ids", []))
 
     def _step_done(self) -> bool:
         import ray
