@@ -445,10 +445,11 @@ class Controller:
         self._catch_up_waiting_workers()
         res = evaluate_on_pool(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label,
                                skip=self.weights.awaiting, timeout=self.cfg.run.eval_timeout_s)
-        record = {"step": self.state.step, "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}
+        counts = {"eval_n": res["n"], "eval_missing": res["missing"]}  # the items behind the number
+        record = {"step": self.state.step, "eval_accuracy": res["accuracy"], "eval_reward": res["reward"], **counts}
         if overrides:
             record = {"step": self.state.step, "eval_sampling_steps": overrides["steps"],
-                      "eval_accuracy_at_steps": res["accuracy"]}
+                      "eval_accuracy_at_steps": res["accuracy"], **counts}
         self.metrics.log(record)
         self.ray_metrics.record("eval_accuracy", res["accuracy"])
         if self.state.step > 0 and not overrides:
