@@ -34,6 +34,15 @@ class Controller:
     """Owns the run's components and the loop. Each component gets only its own config section."""
 
     def __init__(self, cfg: UnmaskConfig, run_dir: Path, resume: bool):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.trackers = self.learner = self.queue = self.pool = None  # what close() shuts down, once built
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()  # a partly built run shuts down what it started (learner ranks, queue, workers)
+            raise
+
+    def _build(self, resume: bool) -> None:
         from common.metrics import MetricsLog, RayMetrics
         from common.policy import resolve_path
         from common.tasks import get_task
@@ -43,8 +52,8 @@ class Controller:
         from driver.state import PromptStream, RunState
         from driver.trackers import build_trackers
 
+        cfg, run_dir = self.cfg, self.run_dir
         # --- run directory, metrics, task
-        self.cfg, self.run_dir = cfg, run_dir
         self.trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[self.trackers])
         self.ray_metrics = RayMetrics()
@@ -497,12 +506,17 @@ class Controller:
                 self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
 
     def close(self) -> None:
+        """Shut down what was built; of a partly built run too (``__init__`` calls it when a build step fails)."""
         import ray
 
-        self.trackers.close()
-        self.pool.shutdown()
-        self.learner.shutdown()
-        ray.kill(self.queue)
+        if self.trackers is not None:
+            self.trackers.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.learner is not None:
+            self.learner.shutdown()
+        if self.queue is not None:
+            ray.kill(self.queue)
 
 
 def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
@@ -515,15 +529,15 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         log.error("unmask: sampler.cfg_scale > 0 cannot be trained on (the learner cannot rebuild guided "
                   "distributions); use guidance only with `unmask eval`")
         return 2
-    if resume:
-        run_dir = Path(resume).resolve()
-        (run_dir / "finished.json").unlink(missing_ok=True)  # it runs again, to a larger total_steps
-    else:
-        run_dir = new_run_dir(cfg)
-    log.info("run directory: %s", run_dir)
-    set_cpu_threads(cfg.run.cpu_threads)
-    connect_ray(cfg.run.ray_address)
     try:
+        if resume:
+            run_dir = Path(resume).resolve()
+            (run_dir / "finished.json").unlink(missing_ok=True)  # it runs again, to a larger total_steps
+        else:
+            run_dir = new_run_dir(cfg)
+        log.info("run directory: %s", run_dir)
+        set_cpu_threads(cfg.run.cpu_threads)
+        connect_ray(cfg.run.ray_address)
         controller = Controller(cfg, run_dir, resume=bool(resume))
         try:
             return controller.run()
