@@ -406,19 +406,33 @@ class Controller:
         """Restart the whole group (process groups are rebuilt, not patched) from the last checkpoint."""
         import ray
 
+        from driver.state import RunState
+
         self.learner.shutdown()
         self.learner = self._build_learner()
         self.weights.attach(self.learner)
         if any((self.run_dir / "checkpoints").glob("step_*")):
             record = self.learner.load(str(self.run_dir / "checkpoints"))
-            self.state.step, self.state.version = record["run_state"]["step"], record["run_state"]["version"]
+            self._roll_back_to(RunState.from_dict(record["run_state"]))
         else:
-            self.state.step = self.state.version = 0
+            self._roll_back_to(RunState())
         if self.weights.needed(self.state.version):
             self.weights.publish(self.state.version)
         ray.get(self.queue.set_version.remote(self.state.version, rebase=True), timeout=CONTROL_TIMEOUT_S)
         self.metrics.log({"event": "learner_rebuilt", "step": self.state.step, "version": self.state.version})
         log.info("learner group rebuilt at step %d, version %d; retrying the batch", self.state.step, self.state.version)
+
+    def _roll_back_to(self, restored) -> None:
+        """The weights went back to the checkpoint's ``restored`` state: so do the step, the version and the
+        prompts counted done, as on ``--resume``. Prompts done after the checkpoint are dispatched again; those
+        in a rollout, in the queue or in the batch being retried are not (each is trained once in the weights'
+        history). Call ids and the incarnation go on: group ids are never reused."""
+        from driver.state import PromptStream
+
+        in_flight = self.prompts.in_flight(self.state)
+        restored.call_id, restored.incarnation = self.state.call_id, self.state.incarnation
+        self.state = restored
+        self.prompts = PromptStream(self.task.train_items(self.cfg.task.seed), restored, in_flight=in_flight)
 
     def _log_step(self, eta: float) -> None:
         import ray

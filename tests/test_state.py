@@ -59,3 +59,40 @@ def test_in_flight_is_what_was_handed_out_and_is_not_done():
     assert [position_of(f"t:{item.id}") for item in again.take(3)] == [1, 3, 6]
     assert again.in_flight(RunState(trained_below=1)) == {1, 2, 3, 4, 5, 6}
     assert ids[0] == "p0:q0"
+
+
+def test_a_rebuilt_learner_rolls_the_prompts_back_with_the_weights():
+    """A learner rank died after step 4; the group comes back from the step-2 checkpoint. The prompts of
+    steps 3-4 are dispatched again, those in flight are not: each prompt trained once in the weights' history."""
+    from driver.train import Controller
+
+    ctl = object.__new__(Controller)  # only what _roll_back_to touches
+    ctl.cfg = types.SimpleNamespace(task=types.SimpleNamespace(seed=0))
+    ctl.task = types.SimpleNamespace(train_items=lambda seed: _items())
+    ctl.state = RunState(incarnation=1)
+    ctl.prompts = PromptStream(_items(), ctl.state)
+    lineage = []  # (step, positions) of the weights' history
+
+    def take():
+        ctl.state.call_id += 1
+        return [position_of(f"t:{item.id}") for item in ctl.prompts.take(2)]
+
+    def step(positions):
+        ctl.state.step += 1
+        ctl.state.version += 1
+        ctl.state.mark_trained(positions)
+        lineage.append((ctl.state.step, positions))
+
+    batches = [take() for _ in range(6)]
+    step(batches[0]), step(batches[1])
+    checkpoint = ctl.state.to_dict()
+    step(batches[2]), step(batches[3])
+    ctl._roll_back_to(RunState.from_dict(checkpoint))
+    lineage = [(s, p) for s, p in lineage if s <= 2]  # the rank's later steps went with its weights
+    assert (ctl.state.step, ctl.state.version, ctl.state.call_id, ctl.state.incarnation) == (2, 2, 6, 1)
+    step(batches[4]), step(batches[5])  # in the queue at the rebuild
+    while ctl.state.step < 8:
+        step(take())
+    trained = [p for _, positions in lineage for p in positions]
+    assert sorted(trained) == list(range(16)), "a prompt was trained twice, or lost, across the rebuild"
+    assert ctl.state.trained_below == 16 and ctl.state.trained_above == []
