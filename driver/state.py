@@ -11,6 +11,7 @@ set stays as small as the groups in flight.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,9 @@ class RunState:
             self.trained_below += 1
         self.trained_above = sorted(above)
 
+    def is_done(self, position: int) -> bool:
+        return position < self.trained_below or position in self.trained_above
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -62,9 +66,12 @@ class PromptStream:
         self._items: Iterator = itertools.islice(enumerate(items), state.trained_below, None)
         self._skip = set(state.trained_above) | set(in_flight)  # done, or handed out by an earlier stream
         self._frontier = state.trained_below  # every position below was handed out or is done
+        self._again: collections.deque = collections.deque()  # given back: handed out before new positions
 
     def take(self, n: int) -> list:
         out = []
+        while self._again and len(out) < n:
+            out.append(self._again.popleft())
         while len(out) < n:
             position, item = next(self._items)
             self._frontier = position + 1
@@ -72,11 +79,17 @@ class PromptStream:
                 out.append(dataclasses.replace(item, id=f"{_POSITION_PREFIX}{position}:{item.id}"))
         return out
 
+    def give_back(self, items: list) -> None:
+        """Items handed out whose rollout failed before it produced their groups: the next ``take`` hands them
+        out again, first."""
+        self._again.extend(items)
+
     def in_flight(self, state: RunState) -> set[int]:
         """Positions handed out (by this stream or the one it replaced) that ``state`` does not count as done:
-        in a rollout, in the queue or in the learner's batch."""
+        in a rollout, in the queue or in the learner's batch (not those given back)."""
         handed = set(range(state.trained_below, self._frontier)) | self._skip
-        return {p for p in handed if p >= state.trained_below} - set(state.trained_above)
+        again = {position_of(f"t:{item.id}") for item in self._again}
+        return {p for p in handed if p >= state.trained_below} - set(state.trained_above) - again
 
 
 def position_of(group_id: str) -> int:

@@ -342,7 +342,7 @@ class Controller:
             log.warning("rollout call %s on %s failed (%s: %s); its unfilled slots are released", call.call_id,
                         call.worker_id, type(cause).__name__, str(cause).strip().splitlines()[-1][:300])
             self.metrics.log({"event": "rollout_failed", "worker": call.worker_id, "call_id": call.call_id})
-            self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
+            self._release(call)
             failures = self.failed_calls[call.worker_id] = self.failed_calls.get(call.worker_id, 0) + 1
             if failures > self.cfg.rollout.max_restarts and call.worker_id in self.pool.workers:
                 self.pool.drop(call.worker_id)  # restarts used up: it would fail every call from now on
@@ -355,6 +355,32 @@ class Controller:
         if self.pool.restarted(call.worker_id, result.get("pid")):  # died between calls: base weights now
             log.warning("rollout worker %s was restarted by Ray; it gets the current weights", call.worker_id)
             self.weights.bring_up(call.worker_id, self.state.version)
+
+    def _release(self, call) -> None:
+        """A failed call: its unfilled reservations go back to the queue, and its prompts that produced no group
+        are handed out again (its refused or stale-dropped ones are done)."""
+        import ray
+
+        from driver.state import position_of
+
+        ids = [f"{call.call_id}:{item.id}" for item in call.items]
+        try:
+            released = ray.get(self.queue.release_call.remote(f"{call.call_id}:", ids), timeout=CONTROL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # A restarted queue holds no reservations; which of this call's groups it recovered is not known
+            # here, so its prompts count as done (each trained at most once) rather than risk a second training.
+            log.warning("replay queue restarting; the %d prompt(s) of failed call %s are not dispatched again",
+                        len(ids), call.call_id)
+            self.metrics.log({"event": "prompts_skipped", "group_ids": ids})
+            self.state.mark_trained(position_of(g) for g in ids)
+            return
+        self._settle_untrained({"rejected_ids": released["untrained"]})
+        # A restarted queue remembers only the groups it recovered: one it had handed to the learner before
+        # is in the batch or trained, not unsettled.
+        in_batch = set(self.batch_positions if self.batch is not None else ())
+        again = {g for g in released["unsettled"] if not self.state.is_done(position_of(g))
+                 and position_of(g) not in in_batch}
+        self.prompts.give_back([item for item, g in zip(call.items, ids) if g in again])
 
     def _settle_untrained(self, result: dict) -> None:
         """Prompts a rollout refused (over-long) or whose groups the queue dropped as stale are done: marked
@@ -516,8 +542,8 @@ class Controller:
             if ref in done:
                 self._collect(ref)
             else:
-                call = self.pool.busy.pop(ref)
-                self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
+                call = self.pool.busy.pop(ref)  # the run ends: its prompts are not dispatched again
+                self.queue.release_call.remote(f"{call.call_id}:", [f"{call.call_id}:{item.id}" for item in call.items])
 
     def close(self) -> None:
         """Shut down what was built; of a partly built run too (``__init__`` calls it when a build step fails)."""

@@ -96,3 +96,33 @@ def test_a_rebuilt_learner_rolls_the_prompts_back_with_the_weights():
     trained = [p for _, positions in lineage for p in positions]
     assert sorted(trained) == list(range(16)), "a prompt was trained twice, or lost, across the rebuild"
     assert ctl.state.trained_below == 16 and ctl.state.trained_above == []
+
+
+def test_a_failed_calls_prompts_without_a_group_are_dispatched_again(ray_local):
+    """A call of 3 prompts fails: the queue says one was refused (done) and two never produced a group; those
+    two are the next ones handed out, so no position is left behind the watermark for the rest of the run."""
+    import ray
+
+    from driver.pool import Call, RolloutPool
+    from driver.train import Controller
+
+    @ray.remote
+    def died():
+        raise RuntimeError("the rollout worker died")
+
+    ctl = object.__new__(Controller)  # only what _collect touches
+    ctl.state, ctl.failed_calls, ctl.batch, ctl.batch_positions = RunState(), {}, None, []
+    ctl.metrics = types.SimpleNamespace(log=lambda record: None)
+    ctl.cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(max_restarts=3))
+    ctl.pool = RolloutPool(make_worker=None)
+    ctl.queue = types.SimpleNamespace(release_call=types.SimpleNamespace(
+        remote=lambda prefix, ids: ray.put({"unsettled": ids[1:], "untrained": ids[:1]})))
+    ctl.prompts = PromptStream(_items(), ctl.state)
+    items = ctl.prompts.take(4)
+    ctl.batch, ctl.batch_positions = object(), [3]  # a restarted queue forgot it handed p3's group to the learner
+    ref = died.remote()
+    ctl.pool.busy[ref] = Call("rollout-0", "0.0", items, 4)
+    ray.wait([ref])
+    ctl._collect(ref)
+    assert ctl.state.trained_below == 1  # the refused prompt is done
+    assert [item.id for item in ctl.prompts.take(3)] == ["p1:q1", "p2:q2", "p4:q4"]
