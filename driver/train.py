@@ -351,7 +351,7 @@ class Controller:
             return
         self.metrics.log({"event": "rollout", **result})
         self.failed_calls.pop(call.worker_id, None)
-        self._settle_untrained(result)
+        self._settle_untrained(result.get("rejected_ids", []) + result.get("dropped_ids", []))
         if self.pool.restarted(call.worker_id, result.get("pid")):  # died between calls: base weights now
             log.warning("rollout worker %s was restarted by Ray; it gets the current weights", call.worker_id)
             self.weights.bring_up(call.worker_id, self.state.version)
@@ -374,7 +374,7 @@ class Controller:
             self.metrics.log({"event": "prompts_skipped", "group_ids": ids})
             self.state.mark_trained(position_of(g) for g in ids)
             return
-        self._settle_untrained({"rejected_ids": released["untrained"]})
+        self._settle_untrained(released["untrained"])
         # A restarted queue remembers only the groups it recovered: one it had handed to the learner before
         # is in the batch or trained, not unsettled.
         in_batch = set(self.batch_positions if self.batch is not None else ())
@@ -382,12 +382,12 @@ class Controller:
                  and position_of(g) not in in_batch}
         self.prompts.give_back([item for item, g in zip(call.items, ids) if g in again])
 
-    def _settle_untrained(self, result: dict) -> None:
+    def _settle_untrained(self, group_ids: list[str]) -> None:
         """Prompts a rollout refused (over-long) or whose groups the queue dropped as stale are done: marked
         with the trained ones, so the watermark moves past them (a resumed run does not send them again)."""
         from driver.state import position_of
 
-        self.state.mark_trained(position_of(g) for g in result.get("rejected_ids", []) + result.get("dropped_ids", []))
+        self.state.mark_trained(position_of(g) for g in group_ids)
 
     def _step_done(self) -> bool:
         import ray
