@@ -41,6 +41,7 @@ class RunState:
         self.trained_above = sorted(above)
 
     def is_done(self, position: int) -> bool:
+        """Whether ``position`` was trained or settled untrained."""
         return position < self.trained_below or position in self.trained_above
 
     def to_dict(self) -> dict:
