@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def main(argv=None) -> int:
                      "eval_items": base_cfg.task.eval_size,
                      "base": {}, "runs": []}
     # Runs of earlier (or concurrent) invocations of the same setup are kept: record_run merges them from the file.
+    problem = setup_mismatch(out, results)
+    if args.report_only and not (out / "results.json").is_file():
+        problem = f"--report-only but {out / 'results.json'} does not exist"
+    if problem:
+        print(f"rl_compare: {problem}", file=sys.stderr)
+        return 2
     base = evaluate_checkpoint(base_cfg, sampling_steps)
     results["base"] = {str(s): base[s]["accuracy"] for s in sampling_steps}
     if args.report_only:
@@ -82,7 +89,10 @@ def main(argv=None) -> int:
                     f"run.root={out / 'runs'}", f"run.name={method}-s{seed}", f"run.seed={seed}",
                     f"task.seed={seed}", f"run.total_steps={args.steps}", f"run.eval_every={args.eval_every}",
                     f"run.eval_sampling_steps={sampling_steps}"])
-                assert train(cfg) == 0, f"{method} seed {seed} failed"
+                if train(cfg) != 0:  # not an assert: python -O would remove the training with it
+                    print(f"rl_compare: the {method} run of seed {seed} failed (its log is above); stopping",
+                          file=sys.stderr)
+                    return 1
                 run_dir = sorted((out / "runs").glob(f"{method}-s{seed}-*"))[-1]
                 records = read_metrics(run_dir / "metrics.jsonl")
                 results = record_run(out, results, {
@@ -112,16 +122,33 @@ def _setup(results: dict) -> tuple:
     return results.get("steps"), results.get("config"), results.get("overrides", [])
 
 
+def setup_mismatch(out: Path, results: dict) -> str | None:
+    """Why ``results``' setup may not write into out/results.json (one line), or None."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    on_disk = _setup(json.loads(path.read_text()))
+    if on_disk == _setup(results):
+        return None
+    steps, config, overrides = on_disk
+    return (f"{path} holds runs of another setup (--steps {steps} --config {config} --set {overrides or 'none'}); "
+            f"this one is --steps {results['steps']} --config {results['config']} --set {results['overrides'] or 'none'}: "
+            "pass the same setup, or another --out")
+
+
 def record_run(out: Path, results: dict, run: dict | None) -> dict:
     """Adds ``run`` to out/results.json (replacing an earlier run of its method and seed) and returns the
     file's results. The file holds the runs: invocations of the same setup may run at once into one --out
     (e.g. one per method on a 2-core box), and under a lock each re-reads it, so no run another wrote or
-    redid is lost or overwritten with a stale copy. A file of another setup is replaced."""
+    redid is lost or overwritten with a stale copy. A file of another setup is refused (ValueError)."""
     with open(out / ".results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = out / "results.json"
-        on_disk = json.loads(path.read_text()) if path.is_file() else {}
-        if _setup(on_disk) == _setup(results):
+        mismatch = setup_mismatch(out, results)
+        if mismatch:
+            raise ValueError(mismatch)
+        if path.is_file():
+            on_disk = json.loads(path.read_text())
             results["runs"] = on_disk["runs"]
             results["seeds"] = sorted(set(on_disk.get("seeds", [])) | set(results["seeds"]))
         if run is not None:

@@ -73,12 +73,15 @@ class ReplayQueueCore:
         self._groups: collections.deque[tuple[str, int, pa.RecordBatch]] = collections.deque()
         self._seen: set[str] = set()  # every admitted id: a retried put must not admit a group twice
         self._dropped: set[str] = set()  # ids dropped as stale at put time (their reservation is settled)
+        self._rejected: set[str] = set()  # ids whose prompt the producer refused (their reservation is settled)
+        self._released_calls: set[str] = set()  # call prefixes release_call settled: later puts settle nothing
         self._cond = asyncio.Condition()
         self._version = 0
         self._admit_offset = 0  # re-bases admission after a version rollback
         self._closed = False
         self._n = dict.fromkeys(
-            ("admitted", "consumed", "dropped_stale", "running", "duplicates", "recovered", "spill_corrupt"), 0
+            ("admitted", "consumed", "dropped_stale", "running", "duplicates", "recovered", "spill_corrupt",
+             "late_after_release"), 0
         )
         self._wait_s = {"producer": 0.0, "consumer": 0.0}
         self._spill = None
@@ -123,16 +126,37 @@ class ReplayQueueCore:
             raise ValueError(f"release({n}) but only {self._n['running']} reservations are running")
         self._n["running"] -= n
 
-    def release_call(self, group_id_prefix: str, reserved: int) -> int:
-        """A rollout call that reserved ``reserved`` slots died: give back those its groups never settled.
-
-        Its groups were put with ids starting ``group_id_prefix``; each put (admitted or dropped stale)
-        already settled one reservation. Returns how many were released.
-        """
-        settled = sum(1 for g in self._seen | self._dropped if g.startswith(group_id_prefix))
-        n = max(0, min(reserved - settled, self._n["running"]))
-        self._n["running"] -= n
+    def reject(self, group_ids: list[str]) -> int:
+        """The producer will never put these groups (their prompts were refused): settle each one's
+        reservation once, however often it is reported. Returns how many were settled now."""
+        n = 0
+        for group_id in group_ids:
+            if self._settles(group_id) and group_id not in self._rejected:
+                self._rejected.add(group_id)
+                n += 1
+        self._n["running"] = max(0, self._n["running"] - n)
         return n
+
+    def release_call(self, group_id_prefix: str, group_ids: list[str]) -> dict[str, list[str]]:
+        """A rollout call that reserved one slot per id of ``group_ids`` failed: give back the slots its groups
+        never settled. Returns those ids (``unsettled``: their prompts may be dispatched again) and the ids
+        settled without a group to train (``untrained``: rejected, or dropped as stale).
+
+        The ids start with ``group_id_prefix`` (``<call tag>:``); each put (admitted or dropped stale) and each
+        rejected id already settled one reservation. The call is void from here on: a put of it that arrives
+        later is not admitted and a rejection settles nothing, so each reservation is counted once.
+        """
+        if group_id_prefix in self._released_calls:
+            return {"unsettled": [], "untrained": []}
+        self._released_calls.add(group_id_prefix)
+        unsettled = [g for g in group_ids if g not in self._seen | self._dropped | self._rejected]
+        self._n["running"] -= min(len(unsettled), self._n["running"])
+        return {"unsettled": unsettled, "untrained": [g for g in group_ids if g in self._dropped | self._rejected]}
+
+    def _settles(self, group_id: str) -> bool:
+        """Whether this group's arrival still settles a reservation (its call was not released already)."""
+        tag, sep, _ = group_id.partition(":")
+        return not (sep and f"{tag}:" in self._released_calls)
 
     def _too_stale(self, policy_version: int) -> bool:
         return policy_version < self._version - self.cfg.max_staleness
@@ -154,6 +178,9 @@ class ReplayQueueCore:
             self._record_wait("producer", time.monotonic() - start)
             if self._closed:
                 raise RuntimeError("replay queue is closed")
+            if not self._settles(group_id):  # its call failed and was released: void, its prompt goes out again
+                self._n["late_after_release"] += 1
+                return False
             self._n["running"] = max(0, self._n["running"] - 1)  # the put settles its reservation either way
             if group_id in self._seen:
                 self._n["duplicates"] += 1  # a retried put of a group we already hold: idempotent

@@ -53,8 +53,9 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], out_dir: str |
 def evaluate_on_pool(pool, items: list, overrides: dict, label: str = "eval", skip: set[str] = frozenset(),
                      timeout: float = 1800.0) -> dict:
     """Held-out accuracy during a run, the items spread over the pool's active workers (but ``skip``: those
-    not on the current weights). A worker that has not answered within ``timeout`` s (or died) is left out,
-    and the accuracy is over the items that came back (``n`` says how many)."""
+    not on the current weights). A worker that has not answered within ``timeout`` s (or died) is left out:
+    the accuracy is over the ``n`` items that came back, ``missing`` counts the rest (a warning says so),
+    and an evaluation where no item came back raises ``RunError`` (not an accuracy of 0)."""
     import ray
 
     from driver.runtime import RunError
@@ -73,7 +74,15 @@ def evaluate_on_pool(pool, items: list, overrides: dict, label: str = "eval", sk
             log.warning("%s: a worker failed (%s); its items are left out", label, type(e).__name__)
     if late:
         log.warning("%s: %d worker(s) did not answer in %.0f s; their items are left out", label, len(late), timeout)
-    acc = sum(r["correct"] for r in records) / max(len(records), 1)
-    reward = sum(r["reward"] for r in records) / max(len(records), 1)
-    log.info("%s: accuracy %.3f (%d items), mean reward %.3f", label, acc, len(records), reward)
-    return {"accuracy": acc, "reward": reward, "n": len(records), "records": records}
+    missing = len(items) - len(records)
+    if not records:
+        raise RunError(f"{label}: none of the {len(items)} held-out items came back (every evaluating worker failed "
+                       "or timed out, see the warnings above); raise run.eval_timeout_s or check the rollout workers")
+    acc = sum(r["correct"] for r in records) / len(records)
+    reward = sum(r["reward"] for r in records) / len(records)
+    if missing:
+        log.warning("%s: accuracy %.3f over %d of %d items (%d missing), mean reward %.3f", label, acc, len(records),
+                    len(items), missing, reward)
+    else:
+        log.info("%s: accuracy %.3f (%d items), mean reward %.3f", label, acc, len(records), reward)
+    return {"accuracy": acc, "reward": reward, "n": len(records), "missing": missing, "records": records}

@@ -151,9 +151,10 @@ class RolloutPool:
         self.busy[ref] = Call(worker_id, call_id, items, reserved)
         return ref
 
-    def broadcast(self, update) -> list:
-        """Queue a weight swap (a ``WeightUpdate``) on every worker; it runs after the worker's current rollout."""
-        return [self.workers[wid].set_weights.remote(update) for wid in self.active()]
+    def broadcast(self, update) -> dict:
+        """Queue a weight swap (a ``WeightUpdate``) on every worker; it runs after the worker's current rollout.
+        Returns worker id -> the call's ref."""
+        return {wid: self.workers[wid].set_weights.remote(update) for wid in self.active()}
 
     def shutdown(self) -> None:
         import ray

@@ -4,8 +4,10 @@ One ``publish()`` per policy version. object_store / cuda_ipc: rank 0 packs the 
 active worker swaps them in before its next rollout. nccl: rank 0 broadcasts to a group of the active
 workers, received beside running rollouts; the group is rebuilt when the members change, every member is
 pinged on its weights thread first, and a broadcast that fails is retried without the members that left.
-Workers that joined or restarted hold base weights until they have the current version (``awaiting``):
-they get no rollouts or evaluation items until then.
+
+One policy for every transport when a worker is slow or dead: it is left out (a warning), the others get
+the version, and it is brought back with the current version once it answers (``awaiting`` until then:
+no rollouts or evaluation items). Workers that joined or restarted hold base weights and are awaiting too.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class WeightPublisher:
         self.base_is_shipped = base_is_shipped  # workers load the checkpoint base themselves
         self.awaiting: set[str] = set()
         self.update = None
-        self._pending: list = []  # set_weights calls of the last version (cuda_ipc reuses one buffer)
+        self._pending: dict = {}  # worker id -> its set_weights call of the last version (cuda_ipc reuses one buffer)
         self.attach(learner)
 
     def attach(self, learner) -> None:
@@ -47,13 +49,36 @@ class WeightPublisher:
             self.update = self._broadcast(version)
             return self.update
         if self.transport == "cuda_ipc":  # one shared buffer: receivers of the last version must be done
-            ray.get(self._pending, timeout=self.sync_timeout_s)
+            self._settle()
         self.update = self.learner.sync_weights()
         self._pending = self.pool.broadcast(self.update)
+        self.awaiting.clear()  # set_weights runs before any later call on each worker (a late one's too)
         if block:
-            ray.get(self._pending, timeout=self.sync_timeout_s)
-        self.awaiting.clear()  # set_weights runs before any later call on each worker
+            self._settle()
         return self.update
+
+    def _settle(self) -> None:
+        """Wait for the receivers of the last send; one that failed or has not answered in ``sync_timeout_s``
+        is left out (awaiting, a warning) instead of ending the run: its set_weights calls run in order, so the
+        next send (the next version, or a catch-up publish) brings it back before its next rollout."""
+        import ray
+
+        refs = list(self._pending.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.sync_timeout_s) if refs else ([], [])
+        for wid, ref in self._pending.items():
+            if ref in done:
+                try:
+                    ray.get(ref)
+                    continue
+                except ray.exceptions.RayError as e:
+                    why = f"failed: {type(e).__name__}"
+            else:
+                why = f"no answer in {self.sync_timeout_s:.0f} s"
+            log.warning("rollout worker %s did not take the weights (%s); left out until it has the current version",
+                        wid, why)
+            if wid in self.pool.workers:
+                self.awaiting.add(wid)
+        self._pending = {}
 
     def bring_up(self, worker_id: str, version: int) -> None:
         """A worker joined or restarted with base weights: it gets the current version before rolling out."""

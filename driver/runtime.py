@@ -25,9 +25,28 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def run_root_problem(root: Path) -> str | None:
+    """Why run directories may not go under ``root`` (one line), or None.
+
+    Under `ray job submit --working-dir` the driver runs inside the unpacked working-dir package
+    (``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``), which Ray deletes: a relative
+    ``run.root`` would put the checkpoints and the exported policy there.
+    """
+    parts = root.resolve().parts
+    if any(a == "working_dir_files" and b.startswith("_ray_pkg_") for a, b in zip(parts, parts[1:])):
+        return (f"run.root {root} resolves to {root.resolve()}, inside the Ray job's working-dir package, which Ray "
+                "deletes: set run.root to an absolute path you keep (shared storage on a cluster), e.g. "
+                "--set run.root=/mnt/runs")
+    return None
+
+
 def new_run_dir(cfg: UnmaskConfig) -> Path:
-    """``<run.root>/<run.name>-<timestamp>`` with the resolved config written into it."""
+    """``<run.root>/<run.name>-<timestamp>`` with the resolved config written into it; ``RunError`` for a root
+    Ray deletes (``run_root_problem``)."""
     root = Path(cfg.run.root)
+    problem = run_root_problem(root)
+    if problem:
+        raise RunError(problem)
     run_dir = root / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 0
     while run_dir.exists():

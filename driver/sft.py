@@ -59,7 +59,7 @@ def sft(cfg: UnmaskConfig) -> int:
     from common.tokenizers import CharTokenizer, load_tokenizer
     from common.policy import resolve_path
     from driver.evaluate import evaluate_checkpoint
-    from driver.runtime import connect_ray, new_run_dir, setup_logging
+    from driver.runtime import RunError, connect_ray, new_run_dir, setup_logging
     from learner.group import LearnerGroup
     from learner.sft import build_sft_loss
 
@@ -74,7 +74,11 @@ def sft(cfg: UnmaskConfig) -> int:
     except ValueError as e:
         log.error("unmask: %s", e)
         return 2
-    run_dir = new_run_dir(cfg)
+    try:
+        run_dir = new_run_dir(cfg)
+    except RunError as e:
+        log.error("unmask: %s", e)
+        return 1
     from driver.trackers import build_trackers
 
     trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))

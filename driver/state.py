@@ -1,12 +1,17 @@
 """The driver's run state: what a checkpoint records beside the weights, and the prompt stream it numbers.
 
 Every training prompt has a stream position (its index in the task's seeded ``train_items`` stream). The
-state records which positions a learner step has trained, as a low watermark plus the sparse set above
-it, so that a resumed run dispatches exactly the prompts the restored weights have not been trained on:
-each prompt is trained once across a kill and a resume (tests/test_reliability.py counts it).
+state records which positions are done, as a low watermark plus the sparse set above it, so that a
+resumed run (or a rebuilt learner) dispatches exactly the prompts the restored weights have not been
+trained on: each prompt is trained once across a kill and a resume (tests/test_reliability.py counts it).
+A position is done when a learner step trained it, or when it was settled untrained (its prompt longer than
+``rollout.max_prompt_tokens``, or its group dropped as stale; the rollout events in metrics.jsonl name them):
+every position handed out is settled sooner or later, so the watermark follows the stream and the sparse
+set stays as small as the groups in flight.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
@@ -23,16 +28,21 @@ class RunState:
     version: int = 0  # policy version the rollout workers should hold
     call_id: int = 0  # rollout calls dispatched (with ``incarnation``, makes group ids unique)
     incarnation: int = 0  # drivers this run has had: a resumed driver never reuses an earlier one's group ids
-    trained_below: int = 0  # every prompt position below this has been trained
-    trained_above: list[int] = field(default_factory=list)  # trained positions >= trained_below, sorted
+    trained_below: int = 0  # every prompt position below this is done (trained, or settled untrained)
+    trained_above: list[int] = field(default_factory=list)  # done positions >= trained_below, sorted
 
     def mark_trained(self, positions: Iterable[int]) -> None:
-        """Record positions a learner step trained; the watermark moves over the contiguous ones."""
+        """Record positions a learner step trained, or settled untrained; the watermark moves over the
+        contiguous ones."""
         above = set(self.trained_above) | {p for p in positions if p >= self.trained_below}
         while self.trained_below in above:
             above.remove(self.trained_below)
             self.trained_below += 1
         self.trained_above = sorted(above)
+
+    def is_done(self, position: int) -> bool:
+        """Whether ``position`` was trained or settled untrained."""
+        return position < self.trained_below or position in self.trained_above
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,21 +63,39 @@ class PromptStream:
     from it name the prompt they answer (``position_of``).
     """
 
-    def __init__(self, items: Iterable, state: RunState):
+    def __init__(self, items: Iterable, state: RunState, in_flight: Iterable[int] = ()):
         self._items: Iterator = itertools.islice(enumerate(items), state.trained_below, None)
-        self._skip = set(state.trained_above)
+        self._skip = set(state.trained_above) | set(in_flight)  # done, or handed out by an earlier stream
+        self._frontier = state.trained_below  # every position below was handed out or is done
+        self._again: collections.deque = collections.deque()  # given back: handed out before new positions
 
     def take(self, n: int) -> list:
         out = []
+        while self._again and len(out) < n:
+            out.append(self._again.popleft())
         while len(out) < n:
             position, item = next(self._items)
+            self._frontier = position + 1
             if position not in self._skip:
                 out.append(dataclasses.replace(item, id=f"{_POSITION_PREFIX}{position}:{item.id}"))
         return out
 
+    def give_back(self, items: list) -> None:
+        """Items handed out whose rollout failed before it produced their groups: the next ``take`` hands them
+        out again, first."""
+        self._again.extend(items)
+
+    def in_flight(self, state: RunState) -> set[int]:
+        """Positions handed out (by this stream or the one it replaced) that ``state`` does not count as done:
+        in a rollout, in the queue or in the learner's batch (not those given back)."""
+        handed = set(range(state.trained_below, self._frontier)) | self._skip
+        again = {position_of(f"t:{item.id}") for item in self._again}
+        return {p for p in handed if p >= state.trained_below} - set(state.trained_above) - again
+
 
 def position_of(group_id: str) -> int:
     """The prompt position of a group id ``<call tag>:p<position>:<item id>`` (see ``PromptStream``)."""
-    part = group_id.split(":", 2)[1]
-    assert part.startswith(_POSITION_PREFIX), group_id
-    return int(part[len(_POSITION_PREFIX):])
+    parts = group_id.split(":", 2)
+    if len(parts) < 3 or not parts[1].startswith(_POSITION_PREFIX) or not parts[1][1:].isdigit():
+        raise ValueError(f"group id {group_id!r} does not name a prompt position (<call tag>:p<position>:<item id>)")
+    return int(parts[1][len(_POSITION_PREFIX):])

@@ -34,6 +34,15 @@ class Controller:
     """Owns the run's components and the loop. Each component gets only its own config section."""
 
     def __init__(self, cfg: UnmaskConfig, run_dir: Path, resume: bool):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.trackers = self.learner = self.queue = self.pool = None  # what close() shuts down, once built
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()  # a partly built run shuts down what it started (learner ranks, queue, workers)
+            raise
+
+    def _build(self, resume: bool) -> None:
         from common.metrics import MetricsLog, RayMetrics
         from common.policy import resolve_path
         from common.tasks import get_task
@@ -43,8 +52,8 @@ class Controller:
         from driver.state import PromptStream, RunState
         from driver.trackers import build_trackers
 
+        cfg, run_dir = self.cfg, self.run_dir
         # --- run directory, metrics, task
-        self.cfg, self.run_dir = cfg, run_dir
         self.trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[self.trackers])
         self.ray_metrics = RayMetrics()
@@ -333,7 +342,7 @@ class Controller:
             log.warning("rollout call %s on %s failed (%s: %s); its unfilled slots are released", call.call_id,
                         call.worker_id, type(cause).__name__, str(cause).strip().splitlines()[-1][:300])
             self.metrics.log({"event": "rollout_failed", "worker": call.worker_id, "call_id": call.call_id})
-            self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
+            self._release(call)
             failures = self.failed_calls[call.worker_id] = self.failed_calls.get(call.worker_id, 0) + 1
             if failures > self.cfg.rollout.max_restarts and call.worker_id in self.pool.workers:
                 self.pool.drop(call.worker_id)  # restarts used up: it would fail every call from now on
@@ -342,9 +351,43 @@ class Controller:
             return
         self.metrics.log({"event": "rollout", **result})
         self.failed_calls.pop(call.worker_id, None)
+        self._settle_untrained(result.get("rejected_ids", []) + result.get("dropped_ids", []))
         if self.pool.restarted(call.worker_id, result.get("pid")):  # died between calls: base weights now
             log.warning("rollout worker %s was restarted by Ray; it gets the current weights", call.worker_id)
             self.weights.bring_up(call.worker_id, self.state.version)
+
+    def _release(self, call) -> None:
+        """A failed call: its unfilled reservations go back to the queue, and its prompts that produced no group
+        are handed out again (its refused or stale-dropped ones are done)."""
+        import ray
+
+        from driver.state import position_of
+
+        ids = [f"{call.call_id}:{item.id}" for item in call.items]
+        try:
+            released = ray.get(self.queue.release_call.remote(f"{call.call_id}:", ids), timeout=CONTROL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # A restarted queue holds no reservations; which of this call's groups it recovered is not known
+            # here, so its prompts count as done (each trained at most once) rather than risk a second training.
+            log.warning("replay queue restarting; the %d prompt(s) of failed call %s are not dispatched again",
+                        len(ids), call.call_id)
+            self.metrics.log({"event": "prompts_skipped", "group_ids": ids})
+            self.state.mark_trained(position_of(g) for g in ids)
+            return
+        self._settle_untrained(released["untrained"])
+        # A restarted queue remembers only the groups it recovered: one it had handed to the learner before
+        # is in the batch or trained, not unsettled.
+        in_batch = set(self.batch_positions if self.batch is not None else ())
+        again = {g for g in released["unsettled"] if not self.state.is_done(position_of(g))
+                 and position_of(g) not in in_batch}
+        self.prompts.give_back([item for item, g in zip(call.items, ids) if g in again])
+
+    def _settle_untrained(self, group_ids: list[str]) -> None:
+        """Prompts a rollout refused (over-long) or whose groups the queue dropped as stale are done: marked
+        with the trained ones, so the watermark moves past them (a resumed run does not send them again)."""
+        from driver.state import position_of
+
+        self.state.mark_trained(position_of(g) for g in group_ids)
 
     def _step_done(self) -> bool:
         import ray
@@ -389,19 +432,33 @@ class Controller:
         """Restart the whole group (process groups are rebuilt, not patched) from the last checkpoint."""
         import ray
 
+        from driver.state import RunState
+
         self.learner.shutdown()
         self.learner = self._build_learner()
         self.weights.attach(self.learner)
         if any((self.run_dir / "checkpoints").glob("step_*")):
             record = self.learner.load(str(self.run_dir / "checkpoints"))
-            self.state.step, self.state.version = record["run_state"]["step"], record["run_state"]["version"]
+            self._roll_back_to(RunState.from_dict(record["run_state"]))
         else:
-            self.state.step = self.state.version = 0
+            self._roll_back_to(RunState())
         if self.weights.needed(self.state.version):
             self.weights.publish(self.state.version)
         ray.get(self.queue.set_version.remote(self.state.version, rebase=True), timeout=CONTROL_TIMEOUT_S)
         self.metrics.log({"event": "learner_rebuilt", "step": self.state.step, "version": self.state.version})
         log.info("learner group rebuilt at step %d, version %d; retrying the batch", self.state.step, self.state.version)
+
+    def _roll_back_to(self, restored) -> None:
+        """The weights went back to the checkpoint's ``restored`` state: so do the step, the version and the
+        prompts counted done, as on ``--resume``. Prompts done after the checkpoint are dispatched again; those
+        in a rollout, in the queue or in the batch being retried are not (each is trained once in the weights'
+        history). Call ids and the incarnation go on: group ids are never reused."""
+        from driver.state import PromptStream
+
+        in_flight = self.prompts.in_flight(self.state)
+        restored.call_id, restored.incarnation = self.state.call_id, self.state.incarnation
+        self.state = restored
+        self.prompts = PromptStream(self.task.train_items(self.cfg.task.seed), restored, in_flight=in_flight)
 
     def _log_step(self, eta: float) -> None:
         import ray
@@ -437,10 +494,11 @@ class Controller:
         self._catch_up_waiting_workers()
         res = evaluate_on_pool(self.pool, self.eval_items, {**self.eval_overrides, **(overrides or {})}, label=label,
                                skip=self.weights.awaiting, timeout=self.cfg.run.eval_timeout_s)
-        record = {"step": self.state.step, "eval_accuracy": res["accuracy"], "eval_reward": res["reward"]}
+        counts = {"eval_n": res["n"], "eval_missing": res["missing"]}  # the items behind the number
+        record = {"step": self.state.step, "eval_accuracy": res["accuracy"], "eval_reward": res["reward"], **counts}
         if overrides:
             record = {"step": self.state.step, "eval_sampling_steps": overrides["steps"],
-                      "eval_accuracy_at_steps": res["accuracy"]}
+                      "eval_accuracy_at_steps": res["accuracy"], **counts}
         self.metrics.log(record)
         self.ray_metrics.record("eval_accuracy", res["accuracy"])
         if self.state.step > 0 and not overrides:
@@ -484,16 +542,21 @@ class Controller:
             if ref in done:
                 self._collect(ref)
             else:
-                call = self.pool.busy.pop(ref)
-                self.queue.release_call.remote(f"{call.call_id}:", call.reserved)
+                call = self.pool.busy.pop(ref)  # the run ends: its prompts are not dispatched again
+                self.queue.release_call.remote(f"{call.call_id}:", [f"{call.call_id}:{item.id}" for item in call.items])
 
     def close(self) -> None:
+        """Shut down what was built; of a partly built run too (``__init__`` calls it when a build step fails)."""
         import ray
 
-        self.trackers.close()
-        self.pool.shutdown()
-        self.learner.shutdown()
-        ray.kill(self.queue)
+        if self.trackers is not None:
+            self.trackers.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.learner is not None:
+            self.learner.shutdown()
+        if self.queue is not None:
+            ray.kill(self.queue)
 
 
 def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
@@ -506,15 +569,15 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         log.error("unmask: sampler.cfg_scale > 0 cannot be trained on (the learner cannot rebuild guided "
                   "distributions); use guidance only with `unmask eval`")
         return 2
-    if resume:
-        run_dir = Path(resume).resolve()
-        (run_dir / "finished.json").unlink(missing_ok=True)  # it runs again, to a larger total_steps
-    else:
-        run_dir = new_run_dir(cfg)
-    log.info("run directory: %s", run_dir)
-    set_cpu_threads(cfg.run.cpu_threads)
-    connect_ray(cfg.run.ray_address)
     try:
+        if resume:
+            run_dir = Path(resume).resolve()
+            (run_dir / "finished.json").unlink(missing_ok=True)  # it runs again, to a larger total_steps
+        else:
+            run_dir = new_run_dir(cfg)
+        log.info("run directory: %s", run_dir)
+        set_cpu_threads(cfg.run.cpu_threads)
+        connect_ray(cfg.run.ray_address)
         controller = Controller(cfg, run_dir, resume=bool(resume))
         try:
             return controller.run()

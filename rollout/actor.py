@@ -232,15 +232,18 @@ class RolloutWorker:
         G = self.group_size
         encoded = self.gen.encode_prompts(items)
         keep = [i for i, ids in enumerate(encoded) if len(ids) <= self.max_prompt_tokens]
-        rejected = len(items) - len(keep)
+        rejected_ids = [f"{call_tag}:{item.id}" for i, item in enumerate(items) if i not in set(keep)]
+        rejected = len(rejected_ids)
         if rejected:
             log.warning("%s: %d prompt(s) longer than rollout.max_prompt_tokens=%d skipped", self.worker_id, rejected,
                         self.max_prompt_tokens)
-            self.queue.release.remote(rejected)  # their reservations will never be filled
-            items, encoded = [items[i] for i in keep], [encoded[i] for i in keep]
+            # Their reservations will never be filled: settled by id (once, even if this call fails later).
+            ray.get(self.queue.reject.remote(rejected_ids))
+        items, encoded = [items[i] for i in keep], [encoded[i] for i in keep]
         if not items:
             return {"worker": self.worker_id, "pid": os.getpid(), "groups": 0, "dropped_stale": 0, "rejected_prompts": rejected,
-                    "tokens": 0, "gen_seconds": 0.0, "reward_seconds": 0.0, "version": self.version}
+                    "rejected_ids": rejected_ids, "dropped_ids": [], "tokens": 0, "gen_seconds": 0.0,
+                    "reward_seconds": 0.0, "version": self.version}
         rows = [r for r in encoded for _ in range(G)]
         traj = self.gen.generate(rows, seed=self.seed * 1_000_003 + zlib.crc32(call_tag.encode()))
         t_gen = time.perf_counter() - t0
@@ -249,7 +252,7 @@ class RolloutWorker:
         _, rewards = self.gen.score(traj, items_per_row)
         t_reward = time.perf_counter() - t1
         traj = traj.to("cpu")
-        put, dropped = [], 0
+        put, dropped = [], []
         for g, item in enumerate(items):
             sl = slice(g * G, (g + 1) * G)
             rs = rewards[sl]
@@ -262,12 +265,13 @@ class RolloutWorker:
             if ray.get(self.queue.put.remote(batch)):
                 put.append(batch.num_rows)
             else:
-                dropped += 1
+                dropped.append(f"{call_tag}:{item.id}")
         tokens = traj.completion_ids_BG.numel()
         self.metrics.record("rollout_tokens_per_s", tokens / max(t_gen, 1e-9), {"worker": self.worker_id})
         self.metrics.record("rollout_groups", float(len(put)), {"worker": self.worker_id})
-        return {"worker": self.worker_id, "pid": os.getpid(), "groups": len(put), "dropped_stale": dropped,
-                "rejected_prompts": rejected, "tokens": tokens,
+        # The driver marks the rejected and dropped prompts done (driver/state.py): their ids come back.
+        return {"worker": self.worker_id, "pid": os.getpid(), "groups": len(put), "dropped_stale": len(dropped),
+                "rejected_prompts": rejected, "rejected_ids": rejected_ids, "dropped_ids": dropped, "tokens": tokens,
                 "gen_seconds": t_gen, "reward_seconds": t_reward, "version": self.version,
                 "reward": sum(r.total for r in rewards) / len(rewards),
                 "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards)}

@@ -36,6 +36,7 @@ def _free_port() -> int:
 
 
 _TOKEN = uuid.uuid4().hex
+STARTUP_TIMEOUT_S = 600  # generous: a raylet on a loaded 2-core box took over 120 s; a crash fails at once
 
 
 def _env() -> dict:
@@ -53,13 +54,13 @@ class _Cluster:
         self.port, self.procs, self.logs, self.tmp = _free_port(), [], [], tmp
         self.address = f"127.0.0.1:{self.port}"
         temp_dir = tempfile.mkdtemp(prefix="rcl", dir="/tmp")  # short: Ray's socket paths have a length limit
+        # One raylet at a time, each waited for by its own log line: two starting at once, or a probe driver
+        # (a new process and a Ray connection per try), took longer than any fixed wait on a loaded 2-core box.
         self._start("head", ["--head", f"--port={self.port}", "--num-cpus=1", "--include-dashboard=false",
                              "--disable-usage-stats", f"--temp-dir={temp_dir}"])
-        self._wait_nodes(1)
         self._start("learner", ["--num-cpus=1", '--resources={"learner": 1}'], private_root)
-        self._wait_nodes(2)  # one at a time: two raylets starting at once can time out on a loaded 2-core box
         self._start("rollout", ["--num-cpus=1", '--resources={"rollout": 1}'])
-        self._wait_nodes(3)
+        self._wait_nodes(3)  # once, to confirm they all registered
 
     def _start(self, name: str, args: list[str], private_root: Path | None = None) -> None:
         # Ray's fixed default agent ports collide between raylets on one machine.
@@ -73,29 +74,47 @@ class _Cluster:
                    f"mount -t tmpfs none {private_root} && exec {subprocess.list2cmdline(cmd)}"]
         self.logs.append(self.tmp / f"{name}.log")
         log = open(self.logs[-1], "w")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(),
-                                           start_new_session=True))
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**_env(), "PYTHONUNBUFFERED": "1"}, start_new_session=True))
+        self._wait_started()
 
-    def _wait_nodes(self, n: int) -> None:
-        deadline = time.time() + 120
+    def _wait_started(self) -> None:
+        """Until the last `ray start` says its node runs: it prints that once the raylet is up. A crash fails
+        at once; the wait itself is long (what it waits for is the machine, not a fixed 2 minutes)."""
+        deadline = time.time() + STARTUP_TIMEOUT_S
         while time.time() < deadline:
-            if len(self.nodes()) >= n:
+            if "Ray runtime started" in self.logs[-1].read_text():
                 return
+            assert self.procs[-1].poll() is None, self.logs[-1].read_text()[-2000:]
+            time.sleep(0.5)
+        raise AssertionError(f"{self.logs[-1].name}: not started in {STARTUP_TIMEOUT_S} s\n"
+                             + self.logs[-1].read_text()[-2000:])
+
+    def _wait_nodes(self, n: int) -> list[dict]:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while time.time() < deadline:
+            nodes = self.nodes()
+            if len(nodes) >= n:
+                return nodes
             dead = [log for p, log in zip(self.procs, self.logs) if p.poll() is not None]
             assert not dead, dead[0].read_text()[-2000:]
             time.sleep(1)
-        raise AssertionError(f"{n} Ray nodes did not come up in 120 s")
+        raise AssertionError(f"{n} Ray nodes did not register in {STARTUP_TIMEOUT_S} s")
 
     def nodes(self) -> list[dict]:
-        """The alive nodes' ids and resources, asked from a separate driver process."""
+        """The alive nodes' ids and resources, asked from a separate driver process ([] while it cannot tell)."""
         script = ("import json, ray; ray.init(address='%s', logging_level='ERROR'); print(json.dumps("
                   "[{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))" % self.address)
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=120)
+        try:
+            out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(),
+                                 timeout=STARTUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a loaded machine: the caller's deadline decides
+            return []
         lines = out.stdout.strip().splitlines()
         return json.loads(lines[-1]) if out.returncode == 0 and lines else []
 
     def nodes_by_resource(self) -> dict[str, str]:
-        return {r: n["id"] for n in self.nodes() for r in ("learner", "rollout") if r in n["resources"]}
+        return {r: n["id"] for n in self._wait_nodes(3) for r in ("learner", "rollout") if r in n["resources"]}
 
     def stop(self) -> None:
         for p in self.procs:

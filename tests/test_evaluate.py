@@ -66,3 +66,58 @@ def test_unmask_eval_and_rollout_workers_evaluate_through_generator_evaluate(gen
     worker._apply_staged = lambda: None
     records = worker.evaluate(g.task.eval_items(3), {"steps": 8})
     assert seen[-1] == (3, 8, 77) and [r["correct"] for r in records] == [True] * 3
+
+
+@pytest.mark.ray
+def test_evaluation_during_a_run_counts_its_items_and_fails_loudly_with_none(ray_local, caplog):
+    """Items of a failed worker are left out: n and missing say so (console too); with none back it stops."""
+    import logging
+
+    import ray
+
+    from driver.pool import RolloutPool
+    from driver.runtime import RunError
+
+    @ray.remote(num_cpus=0)
+    class Evaluator:
+        def __init__(self, fails):
+            self.fails = fails
+
+        def evaluate(self, items, overrides):
+            if self.fails:
+                raise RuntimeError("out of memory")
+            return [{"id": i, "completion": "", "reward": 0.0, "correct": False} for i in items]
+
+    from driver.evaluate import evaluate_on_pool
+
+    pool = RolloutPool(make_worker=None)
+    pool.workers.update(good=Evaluator.remote(False), bad=Evaluator.remote(True))
+    with caplog.at_level(logging.INFO, logger="unmask"):
+        res = evaluate_on_pool(pool, list(range(10)), {}, label="held-out", timeout=120)
+    assert (res["n"], res["missing"], res["accuracy"]) == (5, 5, 0.0)  # a real 0.0, over 5 items
+    assert any("over 5 of 10 items (5 missing)" in r.getMessage() for r in caplog.records)
+    del pool.workers["good"]
+    with pytest.raises(RunError, match="none of the 10 held-out items came back"):
+        evaluate_on_pool(pool, list(range(10)), {}, label="held-out", timeout=120)
+
+
+def test_the_run_records_how_many_items_its_held_out_numbers_are_over(monkeypatch):
+    import types
+
+    import driver.evaluate
+    from driver.state import RunState
+    from driver.train import Controller
+
+    logged = []
+    ctl = object.__new__(Controller)  # only what _evaluate touches
+    ctl.state, ctl.pool, ctl.eval_items, ctl.eval_overrides = RunState(), None, list(range(10)), {}
+    ctl.weights = types.SimpleNamespace(awaiting=set())
+    ctl._catch_up_waiting_workers = lambda: None
+    ctl.cfg = types.SimpleNamespace(run=types.SimpleNamespace(eval_timeout_s=1.0))
+    ctl.metrics = types.SimpleNamespace(log=logged.append)
+    ctl.ray_metrics = types.SimpleNamespace(record=lambda *a: None)
+    monkeypatch.setattr(driver.evaluate, "evaluate_on_pool", lambda *a, **k: {
+        "accuracy": 0.5, "reward": 0.1, "n": 6, "missing": 4, "records": []})
+    ctl._evaluate("held-out before training")
+    ctl._evaluate("base at 8 sampling steps", {"steps": 8})
+    assert [(r["eval_n"], r["eval_missing"]) for r in logged] == [(6, 4), (6, 4)]

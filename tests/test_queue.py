@@ -5,6 +5,8 @@ import sys
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import ray
 import torch
 
@@ -230,5 +232,53 @@ def test_close_wakes_waiters_and_metrics_are_built():
             await q.put(make_group("c"))
         with pytest.raises(ValueError, match="release"):
             q.release(1)
+
+    asyncio.run(run())
+
+
+_FATES = ("put", "put_stale", "reject", "lost")  # what became of one reserved slot of a rollout call
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(_FATES), min_size=1, max_size=3), st.booleans(),
+                          st.integers(0, 3)), min_size=1, max_size=6), st.randoms(use_true_random=False))
+def test_each_reservation_is_counted_once_over_rejects_failures_and_late_arrivals(calls, rnd):
+    """Rollout calls reserve slots, then each slot is put (fresh or stale), rejected (over-long prompt, and the
+    producer may report it twice) or lost with the producer; a failed call is released by the driver, possibly
+    before some of its puts/rejections arrive (those are void: its unsettled prompts go out again). ``running``
+    is always the slots of calls still open that nothing settled: never low (admission would exceed the
+    staleness budget), and zero when every call is settled."""
+    async def run():
+        q = ReplayQueueCore(QueueConfig(capacity_groups=1000, max_staleness=1), 100)
+        await q.set_version(10)
+        events, owed = [], {}
+        for c, (fates, fails, release_at) in enumerate(calls):
+            fails = fails or "lost" in fates  # a call whose slot was lost failed
+            assert q.reserve(len(fates))
+            tag = f"0.{c}"
+            owed[tag] = len(fates)
+            mine = [(tag, fate, f"{tag}:p{i}:x") for i, fate in enumerate(fates) if fate != "lost"]
+            mine += [(tag, "reject", f"{tag}:p{i}:x") for i, fate in enumerate(fates) if fate == "reject" and rnd.random() < 0.5]
+            if fails:
+                mine.insert(min(release_at, len(mine)), (tag, "release", [f"{tag}:p{i}:x" for i in range(len(fates))]))
+            events.append(mine)
+        settled: dict[str, set] = {tag: set() for tag in owed}  # the model: each slot settles once
+        while any(events):
+            mine = rnd.choice([e for e in events if e])  # calls interleave; each call's events stay in order
+            tag, what, arg = mine.pop(0)
+            if what == "release":  # returns the slots nothing settled: their prompts are dispatched again
+                assert q.release_call(f"{tag}:", arg)["unsettled"] == [g for g in arg if g not in settled[tag]]
+                owed[tag] = 0
+                continue
+            if what == "reject":
+                q.reject([arg])
+            else:
+                admitted = await q.put(make_group(arg, version=10 if what == "put" else 0))
+                assert not admitted or (what == "put" and owed[tag]), "a released call's late put was admitted"
+            if owed[tag] and arg not in settled[tag]:
+                settled[tag].add(arg)
+                owed[tag] -= 1
+            assert q.stats()["running"] == sum(owed.values()), (tag, what)
+        assert q.stats()["running"] == 0
 
     asyncio.run(run())

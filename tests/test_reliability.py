@@ -84,6 +84,28 @@ def test_rollout_queue_and_learner_faults_mid_run(tmp_path, transport):
     assert "learner_rebuilt" in events  # the group came back from the step-4 checkpoint
     steps = _steps(run_dir)
     assert steps[-1] == 8 and sorted(set(steps)) == list(range(1, 9))
+    # Each prompt is trained exactly once in the weights' history: the steps after the checkpoint the learner
+    # was rebuilt from went with its weights, and their prompts were dispatched again (as on --resume).
+    lineage = []
+    for r in records:
+        if r.get("event") == "learner_rebuilt":
+            lineage = [s for s in lineage if s["step"] <= r["step"]]
+        elif "loss" in r:
+            lineage.append(r)
+    trained = [p for r in lineage for p in r["prompts"]]
+    assert len(lineage) == 8 and len(trained) == 8 * 2  # SMALL: 2 groups (prompts) per step
+    assert len(trained) == len(set(trained)), "a prompt was trained twice across the learner rebuild"
+    # ... and every prompt the final run state counts done was trained in it (or settled untrained: refused
+    # as over-long, dropped as stale): none of the rolled-back steps' prompts is counted done untrained.
+    from driver.state import RunState, position_of
+    from learner.checkpoint import read_meta
+
+    last = max((run_dir / "checkpoints").glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
+    state = RunState.from_dict(read_meta(last)["run_state"])
+    settled = {position_of(g) for r in records if r.get("event") in ("rollout", "prompts_skipped")
+               for g in r.get("rejected_ids", []) + r.get("dropped_ids", []) + r.get("group_ids", [])}
+    done = set(range(state.trained_below)) | set(state.trained_above)
+    assert set(trained) <= done and done <= set(trained) | settled, sorted(done - set(trained) - settled)
     # Counters add up: every group the rollouts report is either in the spill or was dropped as stale.
     from common.spill import recover
 

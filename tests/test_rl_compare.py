@@ -2,6 +2,8 @@
 import json
 import multiprocessing as mp
 
+import pytest
+
 from benchmarks.compare_plots import mean_ci95
 from benchmarks.rl_compare import record_run
 
@@ -26,13 +28,54 @@ def test_concurrent_invocations_lose_no_run(tmp_path):
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ("agrpo", "atpo") for s in range(20))
 
 
-def test_a_redone_run_replaces_the_old_one_and_another_setup_starts_afresh(tmp_path):
+def test_a_redone_run_replaces_the_old_one_and_another_setup_is_refused(tmp_path):
     record_run(tmp_path, _header([0]), {"method": "agrpo", "seed": 0, "v": 1})
     results = record_run(tmp_path, _header([0]), {"method": "agrpo", "seed": 0, "v": 2})
     assert [r["v"] for r in results["runs"]] == [2]
     other = dict(_header([0]), steps=5)
-    results = record_run(tmp_path, other, {"method": "atpo", "seed": 0})
-    assert [r["method"] for r in results["runs"]] == ["atpo"]
+    with pytest.raises(ValueError, match="another setup"):
+        record_run(tmp_path, other, {"method": "atpo", "seed": 0})
+    assert [r["v"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]] == [2]
+
+
+def _no_evaluation(monkeypatch):
+    import ray
+
+    import driver.evaluate
+
+    def evaluate(cfg, steps_list, *a, **k):
+        raise AssertionError("the base was evaluated: the setup should have been refused first")
+
+    monkeypatch.setattr(driver.evaluate, "evaluate_checkpoint", evaluate)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+
+
+def test_report_only_or_another_setup_into_the_same_out_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from benchmarks.rl_compare import main
+
+    _no_evaluation(monkeypatch)
+    written = json.dumps(dict(_header([0]), steps=30, runs=[{"method": "agrpo", "seed": 0}]))
+    (tmp_path / "results.json").write_text(written)
+    for argv in (["--report-only"], ["--steps", "30", "--set", "learner.lr=3e-5"], ["--steps", "30", "--config", "tiny_sudoku"]):
+        assert main(argv + ["--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "another setup" in err and "--steps 30" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "results.json").read_text() == written
+
+
+def test_a_failed_training_run_stops_the_comparison_under_python_O_too(tmp_path, monkeypatch, capsys):
+    import driver.evaluate
+    import driver.train
+    from benchmarks.rl_compare import main
+
+    _no_evaluation(monkeypatch)
+    monkeypatch.setattr(driver.evaluate, "evaluate_checkpoint",
+                        lambda cfg, steps_list, *a, **k: {s: {"accuracy": 0.5} for s in steps_list})
+    calls = []
+    monkeypatch.setattr(driver.train, "train", lambda cfg: calls.append(cfg.run.name) or 1)
+    assert main(["--steps", "2", "--methods", "agrpo", "atpo", "--seeds", "0", "--out", str(tmp_path)]) == 1
+    assert calls == ["agrpo-s0"] and "agrpo run of seed 0 failed" in capsys.readouterr().err
 
 
 def test_a_run_redone_by_another_invocation_is_not_overwritten_with_a_stale_copy(tmp_path):
