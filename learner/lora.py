@@ -27,7 +27,9 @@ class LoraLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        self.bias = None
+        self.bias = base.bias  # frozen too (Dream's q/k/v projections have one)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
@@ -36,7 +38,7 @@ class LoraLinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight)
+        base = F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return base + self.scale * update
 

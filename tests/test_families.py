@@ -302,3 +302,28 @@ def test_a_public_checkpoint_saves_back_to_its_public_layout(tmp_path, family):
     assert {k: v.split("--")[1] for k, v in ours["auto_map"].items()} == theirs["auto_map"]
     for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "rope_theta", "mask_token_id", "vocab_size"):
         assert ours[key] == theirs[key], key
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar"])
+def test_lora_adapts_every_familys_default_targets_and_starts_as_the_base(preset):
+    """Adapters on the family's default targets (Dream's biased q/k/v projections included) leave the model
+    exactly the base at step 0 and keep its biases frozen under their public names."""
+    from common.config import LoraConfig
+    from learner.lora import apply_lora
+
+    model = M.build_model(M.preset_config(preset), seed=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()  # biases that matter
+    ids = torch.randint(5, 101, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    keys = set(model.state_dict())
+    count = apply_lora(model, LoraConfig(enabled=True, r=4))
+    assert count == len(M.family_of(model).lora_targets) * len(model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert keys <= set(model.state_dict())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith((".lora_A", ".lora_B")) for n in trained)

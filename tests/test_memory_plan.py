@@ -1,5 +1,8 @@
-"""benchmarks/memory_plan.py: the committed plan is what the script prints, its parameter counts are LLaDA-8B's,
-and the 8B presets as configured fit the manifests' GPUs (a learner rank and a rollout worker)."""
+"""benchmarks/memory_plan.py: the committed plan is what the script prints, its parameter counts are the public
+checkpoints' (LLaDA-8B, Dream-7B, SDAR-8B), and the GPU presets as configured fit the manifests' GPUs (a learner
+rank and a rollout worker)."""
+from dataclasses import replace
+
 from benchmarks import memory_plan as mp
 from common.config import load_config
 from common.config.loader import REPO_ROOT
@@ -30,3 +33,29 @@ def test_counts_are_llada_8b_and_the_presets_fit():
     # ... unless gradients are reduced after every backward (no unsharded fp32 accumulator of 8B parameters)
     every = mp.learner_rank(cfg, s, lora=False, checkpointing=True, every_backward=True)
     assert sum(every.values()) < usable
+
+
+def test_dream_and_sdar_presets_plan_with_their_public_shapes():
+    # model.path is absent here: the folder name picks the public shape (Dream-v0-Instruct-7B, SDAR-8B-Chat)
+    for config, base, kv, qk_norm in (("configs/dream7b_gsm8k.yaml", 7_615_616_512, 4 * 128, False),
+                                      ("configs/sdar8b_gsm8k.yaml", 8_190_735_360, 8 * 128, True)):
+        cfg = load_config(config)
+        no_lora = cfg.learner.model_copy(update={"lora": cfg.learner.lora.model_copy(update={"enabled": False})})
+        assert mp.model_shape(cfg.model_copy(update={"learner": no_lora})).params == base
+        s = mp.model_shape(cfg)
+        assert (s.kv, s.qk_norm) == (kv, qk_norm)
+        assert s.root + s.layers * s.block == s.params  # blocks[0] x layers + root covers every parameter
+        # GQA: the KV cache holds the key/value heads only, kv / d of a full-width cache
+        gqa = mp.rollout_worker(cfg, s, lora=True, cache="prefix")["KV cache (prefix)"]
+        full = mp.rollout_worker(cfg, replace(s, kv=s.d), lora=True, cache="prefix")["KV cache (prefix)"]
+        assert gqa * s.d == full * s.kv
+        usable = mp.GPU_BYTES - mp.RESERVED_BYTES
+        assert sum(mp.learner_rank(cfg, s, lora=True, checkpointing=True).values()) < usable
+        assert sum(mp.rollout_worker(cfg, s, lora=True, cache=cfg.sampler.cache).values()) < usable
+
+
+def test_a_missing_checkpoint_of_an_unknown_folder_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="no known public shape"):
+        mp.stand_in("/models/Some-Other-Model")
