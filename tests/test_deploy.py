@@ -27,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 PRESETS = ["llada8b_gsm8k", "llada8b_countdown"]
+FAMILY_PRESETS = {"dream7b_gsm8k": "dream-7b", "sdar8b_gsm8k": "sdar-8b"}  # the public shape each decodes
 # Dockerfile -> the image tag deploy/README.md builds from it; manifests may only name these.
 IMAGES = {"docker/Dockerfile": "unmask:gpu", "docker/Dockerfile.cpu": "unmask:cpu"}
 # CLI subcommands the README documents that the driver (issue 7) has not grown yet; they are parsed
@@ -92,6 +93,17 @@ def test_llada8b_presets_validate_for_gpu_rl(name):
     assert cfg.learner.num_gpus_per_rank >= 1 and cfg.learner.backend == "nccl"
     assert cfg.learner.weight_transport == "nccl"
     assert cfg.algorithm.name == "agrpo" and cfg.algorithm.k_steps == 24
+
+
+@pytest.mark.parametrize("name", list(FAMILY_PRESETS))
+def test_the_other_families_gpu_presets_decode_as_their_family_requires(name):
+    from common.model import family_of, preset_config
+
+    cfg = _load_preset(name)
+    config = preset_config(FAMILY_PRESETS[name])  # the checkpoint's config.json is not here: its public shape
+    family_of(config).check_sampler(cfg.sampler, config)
+    assert cfg.sampler.temperature > 0 and cfg.task.name == "gsm8k" and cfg.task.prompt_style == "chat"
+    assert cfg.learner.lora.enabled and cfg.learner.num_gpus_per_rank >= 1 and cfg.rollout.num_gpus_per_worker >= 1
 
 
 # --- the manifests: schema, resources, images --------------------------------------------------
