@@ -291,6 +291,35 @@ def test_loss_and_gradient_do_not_depend_on_the_split(model, cfg):
     assert torch.allclose(ga + gb, g1, rtol=1e-6, atol=1e-6 * float(g1.abs().max()))
 
 
+FAMILY_ROLLOUTS = {  # each family decoded its own way (tests/test_families.py has their parity)
+    "tiny-dream": dict(block=8, transfer="timestep", position_ids="packed", remasking="low_confidence"),
+    "tiny-sdar": dict(block=4, block_grid="sequence", position_ids="packed", remasking="entropy"),
+}
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_ROLLOUTS))
+@pytest.mark.parametrize("cfg", [AgrpoConfig(k_steps=3, beta_kl=0.05), AtpoConfig(k_steps=2, selection="sample"),
+                                 DiffuGrpoConfig(beta_kl=0.04)], ids=lambda c: c.name)
+def test_every_estimator_runs_on_every_family_and_ignores_the_split(preset, cfg):
+    family_model = build_model(preset_config(preset), seed=0)
+    traj = rollout(family_model, B=6, G=8, steps=8, pad_rows=2, **FAMILY_ROLLOUTS[preset])
+    traj.group_B = torch.tensor([0, 0, 0, 1, 1, 1])
+    loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    batch = loss.prepare(traj, seed=5)
+    if cfg.name == "diffu_grpo":
+        loss.backward(family_model, batch, total_samples=len(batch), ref_model=family_model)
+        family_model.zero_grad()
+    policy = _perturbed(family_model)
+    g1, m1 = _grads_for_split(loss, policy, batch, [torch.arange(6)], family_model)
+    g2, m2 = _grads_for_split(loss, policy, batch, [torch.tensor([4, 1]), torch.tensor([0, 5, 2, 3])], family_model)
+    assert g1.abs().max() > 0 and torch.isfinite(g1).all()
+    assert torch.allclose(g2, g1, rtol=1e-6, atol=1e-6 * float(g1.abs().max()))
+    assert m2["tokens"] == m1["tokens"] and m2["loss"] == pytest.approx(m1["loss"], rel=1e-6, abs=1e-5)
+    if cfg.name != "diffu_grpo":  # the behaviour policy rescored: ratio 1 on the fresh rollouts
+        m0 = loss.backward(family_model, batch, total_samples=len(batch), ref_model=family_model)
+        assert m0["abs_log_ratio_sum"] < 1e-5 * m0["tokens"]
+
+
 # --- per-algorithm details
 
 
