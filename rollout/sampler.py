@@ -246,7 +246,8 @@ class _Decoder:
         p_transfer = None
         if config.remasking == "origin":
             p_transfer = 1.0 if i == config.steps_per_block - 1 else 1 - self.timesteps[i + 1] / self.timesteps[i]
-        commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, self.demoted, self.seed, row_ids_N, p_transfer, pos_BR)
+        commit_BR = _choose(config, stats, token_BR, valid_BR, n_B, self.demoted, self.seed, row_ids_N, p_transfer, pos_BR,
+                            logits_NV)
 
         # --- write tokens and records; a scored position that is not committed keeps its token (a row
         # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
@@ -332,10 +333,13 @@ def _robust_cutoff(logits_NV: torch.Tensor, cutoff_N: torch.Tensor | None) -> to
     return torch.where(torch.isneginf(below_N), below_N, (cutoff_N + below_N) * 0.5)
 
 
-def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor, pos_N: torch.Tensor,
+                  logits_NV: torch.Tensor) -> torch.Tensor:
     """Higher is committed first."""
     if remasking == "sequential":
         return -pos_N.float()
+    if remasking == "top_prob":  # the distribution's top probability at temperature 1 (the drawn token's at T=0)
+        return torch.softmax(logits_NV.float(), dim=-1).amax(dim=-1)
     if remasking == "low_confidence":
         return stats.confidence_N.float()
     if remasking == "margin":
@@ -344,17 +348,18 @@ def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor, pos
         return -stats.entropy_N.float()
     if remasking == "random":
         return counter_uniform(seed, row_ids_N)
-    raise ValueError(f"unknown remasking {remasking!r}; choose low_confidence, random, margin, entropy or sequential")
+    raise ValueError(f"unknown remasking {remasking!r}; choose low_confidence, top_prob, random, margin, entropy or "
+                     "sequential")
 
 
 def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed, row_ids_N,
-            p_transfer=None, pos_BR=None) -> torch.Tensor:
+            p_transfer=None, pos_BR=None, logits_NV=None) -> torch.Tensor:
     """Positions to commit [B, R]: each row's n_B (an int, or [B]) best-scored candidates, plus all above
     the confidence threshold; under ``origin`` each candidate independently with probability ``p_transfer``."""
     B, R = token_BR.shape
     if config.remasking == "origin":
         return valid_BR & (counter_uniform(seed, row_ids_N).view(B, R) < p_transfer)
-    score_BR = _remask_score(config.remasking, stats, seed, row_ids_N, pos_BR.reshape(-1)).view(B, R)
+    score_BR = _remask_score(config.remasking, stats, seed, row_ids_N, pos_BR.reshape(-1), logits_NV).view(B, R)
     if config.remasking_temperature > 0:  # sampling without replacement ~ softmax(score / temperature)
         u_BR = counter_uniform(seed, row_ids_N, _REMASK_GUMBEL_SALT).view(B, R)
         score_BR = score_BR / config.remasking_temperature - torch.log(-torch.log(u_BR))

@@ -60,13 +60,13 @@ def _rule_reads_draws(rule, threshold):
     return rule == "low_confidence" or threshold is not None
 
 
-def _choose(rule, n, masked, conf, margin, threshold):
+def _choose(rule, n, masked, conf, margin, threshold, top=None):
     """The commit rule as ``rollout.sampler._choose`` states it, over the masked positions in order.
     Returns a list of (committed positions, probability of that choice)."""
     if rule == "random":  # i.i.d. uniform scores: every n-subset equally likely, independent of theta
         subsets = list(itertools.combinations(masked, n))
         return [(set(s), 1.0 / len(subsets)) for s in subsets]
-    score = {j: (conf[j] if rule == "low_confidence" else margin[j]) for j in masked}
+    score = {j: {"low_confidence": conf, "margin": margin, "top_prob": top}[rule][j] for j in masked}
     order = sorted(masked, key=lambda j: -score[j])  # sorted() is stable: ties go to the lower position
     chosen = set(order[:n])
     if threshold is not None:
@@ -121,7 +121,8 @@ def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None, t
             lp = sum(logp_tilde[j, y[j]] for j in masked)
             c = {j: float(conf[j, y[j]]) for j in masked}
             m = {j: float(margin[j]) for j in masked}
-            for chosen, p_choice in _choose(rule, n, masked, c, m, threshold):
+            top = {j: float(conf[j].max()) for j in masked}  # top_prob: the distribution's, whatever was drawn
+            for chosen, p_choice in _choose(rule, n, masked, c, m, threshold, top):
                 comp, um, lr, cr = list(completion), list(unmask), list(logp_rec), list(cut_rec)
                 dis, dl, dc = ([list(d) for d in rec] for rec in (discards, disc_logp, disc_cut))
                 for j in masked:
@@ -195,6 +196,7 @@ def exact_and_estimated(model, G, steps, rule, temperature, threshold, draws, to
 
 CASES = [  # (rule, G, steps, temperature, threshold, top_k)
     ("random", 2, 2, 1.0, None, None),
+    ("top_prob", 2, 2, 0.7, None, None),  # LLaDA's low-confidence order at T=0, but from the distribution
     ("low_confidence", 2, 2, 1.0, None, None),
     ("low_confidence", 3, 2, 0.7, None, None),
     ("low_confidence", 2, 2, 0.7, None, 3),
@@ -220,7 +222,7 @@ def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperat
     assert _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
     exact_c, est_c, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, "committed", top_k)
     off = _rel(est_c, exact_c)
-    if rule in ("random", "margin"):  # the commit rule ignores the draws: committed tokens are the exact score
+    if rule in ("random", "margin", "top_prob"):  # the rule ignores the draws: committed tokens are the exact score
         assert off < 1e-4, off
     else:  # it ranks the draws: leaving the discarded ones out is biased
         assert off > 0.01, off
@@ -240,7 +242,7 @@ def test_every_family_scores_its_actions_exactly(preset, rule, G, steps, tempera
     assert exact_D.norm() > 0 and _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
     exact_c, est_c, _ = exact_and_estimated(model, G, steps, remasking, temperature, threshold, "committed", top_k)
     off = _rel(est_c, exact_c)
-    assert off < 1e-4 if rule in ("random", "margin") else off > 0.01, off
+    assert off < 1e-4 if rule in ("random", "margin", "top_prob") else off > 0.01, off
 
 
 @pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))

@@ -62,6 +62,17 @@ def test_greedy_low_confidence_matches_llada_reference(model, seed, gen, block, 
     assert torch.equal(ours.sequences_BL, ref)
 
 
+@pytest.mark.parametrize("seed,gen,block,steps", [(0, 16, 8, 8), (1, 16, 4, 16), (2, 24, 8, 6), (3, 20, 4, 10)])
+def test_greedy_top_prob_is_llada_low_confidence_token_for_token(model, seed, gen, block, steps):
+    """At temperature 0 the drawn token is the argmax, so ranking by the distribution's top probability is
+    LLaDA's low-confidence order; the rule reads no draw, so the committed draws are the exact score."""
+    prompt_BP = _prompts(3, 5 + seed, seed)
+    ours = _run(model, prompt_BP, gen_length=gen, block_length=block, steps=steps, ban_mask_token=False,
+                remasking="top_prob")
+    ref = reference_generate(model, prompt_BP, None, steps=steps, gen_length=gen, block_length=block, mask_id=MASK)
+    assert torch.equal(ours.sequences_BL, ref) and ours.commit_reads_draws is False
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_matches_reference_with_models_of_other_seeds(seed):
     other = build_model(preset_config("tiny"), seed=seed).eval()

@@ -46,10 +46,11 @@ class SamplerConfig(Section):
     top_p: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Nucleus sampling: smallest support with mass >= top_p."
     )
-    remasking: Literal["low_confidence", "random", "margin", "entropy", "origin", "sequential"] = Field(
+    remasking: Literal["low_confidence", "top_prob", "random", "margin", "entropy", "origin", "sequential"] = Field(
         default="low_confidence",
-        description="Which masked positions to commit each step: highest probability of the drawn token (Dream's "
-        "maskgit_plus), random, largest top1-top2 margin (topk_margin), lowest entropy (entropy), or leftmost first "
+        description="Which masked positions to commit each step: highest probability of the drawn token (LLaDA's "
+        "low_confidence, Dream's maskgit_plus), highest top probability of the position's distribution (top_prob: "
+        "the same order at temperature 0, but it reads no draw, so the committed draws are the exact score), random, largest top1-top2 margin (topk_margin), lowest entropy (entropy), or leftmost first "
         "(sequential: SDAR's, and left-to-right decoding with one token a step); 'origin' "
         "(Dream's default) commits each masked position independently with probability 1 - t_{i+1}/t_i "
         "(transfer: timestep), so the count per step is random.",
