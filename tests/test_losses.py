@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from common.config import AgrpoConfig, AtpoConfig, DiffuGrpoConfig
+from common.config import AgrpoConfig, AtpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, Wd1Config
 from common.model import build_model, preset_config
 from common.trajectory import Trajectory
 from learner.losses import build_loss, select_rows
@@ -323,6 +323,40 @@ def test_loss_and_gradient_do_not_depend_on_the_split(model, cfg):
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6, abs=1e-5)
     assert m2["tokens"] == m1["tokens"] and m2["clipped_tokens"] == m1["clipped_tokens"]
     # Two "ranks" (two replicas, each with half the rows) sum to the same gradient.
+    replica = copy.deepcopy(policy)
+    ga, _ = _grads_for_split(loss, policy, batch, [torch.arange(3)], ref)
+    gb, _ = _grads_for_split(loss, replica, batch, [torch.arange(3, 6)], ref)
+    assert torch.allclose(ga + gb, g1, rtol=1e-6, atol=1e-6 * float(g1.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Wd1Config(prompt_mask_prob=0.3, inner_epochs=2),
+        Wd1Config(negative=False, std_normalize=True),
+    ],
+    ids=lambda c: c.name,
+)
+def test_surrogate_loss_and_gradient_do_not_depend_on_the_split(model, cfg):
+    """The field's sequence-likelihood surrogates: masks drawn in prepare for the whole batch, token means over
+    the whole batch, old values cached per row at the first visit; any split gives the same loss and gradient."""
+    traj = rollout(model, B=6, G=8, steps=8, block=4)
+    traj.group_B = torch.tensor([0, 0, 0, 1, 1, 1])
+    policy, ref = _perturbed(model), model
+    loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    batch = loss.prepare(traj, seed=11, epoch=cfg.inner_epochs - 1)
+    again = loss.prepare(traj, seed=11, epoch=cfg.inner_epochs - 1)
+    for key, v in batch.extras.items():  # prepare is deterministic in its seed
+        if isinstance(v, torch.Tensor) and key != "row_id_B":
+            assert torch.equal(v, again.extras[key]), key
+    loss.backward(model, batch, total_samples=len(batch), ref_model=ref)  # first visit: old values, if any
+    model.zero_grad()
+    g1, m1 = _grads_for_split(loss, policy, batch, [torch.arange(6)], ref)
+    g2, m2 = _grads_for_split(loss, policy, batch, [torch.tensor([4]), torch.tensor([0, 5, 2, 1, 3])], ref)
+    assert g1.abs().max() > 0
+    assert torch.allclose(g2, g1, rtol=1e-6, atol=1e-6 * float(g1.abs().max()))
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6, abs=1e-5)
+    assert m2["tokens"] == m1["tokens"]
     replica = copy.deepcopy(policy)
     ga, _ = _grads_for_split(loss, policy, batch, [torch.arange(3)], ref)
     gb, _ = _grads_for_split(loss, replica, batch, [torch.arange(3, 6)], ref)
