@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import Wd1Config
+from common.config import CoupledGrpoConfig, EspoConfig, SpgConfig, Wd1Config
 from common.trajectory import Trajectory
 from learner.losses import build_loss
 from tests.fixtures.estimators import public_harness as H
@@ -86,3 +86,28 @@ def test_wd1_matches_public_code(tiny, negative, epoch):
     m = loss.backward(tiny, batch, total_samples=len(batch))
     assert_matches(m, public, tiny, f"wd1 negative={negative} epoch={epoch}")
     tiny.zero_grad()
+
+
+# --- coupled-GRPO
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_coupled_grpo_matches_public_code(tiny, epoch):
+    rec = load_fixture("coupled_grpo", tiny)
+    policy = H.perturbed(tiny, seed=rec["policy_noise_seed"])
+    cfg = CoupledGrpoConfig(clip_eps=rec["epsilon"], beta_kl=rec["beta"], inner_epochs=2)
+    loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    batch = loss.prepare(fixture_batch(rec), seed=0, epoch=epoch)
+    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
+    # the public draws, for every epoch (the old values of all epochs are taken at the first visit)
+    t_E = torch.tensor([rec["runs"][f"epoch{e}"]["mask_ratio"] for e in range(2)], dtype=torch.float64)
+    masks_BEG = torch.stack([torch.tensor(rec["runs"][f"epoch{e}"]["completion_masked_BG"]) for e in range(2)], 1).bool()
+    batch.extras["mask_ratio_BE"] = t_E.expand(len(batch), 2).contiguous()
+    batch.extras["completion_masked_BEG"] = masks_BEG
+    batch.extras["mask_ratio_B"] = batch.extras["mask_ratio_BE"][:, epoch].contiguous()
+    batch.extras["completion_masked_BG"] = masks_BEG[:, epoch].contiguous()
+    loss.backward(tiny, batch, total_samples=len(batch), ref_model=tiny)  # first visit, rollout policy: old values
+    tiny.zero_grad()
+    m = loss.backward(policy, batch, total_samples=len(batch), ref_model=tiny)
+    assert m["abs_log_ratio_sum"] > 0 and m["kl_sum"] > 0  # a real test of ratios and KL
+    assert_matches(m, rec["runs"][f"epoch{epoch}"], policy, f"coupled_grpo epoch={epoch}")

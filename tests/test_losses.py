@@ -334,6 +334,8 @@ def test_loss_and_gradient_do_not_depend_on_the_split(model, cfg):
     [
         Wd1Config(prompt_mask_prob=0.3, inner_epochs=2),
         Wd1Config(negative=False, std_normalize=True),
+        CoupledGrpoConfig(clip_eps=0.1, beta_kl=0.05),
+        CoupledGrpoConfig(baseline="mean", std_normalize=True, mask_per_epoch=False, inner_epochs=3),
     ],
     ids=lambda c: c.name,
 )

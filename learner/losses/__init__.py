@@ -11,6 +11,7 @@ from __future__ import annotations
 from learner.losses.agrpo import AgrpoLoss
 from learner.losses.atpo import AtpoLoss
 from learner.losses.base import PolicyLoss, select_rows
+from learner.losses.coupled_grpo import CoupledGrpoLoss
 from learner.losses.diffu_grpo import DiffuGrpoLoss
 from learner.losses.wd1 import Wd1Loss
 
@@ -19,6 +20,7 @@ LOSSES: dict[str, type[PolicyLoss]] = {
     "atpo": AtpoLoss,
     "diffu_grpo": DiffuGrpoLoss,
     "wd1": Wd1Loss,
+    "coupled_grpo": CoupledGrpoLoss,
 }
 
 
@@ -30,4 +32,7 @@ def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> 
     return LOSSES[cfg.name](cfg, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id)
 
 
-__all__ = ["LOSSES", "AgrpoLoss", "AtpoLoss", "DiffuGrpoLoss", "PolicyLoss", "Wd1Loss", "build_loss", "select_rows"]
+__all__ = [
+    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "PolicyLoss", "Wd1Loss", "build_loss",
+    "select_rows",
+]
