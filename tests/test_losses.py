@@ -336,6 +336,9 @@ def test_loss_and_gradient_do_not_depend_on_the_split(model, cfg):
         Wd1Config(negative=False, std_normalize=True),
         CoupledGrpoConfig(clip_eps=0.1, beta_kl=0.05),
         CoupledGrpoConfig(baseline="mean", std_normalize=True, mask_per_epoch=False, inner_epochs=3),
+        SpgConfig(inner_epochs=2),
+        SpgConfig(negative_bound="eubo", masking="random", num_t=3, min_t=0.2, max_t=0.9),
+        SpgConfig(negative_bound="elbo", masking="block_all", block_length=2),
     ],
     ids=lambda c: c.name,
 )

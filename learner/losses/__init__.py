@@ -13,6 +13,7 @@ from learner.losses.atpo import AtpoLoss
 from learner.losses.base import PolicyLoss, select_rows
 from learner.losses.coupled_grpo import CoupledGrpoLoss
 from learner.losses.diffu_grpo import DiffuGrpoLoss
+from learner.losses.spg import SpgLoss
 from learner.losses.wd1 import Wd1Loss
 
 LOSSES: dict[str, type[PolicyLoss]] = {
@@ -21,6 +22,7 @@ LOSSES: dict[str, type[PolicyLoss]] = {
     "diffu_grpo": DiffuGrpoLoss,
     "wd1": Wd1Loss,
     "coupled_grpo": CoupledGrpoLoss,
+    "spg": SpgLoss,
 }
 
 
@@ -33,6 +35,6 @@ def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> 
 
 
 __all__ = [
-    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "PolicyLoss", "Wd1Loss", "build_loss",
+    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "PolicyLoss", "SpgLoss", "Wd1Loss", "build_loss",
     "select_rows",
 ]
