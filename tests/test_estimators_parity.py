@@ -164,3 +164,47 @@ def test_spg_masks_are_distributed_like_the_public_ones(tiny, masking):
     num_t = loss.cfg.num_t
     se = ((freq * (1 - freq) + public * (1 - public)) / (n * num_t)).sqrt()
     assert ((freq - public).abs() <= 5 * se + 1e-12).all(), (freq - public).abs().max()
+
+
+# --- ESPO
+
+
+@pytest.mark.parametrize("setting", ["train_yaml", "countdown"])
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_espo_matches_public_code(tiny, setting, epoch):
+    rec = load_fixture("espo", tiny)
+    s = rec["settings"][setting]
+    policy = H.perturbed(tiny, seed=rec["policy_noise_seed"])
+    cfg = EspoConfig(clip_eps=s["epsilon"], beta_kl=s["beta"], num_mc=s["num_mc"], inner_epochs=2)
+    loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    batch = loss.prepare(fixture_batch(rec), seed=0, epoch=epoch)
+    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
+    masks = rec["runs"][f"{setting}_masks"]
+    assert batch.extras["espo_masked_BEMG"].shape == torch.tensor(masks["masked_BEMG"]).shape
+    batch.extras["espo_masked_BEMG"] = torch.tensor(masks["masked_BEMG"], dtype=torch.bool)
+    batch.extras["espo_ratio_BEM"] = torch.tensor(masks["ratio_BEM"])
+    loss.backward(tiny, batch, total_samples=len(batch), ref_model=tiny)  # first visit, rollout policy: old ELBOs
+    tiny.zero_grad()
+    m = loss.backward(policy, batch, total_samples=len(batch), ref_model=tiny)
+    assert m["abs_log_ratio_sum"] > 0 and m["kl_sum"] > 0
+    # the loss is the mean of rho_i A_i with A of both signs (it cancels to ~1e-3 of its terms), and rho_i reads
+    # ELBOs of ~ -80 summed in another order: fp32 rounding is relative to the terms, mean |A_i|
+    scale = float(batch.extras["advantages_B"].abs().mean())
+    assert_matches(m, rec["runs"][f"{setting}_epoch{epoch}"], policy, f"espo {setting} epoch={epoch}", loss_scale=scale)
+
+
+def test_espo_masks_are_distributed_like_the_public_ones(tiny):
+    """Stratified mask counts and uniform positions: per (sample, position) masking frequency over 4000 draws of
+    ours and of the public forward_process, within 5 standard errors (the batch is one stratification unit in both)."""
+    rec = load_fixture("espo", tiny)
+    n = rec["mask_frequency"]["seeds"]
+    loss = build_loss(EspoConfig(inner_epochs=n, num_mc=1), mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    masks_BEMG = loss.prepare(fixture_batch(rec), seed=0).extras["espo_masked_BEMG"]
+    freq = masks_BEMG.double().mean((1, 2))
+    public = torch.tensor(rec["mask_frequency"]["frequency_BG"], dtype=torch.float64)
+    se = ((freq * (1 - freq) + public * (1 - public)) / n).sqrt()
+    assert ((freq - public).abs() <= 5 * se + 1e-12).all(), (freq - public).abs().max()
+    # stratification: the batch's total masked count barely varies (independent counts would give ~6 x 24)
+    totals = masks_BEMG.double().sum((0, 3)).reshape(-1)
+    assert float(totals.mean()) == pytest.approx(rec["mask_frequency"]["total_mean"], rel=0.02)
+    assert float(totals.var()) == pytest.approx(rec["mask_frequency"]["total_var"], rel=0.15)

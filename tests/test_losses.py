@@ -339,6 +339,8 @@ def test_loss_and_gradient_do_not_depend_on_the_split(model, cfg):
         SpgConfig(inner_epochs=2),
         SpgConfig(negative_bound="eubo", masking="random", num_t=3, min_t=0.2, max_t=0.9),
         SpgConfig(negative_bound="elbo", masking="block_all", block_length=2),
+        EspoConfig(clip_eps=0.05, beta_kl=0.05),
+        EspoConfig(num_mc=2, coupled=False, baseline="mean", inner_epochs=1),
     ],
     ids=lambda c: c.name,
 )

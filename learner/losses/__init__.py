@@ -13,6 +13,7 @@ from learner.losses.atpo import AtpoLoss
 from learner.losses.base import PolicyLoss, select_rows
 from learner.losses.coupled_grpo import CoupledGrpoLoss
 from learner.losses.diffu_grpo import DiffuGrpoLoss
+from learner.losses.espo import EspoLoss
 from learner.losses.spg import SpgLoss
 from learner.losses.wd1 import Wd1Loss
 
@@ -23,6 +24,7 @@ LOSSES: dict[str, type[PolicyLoss]] = {
     "wd1": Wd1Loss,
     "coupled_grpo": CoupledGrpoLoss,
     "spg": SpgLoss,
+    "espo": EspoLoss,
 }
 
 
@@ -35,6 +37,6 @@ def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> 
 
 
 __all__ = [
-    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "PolicyLoss", "SpgLoss", "Wd1Loss", "build_loss",
+    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "PolicyLoss", "SpgLoss", "Wd1Loss", "build_loss",
     "select_rows",
 ]
