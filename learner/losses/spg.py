@@ -37,6 +37,9 @@ class SpgLoss(MaskedSurrogateLoss):
         block = self.cfg.block_length or batch.block_length
         if self.cfg.masking.startswith("block") and (block <= 0 or G % block):
             raise ValueError(f"SPG's block masking needs a block length dividing the completion length {G}, got {block}")
+        if self.cfg.masking.startswith("block") and self.cfg.num_t > G // block:
+            raise ValueError(f"SPG's block masking draws num_t = {self.cfg.num_t} distinct blocks of the {G // block} "
+                             f"(completion {G}, block {block}): lower num_t or algorithm.block_length")
         gen = torch.Generator().manual_seed(int(seed))
         for _ in range(epoch_draws(self.cfg, epoch)):  # epoch e's masks: the (e+1)-th draw from the seed
             self._draw_masks(batch, out.extras["completion_mask_BG"], block, gen)
