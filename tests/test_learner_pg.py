@@ -5,7 +5,9 @@ import functools
 import pytest
 import torch
 
-from common.config import AgrpoConfig, AtpoConfig, LearnerConfig, ModelConfig
+from common.config import (
+    AgrpoConfig, AtpoConfig, CoupledGrpoConfig, EspoConfig, LearnerConfig, ModelConfig, SpgConfig, Wd1Config,
+)
 from learner.losses import build_loss
 from learner.worker import LearnerRank
 from tests.test_losses import EOS, MASK, PAD, rollout
@@ -14,6 +16,10 @@ from tests.tolerances import fp32_approx
 MODEL = ModelConfig(preset="tiny")
 PARAM_ATOL = 3e-5  # as tests/test_learner_group.py: Adam magnifies summation-order rounding
 CONFIGS = {"agrpo": AgrpoConfig(k_steps=3, beta_kl=0.05), "atpo": AtpoConfig(k_steps=2)}
+# The field's surrogates with their public defaults (KL on where they have one), two inner epochs each so the
+# old values cached at the first visit meet an updated policy.
+SURROGATES = {"wd1": Wd1Config(inner_epochs=2), "coupled_grpo": CoupledGrpoConfig(), "spg": SpgConfig(inner_epochs=2),
+              "espo": EspoConfig(num_mc=2)}
 
 
 def loss_factory(name, **overrides):
@@ -60,6 +66,22 @@ def test_one_and_three_micro_batches_give_the_same_step(local_group, batches, na
     whole = local_rank(learner_cfg(micro_batch_tokens=100 * SEQ), loss_factory(name))
     split = local_rank(learner_cfg(micro_batch_tokens=2 * SEQ), loss_factory(name))  # 5 samples -> 2 + 2 + 1
     _same_steps(whole, split, batches)
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+def test_surrogates_give_the_same_steps_with_one_and_three_micro_batches(local_group, batches, name):
+    factory = functools.partial(build_loss, SURROGATES[name], mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    whole = local_rank(learner_cfg(micro_batch_tokens=100 * SEQ), factory)
+    split = local_rank(learner_cfg(micro_batch_tokens=2 * SEQ), factory)
+    for seed, batch in enumerate(batches):
+        ma, mb = whole.step(batch, step_seed=seed), split.step(batch, step_seed=seed)
+        assert ma["optimizer_steps"] == mb["optimizer_steps"] == SURROGATES[name].inner_epochs
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+        assert ma.get("ratio_sum", 0.0) == pytest.approx(mb.get("ratio_sum", 0.0), rel=1e-6)
+    sa, sb = whole.state_dict_for_sync(), split.state_dict_for_sync()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=PARAM_ATOL, rtol=0, msg=key)
 
 
 def test_inner_epochs_take_that_many_optimizer_steps_per_batch(local_group, batches):

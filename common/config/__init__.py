@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from common.config.algorithm import AgrpoConfig, AlgorithmConfig, AtpoConfig, DiffuGrpoConfig
+from common.config.algorithm import (
+    AgrpoConfig, AlgorithmConfig, AtpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, Wd1Config,
+)
 from common.config.base import Section
 from common.config.learner import LearnerConfig, LoraConfig
 from common.config.loader import ConfigError, apply_overrides, load_config
@@ -35,7 +37,8 @@ class UnmaskConfig(Section):
 
 
 __all__ = [
-    "AgrpoConfig", "AlgorithmConfig", "AtpoConfig", "ConfigError", "DiffuGrpoConfig", "LearnerConfig",
+    "AgrpoConfig", "AlgorithmConfig", "AtpoConfig", "ConfigError", "CoupledGrpoConfig", "DiffuGrpoConfig",
+    "EspoConfig", "LearnerConfig", "SpgConfig", "Wd1Config",
     "LoraConfig", "ModelConfig", "QueueConfig", "RolloutConfig", "RunConfig", "SamplerConfig", "Section", "SftConfig",
     "TaskConfig", "UnmaskConfig", "apply_overrides", "load_config",
 ]

@@ -8,19 +8,24 @@ from pydantic import Field, model_validator
 from common.config.base import Section
 
 
-class _PolicyGradient(Section):
+class _Estimator(Section):
     """Options every estimator shares."""
 
-    clip_eps: float = Field(default=0.2, gt=0.0, description="PPO ratio clip (lower side, and upper if clip_eps_high unset).")
-    clip_eps_high: float | None = Field(default=None, gt=0.0, description="Upper ratio clip (DAPO clip-higher).")
-    beta_kl: float = Field(default=0.0, ge=0.0, description="Weight of the k3 KL to the frozen reference policy.")
     std_normalize: bool = Field(default=False, description="Divide group-relative advantages by the group std.")
     inner_epochs: int = Field(
         default=1, ge=1,
         description="Optimizer steps per batch (mu): agrpo/atpo draw fresh steps each time (old log-probs are the "
-        "behaviour ones); diffu_grpo draws a new prompt mask each time (old log-probs of every mask are taken "
-        "from the policy before the batch's first step, as d1 does). The LR schedule counts batches.",
+        "behaviour ones); diffu_grpo and the masked surrogates draw new masks each time (old values of every mask "
+        "are taken from the policy before the batch's first step, as d1 does). The LR schedule counts batches.",
     )
+
+
+class _PolicyGradient(_Estimator):
+    """Options of the estimators with a PPO-clipped ratio and an optional KL to a reference policy."""
+
+    clip_eps: float = Field(default=0.2, gt=0.0, description="PPO ratio clip (lower side, and upper if clip_eps_high unset).")
+    clip_eps_high: float | None = Field(default=None, gt=0.0, description="Upper ratio clip (DAPO clip-higher).")
+    beta_kl: float = Field(default=0.0, ge=0.0, description="Weight of the k3 KL to the frozen reference policy.")
     kl: Literal["k3_ratio", "k3"] = Field(
         default="k3_ratio",
         description="KL penalty per scored token: k3_ratio = k3 x ratio (AGRPO's release; its gradient is that of "
@@ -111,4 +116,122 @@ class DiffuGrpoConfig(_PolicyGradient):
     )
 
 
-AlgorithmConfig = Annotated[Union[AgrpoConfig, AtpoConfig, DiffuGrpoConfig], Field(discriminator="name")]
+class _NoKl(_Estimator):
+    """Estimators whose public loss has no KL term (the field keeps `algorithm.beta_kl` readable everywhere)."""
+
+    beta_kl: float = Field(default=0.0, ge=0.0, le=0.0, description="No KL term in this estimator's public loss: 0.")
+
+
+class Wd1Config(_NoKl):
+    """wd1: ratio-free weighted likelihood of the one-pass (d1) log-prob, weights softmax(A) and softmax(-A) in
+    the group (xiaohangt/wd1 `RevDiffuGRPOTrainer`)."""
+
+    name: Literal["wd1"] = "wd1"
+    negative: bool = Field(
+        default=True,
+        description="Also push down the likelihood with weights softmax(-A) (wd1's `wll_d1_neg`, the paper's "
+        "method); false keeps only the positive term softmax(A) (`wll_d1_pos_only`).",
+    )
+    prompt_mask_prob: float = Field(default=0.15, ge=0.0, lt=1.0, description="Probability each prompt token is masked (p_mask_prompt).")
+    mask_per_epoch: bool = Field(
+        default=True,
+        description="Draw a new prompt mask at every inner epoch (random_masking: true); false reuses epoch 0's.",
+    )
+    inner_epochs: int = Field(default=12, ge=1, description="Optimizer steps per batch (num_iterations; 12 in wd1's scripts).")
+
+
+class _LooAdvantage(Section):
+    """The leave-one-out baseline DiffuCoder and ESPO hard-code (`leave_one_out = True`)."""
+
+    baseline: Literal["leave_one_out", "mean"] = Field(
+        default="leave_one_out",
+        description="Group baseline of the advantage: leave_one_out = r_i minus the mean of the group's other "
+        "rewards (the public code's); mean = r_i minus the group mean. std_normalize divides by the group's "
+        "unbiased std + 1e-4 (the public code's scale_rewards).",
+    )
+
+
+class CoupledGrpoConfig(_PolicyGradient, _LooAdvantage):
+    """coupled-GRPO (DiffuCoder): per-token log-prob = mean of a fully masked pass and a complementary pair of
+    masks (ratio t and 1 - t) weighted 1/t, 1/(1-t); PPO-clip + beta k3 (apple/ml-diffucoder `coupled_grpo.py`)."""
+
+    name: Literal["coupled_grpo"] = "coupled_grpo"
+    clip_eps: float = Field(default=0.5, gt=0.0, description="PPO ratio clip (epsilon; 0.5 in DiffuCoder's recipe).")
+    beta_kl: float = Field(default=0.01, ge=0.0, description="Weight of the per-token k3 KL to the reference (0.01 in the recipe).")
+    kl: Literal["k3"] = Field(default="k3", description="KL penalty per token: k3 on the coupled log-probs (the public code's).")
+    inner_epochs: int = Field(default=2, ge=1, description="Optimizer steps per batch (num_iterations; 2 in the recipe).")
+    mask_ratio_min: float = Field(default=0.2, gt=0.0, lt=1.0, description="Lower end of the uniform mask ratio t (0.2, hard-coded there).")
+    mask_ratio_max: float = Field(default=0.8, gt=0.0, lt=1.0, description="Upper end of the uniform mask ratio t (0.8, hard-coded there).")
+    mask_per_epoch: bool = Field(default=True, description="New masks at every inner epoch (random_masking: true); false reuses epoch 0's.")
+
+    @model_validator(mode="after")
+    def _ratio_range(self) -> "CoupledGrpoConfig":
+        if self.mask_ratio_min > self.mask_ratio_max:
+            raise ValueError(f"mask_ratio_min {self.mask_ratio_min} > mask_ratio_max {self.mask_ratio_max}")
+        return self
+
+
+class SpgConfig(_NoKl):
+    """SPG: sandwiched policy gradient, -A x (ELBO for A > 0, an upper bound or a mix for A <= 0), Monte-Carlo
+    over block-wise masks; no ratio (facebookresearch/SPG `spg_trainer.py`)."""
+
+    name: Literal["spg"] = "spg"
+    negative_bound: Literal["mix", "eubo", "elbo", "zero"] = Field(
+        default="mix",
+        description="Likelihood estimate of the samples with A <= 0 (logp_estimation): eubo = the upper bound "
+        "log(mean_t p^beta / t)/beta; mix = mix_weight x eubo + (1 - mix_weight) x ELBO (the paper's best, "
+        "`SPG w/ Mixture`); elbo = the ELBO as for A > 0; zero = no term.",
+    )
+    eubo_beta: float = Field(default=1.5, gt=0.0, description="beta of the upper bound (1.5 GSM8K/MATH, 2.0 Countdown, 1.0 Sudoku in the scripts).")
+    mix_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="Weight of the upper bound in `mix`.")
+    masking: Literal["block_random", "block_all", "random", "all"] = Field(
+        default="block_random",
+        description="forward_type: block_random = a random block of the completion (within its EOS-bounded "
+        "blocks) is partly masked, every later block fully, earlier ones kept (the scripts'); block_all = that "
+        "block fully masked too; random = a uniform number of completion tokens at random positions; all = the "
+        "whole completion (num_t must be 1).",
+    )
+    num_t: int = Field(default=2, ge=1, description="Masks per sample (Monte-Carlo draws of t; 2 in the scripts).")
+    min_t: float = Field(default=0.0, ge=0.0, le=1.0, description="Smallest masked fraction of the chosen block (random: of the completion).")
+    max_t: float = Field(default=1.0, ge=0.0, le=1.0, description="Largest masked fraction of the chosen block (random: of the completion).")
+    block_length: int | None = Field(
+        default=None, ge=1, description="Masking block length; None = the rollout's sampler block length (the public code's)."
+    )
+    prompt_mask_prob: float = Field(
+        default=0.15, ge=0.0, lt=1.0,
+        description="Probability each still-clean token is masked too (p_mask_prompt with use_mask_prompt; under "
+        "block masking this includes the completion blocks before the chosen one, as the public code does).",
+    )
+    mask_per_epoch: bool = Field(default=True, description="New masks at every inner epoch (random_masking: true); false reuses epoch 0's.")
+    inner_epochs: int = Field(default=4, ge=1, description="Optimizer steps per batch (num_iterations; 4 in the Countdown scripts).")
+
+    @model_validator(mode="after")
+    def _masks(self) -> "SpgConfig":
+        if self.masking == "all" and self.num_t != 1:
+            raise ValueError("masking 'all' has one mask per sample: num_t must be 1")
+        if self.min_t > self.max_t:
+            raise ValueError(f"min_t {self.min_t} > max_t {self.max_t}")
+        return self
+
+
+class EspoConfig(_PolicyGradient, _LooAdvantage):
+    """ESPO: one PPO-clipped ratio per sequence, exp((ELBO - ELBO_old) / G), ELBO from stratified mask counts
+    with the complementary mask; beta x k2 of the ELBOs (ML-GSAI/ESPO `espo_trainer.py`)."""
+
+    name: Literal["espo"] = "espo"
+    clip_eps: float = Field(default=0.2, ge=0.0, description="Sequence-ratio clip (epsilon; 0.2 in train.yaml, 0 in the Countdown script).")
+    beta_kl: float = Field(default=0.01, ge=0.0, description="Weight of the k2 KL of the sequence ELBOs, per token (0.01 in train.yaml).")
+    kl: Literal["k2"] = Field(default="k2", description="(ELBO - ELBO_ref)^2 / 2 per sequence, over G (the public loss's).")
+    inner_epochs: int = Field(default=2, ge=1, description="Optimizer steps per batch (num_iterations; 2 in train.yaml).")
+    num_mc: int = Field(default=1, ge=1, description="Monte-Carlo mask draws per ELBO (1 in train.yaml, 2 in the Countdown script).")
+    coupled: bool = Field(
+        default=True,
+        description="Add the complementary-mask pass (reduce_var; always on in the public code, whose flag is not "
+        "passed through); false scores only the drawn mask.",
+    )
+
+
+AlgorithmConfig = Annotated[
+    Union[AgrpoConfig, AtpoConfig, DiffuGrpoConfig, Wd1Config, CoupledGrpoConfig, SpgConfig, EspoConfig],
+    Field(discriminator="name"),
+]

@@ -11,17 +11,32 @@ from __future__ import annotations
 from learner.losses.agrpo import AgrpoLoss
 from learner.losses.atpo import AtpoLoss
 from learner.losses.base import PolicyLoss, select_rows
+from learner.losses.coupled_grpo import CoupledGrpoLoss
 from learner.losses.diffu_grpo import DiffuGrpoLoss
+from learner.losses.espo import EspoLoss
+from learner.losses.spg import SpgLoss
+from learner.losses.wd1 import Wd1Loss
 
-LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": AgrpoLoss, "atpo": AtpoLoss, "diffu_grpo": DiffuGrpoLoss}
+LOSSES: dict[str, type[PolicyLoss]] = {
+    "agrpo": AgrpoLoss,
+    "atpo": AtpoLoss,
+    "diffu_grpo": DiffuGrpoLoss,
+    "wd1": Wd1Loss,
+    "coupled_grpo": CoupledGrpoLoss,
+    "spg": SpgLoss,
+    "espo": EspoLoss,
+}
 
 
 def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> PolicyLoss:
-    """The loss for an ``AgrpoConfig | AtpoConfig | DiffuGrpoConfig``. ``eos_id`` defines the eligible
+    """The loss for an ``algorithm:`` variant (``common.config.algorithm``). ``eos_id`` defines the eligible
     steps (those committing a non-EOS token) and d1's completion mask; None treats EOS like any token."""
     if cfg.name not in LOSSES:
         raise ValueError(f"unknown algorithm {cfg.name!r}; choose one of {sorted(LOSSES)}")
     return LOSSES[cfg.name](cfg, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id)
 
 
-__all__ = ["LOSSES", "AgrpoLoss", "AtpoLoss", "DiffuGrpoLoss", "PolicyLoss", "build_loss", "select_rows"]
+__all__ = [
+    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "PolicyLoss", "SpgLoss", "Wd1Loss", "build_loss",
+    "select_rows",
+]

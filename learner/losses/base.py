@@ -33,8 +33,10 @@ class PolicyLoss(ABC):
         self.mask_id = int(mask_id)
         self.pad_id = int(pad_id)
         self.eos_id = None if eos_id is None else int(eos_id)
-        self.clip_low = cfg.clip_eps
-        self.clip_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps
+        # None for the ratio-free estimators (wd1, SPG), whose configs have no clip
+        self.clip_low = getattr(cfg, "clip_eps", None)
+        high = getattr(cfg, "clip_eps_high", None)
+        self.clip_high = high if high is not None else self.clip_low
 
     @abstractmethod
     def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:

@@ -13,6 +13,7 @@ import torch
 from common.states import packed_positions
 from common.trajectory import Trajectory
 from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, k3_kl, per_sample_extra
+from learner.losses.surrogate import first_eos_mask, token_logprobs
 
 _BATCH_KEYS = itertools.count()
 
@@ -39,7 +40,7 @@ class DiffuGrpoLoss(PolicyLoss):
         gen = torch.Generator().manual_seed(int(seed))
         u_EBP = torch.rand((self.cfg.inner_epochs, *batch.prompt_ids_BP.shape), generator=gen)
         masked_BEP = ((u_EBP < self.cfg.prompt_mask_prob) & batch.prompt_mask_BP.cpu().bool()).transpose(0, 1)
-        cmask_BG = self._completion_mask(batch.completion_ids_BG)
+        cmask_BG = first_eos_mask(batch.completion_ids_BG, self.eos_id)  # d1: up to and including the first EOS
         if epoch == 0 or self._prepared_key is None:
             self._prepared_key = next(_BATCH_KEYS)
         out.extras["advantages_B"] = self._advantages(batch).to(device)
@@ -52,13 +53,6 @@ class DiffuGrpoLoss(PolicyLoss):
         out.extras["batch_key"] = self._prepared_key
         return out
 
-    def _completion_mask(self, completion_ids_BG: torch.Tensor) -> torch.Tensor:
-        """d1 scores tokens up to and including the first EOS (all tokens when eos_id is unknown)."""
-        if self.eos_id is None:
-            return torch.ones_like(completion_ids_BG, dtype=torch.bool)
-        is_eos_BG = completion_ids_BG == self.eos_id
-        before_BG = is_eos_BG.long().cumsum(1) - is_eos_BG.long()  # EOS tokens strictly before each position
-        return before_BG == 0
 
     def _inputs(self, micro: Trajectory, device, prompt_masked_BP: torch.Tensor):
         prompt_BP = micro.prompt_ids_BP.to(device).masked_fill(prompt_masked_BP.to(device), self.mask_id)
@@ -71,9 +65,7 @@ class DiffuGrpoLoss(PolicyLoss):
 
     def _logp_BG(self, model, ids_BL, attn_BL, pos_BL, tokens_BG):
         """log softmax of the raw logits (temperature 1, full vocabulary), as d1 scores its tokens."""
-        G, L, shift = tokens_BG.shape[1], ids_BL.shape[1], model.logit_shift
-        logits_BGV = model.vocab_logits(model.hidden_states(ids_BL, attn_BL, pos_BL)[:, L - G - shift:L - shift]).float()
-        return logits_BGV.gather(2, tokens_BG[..., None])[..., 0] - torch.logsumexp(logits_BGV, dim=-1)
+        return token_logprobs(model, ids_BL, attn_BL, pos_BL, tokens_BG)
 
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
                  before_backward=None) -> dict[str, float]:
