@@ -192,9 +192,8 @@ def plan(config: str) -> list[str]:
                   learner_rank(cfg, s, lora=False, checkpointing=ac, every_backward=True))
     out += _table(f"rollout worker as configured (cache={cfg.sampler.cache})",
                   rollout_worker(cfg, s, lora=lora, cache=cfg.sampler.cache))
-    if cfg.sampler.block_grid == "sequence":  # the config refuses a cache there: block-causal attention needs none
-        return out + ["No cache alternatives: sampler.block_grid sequence decodes without a block cache.", ""]
-    for cache in ("prefix", "dual"):
+    # the sequence grid (block-causal models) has one cache, 'prefix' (the finished blocks), and refuses 'dual'
+    for cache in ("prefix",) if cfg.sampler.block_grid == "sequence" else ("prefix", "dual"):
         if cache != cfg.sampler.cache:
             out += _table(f"rollout worker, cache={cache}", rollout_worker(cfg, s, lora=lora, cache=cache))
     return out

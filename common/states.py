@@ -125,7 +125,8 @@ def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, d
     """
     step_B = step_B.to(device)
     ids_BL, attn_BL, pos_BL = state_inputs(traj, step_B, mask_id, device)
-    mode = traj.extras.get("cache", "none")
+    # a block-causal model's cache holds only finished blocks: the same function as the full forward
+    mode = traj.extras.get("cache", "none") if traj.block_grid == "completion" else "none"
     B, L = ids_BL.shape
     if mode == "none":
         return StepHidden(model.hidden_states(ids_BL, attn_BL, pos_BL), torch.zeros(B, dtype=torch.long, device=device),

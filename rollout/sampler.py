@@ -170,12 +170,16 @@ class _Decoder:
         self.timesteps = torch.linspace(1, config.eps, spb + 1, device=device)  # Dream's, per block
         # uniform: every row's block starts at the same column and holds K masked positions at its first step
         self.uniform = config.block_grid == "completion"
+        # block-causal cache: one KV cache for the whole decode, finished blocks kept (see _block_causal_hidden)
+        self.kv = None
+        assert self.uniform or model.logit_shift == 0, "block-causal families score a token at its own column"
+        self.key_pos_BL = None if pos_BL is not None else torch.arange(P + G, device=device).expand(B, -1)
         self.row_base_B1 = ((torch.arange(B, device=device) + row_offset) * (T * G))[:, None]
 
     def decode_block(self, block: int) -> None:
         """The block's steps; its cache (``config.cache``) is built by the full forward at its anchor steps."""
         config, K, spb = self.config, self.config.block_length, self.config.steps_per_block
-        refresh, kv = self.config.cache_refresh or spb, None
+        refresh, kv = self.config.cache_refresh or spb, self.kv
         start_B = block_starts(self.prompt_mask_BP, block, K, config.block_grid)
         fixed = self.uniform and config.threshold is None and config.transfer == "linear"
         for i in range(spb):
@@ -188,6 +192,8 @@ class _Decoder:
                     break
                 n_B = self._counts(i, remaining_B)
             kv = self._step(block, i, start_B, width, n_B, kv, anchor=i % refresh == 0)
+        if not self.uniform:
+            self.kv = kv  # the sequence grid keeps one cache across blocks
 
     def _window(self, start_B):
         """The block's columns [B, K] per row, its tokens, and which of them are masked completion positions.
@@ -223,16 +229,20 @@ class _Decoder:
         valid_BR = masked_BK.gather(1, idx_BR)
         col_BR = cols_BK.gather(1, idx_BR)
         # --- forward (full, or the cached query columns), then the output head on the block's masked rows only
+        hidx_BR = col_BR - shift  # where each scored row's hidden state sits in h
         if config.cache == "none":
-            h_BLD, lo = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id), 0
+            h_BLD = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id)
+        elif not self.uniform:
+            h_BLD, kv, first = self._block_causal_hidden(cols_BK, kv, i)
+            hidx_BR = idx_BR + first
         elif anchor:
             h_BLD, kv = _hidden(self.model.hidden_states, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id,
                                 return_kv=True)
-            lo = 0
         else:  # the completion grid: one block start for all rows
             lo, hi = query_columns(config.cache, int(start_B[0]), config.block_length, x_BL.shape[1], shift)
             h_BLD = _cached_hidden(self.model, x_BL, self.attn_BL, self.pos_BL, kv, lo, hi)
-        logits_NV = _block_logits(self.model, h_BLD, col_BR - shift - lo, config.cfg_scale, B)
+            hidx_BR = hidx_BR - lo
+        logits_NV = _block_logits(self.model, h_BLD, hidx_BR, config.cfg_scale, B)
         for token in self.banned:
             logits_NV[:, token] = float("-inf")
 
@@ -255,6 +265,23 @@ class _Decoder:
         self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
         self.rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N)
         return kv
+
+    def _block_causal_hidden(self, cols_BK, kv, i: int):
+        """The sequence grid's cache (block-causal models): a block reads only itself and finished blocks, so
+        one full forward at the decode's first step keeps every column's keys/values, and every later step runs
+        only its block's columns on that cache (writing their fresh keys/values in), the first step of a block
+        also its previous block's, whose tokens were committed since. The same function of the state as the full
+        forward (what the public decoder's store_kv cache computes too): the learner rebuilds it with one.
+        Returns (hidden states, cache, offset of the block's first column in them)."""
+        x_BL, K = self.x_BL, self.config.block_length
+        if kv is None:
+            h_BLD, kv = self.model.hidden_states(x_BL, self.attn_BL, self.pos_BL, return_kv=True)
+            return h_BLD, kv, cols_BK[:, :1]
+        cols_BQ = torch.cat([cols_BK - K, cols_BK], 1) if i == 0 else cols_BK
+        pos_BQ = None if self.pos_BL is None else self.pos_BL.gather(1, cols_BQ)
+        h_BQD = self.model.hidden_states(x_BL.gather(1, cols_BQ), self.attn_BL, pos_BQ, kv_cache=kv, query_idx=cols_BQ,
+                                         key_position_ids=self.pos_BL if self.pos_BL is not None else self.key_pos_BL)
+        return h_BQD, kv, K if i == 0 else 0
 
     def trajectory(self) -> Trajectory:
         config, rec, P, G = self.config, self.rec, self.P, self.config.gen_length

@@ -151,8 +151,9 @@ def _sdar_cases():
     return [c["name"] for c in cases if c["error"] is None and not c["stopping_criteria_idx"]]
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix"])
 @pytest.mark.parametrize("name", _sdar_cases())
-def test_sdar_greedy_decoding_equals_the_public_block_diffusion_generate(name):
+def test_sdar_greedy_decoding_equals_the_public_block_diffusion_generate(name, cache):
     """Token for token and step for step, except where the public decoder overwrites a committed token
     (a step asking for more tokens than are masked: torch.topk then picks -inf positions, prompt included):
     ours never does, so from that step on the two decode different states and only the tokens are compared."""
@@ -164,7 +165,7 @@ def test_sdar_greedy_decoding_equals_the_public_block_diffusion_generate(name):
     rule = {"low_confidence_static": {}, "sequential": {"remasking": "sequential"},
             "low_confidence_dynamic": {"threshold": case["confidence_threshold"], "threshold_floor": "schedule"}}[strategy]
     cfg = SamplerConfig(gen_length=G, block_length=K, steps=S * -(-G // K), temperature=0.0, block_grid="sequence",
-                        position_ids="packed", ban_mask_token=False, **rule)
+                        position_ids="packed", ban_mask_token=False, cache=cache, **rule)
     traj = generate(model, torch.tensor(case["prompt"]), None, cfg, mask_id=255, eos_id=253, pad_id=253)
     want = torch.tensor(case["output"])[0, P:]
     overwritten = {o["position"] for o in case["overwrites"] if o["changed"]}
@@ -327,3 +328,24 @@ def test_lora_adapts_every_familys_default_targets_and_starts_as_the_base(preset
     assert keys <= set(model.state_dict())
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.endswith((".lora_A", ".lora_B")) for n in trained)
+
+
+@pytest.mark.parametrize("rule", [dict(), dict(threshold=0.02, threshold_floor="schedule"), dict(remasking="entropy")],
+                         ids=["static", "dynamic", "entropy"])
+def test_sdar_block_cache_is_the_same_policy_and_rebuilt_exactly(rule):
+    """On the sequence grid the cache keeps only finished blocks (and runs the current one): the same function of
+    the state as a full forward, so the same trajectories draw for draw, and the learner's full-forward rebuild
+    scores them with ratio 1."""
+    model = M.build_model(M.preset_config("tiny-sdar"), seed=3).eval()
+    ids, mask = _prompts()
+    runs = {}
+    for cache in ("none", "prefix"):
+        cfg = SamplerConfig(gen_length=16, block_length=4, steps=8, temperature=1.0, block_grid="sequence",
+                            position_ids="packed", cache=cache, **rule)
+        runs[cache] = generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=9)
+    a, b = runs["none"], runs["prefix"]
+    assert torch.equal(a.completion_ids_BG, b.completion_ids_BG) and torch.equal(a.unmask_step_BG, b.unmask_step_BG)
+    assert torch.equal(a.discard_ids_BGS, b.discard_ids_BGS)
+    torch.testing.assert_close(b.logp_BG, a.logp_BG, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert float(_ratios(model, b).abs().max()) < 1e-4

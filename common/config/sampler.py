@@ -96,7 +96,9 @@ class SamplerConfig(Section):
         description="Block KV cache, part of the policy (the learner rebuilds it exactly): at a block's first "
         "step one full forward keeps every column's keys/values; the block's later steps run only the block "
         "and everything after it ('prefix': the prefix's keys/values are reused) or only the block ('dual': "
-        "the prefix's and the masked suffix's are reused). 'none' runs the full sequence at every step.",
+        "the prefix's and the masked suffix's are reused). 'none' runs the full sequence at every step. On the "
+        "sequence grid (block-causal models) 'prefix' keeps the finished blocks' keys/values and runs only the "
+        "current block: the same function as 'none' there (a block cannot see later ones), as SDAR's decoder does.",
     )
     cache_refresh: int | None = Field(
         default=None,
@@ -143,9 +145,11 @@ class SamplerConfig(Section):
         if self.cache != "none" and self.compile_forward != "none":
             raise ValueError("compile_forward works without a cache only (the cached forward runs eagerly); "
                              "set cache: none or compile_forward: none")
-        if self.block_grid == "sequence" and (self.cache != "none" or self.stop_on_eos_block or self.cfg_scale > 0):
-            raise ValueError("block_grid: sequence decodes without cache, stop_on_eos_block and cfg_scale "
-                             "(block-causal attention never changes a finished block: no cache is needed)")
+        if self.block_grid == "sequence" and (self.cache == "dual" or self.cache_refresh or self.stop_on_eos_block
+                                              or self.cfg_scale > 0):
+            raise ValueError("block_grid: sequence decodes without a dual cache, cache_refresh, stop_on_eos_block and "
+                             "cfg_scale (its cache is 'prefix': the finished blocks' keys/values, exact under "
+                             "block-causal attention)")
         if self.remasking == "origin" and (self.transfer != "timestep" or self.threshold is not None):
             raise ValueError("remasking: origin is Dream's timestep rule; set transfer: timestep and no threshold")
         if self.top_k is not None and self.temperature == 0.0:

@@ -70,8 +70,9 @@ class DiffusionLM(PreTrainedModel):
     n_kv_heads: int
     rope_theta: float
 
-    def attention_bias(self, attention_mask_BL, position_ids_BL, cached: bool):
-        """Bool [B, 1, L|1, L] of the keys each query reads; default bidirectional over real keys."""
+    def attention_bias(self, attention_mask_BL, position_ids_BQ, key_position_ids_BL):
+        """Bool [B, 1, Q|1, L] of the keys each query reads (``key_position_ids_BL``: the keys' positions, None
+        when the queries are the keys); default bidirectional over real keys."""
         return key_mask(attention_mask_BL)
 
     # --- the shared forward
@@ -85,6 +86,7 @@ class DiffusionLM(PreTrainedModel):
         kv_cache: KVCache | None = None,
         query_idx: torch.Tensor | None = None,
         query_keep: torch.Tensor | None = None,
+        key_position_ids: torch.Tensor | None = None,
     ):
         """Final-norm hidden states [B, L, D]. ``attention_mask`` [B, L] marks real (1) vs padding (0) keys.
 
@@ -92,14 +94,15 @@ class DiffusionLM(PreTrainedModel):
         ``input_ids`` [B, Q] are the tokens at columns ``query_idx`` [B, Q] of the cached sequence,
         ``position_ids`` their RoPE positions (default: the columns themselves), ``attention_mask`` the
         [B, L] key mask of the whole sequence; ``query_keep`` [B, Q] (default all) marks the queries whose
-        keys/values replace the cached ones (the others only read). Returns [B, Q, D].
+        keys/values replace the cached ones (the others only read); ``key_position_ids`` [B, L] the positions of
+        the cached sequence's columns (block-causal families need them to mask a cached forward). Returns [B, Q, D].
         """
         B, L = input_ids.shape
         x = self.embed(input_ids)
         if position_ids is None:
             position_ids = query_idx if kv_cache is not None else torch.arange(L, device=input_ids.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta)
-        attn_bias = self.attention_bias(attention_mask, position_ids, kv_cache is not None)
+        attn_bias = self.attention_bias(attention_mask, position_ids, key_position_ids)
         query = cached_query(kv_cache, query_idx, query_keep, self.n_kv_heads, self.head_dim)
         x, kv = run_blocks(self.blocks, x, cos, sin, attn_bias, kv_cache=kv_cache, query=query, return_kv=return_kv,
                            activation_checkpointing=self.activation_checkpointing)

@@ -24,17 +24,22 @@ class SDARConfig(QwenStyleConfig):
             raise ValueError(f"config.json: block_size={block_size!r} must be >= 1")
 
 
-def block_causal_bias(position_ids_BL: torch.Tensor, block_size: int, attention_mask_BL=None) -> torch.Tensor:
-    """Bool [B, 1, L, L]: query i reads key j iff j's block (position // block_size) is not after i's.
+def block_causal_bias(position_ids_BQ: torch.Tensor, block_size: int, attention_mask_BL=None,
+                      key_position_ids_BL: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, 1, Q, L]: query i reads key j iff j's block (position // block_size) is not after i's (keys are
+    the queries themselves unless ``key_position_ids_BL`` says otherwise: a cached forward).
 
     Rows that share their positions and have no padding get one [1, L, L] mask, the shape SDAR's public
     decoder passes: SDPA's CPU kernels round differently for other mask shapes, and this one is bitwise equal
     to the public forward."""
-    if attention_mask_BL is None and (position_ids_BL.shape[0] == 1 or position_ids_BL.stride(0) == 0):
-        block_L = torch.div(position_ids_BL[0], block_size, rounding_mode="floor")
+    shared = position_ids_BQ.shape[0] == 1 or position_ids_BQ.stride(0) == 0
+    if attention_mask_BL is None and key_position_ids_BL is None and shared:
+        block_L = torch.div(position_ids_BQ[0], block_size, rounding_mode="floor")
         return (block_L[None, :] <= block_L[:, None])[None]
-    block_BL = torch.div(position_ids_BL, block_size, rounding_mode="floor")
-    bias = block_BL[:, None, None, :] <= block_BL[:, None, :, None]
+    keys_BL = position_ids_BQ if key_position_ids_BL is None else key_position_ids_BL
+    query_block_BQ = torch.div(position_ids_BQ, block_size, rounding_mode="floor")
+    key_block_BL = torch.div(keys_BL, block_size, rounding_mode="floor")
+    bias = key_block_BL[:, None, None, :] <= query_block_BQ[:, None, :, None]
     keys = key_mask(attention_mask_BL)
     return bias if keys is None else bias & keys
 
@@ -47,8 +52,5 @@ class SDARForCausalLM(QwenStyleLM):
     qk_norm = True
     norm_fused_fp32 = True  # the public code normalises with flash-attn's rms_norm_fn
 
-    def attention_bias(self, attention_mask_BL, position_ids_BL, cached: bool):
-        if cached:
-            raise ValueError("SDAR's block-causal attention runs without the sampler's prefix/dual cache "
-                             "(set sampler.cache: none; finished blocks never change, so it is the same policy)")
-        return block_causal_bias(position_ids_BL, self.config.block_size, attention_mask_BL)
+    def attention_bias(self, attention_mask_BL, position_ids_BQ, key_position_ids_BL):
+        return block_causal_bias(position_ids_BQ, self.config.block_size, attention_mask_BL, key_position_ids_BL)
