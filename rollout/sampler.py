@@ -129,9 +129,15 @@ def generate(
                        seed=seed, row_offset=row_offset)
     for block in range(config.num_rounds):
         decoder.decode_block(block)
-        if config.stop_on_eos_block:
-            decoder.active_B = _stop_eos_rows(decoder.x_BL, decoder.active_B, decoder.P + block * config.block_length,
-                                              config.block_length, decoder.P, eos_id, decoder.rec)
+        if config.stop_on_eos_block or config.stop_after_eos:
+            end_B = block_starts(prompt_mask_BP, block, config.block_length, config.block_grid) + config.block_length
+            if config.stop_on_eos_block:
+                decoder.active_B = _stop_eos_rows(decoder.x_BL, decoder.active_B, end_B - decoder.P,
+                                                  config.block_length, eos_id, decoder.rec)
+            else:  # SDAR's stopping criteria: its eos ids are the end of text and the end of turn
+                stops = (eos_id,) + ((eot_id,) if eot_id is not None else ())
+                decoder.active_B = _stop_after_eos(decoder.x_BL, decoder.active_B, end_B - decoder.P, stops, eos_id,
+                                                   decoder.rec)
             if not bool(decoder.active_B.any()):
                 break
     return decoder.trajectory()
@@ -459,20 +465,37 @@ class _Records:
             self.discard_cutoff_BGS[:, :, slot].scatter_(1, dest_BR, cutoff_N.float().view(B, R))
 
 
-def _stop_eos_rows(x_BL, active_B, start: int, K: int, P: int, eos_id: int, rec: _Records) -> torch.Tensor:
-    """Rows whose just-finished block is all EOS stop: the rest of the completion becomes EOS.
+def _stop_eos_rows(x_BL, active_B, end_B, K: int, eos_id: int, rec: _Records) -> torch.Tensor:
+    """Rows whose just-finished block (completion positions [end - K, end)) is all EOS stop (LLaDA's rule)."""
+    G = rec.G
+    g_BG = torch.arange(G, device=x_BL.device)[None, :]
+    block_BG = (g_BG >= end_B[:, None] - K) & (g_BG < end_B[:, None])
+    all_eos_B = (x_BL[:, -G:].eq(eos_id) | ~block_BG).all(1)
+    return _fill_after(x_BL, active_B & all_eos_B, active_B, end_B, eos_id, rec)
 
-    The filled tokens count as committed at the step the block finished (they were never sampled:
-    logp/entropy/margin 0, ``filled_BG`` True), so every completion token keeps a step.
-    """
-    done_B = active_B & x_BL[:, start:start + K].eq(eos_id).all(1)
-    end = start + K - P  # first completion position after the block
-    G = x_BL.shape[1] - P
-    if end == G:
+
+def _stop_after_eos(x_BL, active_B, end_B, stop_ids: tuple[int, ...], eos_id: int, rec: _Records) -> torch.Tensor:
+    """Rows whose decoded completion (positions before ``end_B``) holds a stop id stop (SDAR's stopping criteria);
+    the rest of the completion becomes EOS."""
+    decoded_BG = torch.arange(rec.G, device=x_BL.device)[None, :] < end_B[:, None]
+    comp_BG = x_BL[:, -rec.G:]
+    stopped_BG = torch.zeros_like(decoded_BG)
+    for token in stop_ids:
+        stopped_BG |= comp_BG.eq(token)
+    return _fill_after(x_BL, active_B & (stopped_BG & decoded_BG).any(1), active_B, end_B, eos_id, rec)
+
+
+def _fill_after(x_BL, done_B, active_B, end_B, eos_id: int, rec: _Records) -> torch.Tensor:
+    """Stopped rows: the completion after ``end_B`` becomes EOS, counted as committed at the last step that
+    committed a decoded token (they were never sampled: logp/entropy/margin 0, ``filled_BG`` True), so every
+    completion token keeps a step. Returns the rows still active."""
+    G = rec.G
+    decoded_BG = torch.arange(G, device=x_BL.device)[None, :] < end_B[:, None]
+    fill_BG = ~decoded_BG & done_B[:, None]
+    if not bool(fill_BG.any()):
         return active_B & ~done_B
-    fill_BG = (torch.arange(G, device=x_BL.device) >= end)[None, :] & done_B[:, None]
-    x_BL[:, P:] = x_BL[:, P:].masked_fill(fill_BG, eos_id)
-    last_step_B = rec.unmask_step_BG[:, end - K:end].max(1).values
+    x_BL[:, -G:] = x_BL[:, -G:].masked_fill(fill_BG, eos_id)
+    last_step_B = torch.where(decoded_BG, rec.unmask_step_BG, -1).max(1).values
     rec.unmask_step_BG.copy_(torch.where(fill_BG, last_step_B[:, None], rec.unmask_step_BG))
     rec.step_committed_BT.scatter_add_(1, last_step_B[:, None].clamp(min=0), fill_BG.sum(1, keepdim=True))
     rec.filled_BG |= fill_BG

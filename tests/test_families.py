@@ -147,8 +147,8 @@ def test_sdar_padded_rows_see_what_they_would_see_unpadded():
 def _sdar_cases():
     cases = json.loads((SDAR / "generate.json").read_text())["cases"]
     # the public function takes one prompt (batch 2 raises) and has no temperature-0 path (the fixture's
-    # greedy sampler is documented in make_fixtures.py); EOS stopping is not part of our sequence grid
-    return [c["name"] for c in cases if c["error"] is None and not c["stopping_criteria_idx"]]
+    # greedy sampler is documented in make_fixtures.py)
+    return [c["name"] for c in cases if c["error"] is None]
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix"])
@@ -164,10 +164,16 @@ def test_sdar_greedy_decoding_equals_the_public_block_diffusion_generate(name, c
     strategy = case["remasking_strategy"]
     rule = {"low_confidence_static": {}, "sequential": {"remasking": "sequential"},
             "low_confidence_dynamic": {"threshold": case["confidence_threshold"], "threshold_floor": "schedule"}}[strategy]
+    stop = case["stopping_criteria_idx"]  # the public loop ends after a block that holds a stop id
     cfg = SamplerConfig(gen_length=G, block_length=K, steps=S * -(-G // K), temperature=0.0, block_grid="sequence",
-                        position_ids="packed", ban_mask_token=False, cache=cache, **rule)
-    traj = generate(model, torch.tensor(case["prompt"]), None, cfg, mask_id=255, eos_id=253, pad_id=253)
+                        position_ids="packed", ban_mask_token=False, cache=cache, stop_after_eos=bool(stop), **rule)
+    traj = generate(model, torch.tensor(case["prompt"]), None, cfg, mask_id=255, eos_id=stop[0] if stop else 253,
+                    pad_id=253)
     want = torch.tensor(case["output"])[0, P:]
+    if stop:  # the public output keeps the mask id after the stop; ours fills the stopped row with its EOS
+        filled = traj.extras["filled_BG"][0]
+        assert bool(filled.any()) and torch.equal(want[filled], torch.full_like(want[filled], 255))
+        want = torch.where(filled, traj.completion_ids_BG[0], want)
     overwritten = {o["position"] for o in case["overwrites"] if o["changed"]}
     keep = torch.tensor([P + g not in overwritten for g in range(G)])
     assert torch.equal(traj.completion_ids_BG[0][keep], want[keep])
@@ -176,7 +182,7 @@ def test_sdar_greedy_decoding_equals_the_public_block_diffusion_generate(name, c
         if step["kind"] != "denoise" or (first_bug is not None and (step["block"], step["step"]) > first_bug):
             continue
         t = (step["block"] - P // K) * S + step["step"]
-        ours = (traj.unmask_step_BG[0] == t).nonzero()[:, 0] + P
+        ours = ((traj.unmask_step_BG[0] == t) & ~traj.extras["filled_BG"][0]).nonzero()[:, 0] + P
         assert sorted(ours.tolist()) == sorted(step["committed_positions"]), (step["block"], step["step"])
 
 
@@ -349,3 +355,42 @@ def test_sdar_block_cache_is_the_same_policy_and_rebuilt_exactly(rule):
     torch.testing.assert_close(b.logp_BG, a.logp_BG, rtol=0, atol=1e-5)
     with torch.no_grad():
         assert float(_ratios(model, b).abs().max()) < 1e-4
+
+
+class _EosRows(torch.nn.Module):
+    """A block-causal model made to write EOS early in some rows only (by the sign of a hidden unit)."""
+
+    logit_shift = 0
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def hidden_states(self, *args, **kwargs):
+        return self.base.hidden_states(*args, **kwargs)
+
+    def vocab_logits(self, h):
+        logits = self.base.vocab_logits(h)
+        logits[..., EOS] += 8.0 * h[..., 0].sign().clamp(min=0)
+        return logits
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_sdar_rows_stop_after_an_eos_and_the_rest_is_rebuilt_exactly(cache):
+    """SDAR's stopping criteria per row: after a block, a row whose decoded completion holds EOS stops, its
+    remaining positions filled with EOS (flagged, never scored); the others decode on; ratio 1 throughout."""
+    model = _EosRows(M.build_model(M.preset_config("tiny-sdar"), seed=3).eval())
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=16, block_length=4, steps=8, temperature=1.0, block_grid="sequence",
+                        position_ids="packed", cache=cache, stop_after_eos=True)
+    traj = generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=4)
+    filled = traj.extras["filled_BG"]
+    assert bool(filled.any()) and not bool(filled.all(1).any())
+    for b in range(len(traj)):
+        if bool(filled[b].any()):
+            first = int(filled[b].nonzero()[0])
+            assert bool(traj.completion_ids_BG[b, :first].eq(EOS).any()) and bool(filled[b, first:].all())
+            assert bool(traj.completion_ids_BG[b, first:].eq(EOS).all())
+    assert bool(traj.unmask_step_BG.ge(0).all())
+    with torch.no_grad():
+        assert float(_ratios(model, traj).abs().max()) < 1e-4

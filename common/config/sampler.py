@@ -76,6 +76,12 @@ class SamplerConfig(Section):
     confidence_eos_eot_inf: bool = Field(
         default=False, description="LLaDA option: EOS/EoT never win the confidence ranking."
     )
+    stop_after_eos: bool = Field(
+        default=False,
+        description="SDAR's stopping criteria: after each block, a row whose decoded completion holds EOS or the "
+        "end-of-turn token stops and the rest is filled with EOS (never sampled); the decode ends when every row "
+        "has stopped.",
+    )
     stop_on_eos_block: bool = Field(
         default=False, description="Stop a row once a whole block decodes to EOS and fill the rest with EOS."
     )
@@ -150,6 +156,8 @@ class SamplerConfig(Section):
             raise ValueError("block_grid: sequence decodes without a dual cache, cache_refresh, stop_on_eos_block and "
                              "cfg_scale (its cache is 'prefix': the finished blocks' keys/values, exact under "
                              "block-causal attention)")
+        if self.stop_after_eos and self.stop_on_eos_block:
+            raise ValueError("stop_after_eos and stop_on_eos_block are two stopping rules; set one")
         if self.remasking == "origin" and (self.transfer != "timestep" or self.threshold is not None):
             raise ValueError("remasking: origin is Dream's timestep rule; set transfer: timestep and no threshold")
         if self.top_k is not None and self.temperature == 0.0:
