@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 4  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`; v4: `block_grid`
+SCHEMA_VERSION = 4  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
+# v4: `block_grid`, `open_block`
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -79,6 +80,7 @@ SCHEMA = pa.schema(
         pa.field("discard_cutoff", pa.list_(_f32), nullable=False),
         pa.field("commit_reads_draws", pa.bool_(), nullable=False),
         pa.field("block_grid", pa.string(), nullable=False),
+        pa.field("open_block", pa.string(), nullable=False),  # what a block's first step commits: schedule / first_position
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -193,6 +195,7 @@ def group_to_record_batch(
         **_discard_columns(traj),
         "commit_reads_draws": pa.array(np.full(B, traj.commit_reads_draws, dtype=bool)),
         "block_grid": pa.array([traj.block_grid] * B, pa.string()),
+        "open_block": pa.array([str(traj.extras.get("open_block", "schedule"))] * B, pa.string()),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -449,5 +452,6 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
             "position_ids": str(_uniform_scalar(table, "position_ids")),
             "cache": str(_uniform_scalar(table, "cache")),
             "cache_refresh": int(_uniform_scalar(table, "cache_refresh")) or None,
+            "open_block": str(_uniform_scalar(table, "open_block")),
         },
     )

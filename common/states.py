@@ -141,10 +141,13 @@ def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, d
     # the widest window [lo_B, lo_B + Q) and queries outside a row's own columns only read the cache.
     start_B = P + (anchor_B // spb) * K
     first_B, hi_B = query_columns(mode, start_B, K, L, model.logit_shift)
+    # the columns whose keys/values the sampler's cached steps recomputed: its whole window, or, for a block
+    # opened on its first position alone (never scored again), the block on (the column before is read only)
+    fresh_B = start_B if traj.extras.get("open_block", "schedule") == "first_position" else first_B
     Q = int((hi_B - first_B).max())
     lo_B = torch.minimum(first_B, torch.full_like(first_B, L - Q))
     col_BQ = lo_B[:, None] + torch.arange(Q, device=device)
-    keep_BQ = (col_BQ >= first_B[:, None]) & (col_BQ < hi_B[:, None])
+    keep_BQ = (col_BQ >= fresh_B[:, None]) & (col_BQ < hi_B[:, None])
     q_pos_BQ = None if pos_BL is None else pos_BL.gather(1, col_BQ)
     h_BQD = model.hidden_states(ids_BL.gather(1, col_BQ), attn_BL, q_pos_BQ, kv_cache=kv, query_idx=col_BQ,
                                 query_keep=None if bool(keep_BQ.all()) else keep_BQ)

@@ -189,7 +189,9 @@ class _Decoder:
         start_B = block_starts(self.prompt_mask_BP, block, K, config.block_grid)
         fixed = self.uniform and config.threshold is None and config.transfer == "linear"
         for i in range(spb):
-            if fixed:  # every row has exactly this many masked positions: no host sync
+            if i == 0 and config.open_block == "first_position":  # the block's first position alone
+                width, n_B = 1, 1
+            elif fixed:  # every row has exactly this many masked positions: no host sync
                 width, n_B = K - sum(self.schedule[:i]), self.schedule[i]
             else:
                 remaining_B = self._window(start_B)[2].sum(1)
@@ -245,7 +247,8 @@ class _Decoder:
             h_BLD, kv = _hidden(self.model.hidden_states, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id,
                                 return_kv=True)
         else:  # the completion grid: one block start for all rows
-            lo, hi = query_columns(config.cache, int(start_B[0]), config.block_length, x_BL.shape[1], shift)
+            lo, hi = query_columns(config.cache, int(start_B[0]), config.block_length, x_BL.shape[1],
+                                   0 if config.open_block == "first_position" else shift)
             h_BLD = _cached_hidden(self.model, x_BL, self.attn_BL, self.pos_BL, kv, lo, hi)
             hidx_BR = hidx_BR - lo
         logits_NV = _block_logits(self.model, h_BLD, hidx_BR, config.cfg_scale, B)
@@ -314,7 +317,7 @@ class _Decoder:
             commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(self.demoted),
             block_grid=config.block_grid,
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
-                    "cache": config.cache, "cache_refresh": config.cache_refresh},
+                    "cache": config.cache, "cache_refresh": config.cache_refresh, "open_block": config.open_block},
         )
 
 

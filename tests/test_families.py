@@ -394,3 +394,45 @@ def test_sdar_rows_stop_after_an_eos_and_the_rest_is_rebuilt_exactly(cache):
     assert bool(traj.unmask_step_BG.ge(0).all())
     with torch.no_grad():
         assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+# --- Dream's block variant: Fast-dLLM's generation_utils_block (tests/fixtures/dream_block)
+
+def _dream_block_cases():
+    cases = json.loads((FIXTURES / "dream_block" / "generate.json").read_text())["cases"]
+    # quirk.*: one step per block leaves the block's other positions masked in the public output
+    return [name for name in cases if not name.startswith("quirk.") and not name.endswith(".row0_alone")]
+
+
+@pytest.mark.parametrize("name", _dream_block_cases())
+def test_dream_block_decoding_equals_fast_dllms_with_its_caches(name):
+    """Each block: one full forward committing the block's first position alone, then the timestep schedule on
+    the block with entropy confidence, on the prefix cache (dual_cache False) or the dual cache (True), as the
+    public code keeps them; token for token and commit for commit."""
+    data = json.loads((FIXTURES / "dream_block" / "generate.json").read_text())
+    case = data["cases"][name]
+    rows = case["batch_rows_used"] if isinstance(case["batch_rows_used"], list) else json.loads(case["batch_rows_used"])
+    ids = torch.tensor(data["prompts"]["unpadded"]["input_ids"])[rows]
+    model = M.load_pretrained(DREAM / "checkpoint")
+    cfg = SamplerConfig(gen_length=case["max_new_tokens"], block_length=case["block_length"], steps=case["steps"],
+                        temperature=0.0, transfer="timestep", remasking="entropy", open_block="first_position",
+                        cache="dual" if case["dual_cache"] else "prefix", ban_mask_token=False)
+    traj = generate(model, ids, None, cfg, mask_id=data["mask_token_id"], eos_id=data["eos_token_id"],
+                    pad_id=data["pad_token_id"])
+    generated = case["generated"] if isinstance(case["generated"], list) else json.loads(case["generated"])
+    assert torch.equal(traj.completion_ids_BG, torch.tensor(generated))
+    per_call = case["n_committed_per_call"]
+    per_call = per_call if isinstance(per_call, list) else json.loads(per_call)
+    assert traj.step_committed_BT[0].tolist() == per_call
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_dream_block_variant_rollouts_are_rebuilt_exactly(cache):
+    model = M.build_model(M.preset_config("tiny-dream"), seed=3).eval()
+    ids, _ = _prompts()
+    cfg = SamplerConfig(gen_length=16, block_length=8, steps=8, temperature=1.0, transfer="timestep",
+                        remasking="entropy", open_block="first_position", cache=cache)
+    traj = generate(model, ids, None, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=6)
+    assert traj.step_committed_BT[:, 0].eq(1).all() and traj.step_committed_BT[:, 4].eq(1).all()
+    with torch.no_grad():
+        assert float(_ratios(model, traj).abs().max()) < 1e-4

@@ -41,6 +41,11 @@ class SamplerConfig(Section):
         "too); 'timestep' = Dream's: with timesteps linspace(1, eps, steps + 1), step i commits "
         "int(masked * (1 - t_{i+1} / t_i)) and the last step every masked position left.")
     eps: float = Field(default=1e-3, gt=0.0, lt=1.0, description="Dream's final timestep (transfer: timestep).")
+    open_block: Literal["schedule", "first_position"] = Field(
+        default="schedule",
+        description="What a block's first step commits: its share of the schedule, or only the block's first "
+        "position ('first_position': Fast-dLLM's Dream block decoding; a cached step's window then starts at the "
+        "block, since the first position's logits are never needed again). Recorded with the trajectory.")
     temperature: float = Field(default=0.0, ge=0.0, description="Gumbel-max temperature; 0 is greedy argmax.")
     top_k: int | None = Field(default=None, ge=1, description="Sample only among the k most likely tokens.")
     top_p: float | None = Field(
@@ -156,6 +161,9 @@ class SamplerConfig(Section):
             raise ValueError("block_grid: sequence decodes without a dual cache, cache_refresh, stop_on_eos_block and "
                              "cfg_scale (its cache is 'prefix': the finished blocks' keys/values, exact under "
                              "block-causal attention)")
+        if self.open_block == "first_position" and (self.block_grid != "completion" or self.steps_per_block < 2):
+            raise ValueError("open_block: first_position needs block_grid completion and at least 2 steps per block "
+                             "(the first commits one position, the others the rest)")
         if self.stop_after_eos and self.stop_on_eos_block:
             raise ValueError("stop_after_eos and stop_on_eos_block are two stopping rules; set one")
         if self.remasking == "origin" and (self.transfer != "timestep" or self.threshold is not None):
