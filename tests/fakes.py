@@ -39,3 +39,22 @@ def random_trajectory(prompt_lens: Sequence[int], gen: int, steps: int, *, seed:
         block_length=block_length,
         banned_ids=tuple(banned),
     )
+
+
+class EosBiased(torch.nn.Module):
+    """A model with EOS made likely: by ``boost`` everywhere, or (``by_row``) only where the hidden state's first
+    unit is positive, so some rows stop early while the others keep decoding (for the stopping rules)."""
+
+    def __init__(self, base: torch.nn.Module, eos_id: int, boost: float, by_row: bool = True):
+        super().__init__()
+        self.base, self.eos_id, self.boost, self.by_row = base, eos_id, boost, by_row
+        self.logit_shift = base.logit_shift
+
+    def hidden_states(self, *args, **kwargs):
+        return self.base.hidden_states(*args, **kwargs)
+
+    def vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.base.vocab_logits(h)
+        gate = h[..., 0].sign().clamp(min=0) if self.by_row else 1.0
+        logits[..., self.eos_id] += self.boost * gate
+        return logits

@@ -15,6 +15,7 @@ from common.states import anchor_steps, policy_hidden, state_inputs
 from learner.losses import build_loss
 from learner.losses.base import sampler_logprobs
 from rollout.sampler import generate
+from tests.fakes import EosBiased
 
 PAD, EOS, MASK, EOT = 0, 2, 3, 4
 
@@ -214,27 +215,9 @@ def test_cached_rebuild_gradient_is_the_same_with_activation_checkpointing(model
     torch.testing.assert_close(grads[0], grads[1])
 
 
-class _EosModel(torch.nn.Module):
-    """EOS made likely for some prompts only, so some rows stop early and the others keep decoding."""
-
-    logit_shift = 0  # wraps a LLaDA model
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def hidden_states(self, *args, **kwargs):
-        return self.base.hidden_states(*args, **kwargs)
-
-    def vocab_logits(self, h):
-        logits = self.base.vocab_logits(h)
-        logits[..., EOS] += 6.0 * h[..., 0].sign().clamp(min=0)
-        return logits
-
-
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_eos_stopping_and_threshold_with_cache(model, cache):
-    eos_model = _EosModel(model)
+    eos_model = EosBiased(model, EOS, 6.0)
     prompt_BP, mask_BP = _prompts(6, 5, 8, pad_rows=2)
     traj = _run(eos_model, prompt_BP, mask_BP, seed=3, gen_length=24, block_length=8, steps=12, temperature=0.8,
                 cache=cache, stop_on_eos_block=True, threshold=0.5)

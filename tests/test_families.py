@@ -18,6 +18,7 @@ from common.states import policy_hidden
 from learner.losses.actions import step_rows
 from learner.losses.base import sampler_logprobs
 from rollout.sampler import generate
+from tests.fakes import EosBiased
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAD, EOS, MASK = 0, 2, 3  # the tiny presets' character-tokenizer ids
@@ -357,29 +358,11 @@ def test_sdar_block_cache_is_the_same_policy_and_rebuilt_exactly(rule):
         assert float(_ratios(model, b).abs().max()) < 1e-4
 
 
-class _EosRows(torch.nn.Module):
-    """A block-causal model made to write EOS early in some rows only (by the sign of a hidden unit)."""
-
-    logit_shift = 0
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def hidden_states(self, *args, **kwargs):
-        return self.base.hidden_states(*args, **kwargs)
-
-    def vocab_logits(self, h):
-        logits = self.base.vocab_logits(h)
-        logits[..., EOS] += 8.0 * h[..., 0].sign().clamp(min=0)
-        return logits
-
-
 @pytest.mark.parametrize("cache", ["none", "prefix"])
 def test_sdar_rows_stop_after_an_eos_and_the_rest_is_rebuilt_exactly(cache):
     """SDAR's stopping criteria per row: after a block, a row whose decoded completion holds EOS stops, its
     remaining positions filled with EOS (flagged, never scored); the others decode on; ratio 1 throughout."""
-    model = _EosRows(M.build_model(M.preset_config("tiny-sdar"), seed=3).eval())
+    model = EosBiased(M.build_model(M.preset_config("tiny-sdar"), seed=3).eval(), EOS, 8.0)
     ids, mask = _prompts()
     cfg = SamplerConfig(gen_length=16, block_length=4, steps=8, temperature=1.0, block_grid="sequence",
                         position_ids="packed", cache=cache, stop_after_eos=True)

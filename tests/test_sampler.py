@@ -10,6 +10,7 @@ from common.config.sampler import SamplerConfig
 from common.model import build_model, preset_config
 from common.states import policy_hidden
 from rollout.sampler import counter_uniform, generate, transfer_schedule
+from tests.fakes import EosBiased
 from tests.llada_reference import generate as reference_generate
 
 PAD, EOS, MASK, EOT = 0, 2, 3, 4
@@ -279,26 +280,9 @@ def test_guidance_runs_with_padding_and_sampling(model):
     assert torch.equal(traj.step_committed_BT.sum(1), torch.full((2,), 8))
 
 
-class _EosModel(nn.Module):
-    """The tiny model with EOS made overwhelmingly likely, to exercise stop_on_eos_block."""
-
-    logit_shift = 0  # wraps a LLaDA model
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def hidden_states(self, ids, mask=None, pos=None):
-        return self.base.hidden_states(ids, mask, pos)
-
-    def vocab_logits(self, h):
-        logits = self.base.vocab_logits(h)
-        logits[..., EOS] += 100.0
-        return logits
-
-
 def test_stop_on_eos_block_fills_the_rest(model):
-    traj = _run(_EosModel(model), _prompts(2, 5, 0), gen_length=24, block_length=8, steps=12, stop_on_eos_block=True)
+    traj = _run(EosBiased(model, EOS, 100.0, by_row=False), _prompts(2, 5, 0), gen_length=24, block_length=8, steps=12,
+                stop_on_eos_block=True)
     assert bool(traj.completion_ids_BG.eq(EOS).all())
     assert torch.equal(traj.extras["filled_BG"], (torch.arange(24) >= 8).expand(2, 24))
     assert bool((traj.unmask_step_BG[:, 8:] == 3).all())  # filled at the last step of block 0

@@ -145,3 +145,15 @@ class MetricSums:
 
     def result(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._t.items()}
+
+
+def backward_once(loss: torch.Tensor, before_backward, samples: int) -> MetricSums:
+    """A one-pass loss's backward (the micro-batch's last, so the learner reduces its gradients) and the
+    metric sums every loss reports: the loss and the samples."""
+    if before_backward is not None:
+        before_backward(True)
+    loss.backward()
+    m = MetricSums()
+    m.add("loss", loss)
+    m.add("samples", samples)
+    return m

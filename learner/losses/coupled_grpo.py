@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from common.trajectory import Trajectory
-from learner.losses.base import MetricSums, clipped_pg, k3_kl, per_sample_extra
+from learner.losses.base import backward_once, clipped_pg, k3_kl, per_sample_extra
 from learner.losses.surrogate import MaskedSurrogateLoss, baseline_advantages, epoch_draws, masked_logprobs
 
 
@@ -89,11 +89,6 @@ class CoupledGrpoLoss(MaskedSurrogateLoss):
             tok_loss_BG = tok_loss_BG + self.cfg.beta_kl * kl_BG
         per_sample_B = (tok_loss_BG * cmask_BG).sum(1) / max(micro.extras["tokens_per_sample"], 1e-12)
         loss = per_sample_B.sum() / total_samples
-        if before_backward is not None:
-            before_backward(True)
-        loss.backward()
-        m = MetricSums()
-        m.add("loss", loss)
+        m = backward_once(loss, before_backward, len(micro))
         m.token_stats(ratio_BG[cmask_BG], low_BG[cmask_BG], high_BG[cmask_BG], None if kl_BG is None else kl_BG[cmask_BG])
-        m.add("samples", len(micro))
         return m.result()

@@ -12,7 +12,7 @@ import torch
 
 from common.states import packed_positions
 from common.trajectory import Trajectory
-from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, k3_kl, per_sample_extra
+from learner.losses.base import PolicyLoss, backward_once, clipped_pg, k3_kl, per_sample_extra
 from learner.losses.surrogate import first_eos_mask, token_logprobs
 
 _BATCH_KEYS = itertools.count()
@@ -96,14 +96,9 @@ class DiffuGrpoLoss(PolicyLoss):
         else:
             per_sample_B = (tok_loss_BG * cmask_BG).sum(1) / cmask_BG.sum(1).clamp(min=1)
         loss = per_sample_B.sum() / total_samples
-        if before_backward is not None:
-            before_backward(True)
-        loss.backward()
-        m = MetricSums()
-        m.add("loss", loss)
+        m = backward_once(loss, before_backward, len(micro))
         sel = cmask_BG
         m.token_stats(ratio_BG[sel], low_BG[sel], high_BG[sel], None if kl_BG is None else kl_BG[sel])
-        m.add("samples", len(micro))
         return m.result()
 
     def _old(self, model, micro: Trajectory, logp_BG: torch.Tensor, device) -> torch.Tensor:

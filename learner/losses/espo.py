@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from common.trajectory import Trajectory
-from learner.losses.base import MetricSums, per_sample_extra
+from learner.losses.base import backward_once, per_sample_extra
 from learner.losses.surrogate import MaskedSurrogateLoss, baseline_advantages, epoch_draws, masked_logprobs
 
 
@@ -94,13 +94,8 @@ class EspoLoss(MaskedSurrogateLoss):
             kl_B = (elbo_B - ref_B) ** 2 / 2.0
             seq_loss_B = seq_loss_B + self.cfg.beta_kl * kl_B / G
         loss = seq_loss_B.sum() / total_samples
-        if before_backward is not None:
-            before_backward(True)
-        loss.backward()
         r = ratio_B.detach()
-        m = MetricSums()
-        m.add("loss", loss)
-        m.add("samples", len(micro))
+        m = backward_once(loss, before_backward, len(micro))
         m.token_stats(r, (r < 1 - self.clip_low) & (adv_B < 0), (r > 1 + self.clip_high) & (adv_B > 0),
                       None if kl_B is None else kl_B)
         m.add("elbo_sum", elbo_B.detach().sum())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from common.trajectory import Trajectory
-from learner.losses.base import MetricSums, per_sample_extra
+from learner.losses.base import backward_once, per_sample_extra
 from learner.losses.surrogate import MaskedSurrogateLoss, epoch_draws, masked_logprobs
 
 
@@ -129,12 +129,7 @@ class SpgLoss(MaskedSurrogateLoss):
         est_B = torch.where(adv_B > 0, elbo_B, negative_B)
         n_B = cmask_BG.sum(1).float()
         loss = (-adv_B * est_B * n_B).sum() / max(micro.extras["tokens_per_sample"], 1e-12) / total_samples
-        if before_backward is not None:
-            before_backward(True)
-        loss.backward()
-        m = MetricSums()
-        m.add("loss", loss)
-        m.add("samples", len(micro))
+        m = backward_once(loss, before_backward, len(micro))
         m.add("tokens", (masked_BNL[..., -G:] & cmask_BG[:, None, :]).sum())
         m.add("elbo_sum", elbo_B.detach().sum())
         m.add("negative_bound_sum", negative_B.detach()[adv_B <= 0].sum())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from common.trajectory import Trajectory
-from learner.losses.base import MetricSums, per_sample_extra
+from learner.losses.base import backward_once, per_sample_extra
 from learner.losses.surrogate import MaskedSurrogateLoss, epoch_draws, group_ids, group_softmax, masked_logprobs
 
 
@@ -55,12 +55,7 @@ class Wd1Loss(MaskedSurrogateLoss):
         logp_BG = masked_logprobs(model, micro, masked_BL[None], self.mask_id)[0]
         seq_logp_B = (logp_BG * cmask_BG).sum(1)
         loss = -(weight_B * seq_logp_B).sum() / total_samples
-        if before_backward is not None:
-            before_backward(True)
-        loss.backward()
-        m = MetricSums()
-        m.add("loss", loss)
-        m.add("samples", len(micro))
+        m = backward_once(loss, before_backward, len(micro))
         m.add("tokens", cmask_BG.sum())
         m.add("seq_logp_sum", seq_logp_B.detach().sum())
         return m.result()
