@@ -394,19 +394,15 @@ def test_dream_block_decoding_equals_fast_dllms_with_its_caches(name):
     public code keeps them; token for token and commit for commit."""
     data = json.loads((FIXTURES / "dream_block" / "generate.json").read_text())
     case = data["cases"][name]
-    rows = case["batch_rows_used"] if isinstance(case["batch_rows_used"], list) else json.loads(case["batch_rows_used"])
-    ids = torch.tensor(data["prompts"]["unpadded"]["input_ids"])[rows]
+    ids = torch.tensor(data["prompts"]["unpadded"]["input_ids"])[case["batch_rows_used"]]
     model = M.load_pretrained(DREAM / "checkpoint")
     cfg = SamplerConfig(gen_length=case["max_new_tokens"], block_length=case["block_length"], steps=case["steps"],
                         temperature=0.0, transfer="timestep", remasking="entropy", open_block="first_position",
                         cache="dual" if case["dual_cache"] else "prefix", ban_mask_token=False)
     traj = generate(model, ids, None, cfg, mask_id=data["mask_token_id"], eos_id=data["eos_token_id"],
                     pad_id=data["pad_token_id"])
-    generated = case["generated"] if isinstance(case["generated"], list) else json.loads(case["generated"])
-    assert torch.equal(traj.completion_ids_BG, torch.tensor(generated))
-    per_call = case["n_committed_per_call"]
-    per_call = per_call if isinstance(per_call, list) else json.loads(per_call)
-    assert traj.step_committed_BT[0].tolist() == per_call
+    assert torch.equal(traj.completion_ids_BG, torch.tensor(case["generated"]))
+    assert traj.step_committed_BT[0].tolist() == case["n_committed_per_call"]
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -10,10 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
-ATTENTION = ("bidirectional", "block_causal")
-
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -57,9 +53,6 @@ class ModelFamily:
         loads anywhere with ``trust_remote_code=True`` and with our registration without it."""
         return {k: f"{self.public_repo}--{v}" for k, v in self.auto_map.items()}
 
-    def completion_columns(self, columns: torch.Tensor) -> torch.Tensor:
-        """The logits columns that score the tokens at ``columns`` (the distribution at each position)."""
-        return columns - self.logit_shift
 
 
 FAMILIES: dict[str, ModelFamily] = {}  # by model_type
