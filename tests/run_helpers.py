@@ -18,3 +18,38 @@ def train_beside(cfg, watch: Callable[..., None], *args) -> int:
     finally:
         stop.set()
         watcher.join(timeout=5)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process (Linux /proc; no psutil, which no dependency
+    brings)."""
+    import os
+    from pathlib import Path
+
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:  # the process exited while we looked
+                continue
+            table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
+    return table
+
+
+def actor_pids(roots: list[int], class_name: str) -> list[int]:
+    """Processes of live actors of a class (Ray titles them ``ray::<Class>``) descending from ``roots`` (a
+    raylet, or a cluster's `ray start` processes): other Ray instances on the machine are left alone."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            if table[child][1].startswith(f"ray::{class_name}"):
+                found.append(child)
+    return sorted(found)

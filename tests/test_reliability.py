@@ -15,7 +15,7 @@ import torch
 
 from common.config import load_config
 from common.metrics import read_metrics
-from tests.run_helpers import train_beside
+from tests.run_helpers import actor_pids, train_beside
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -24,22 +24,13 @@ SMALL = ["task.eval_size=8", "learner.groups_per_step=2", "rollout.prompts_per_c
 
 
 def _actor_pids(class_name: str) -> list[int]:
-    """Processes of live actors of a class (Ray titles them ``ray::<Class>``) of this process's Ray
-    instance only: other Ray instances on the machine (a benchmark, another test run) are left alone."""
-    import psutil
+    """Processes of live actors of a class of this process's Ray instance only: other Ray instances on the
+    machine (a benchmark, another test run) are left alone."""
     import ray._private.ray_constants as ray_constants
     import ray._private.worker as ray_worker
 
     raylet = ray_worker.global_worker.node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    pids = []
-    for proc in psutil.Process(raylet).children(recursive=True):
-        try:
-            cmd = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if cmd.startswith(f"ray::{class_name}"):
-            pids.append(proc.pid)
-    return pids
+    return actor_pids([raylet], class_name)
 
 
 def _steps(run_dir: Path) -> list[int]:
