@@ -3,6 +3,15 @@
     python -m benchmarks.rl_compare --steps 30 --seeds 0 1 2 --out docs/results
     python -m benchmarks.rl_compare --config tiny_sudoku --steps 30 --seeds 0 1 2 --out docs/results/sudoku
     python -m benchmarks.rl_compare --config tiny_sudoku --methods agrpo --set learner.lr=3e-5 --out ...  # ablation
+    python -m benchmarks.rl_compare --design benchmarks/designs/estimators.json --out docs/results/estimators
+
+A design file pre-registers a comparison (``load_design``): config, steps, methods, the learning rates tried
+and the tuning seeds they are tried on, and the evaluation seeds (n fixed before anything runs, apart from
+the tuning seeds). The tool then runs every method at every lr on the tuning seeds, picks each method's lr by
+its mean final held-out accuracy there (ties: the lr listed first), and runs the chosen lr on the evaluation
+seeds; only those enter the table. The design's hash is part of the setup, so a changed design (another
+seed added after looking) cannot write into the same --out. ``--methods`` may name a subset of the design's
+methods (one invocation per method on a 2-core box); runs already recorded are not run again.
 
 Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
 same base checkpoint and config (default configs/tiny_countdown.yaml), and is evaluated greedily on the
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import statistics
 import sys
@@ -35,19 +45,64 @@ METHODS = {
 DEFAULT_METHODS = ["agrpo", "atpo", "atpo_unbiased", "diffu_grpo"]
 
 
+DESIGN_KEYS = {"config", "steps", "methods", "seeds", "tuning_seeds", "lrs"}
+
+
+def load_design(path: Path) -> dict:
+    """A pre-registered comparison: a JSON object with ``config``, ``steps``, ``methods``, ``lrs`` (the
+    learning rates each method is tried at), ``tuning_seeds`` and ``seeds`` (the evaluation seeds; apart from
+    the tuning ones), optionally ``overrides`` and ``note``. Its hash (``sha256``) makes it part of the setup."""
+    raw = path.read_bytes()
+    design = json.loads(raw)
+    problems = [f"missing {', '.join(sorted(DESIGN_KEYS - set(design)))}"] if DESIGN_KEYS - set(design) else []
+    if not problems:
+        unknown = [m for m in design["methods"] if m not in METHODS]
+        shared = sorted(set(design["seeds"]) & set(design["tuning_seeds"]))
+        problems += [f"unknown method(s) {unknown}; choose from {sorted(METHODS)}"] if unknown else []
+        problems += [f"seeds {shared} are both tuning and evaluation seeds; keep them apart"] if shared else []
+        problems += ["lrs must name at least one learning rate"] if not design["lrs"] else []
+    if problems:
+        raise ValueError(f"design {path}: {'; '.join(problems)}")
+    return {**design, "overrides": design.get("overrides", []), "sha256": hashlib.sha256(raw).hexdigest()[:16]}
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="learner steps per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    p.add_argument("--design", type=Path, help="a pre-registered design (JSON); it fixes every option below but "
+                   "--methods (a subset of its methods) and --eval-every")
+    p.add_argument("--steps", type=int, help="learner steps per run (default 40)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default {' '.join(DEFAULT_METHODS)}")
     p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every n learner steps")
-    p.add_argument("--config", default="tiny_countdown")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--config", help="default tiny_countdown")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="config override applied to every RL run (repeatable), e.g. learner.lr=3e-5")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     p.add_argument("--report-only", action="store_true",
                    help="re-evaluate the base model and rewrite the report and plots from results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.lrs, args.tuning_seeds, args.design_sha = [None], [], None
+    if args.design is None:
+        defaults = {"steps": 40, "seeds": [0, 1, 2], "methods": DEFAULT_METHODS, "config": "tiny_countdown",
+                    "overrides": []}
+        for key, value in defaults.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        return args
+    fixed = [f"--{k}" for k in ("steps", "seeds", "config", "overrides") if getattr(args, k) is not None]
+    if fixed:
+        p.error(f"{', '.join(fixed).replace('--overrides', '--set')} given with --design, which fixes them: edit "
+                "a new design file instead (a registered one is not changed after looking)")
+    try:
+        design = load_design(args.design)
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    if args.methods and set(args.methods) - set(design["methods"]):
+        p.error(f"--methods {sorted(set(args.methods) - set(design['methods']))} are not in the design")
+    args.methods = args.methods or design["methods"]
+    for key in ("steps", "seeds", "config", "overrides", "lrs", "tuning_seeds"):
+        setattr(args, key, design[key])
+    args.design_sha = design["sha256"]
+    return args
 
 
 def main(argv=None) -> int:
@@ -68,6 +123,9 @@ def main(argv=None) -> int:
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,
                      "eval_items": base_cfg.task.eval_size,
                      "base": {}, "runs": []}
+    if args.design_sha:
+        results.update(design=str(args.design), design_sha256=args.design_sha, lrs=args.lrs,
+                       tuning_seeds=args.tuning_seeds)
     # Runs of earlier (or concurrent) invocations of the same setup are kept: record_run merges them from the file.
     problem = setup_mismatch(out, results)
     if args.report_only and not (out / "results.json").is_file():
@@ -80,34 +138,55 @@ def main(argv=None) -> int:
     if args.report_only:
         results["runs"] = json.loads((out / "results.json").read_text())["runs"]
         args.methods = []
+
+    def run(method: str, seed: int, lr: float | None, phase: str) -> int:
+        nonlocal results
+        key = (method, seed, lr, phase)
+        if any(_key(r) == key for r in record_run(out, results, None)["runs"]):
+            return 0  # recorded by an earlier or concurrent invocation of this design
+        name = f"{method}-s{seed}" if lr is None else f"{method}-lr{lr:g}-s{seed}"
+        t0 = time.time()
+        cfg = load_config(args.config, METHODS[method] + args.overrides + ([f"learner.lr={lr}"] if lr else []) + [
+            f"run.root={out / 'runs'}", f"run.name={name}", f"run.seed={seed}",
+            f"task.seed={seed}", f"run.total_steps={args.steps}", f"run.eval_every={args.eval_every}",
+            f"run.eval_sampling_steps={sampling_steps}"])
+        if train(cfg) != 0:  # not an assert: python -O would remove the training with it
+            print(f"rl_compare: the {method} run of seed {seed} failed (its log is above); stopping", file=sys.stderr)
+            return 1
+        run_dir = sorted((out / "runs").glob(f"{name}-*"))[-1]
+        records = read_metrics(run_dir / "metrics.jsonl")
+        step_s = [r["step_time_s"] for r in records if "step_time_s" in r]
+        results = record_run(out, results, {
+            "method": method, "seed": seed, "lr": lr, "phase": phase, "run_dir": str(run_dir),
+            "minutes": (time.time() - t0) / 60, "learner_s_per_step": statistics.mean(step_s) if step_s else None,
+            "curve": [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r],
+            "at_steps": {str(r["eval_sampling_steps"]): r["eval_accuracy_at_steps"] for r in records
+                         if "eval_sampling_steps" in r},
+        })
+        return 0
+
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         for method in args.methods:
+            if args.design_sha:  # tuning first, on its own seeds; then the chosen lr on the evaluation seeds
+                for lr in args.lrs:
+                    for seed in args.tuning_seeds:
+                        if run(method, seed, lr, "tune"):
+                            return 1
+                results["chosen_lr"] = chosen_lrs(record_run(out, results, None))
             for seed in args.seeds:
-                t0 = time.time()
-                cfg = load_config(args.config, METHODS[method] + args.overrides + [
-                    f"run.root={out / 'runs'}", f"run.name={method}-s{seed}", f"run.seed={seed}",
-                    f"task.seed={seed}", f"run.total_steps={args.steps}", f"run.eval_every={args.eval_every}",
-                    f"run.eval_sampling_steps={sampling_steps}"])
-                if train(cfg) != 0:  # not an assert: python -O would remove the training with it
-                    print(f"rl_compare: the {method} run of seed {seed} failed (its log is above); stopping",
-                          file=sys.stderr)
+                if run(method, seed, results.get("chosen_lr", {}).get(method), "eval"):
                     return 1
-                run_dir = sorted((out / "runs").glob(f"{method}-s{seed}-*"))[-1]
-                records = read_metrics(run_dir / "metrics.jsonl")
-                results = record_run(out, results, {
-                    "method": method, "seed": seed, "run_dir": str(run_dir), "minutes": (time.time() - t0) / 60,
-                    "curve": [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r],
-                    "at_steps": {str(r["eval_sampling_steps"]): r["eval_accuracy_at_steps"] for r in records
-                                 if "eval_sampling_steps" in r},
-                })
     finally:
         ray.shutdown()
     results = record_run(out, results, None)
+    if args.design_sha:
+        results["chosen_lr"] = chosen_lrs(results)
     write_report(results, out)
+    results = evaluation_runs(results)
     first = next((r["run_dir"] for r in results["runs"] if r["method"] == "agrpo"), None)
-    if first:  # confusion zones of the first and last policy versions of one AGRPO run
-        profiles = load_step_profiles(Path(first) / "trajectories", limit=100_000)
+    profiles = load_step_profiles(Path(first) / "trajectories", limit=100_000) if first else None
+    if profiles is not None:  # confusion zones of the first and last policy versions of one AGRPO run
         versions = profiles["policy_version"]
         for name, pick in (("before", versions == versions.min()), ("after", versions == versions.max())):
             sub = {k: v[pick] for k, v in profiles.items()}
@@ -118,8 +197,33 @@ def main(argv=None) -> int:
 
 
 def _setup(results: dict) -> tuple:
-    """What makes runs comparable (one budget, config and overrides): only such runs share a results.json."""
-    return results.get("steps"), results.get("config"), results.get("overrides", [])
+    """What makes runs comparable (one budget, config, overrides and design): only such runs share a
+    results.json."""
+    return results.get("steps"), results.get("config"), results.get("overrides", []), results.get("design_sha256")
+
+
+def _key(run: dict) -> tuple:
+    return run["method"], run["seed"], run.get("lr"), run.get("phase", "eval")
+
+
+def chosen_lrs(results: dict) -> dict[str, float]:
+    """Each method's lr by its mean final held-out accuracy over the tuning seeds (ties: the lr listed first);
+    only methods whose every tuning run is recorded."""
+    chosen = {}
+    for method in {r["method"] for r in results["runs"]}:
+        means = []
+        for lr in results["lrs"]:
+            finals = [r["curve"][-1][1] for r in results["runs"] if _key(r)[::2] == (method, lr)
+                      and r.get("phase") == "tune"]
+            means.append(statistics.mean(finals) if len(finals) == len(results["tuning_seeds"]) else None)
+        if None not in means:
+            chosen[method] = results["lrs"][means.index(max(means))]
+    return chosen
+
+
+def evaluation_runs(results: dict) -> dict:
+    """``results`` with only the runs that enter the table (a design's tuning runs left out)."""
+    return {**results, "runs": [r for r in results["runs"] if r.get("phase", "eval") == "eval"]}
 
 
 def setup_mismatch(out: Path, results: dict) -> str | None:
@@ -130,7 +234,10 @@ def setup_mismatch(out: Path, results: dict) -> str | None:
     on_disk = _setup(json.loads(path.read_text()))
     if on_disk == _setup(results):
         return None
-    steps, config, overrides = on_disk
+    steps, config, overrides, design = on_disk
+    if design or results.get("design_sha256"):
+        return (f"{path} holds runs of design {design or 'none'}; this one is {results.get('design_sha256') or 'none'}"
+                ": a registered design is not changed after its runs started; write a new one into another --out")
     return (f"{path} holds runs of another setup (--steps {steps} --config {config} --set {overrides or 'none'}); "
             f"this one is --steps {results['steps']} --config {results['config']} --set {results['overrides'] or 'none'}: "
             "pass the same setup, or another --out")
@@ -152,7 +259,7 @@ def record_run(out: Path, results: dict, run: dict | None) -> dict:
             results["runs"] = on_disk["runs"]
             results["seeds"] = sorted(set(on_disk.get("seeds", [])) | set(results["seeds"]))
         if run is not None:
-            results["runs"] = [r for r in results["runs"] if (r["method"], r["seed"]) != (run["method"], run["seed"])]
+            results["runs"] = [r for r in results["runs"] if _key(r) != _key(run)]
             results["runs"].append(run)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
@@ -168,21 +275,48 @@ def _mean_ci(values: list[float]) -> str:
 
 
 def write_report(results: dict, out: Path) -> None:
+    tuning = tuning_lines(results)
+    results = evaluation_runs(results)
     steps = results["sampling_steps"]
-    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + f" | per seed at {steps[-1]} | minutes/run |",
-             "|---" * (len(steps) + 3) + "|",
-             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | |"]
+    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + f" | per seed at {steps[-1]} | minutes/run "
+             "| learner s/step |",
+             "|---" * (len(steps) + 4) + "|",
+             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | | |"]
     for method, runs in by_method(results).items():
         cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
         per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
         minutes = statistics.mean(r["minutes"] for r in runs)
-        lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} |")
+        step_s = [r["learner_s_per_step"] for r in runs if r.get("learner_s_per_step") is not None]
+        lr = f", lr {runs[0]['lr']:g}" if runs[0].get("lr") else ""
+        lines.append(f"| {method} ({len(runs)} seeds{lr}) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} | "
+                     + (f"{statistics.mean(step_s):.2f} |" if step_s else " |"))
     for reference in ("agrpo", "atpo"):  # the paper's estimator, and its reallocation against the rest
         lines += separation_lines(results, reference)
+    lines += tuning
     if results.get("overrides"):
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
+    if results.get("design"):
+        lines.insert(0, f"Pre-registered design {results['design']} (sha256 {results['design_sha256']}): evaluation "
+                        f"seeds {results['seeds']}, tuning seeds {results['tuning_seeds']}, lrs {results['lrs']}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def tuning_lines(results: dict) -> list[str]:
+    """A design's tuning runs: each method's mean final held-out accuracy per lr, the chosen one in bold."""
+    if not results.get("lrs") or results["lrs"] == [None]:
+        return []
+    chosen = chosen_lrs(results)
+    lines = ["", f"Tuning (seeds {results['tuning_seeds']}): mean final held-out accuracy per lr", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in results["lrs"]) + " |", "|---" * (len(results["lrs"]) + 1) + "|"]
+    for method in sorted({r["method"] for r in results["runs"] if r.get("phase") == "tune"}):
+        cells = []
+        for lr in results["lrs"]:
+            finals = [r["curve"][-1][1] for r in results["runs"] if r.get("phase") == "tune" and _key(r)[::2] == (method, lr)]
+            cell = f"{100 * statistics.mean(finals):.1f} ({len(finals)})" if finals else ""
+            cells.append(f"**{cell}**" if chosen.get(method) == lr else cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def separation_lines(results: dict, reference: str = "agrpo") -> list[str]:

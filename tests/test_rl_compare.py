@@ -110,3 +110,68 @@ def test_separation_tells_apart_distinct_and_overlapping_seeds():
     assert not far["overlap"] and far["p"] < 1e-4 and far["diff_low"] > 0.05 and far["seeds_needed"] <= 5
     near = separation([0.197, 0.211, 0.172, 0.207, 0.191], [0.184, 0.156, 0.188, 0.203, 0.188])
     assert near["overlap"] and near["diff_low"] < 0 < near["diff_high"] and near["seeds_needed"] > 5
+
+
+def _fake_train(calls, accuracy_of_lr):
+    """A stand-in for driver.train.train: writes the run directory a real run would, its held-out accuracy a
+    function of the run's lr (and nothing else)."""
+    from pathlib import Path
+
+    from common.metrics import MetricsLog
+
+    def train(cfg):
+        calls.append((cfg.run.name, cfg.learner.lr, cfg.run.seed))
+        run_dir = Path(cfg.run.root) / f"{cfg.run.name}-20261206-000000"
+        acc = accuracy_of_lr(cfg.learner.lr)
+        m = MetricsLog(run_dir / "metrics.jsonl")
+        m.log({"step": 1, "loss": 0.0, "step_time_s": 0.5, "prompts": []})
+        m.log({"step": cfg.run.total_steps, "eval_accuracy": acc})
+        for s in cfg.run.eval_sampling_steps:
+            m.log({"step": cfg.run.total_steps, "eval_sampling_steps": s, "eval_accuracy_at_steps": acc})
+        return 0
+    return train
+
+
+def test_a_design_tunes_on_its_own_seeds_then_runs_the_chosen_lr_on_the_registered_ones(tmp_path, monkeypatch):
+    import driver.evaluate
+    import driver.train
+    from benchmarks.rl_compare import main
+
+    _no_evaluation(monkeypatch)
+    monkeypatch.setattr(driver.evaluate, "evaluate_checkpoint",
+                        lambda cfg, steps_list, *a, **k: {s: {"accuracy": 0.1} for s in steps_list})
+    calls = []
+    monkeypatch.setattr(driver.train, "train", _fake_train(calls, lambda lr: {1e-5: 0.2, 1e-4: 0.3, 1e-3: 0.1}[lr]))
+    design = tmp_path / "design.json"
+    design.write_text(json.dumps({"config": "tiny_countdown", "steps": 2, "methods": ["agrpo", "diffu_grpo"],
+                                  "lrs": [1e-5, 1e-4, 1e-3], "tuning_seeds": [100, 101], "seeds": [0, 1, 2]}))
+    out = tmp_path / "out"
+    assert main(["--design", str(design), "--out", str(out)]) == 0
+    tuned = [(lr, seed) for name, lr, seed in calls if seed >= 100]
+    assert sorted(tuned) == sorted([(lr, s) for lr in (1e-5, 1e-4, 1e-3) for s in (100, 101)] * 2)
+    evaluated = [(lr, seed) for name, lr, seed in calls if seed < 100]
+    assert evaluated == [(1e-4, s) for s in (0, 1, 2)] * 2  # the best tuning lr, on the registered seeds only
+    results = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text().split("Tuning")[0]
+    assert "agrpo (3 seeds, lr 0.0001)" in table and "30.0" in table and "20.0" not in table
+    # Running it again adds nothing (every run is recorded); a changed design is refused in one line.
+    calls.clear()
+    assert main(["--design", str(design), "--out", str(out)]) == 0 and calls == []
+    design.write_text(json.dumps({**json.loads(design.read_text()), "seeds": [0, 1, 2, 3]}))
+    assert main(["--design", str(design), "--out", str(out)]) == 2
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_a_design_refuses_overlapping_seeds_and_options_it_fixes(tmp_path):
+    from benchmarks.rl_compare import parse
+
+    design = tmp_path / "design.json"
+    base = {"config": "tiny_countdown", "steps": 2, "methods": ["agrpo"], "lrs": [1e-4], "tuning_seeds": [1], "seeds": [0, 1]}
+    design.write_text(json.dumps(base))
+    with pytest.raises(SystemExit):
+        parse(["--design", str(design), "--out", "x"])  # seed 1 both tuning and evaluation
+    design.write_text(json.dumps({**base, "seeds": [0]}))
+    assert parse(["--design", str(design), "--out", "x"]).lrs == [1e-4]
+    for extra in (["--seeds", "0", "5"], ["--steps", "3"], ["--set", "learner.lr=1"]):
+        with pytest.raises(SystemExit):
+            parse(["--design", str(design), "--out", "x", *extra])
