@@ -38,18 +38,22 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def actor_pids(roots: list[int], class_name: str) -> list[int]:
-    """Processes of live actors of a class (Ray titles them ``ray::<Class>``) descending from ``roots`` (a
-    raylet, or a cluster's `ray start` processes): other Ray instances on the machine are left alone."""
+def descendants(roots: list[int]) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``roots``, Ray's workers included (they start in sessions
+    of their own, so killing a `ray start` process group leaves them running)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found, todo = [], list(roots)
     while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
+        for child in children.get(todo.pop(), []):
             todo.append(child)
-            if table[child][1].startswith(f"ray::{class_name}"):
-                found.append(child)
-    return sorted(found)
+            found.append((child, table[child][1]))
+    return found
+
+
+def actor_pids(roots: list[int], class_name: str) -> list[int]:
+    """Processes of live actors of a class (Ray titles them ``ray::<Class>``) descending from ``roots`` (a
+    raylet, or a cluster's `ray start` processes): other Ray instances on the machine are left alone."""
+    return sorted(pid for pid, cmd in descendants(roots) if cmd.startswith(f"ray::{class_name}"))
