@@ -7,7 +7,10 @@ pinged on its weights thread first, and a broadcast that fails is retried withou
 
 One policy for every transport when a worker is slow or dead: it is left out (a warning), the others get
 the version, and it is brought back with the current version once it answers (``awaiting`` until then:
-no rollouts or evaluation items). Workers that joined or restarted hold base weights and are awaiting too.
+no rollouts or evaluation items). Workers that joined or restarted hold base weights and are awaiting until
+their ``set_weights`` has returned. Every ``set_weights`` is looked at (``poll``, without waiting): one that
+failed (say the update's owner, a learner rank, died before the worker read it) leaves its worker awaiting
+a catch-up publish, instead of rolling out on weights whose groups the queue would drop as stale forever.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ class WeightPublisher:
         self.base_is_shipped = base_is_shipped  # workers load the checkpoint base themselves
         self.awaiting: set[str] = set()
         self.update = None
-        self._pending: dict = {}  # worker id -> its set_weights call of the last version (cuda_ipc reuses one buffer)
+        self._pending: dict = {}  # worker id -> its last set_weights call not yet looked at
         self.attach(learner)
 
     def attach(self, learner) -> None:
@@ -48,6 +51,7 @@ class WeightPublisher:
         if self.transport == "nccl":
             self.update = self._broadcast(version)
             return self.update
+        self.poll()  # failures of the last version's calls are reported, not dropped unread
         if self.transport == "cuda_ipc":  # one shared buffer: receivers of the last version must be done
             self._settle()
         self.update = self.learner.sync_weights()
@@ -84,11 +88,36 @@ class WeightPublisher:
         """A worker joined or restarted with base weights: it gets the current version before rolling out."""
         if not self.needed(version):
             return
+        self.awaiting.add(worker_id)  # until its set_weights returns (``poll``)
         if self.transport == "nccl" or self.update is None:  # joins the group at the next publish
-            self.awaiting.add(worker_id)
             self._members = None
-        else:  # actor calls are ordered: this runs before any rollout the worker gets
-            self.pool.workers[worker_id].set_weights.remote(self.update)
+        else:
+            self._pending[worker_id] = self.pool.workers[worker_id].set_weights.remote(self.update)
+
+    def poll(self) -> None:
+        """Look at the finished set_weights calls without waiting: a joiner that took the weights may roll out;
+        a worker whose call failed is awaiting (a warning) until the next publish reaches it."""
+        import ray
+
+        if not self._pending:
+            return
+        done, _ = ray.wait(list(self._pending.values()), num_returns=len(self._pending), timeout=0)
+        for wid, ref in [(w, r) for w, r in self._pending.items() if r in done]:
+            del self._pending[wid]
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("rollout worker %s did not take the weights (failed: %s); left out until the next publish",
+                            wid, type(e).__name__)
+                if wid in self.pool.workers:
+                    self.awaiting.add(wid)
+                continue
+            self.awaiting.discard(wid)
+
+    def needs_catch_up(self) -> bool:
+        """Whether a worker waits for weights that no call in flight is bringing (a publish would)."""
+        self.poll()
+        return bool(self.awaiting - set(self._pending))
 
     def forget(self, worker_ids) -> None:
         self.awaiting &= set(worker_ids)

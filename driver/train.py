@@ -257,9 +257,18 @@ class Controller:
         self.ray_metrics.record("rollout_workers", float(self.pool.size))
 
     def _catch_up_waiting_workers(self) -> None:
-        """Send the current weights now if joined/restarted workers wait for them and the learner is idle."""
-        if self.weights.awaiting and not self.step_refs:
+        """Send the current weights now if workers wait for them (joined, restarted, or a send failed) and the
+        learner is idle. A learner rank found dead here (it died between steps) is rebuilt, which publishes."""
+        import ray
+
+        if self.step_refs or not self.weights.needs_catch_up():
+            return
+        try:
             self.weights.publish(self.state.version)
+        except ray.exceptions.RayActorError as e:
+            log.warning("a learner rank died between steps (%s); rebuilding the group from the last checkpoint",
+                        type(e).__name__)
+            self._rebuild_learner()
 
     def _dispatch_rollouts(self) -> None:
         """Give idle workers prompts, as far as the queue's staleness budget admits."""

@@ -26,13 +26,15 @@ class _Learner:
 
 @ray.remote(num_cpus=0)
 class _Receiver:
-    """A rollout worker's weights side: ``mode`` "ok", "slow" (busy in a long rollout) or "fails"."""
+    """A rollout worker's weights side: ``mode`` "ok", "slow" (busy in a long rollout), "fails" or
+    "fails_once" (the first update's payload is gone)."""
 
     def __init__(self, mode):
         self.mode, self.versions = mode, []
 
     def set_weights(self, update):
-        if self.mode == "fails":
+        if self.mode == "fails" or (self.mode == "fails_once" and not self.versions):
+            self.versions.append(None)
             raise RuntimeError("cannot open the IPC handle")
         if self.mode == "slow" and not self.versions:
             time.sleep(10)
@@ -59,3 +61,28 @@ def test_cuda_ipc_leaves_out_a_slow_or_failing_receiver_and_brings_it_back(ray_l
     assert ray.get(pool.workers["slow"].held.remote(), timeout=30) == [1, 2]  # brought back, in order
     warned = [r.getMessage() for r in caplog.records if "did not take the weights" in r.getMessage()]
     assert any("slow" in w and "no answer" in w for w in warned) and any("fails" in w and "failed" in w for w in warned)
+
+
+@pytest.mark.parametrize("transport", ["object_store", "cuda_ipc"])
+def test_a_joiner_whose_weights_fail_waits_for_a_catch_up_instead_of_rolling_out_stale(ray_local, caplog, transport):
+    """A worker brought up with an update it cannot read (its owner, a learner rank, died) used to be
+    dispatched anyway: it rolled out on base weights, every group dropped as stale, and nothing said why."""
+    pool = RolloutPool(make_worker=None)
+    pub = WeightPublisher(_Learner(), pool, transport, sync_timeout_s=3.0, base_is_shipped=False)
+    pub.publish(1, block=True)
+    for mode in ("ok", "fails_once"):
+        pool.workers[mode] = _Receiver.remote(mode)
+        pub.bring_up(mode, 1)
+    assert pub.awaiting == {"ok", "fails_once"}  # no rollouts before their set_weights returned
+    assert not pub.needs_catch_up()  # their calls are in flight: nothing to publish yet
+    with caplog.at_level(logging.WARNING, logger="unmask"):
+        deadline = time.time() + 120
+        while pub.awaiting != {"fails_once"} and time.time() < deadline:
+            pub.poll()
+            time.sleep(0.1)
+    assert pub.awaiting == {"fails_once"} and pub.needs_catch_up()
+    assert any("fails_once did not take the weights" in r.getMessage() for r in caplog.records)
+    pub.publish(1, block=True)  # the catch-up publish reaches it
+    assert not pub.needs_catch_up() and pub.awaiting == set()
+    assert ray.get(pool.workers["fails_once"].held.remote()) == [None, 2]
+    assert ray.get(pool.workers["ok"].held.remote()) == [1, 2]
