@@ -136,3 +136,21 @@ def test_lag_metrics_per_group_and_the_weight_summary():
     s = weight_summary({"stale_tokens": 4.0, "is_weight_sum": 4.0, "is_weight_sq_sum": 6.0, "is_truncated_tokens": 1.0})
     assert s == {"is_weight_mean": 1.0, "is_weight_std": math.sqrt(0.5), "is_truncated_share": 0.25}
     assert weight_summary({"tokens": 3.0}) == {}
+
+
+def test_the_run_plot_shows_staleness_when_the_steps_report_it(tmp_path):
+    import json
+
+    from driver.plots import plot_run
+
+    run = tmp_path / "tiny-async"
+    run.mkdir()
+    records = [{"step": 1, "loss": 0.0, "reward": 0.1, "accuracy": 0.1, "policy_lag_mean": 0.0, "policy_lag_max": 0.0,
+                "stale_group_share": 0.0},
+               {"step": 2, "loss": 0.0, "reward": 0.2, "accuracy": 0.2, "policy_lag_mean": 0.5, "policy_lag_max": 1.0,
+                "stale_group_share": 0.5, "is_weight_mean": 1.1, "is_weight_std": 0.3, "is_truncated_share": 0.02}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert (run / "plots" / "staleness.png") in plot_run(run)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.0, "reward": 0.1, "accuracy": 0.1}) + "\n")
+    (run / "plots" / "staleness.png").unlink()
+    assert (run / "plots" / "staleness.png") not in plot_run(run)
