@@ -315,7 +315,7 @@ def write_report(results: dict, out: Path) -> None:
         lines.append(f"| {method} ({len(runs)} seeds{lr}) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} | "
                      + (f"{statistics.mean(step_s):.2f} |" if step_s else " |"))
     lines += time_lines(results)
-    for reference in ("agrpo", "atpo"):  # the paper's estimator, and its reallocation against the rest
+    for reference in ("agrpo", "atpo", "sync"):  # the paper's estimator, its reallocation; sync for async designs
         lines += separation_lines(results, reference)
     lines += tuning
     if results.get("overrides"):
