@@ -154,3 +154,25 @@ def test_the_run_plot_shows_staleness_when_the_steps_report_it(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.0, "reward": 0.1, "accuracy": 0.1}) + "\n")
     (run / "plots" / "staleness.png").unlink()
     assert (run / "plots" / "staleness.png") not in plot_run(run)
+
+
+def test_the_learner_stamps_the_lag_and_reports_the_staleness_of_each_step(local_group, model):
+    import functools
+
+    from common.config import LearnerConfig, ModelConfig
+    from learner.worker import LearnerRank
+
+    cfg = AgrpoConfig(k_steps=2, correction="decoupled")
+    rank = LearnerRank(LearnerConfig(num_cpus_per_rank=0.5, lr=1e-3), ModelConfig(preset="tiny"), rank=0,
+                       world_size=1, loss_factory=functools.partial(build_loss, cfg, mask_id=MASK, pad_id=PAD,
+                                                                    eos_id=EOS), seed=0)
+    rank.setup("127.0.0.1", 0)
+    batch = rollout(model, B=8)  # two groups of 4, sampled by version 0
+    batch.policy_version_B = torch.zeros(8, dtype=torch.long)
+    fresh = rank.step(batch, step_seed=0)
+    assert (fresh["policy_lag_max"], fresh["stale_group_share"], fresh["groups_lag_0"]) == (0.0, 0.0, 2.0)
+    assert fresh["stale_tokens"] == 0 and "is_weight_mean" not in fresh
+    stale = rank.step(batch, step_seed=1)  # the learner is at version 1 now
+    assert (stale["policy_lag_mean"], stale["stale_group_share"], stale["groups_lag_1"]) == (1.0, 1.0, 2.0)
+    assert stale["stale_tokens"] == stale["scored_tokens"] > 0
+    assert stale["is_weight_mean"] > 0 and stale["is_weight_std"] > 0 and 0 <= stale["is_truncated_share"] <= 1
