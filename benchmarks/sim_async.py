@@ -139,6 +139,12 @@ def report(shape: Shape) -> str:
         f"- learner step on {shape.gpus_per_node} GPUs: {shape.learn_s():.1f} s "
         f"({shape.learn_s() * shape.gpus_per_node:.0f} GPU-seconds with the publish)",
         "",
+        f"Reading: a synchronous step admits {shape.groups_per_step} groups, so at most "
+        f"{shape.groups_per_step // shape.prompts_per_call} workers run at once at prompts_per_call "
+        f"{shape.prompts_per_call} ({shape.groups_per_step} at 1) whatever the cluster; max_staleness s lets "
+        f"(s + 1) x {shape.groups_per_step} groups run, and the step time falls until the learner "
+        f"({shape.learn_s():.1f} s) or the rollout GPUs are the bottleneck.",
+        "",
         f"## As the preset dispatches (prompts_per_call {shape.prompts_per_call})",
         "",
         *table(shape, nodes, staleness),

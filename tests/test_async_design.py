@@ -43,3 +43,18 @@ def test_time_shares_of_a_run():
                {"time": 30.0, "step_time_s": 6.0, "rollout_workers": 1}]
     assert time_shares(records) == pytest.approx({"train_wall_s": 20.0, "learner_idle": 0.5, "rollout_idle": 0.65})
     assert time_shares(records[:2]) == {}
+
+
+def test_the_async_simulation_on_cases_worked_by_hand():
+    from benchmarks.sim_async import Shape, simulate
+
+    shape = Shape()
+    call, learn = shape.call_s(shape.prompts_per_call), shape.learn_s()
+    # synchronous, one worker: two calls of 4 groups, then the learner; nobody overlaps
+    sync = simulate(shape, workers=1, max_staleness=0)
+    assert sync["step_s"] == pytest.approx(2 * call + learn) and sync["lag"] == 0
+    # synchronous with 8 workers: the budget of 8 groups admits two calls of 4, so 6 workers never run
+    assert simulate(shape, workers=8, max_staleness=0)["rollout_idle"] == pytest.approx(1 - 2 * call / (8 * (call + learn)))
+    # one group a call and many workers under a large budget: the learner is the bottleneck, never idle
+    fast = simulate(Shape(prompts_per_call=1), workers=64, max_staleness=4)
+    assert fast["step_s"] == pytest.approx(learn) and fast["learner_idle"] == pytest.approx(0, abs=1e-9)
