@@ -9,7 +9,8 @@ import torch
 
 from common.config import AgrpoConfig, AtpoConfig
 from learner.losses import build_loss
-from learner.losses.offpolicy import LAG_KEY, decoupled_pg, lag_metrics, policy_lag, weight_summary
+from learner.losses.base import MetricSums
+from learner.losses.offpolicy import LAG_KEY, add_weight_sums, decoupled_pg, lag_metrics, policy_lag, weight_summary
 from tests.test_losses import EOS, MASK, PAD, _grads_for_split, _perturbed, model, rollout  # noqa: F401 (fixture)
 
 
@@ -28,15 +29,17 @@ def test_decoupled_pg_on_a_hand_computed_case():
     logp = torch.tensor([0.5, 0.27, 0.1]).log().requires_grad_()
     prox, behav = torch.tensor([0.4, 0.3, 0.2]).log(), torch.tensor([0.1, 0.6, 0.1]).log()
     adv = torch.tensor([1.0, -2.0, -1.0])
-    loss, ratio, low, high, w, truncated = decoupled_pg(logp, prox, behav, adv, 0.2, 0.2, cap=2.0)
+    loss, ratio, low, high = decoupled_pg(logp, prox, behav, adv, 0.2, 0.2, cap=2.0)
     assert loss.tolist() == pytest.approx([-2 * 1.2 * 1.0, 0.5 * 0.9 * 2.0, 2 * 0.8 * 1.0], rel=1e-6)
     assert ratio.tolist() == pytest.approx([1.25, 0.9, 0.5], rel=1e-6)
-    assert w.tolist() == pytest.approx([4.0, 0.5, 2.0], rel=1e-6)
-    assert truncated.tolist() == [True, False, False]
     assert high.tolist() == [True, False, False] and low.tolist() == [False, False, True]
     loss.sum().backward()
     # d/dlogp of -w r A is -w r A where unclipped; 0 where clipped
     assert logp.grad.tolist() == pytest.approx([0.0, 0.5 * 0.9 * 2.0, 0.0], rel=1e-6)
+    m = MetricSums()  # the weights' sums: 4 (above the cap), 0.5, 2 (at it)
+    add_weight_sums(m, torch.exp(prox - behav), cap=2.0)
+    assert m.result() == pytest.approx({"stale_tokens": 3, "is_weight_sum": 6.5, "is_weight_sq_sum": 20.25,
+                                        "is_truncated_tokens": 1}, rel=1e-6)
 
 
 @pytest.mark.parametrize("cfg", [AgrpoConfig(k_steps=3, beta_kl=0.05, clip_eps=0.1), AtpoConfig(k_steps=2, selection="sample")],

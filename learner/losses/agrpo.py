@@ -22,7 +22,7 @@ from learner.losses.base import (
     sampled_tokens,
     sampler_logprobs,
 )
-from learner.losses.offpolicy import LAG_KEY, decoupled_pg
+from learner.losses.offpolicy import LAG_KEY, add_weight_sums, decoupled_pg
 
 
 class StepwiseLoss(PolicyLoss):
@@ -91,16 +91,12 @@ class StepwiseLoss(PolicyLoss):
             stale_N = None if lag_B is None else lag_B.to(device)[b_N] != 0
             if decoupled:  # fresh rows: proximal = behaviour policy, so w = 1 and the loss is the coupled one
                 prox_N = torch.where(stale_N, logp_N.detach(), rows.old_logp_N)
-                tok_loss_N, ratio_N, low_N, high_N, _, _ = decoupled_pg(
+                tok_loss_N, ratio_N, low_N, high_N = decoupled_pg(
                     logp_N, prox_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high, self.cfg.is_weight_cap)
             else:
                 tok_loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high)
             if stale_N is not None and first_epoch:  # the stale draws' pi_prox / pi_behav, whichever correction
-                w_N = torch.exp(logp_N.detach() - rows.old_logp_N)[stale_N]
-                m.add("stale_tokens", w_N.numel())
-                m.add("is_weight_sum", w_N.sum())
-                m.add("is_weight_sq_sum", (w_N.double() ** 2).sum())
-                m.add("is_truncated_tokens", (w_N > self.cfg.is_weight_cap).sum())
+                add_weight_sums(m, torch.exp(logp_N.detach() - rows.old_logp_N)[stale_N], self.cfg.is_weight_cap)
             kl_N = None
             if self.cfg.beta_kl > 0:
                 with torch.no_grad():

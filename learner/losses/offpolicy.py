@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from learner.losses.base import clipped_pg
+from learner.losses.base import MetricSums, clipped_pg
 
 LAG_KEY = "policy_lag_B"  # batch.extras: learner version at the step's start minus the version that sampled the row
 
@@ -22,11 +22,17 @@ def policy_lag(policy_version_B: torch.Tensor, version: int) -> torch.Tensor:
 
 def decoupled_pg(logp_N, prox_N, behav_N, adv_N, clip_low: float, clip_high: float, cap: float):
     """Per-token loss  -w min(r A, clip(r, 1-lo, 1+hi) A),  r = pi/pi_prox,  w = min(pi_prox/pi_behav, cap)
-    (w detached); returns it with r, the low/high-clipped flags, the untruncated w and the truncated flags."""
+    (w detached); returns it with r and the low/high-clipped flags, as ``clipped_pg``."""
     loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, prox_N, adv_N, clip_low, clip_high)
-    w_N = torch.exp(prox_N - behav_N).detach()
-    truncated_N = w_N > cap
-    return w_N.clamp(max=cap) * loss_N, ratio_N, low_N, high_N, w_N, truncated_N
+    return torch.exp(prox_N - behav_N).detach().clamp(max=cap) * loss_N, ratio_N, low_N, high_N
+
+
+def add_weight_sums(m: MetricSums, w_N: torch.Tensor, cap: float) -> None:
+    """Sums of the stale draws' importance weights pi_prox/pi_behav into ``m``, for ``weight_summary``."""
+    m.add("stale_tokens", w_N.numel())
+    m.add("is_weight_sum", w_N.sum())
+    m.add("is_weight_sq_sum", (w_N.double() ** 2).sum())
+    m.add("is_truncated_tokens", (w_N > cap).sum())
 
 
 def lag_metrics(lag_B: torch.Tensor, group_B: torch.Tensor) -> dict[str, float]:
