@@ -7,7 +7,8 @@
 
 A design file pre-registers a comparison (``load_design``): config, steps, methods, the learning rates tried
 and the tuning seeds they are tried on, and the evaluation seeds (n fixed before anything runs, apart from
-the tuning seeds). The tool then runs every method at every lr on the tuning seeds, picks each method's lr by
+the tuning seeds); its optional ``variants`` name methods of its own (name -> config overrides, e.g. a queue
+setting with an algorithm's). The tool then runs every method at every lr on the tuning seeds, picks each method's lr by
 its mean final held-out accuracy there (ties: the lr listed first), and runs the chosen lr on the evaluation
 seeds; only those enter the table. The design's hash is part of the setup, so a changed design (another
 seed added after looking) cannot write into the same --out. ``--methods`` may name a subset of the design's
@@ -51,19 +52,24 @@ DESIGN_KEYS = {"config", "steps", "methods", "seeds", "tuning_seeds", "lrs"}
 def load_design(path: Path) -> dict:
     """A pre-registered comparison: a JSON object with ``config``, ``steps``, ``methods``, ``lrs`` (the
     learning rates each method is tried at), ``tuning_seeds`` and ``seeds`` (the evaluation seeds; apart from
-    the tuning ones), optionally ``overrides`` and ``note``. Its hash (``sha256``) makes it part of the setup."""
+    the tuning ones), optionally ``overrides``, ``variants`` (methods of its own: name -> overrides) and ``note``.
+    Its hash (``sha256``) makes it part of the setup."""
     raw = path.read_bytes()
     design = json.loads(raw)
     problems = [f"missing {', '.join(sorted(DESIGN_KEYS - set(design)))}"] if DESIGN_KEYS - set(design) else []
     if not problems:
-        unknown = [m for m in design["methods"] if m not in METHODS]
+        variants = design.get("variants", {})
+        clash = sorted(set(variants) & set(METHODS))
+        problems += [f"variants {clash} shadow methods of the same name; rename them"] if clash else []
+        unknown = [m for m in design["methods"] if m not in METHODS and m not in variants]
         shared = sorted(set(design["seeds"]) & set(design["tuning_seeds"]))
         problems += [f"unknown method(s) {unknown}; choose from {sorted(METHODS)}"] if unknown else []
         problems += [f"seeds {shared} are both tuning and evaluation seeds; keep them apart"] if shared else []
         problems += ["lrs must name at least one learning rate"] if not design["lrs"] else []
     if problems:
         raise ValueError(f"design {path}: {'; '.join(problems)}")
-    return {**design, "overrides": design.get("overrides", []), "sha256": hashlib.sha256(raw).hexdigest()[:16]}
+    return {**design, "overrides": design.get("overrides", []), "variants": design.get("variants", {}),
+            "sha256": hashlib.sha256(raw).hexdigest()[:16]}
 
 
 def parse(argv=None):
@@ -72,7 +78,8 @@ def parse(argv=None):
                    "--methods (a subset of its methods) and --eval-every")
     p.add_argument("--steps", type=int, help="learner steps per run (default 40)")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default {' '.join(DEFAULT_METHODS)}")
+    p.add_argument("--methods", nargs="+", help=f"default {' '.join(DEFAULT_METHODS)}; one of {sorted(METHODS)} or a "
+                   "design's variants")
     p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every n learner steps")
     p.add_argument("--config", help="default tiny_countdown")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
@@ -81,8 +88,10 @@ def parse(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="re-evaluate the base model and rewrite the report and plots from results.json")
     args = p.parse_args(argv)
-    args.lrs, args.tuning_seeds, args.design_sha = [None], [], None
+    args.lrs, args.tuning_seeds, args.design_sha, args.variants = [None], [], None, {}
     if args.design is None:
+        if args.methods and set(args.methods) - set(METHODS):
+            p.error(f"--methods {sorted(set(args.methods) - set(METHODS))} unknown; choose from {sorted(METHODS)}")
         defaults = {"steps": 40, "seeds": [0, 1, 2], "methods": DEFAULT_METHODS, "config": "tiny_countdown",
                     "overrides": []}
         for key, value in defaults.items():
@@ -99,7 +108,7 @@ def parse(argv=None):
     if args.methods and set(args.methods) - set(design["methods"]):
         p.error(f"--methods {sorted(set(args.methods) - set(design['methods']))} are not in the design")
     args.methods = args.methods or design["methods"]
-    for key in ("steps", "seeds", "config", "overrides", "lrs", "tuning_seeds"):
+    for key in ("steps", "seeds", "config", "overrides", "lrs", "tuning_seeds", "variants"):
         setattr(args, key, design[key])
     args.design_sha = design["sha256"]
     return args
@@ -146,7 +155,7 @@ def main(argv=None) -> int:
             return 0  # recorded by an earlier or concurrent invocation of this design
         name = f"{method}-s{seed}" if lr is None else f"{method}-lr{lr:g}-s{seed}"
         t0 = time.time()
-        cfg = load_config(args.config, METHODS[method] + args.overrides + ([f"learner.lr={lr}"] if lr else []) + [
+        cfg = load_config(args.config, {**METHODS, **args.variants}[method] + args.overrides + ([f"learner.lr={lr}"] if lr else []) + [
             f"run.root={out / 'runs'}", f"run.name={name}", f"run.seed={seed}",
             f"task.seed={seed}", f"run.total_steps={args.steps}", f"run.eval_every={args.eval_every}",
             f"run.eval_sampling_steps={sampling_steps}"])
@@ -159,6 +168,7 @@ def main(argv=None) -> int:
         results = record_run(out, results, {
             "method": method, "seed": seed, "lr": lr, "phase": phase, "run_dir": str(run_dir),
             "minutes": (time.time() - t0) / 60, "learner_s_per_step": statistics.mean(step_s) if step_s else None,
+            **time_shares(records),
             "curve": [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r],
             "at_steps": {str(r["eval_sampling_steps"]): r["eval_accuracy_at_steps"] for r in records
                          if "eval_sampling_steps" in r},
@@ -194,6 +204,20 @@ def main(argv=None) -> int:
                                  title=f"zones of confusion, policy version {int(versions[pick][0])}")
     plot_all(results, out)
     return 0
+
+
+def time_shares(records: list[dict]) -> dict[str, float]:
+    """Training wall seconds (first to last learner step) and the learner's and rollout workers' idle shares
+    over it: 1 - learner step seconds / wall, 1 - rollout generate seconds / (workers x wall)."""
+    steps = [r for r in records if "step_time_s" in r]
+    if len(steps) < 2:
+        return {}
+    t0, t1 = steps[0]["time"], steps[-1]["time"]
+    wall = t1 - t0
+    learn = sum(r["step_time_s"] for r in steps[1:])
+    gen = sum(r["gen_seconds"] for r in records if r.get("event") == "rollout" and t0 < r["time"] <= t1)
+    workers = statistics.mean(r["rollout_workers"] for r in steps)
+    return {"train_wall_s": wall, "learner_idle": 1 - learn / wall, "rollout_idle": 1 - gen / (workers * wall)}
 
 
 def _setup(results: dict) -> tuple:
@@ -290,7 +314,8 @@ def write_report(results: dict, out: Path) -> None:
         lr = f", lr {runs[0]['lr']:g}" if runs[0].get("lr") else ""
         lines.append(f"| {method} ({len(runs)} seeds{lr}) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} | "
                      + (f"{statistics.mean(step_s):.2f} |" if step_s else " |"))
-    for reference in ("agrpo", "atpo"):  # the paper's estimator, and its reallocation against the rest
+    lines += time_lines(results)
+    for reference in ("agrpo", "atpo", "sync"):  # the paper's estimator, its reallocation; sync for async designs
         lines += separation_lines(results, reference)
     lines += tuning
     if results.get("overrides"):
@@ -300,6 +325,21 @@ def write_report(results: dict, out: Path) -> None:
                         f"seeds {results['seeds']}, tuning seeds {results['tuning_seeds']}, lrs {results['lrs']}\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def time_lines(results: dict) -> list[str]:
+    """Where the time went (runs that recorded it): training wall seconds and the idle shares, mean ± 95%."""
+    rows = {m: runs for m, runs in by_method(results).items() if all("train_wall_s" in r for r in runs)}
+    if not rows:
+        return []
+
+    def cell(runs: list[dict], key: str, scale: float) -> str:
+        mean, half = mean_ci95([scale * r[key] for r in runs])
+        return f"{mean:.0f} ± {half:.0f}"
+
+    lines = ["", "| method | training wall s | learner idle % | rollout idle % |", "|---|---|---|---|"]
+    return lines + [f"| {m} | {cell(runs, 'train_wall_s', 1)} | {cell(runs, 'learner_idle', 100)} | "
+                    f"{cell(runs, 'rollout_idle', 100)} |" for m, runs in rows.items()]
 
 
 def tuning_lines(results: dict) -> list[str]:

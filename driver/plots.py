@@ -144,6 +144,31 @@ def plot_accuracy_vs_steps(points: dict[str, list[tuple[int, float]]], out: Path
     return _finish(plt, fig, ax, out, title)
 
 
+def plot_staleness(records: list[dict], out: Path, title: str = "") -> Path | None:
+    """Policy lag of the groups each learner step trained (mean, max, share stale) and, below, the stale draws'
+    importance weights pi_prox/pi_behav (mean +- std) with the share above algorithm.is_weight_cap."""
+    train = [r for r in records if "policy_lag_mean" in r and "step" in r]
+    if not train:
+        return None
+    plt = _plt()
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True)
+    steps = np.array([r["step"] for r in train])
+    ax.plot(steps, [r["policy_lag_mean"] for r in train], label="mean lag (versions)")
+    ax.plot(steps, [r["policy_lag_max"] for r in train], alpha=0.6, label="max lag")
+    ax.plot(steps, [r["stale_group_share"] for r in train], color="gray", alpha=0.6, label="share of groups stale")
+    ax.set_ylabel("policy lag")
+    nan = float("nan")
+    mean = np.array([r.get("is_weight_mean", nan) for r in train])
+    std = np.array([r.get("is_weight_std", nan) for r in train])
+    low.plot(steps, mean, color="C0", label="importance weight, mean")
+    low.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.2, label="+- std")
+    low.plot(steps, [r.get("is_truncated_share", nan) for r in train], color="C3", label="share truncated")
+    low.set_xlabel("learner step")
+    low.grid(alpha=0.3)
+    low.legend(fontsize=8)
+    return _finish(plt, fig, ax, out, title)
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Every plot a run directory supports, written to ``<run_dir>/plots``."""
     from common.metrics import read_metrics
@@ -155,6 +180,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if (run_dir / "metrics.jsonl").is_file():
         records = read_metrics(run_dir / "metrics.jsonl")
         if (p := plot_curves(records, plots / "reward_accuracy.png", f"{run_dir.name}\nreward and accuracy")):
+            made.append(p)
+        if (p := plot_staleness(records, plots / "staleness.png", f"{run_dir.name}\nstaleness")):
             made.append(p)
         at_steps = [r for r in records if "eval_sampling_steps" in r]
         if at_steps:  # the base (step 0) beside the trained policy (the last step evaluated)

@@ -28,7 +28,8 @@ from common.model import to_dtype
 from common.trajectory import Trajectory
 from common.weights import WeightUpdate, flat_layout
 from learner import checkpoint as ckpt
-from learner.losses.base import select_rows
+from learner.losses.base import PolicyLoss, select_rows
+from learner.losses.offpolicy import LAG_KEY, lag_metrics, policy_lag, weight_summary
 from learner.lora import apply_lora, is_adapter, lora_scales
 from learner.optim import build_optimizer, lr_at, set_lr
 from learner.weight_sync import build_sender
@@ -190,6 +191,9 @@ class LearnerRank:
         num_micro = math.ceil(math.ceil(total / self.world_size) / per_micro)
         lr = lr_at(self.cfg, self.version)
         metrics: dict[str, float] = {}
+        if isinstance(self.loss, PolicyLoss) and batch.policy_version_B is not None:  # SFT rows have no sampler
+            batch.extras[LAG_KEY] = policy_lag(batch.policy_version_B, self.version)
+            metrics.update(lag_metrics(batch.extras[LAG_KEY], batch.group_B))
         norms, applied = [], 0
         epochs = getattr(self.loss, "inner_epochs", 1)  # algorithm.inner_epochs; SFT takes one pass
         for epoch in range(epochs):
@@ -208,6 +212,7 @@ class LearnerRank:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         metrics["loss"] = metrics.get("loss", 0.0) / epochs
+        metrics.update(weight_summary(metrics))
         if "tokens" in metrics:  # the loss's count of scored tokens (what its ratio sums are over); not the batch's
             metrics["scored_tokens"] = metrics.pop("tokens")
         metrics.update({

@@ -56,6 +56,25 @@ class _Stepwise(_PolicyGradient):
         "non-EOS token (AGRPO's release); non_eos = only steps that drew a non-EOS token; all = every step that "
         "drew a token (the only exact choice: the others drop the EOS-only steps' terms).",
     )
+    correction: Literal["none", "decoupled"] = Field(
+        default="none",
+        description="Off-policy correction of groups sampled by an older policy (queue.max_staleness > 0): none = "
+        "the PPO ratio against the behaviour log-probs both corrects and clips; decoupled = clip against the "
+        "proximal policy (the learner's at the step's start) and weight each draw by pi_prox/pi_behav truncated at "
+        "is_weight_cap (AReaL's decoupled PPO; docs/ALGORITHMS.md). Groups with lag 0 train the same either way.",
+    )
+    is_weight_cap: float = Field(
+        default=2.0, ge=1.0,
+        description="Truncation of the decoupled importance weights pi_prox/pi_behav (also the threshold of the "
+        "is_truncated_share metric under correction none).",
+    )
+
+    @model_validator(mode="after")
+    def _one_epoch_for_decoupled(self) -> "_Stepwise":
+        if self.correction == "decoupled" and self.inner_epochs != 1:
+            raise ValueError("correction 'decoupled' takes the proximal log-probs from inner epoch 0's forward: set "
+                             "inner_epochs 1 (later epochs' steps would need a pass of their own at the old weights)")
+        return self
 
 
 class AgrpoConfig(_Stepwise):

@@ -22,6 +22,7 @@ from learner.losses.base import (
     sampled_tokens,
     sampler_logprobs,
 )
+from learner.losses.offpolicy import LAG_KEY, add_weight_sums, decoupled_pg
 
 
 class StepwiseLoss(PolicyLoss):
@@ -52,6 +53,7 @@ class StepwiseLoss(PolicyLoss):
         out.extras["steps_BK"] = steps_BK.to(device)
         out.extras["step_weights_BK"] = weights_BK.to(device)
         out.extras["eligible_steps_B"] = eligible_BT.sum(1).to(device)
+        out.extras["inner_epoch"] = int(epoch)
         return out
 
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
@@ -62,6 +64,13 @@ class StepwiseLoss(PolicyLoss):
             raise ValueError(f"total_samples must be the global batch size (> 0), got {total_samples}")
         if self.cfg.beta_kl > 0 and ref_model is None:
             raise ValueError("beta_kl > 0 needs ref_model (the frozen reference policy)")
+        lag_B = micro.extras.get(LAG_KEY)
+        decoupled = self.cfg.correction == "decoupled"
+        if decoupled and lag_B is None:
+            raise ValueError(f"algorithm.correction=decoupled needs each row's policy lag (extras[{LAG_KEY!r}], which "
+                             "the learner sets from policy_version_B); set correction none to train without it")
+        # The policy at this step's start (the proximal one) is the one computing logp_N in inner epoch 0.
+        first_epoch = micro.extras.get("inner_epoch", 0) == 0
         adv_B = per_sample_extra(micro, "advantages_B")
         steps_BK = per_sample_extra(micro, "steps_BK")
         weights_BK = per_sample_extra(micro, "step_weights_BK")
@@ -79,7 +88,15 @@ class StepwiseLoss(PolicyLoss):
             logp_N = self._logp(model, hidden.rows(b_N, P + g_N), micro, rows)
             adv_N = adv_B.to(device)[b_N].float()
             # Per-draw ratios: at the behaviour policy d(sum_j r_j A) = A grad log pi(a_t|s_t) exactly.
-            tok_loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high)
+            stale_N = None if lag_B is None else lag_B.to(device)[b_N] != 0
+            if decoupled:  # fresh rows: proximal = behaviour policy, so w = 1 and the loss is the coupled one
+                prox_N = torch.where(stale_N, logp_N.detach(), rows.old_logp_N)
+                tok_loss_N, ratio_N, low_N, high_N = decoupled_pg(
+                    logp_N, prox_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high, self.cfg.is_weight_cap)
+            else:
+                tok_loss_N, ratio_N, low_N, high_N = clipped_pg(logp_N, rows.old_logp_N, adv_N, self.clip_low, self.clip_high)
+            if stale_N is not None and first_epoch:  # the stale draws' pi_prox / pi_behav, whichever correction
+                add_weight_sums(m, torch.exp(logp_N.detach() - rows.old_logp_N)[stale_N], self.cfg.is_weight_cap)
             kl_N = None
             if self.cfg.beta_kl > 0:
                 with torch.no_grad():

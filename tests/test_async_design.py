@@ -1,0 +1,60 @@
+"""The pre-registered async comparison (docs/results/async_design.md) can run as registered: its designs load,
+every variant is a valid config, and rl_compare measures where a run's time went."""
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.rl_compare import load_design, parse, time_shares
+from common.config import load_config
+
+DESIGNS = sorted(Path("benchmarks/designs").glob("async_*.json"))
+
+
+@pytest.mark.parametrize("path", DESIGNS, ids=lambda p: p.stem)
+def test_the_registered_designs_load_and_every_variant_is_a_valid_config(path):
+    design = load_design(path)
+    assert len(design["seeds"]) >= 8 and set(design["methods"]) == set(design["variants"])
+    for name in design["methods"]:
+        cfg = load_config(design["config"], design["variants"][name])
+        assert cfg.queue.max_staleness == (0 if name == "sync" else int(name[5]))
+        assert cfg.algorithm.correction == ("decoupled" if name.endswith("decoupled") else "none")
+    assert parse(["--design", str(path), "--methods", "async1", "--out", "x"]).methods == ["async1"]
+
+
+def test_a_variant_may_not_shadow_a_method(tmp_path):
+    design = tmp_path / "d.json"
+    design.write_text(json.dumps({"config": "tiny_countdown", "steps": 2, "methods": ["agrpo"], "lrs": [1e-4],
+                                  "tuning_seeds": [9], "seeds": [0], "variants": {"agrpo": ["queue.max_staleness=1"]}}))
+    with pytest.raises(ValueError, match="shadow"):
+        load_design(design)
+    with pytest.raises(SystemExit):
+        parse(["--methods", "async1", "--out", "x"])  # variants exist only inside a design
+
+
+def test_time_shares_of_a_run():
+    # steps end at t = 10, 20, 30 (20 s of wall after the first): learner busy 4 + 6 s, one worker generating 4 + 3 s;
+    # the rollout logged before the first step's end left out
+    records = [{"time": 9.0, "event": "rollout", "gen_seconds": 5.0},
+               {"time": 10.0, "step_time_s": 3.0, "rollout_workers": 1},
+               {"time": 15.0, "event": "rollout", "gen_seconds": 4.0},
+               {"time": 20.0, "step_time_s": 4.0, "rollout_workers": 1},
+               {"time": 25.0, "event": "rollout", "gen_seconds": 3.0},
+               {"time": 30.0, "step_time_s": 6.0, "rollout_workers": 1}]
+    assert time_shares(records) == pytest.approx({"train_wall_s": 20.0, "learner_idle": 0.5, "rollout_idle": 0.65})
+    assert time_shares(records[:2]) == {}
+
+
+def test_the_async_simulation_on_cases_worked_by_hand():
+    from benchmarks.sim_async import Shape, simulate
+
+    shape = Shape()
+    call, learn = shape.call_s(shape.prompts_per_call), shape.learn_s()
+    # synchronous, one worker: two calls of 4 groups, then the learner; nobody overlaps
+    sync = simulate(shape, workers=1, max_staleness=0)
+    assert sync["step_s"] == pytest.approx(2 * call + learn) and sync["lag"] == 0
+    # synchronous with 8 workers: the budget of 8 groups admits two calls of 4, so 6 workers never run
+    assert simulate(shape, workers=8, max_staleness=0)["rollout_idle"] == pytest.approx(1 - 2 * call / (8 * (call + learn)))
+    # one group a call and many workers under a large budget: the learner is the bottleneck, never idle
+    fast = simulate(Shape(prompts_per_call=1), workers=64, max_staleness=4)
+    assert fast["step_s"] == pytest.approx(learn) and fast["learner_idle"] == pytest.approx(0, abs=1e-9)
