@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import CoupledGrpoConfig, EspoConfig, SpgConfig, Wd1Config
+from common.config import CoupledGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig, Wd1Config
 from common.trajectory import Trajectory
 from learner.losses import build_loss
 from tests.fixtures.estimators import public_harness as H
@@ -214,3 +214,45 @@ def test_espo_masks_are_distributed_like_the_public_ones(tiny):
     totals = masks_BEMG.double().sum((0, 3)).reshape(-1)
     assert float(totals.mean()) == pytest.approx(rec["mask_frequency"]["total_mean"], rel=0.02)
     assert float(totals.var()) == pytest.approx(rec["mask_frequency"]["total_var"], rel=0.15)
+
+
+# --- JustGRPO
+
+
+def stepped_batch(rec: dict, unmask_BG: torch.Tensor, logp_BG: torch.Tensor, *, temperature: float, block_length: int,
+                  block_grid: str = "completion") -> Trajectory:
+    """The fixture's inputs with a decoding record (unmask steps, behaviour log-probs), the full vocabulary drawn."""
+    prompt_BP = torch.tensor(rec["prompt_ids"])
+    comp_BG = torch.tensor(rec["completion_ids"])
+    B, G = comp_BG.shape
+    T = int(unmask_BG.max()) + 1
+    committed_BT = torch.zeros(B, T, dtype=torch.long).scatter_add_(1, unmask_BG, torch.ones_like(unmask_BG))
+    zeros_BG = torch.zeros(B, G)
+    return Trajectory(
+        prompt_ids_BP=prompt_BP, prompt_mask_BP=torch.ones_like(prompt_BP, dtype=torch.bool), completion_ids_BG=comp_BG,
+        unmask_step_BG=unmask_BG, logp_BG=logp_BG, entropy_BG=zeros_BG, margin_BG=zeros_BG,
+        cutoff_BG=torch.full((B, G), float("-inf")), step_entropy_BT=torch.zeros(B, T), step_margin_BT=torch.zeros(B, T),
+        step_committed_BT=committed_BT, temperature=temperature, block_length=block_length, block_grid=block_grid,
+        banned_ids=(), commit_reads_draws=False, rewards_B=torch.tensor(rec["rewards"]), group_B=torch.tensor(rec["groups"]),
+    )
+
+
+@pytest.mark.parametrize("run", ["T1.0", "T0.7"])
+def test_justgrpo_matches_public_code(tiny, run):
+    """Left-to-right decoding, one token a step: every step scored at its state, 1/(G n_valid) weights, the public
+    advantages (unbiased std + 1e-4); the public "old" log-prob is the current one, the behaviour record here."""
+    rec = load_fixture("justgrpo", tiny)
+    public = rec["runs"][run]
+    policy = H.perturbed(tiny, seed=rec["policy_noise_seed"])
+    comp_BG = torch.tensor(rec["completion_ids"])
+    B, G = comp_BG.shape
+    batch = stepped_batch(rec, torch.arange(G).expand(B, G).contiguous(), torch.tensor(public["token_logp_BG"]),
+                          temperature=public["temperature"], block_length=1)
+    loss = build_loss(JustGrpoConfig(), mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    batch = loss.prepare(batch, seed=0)
+    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
+    policy.zero_grad()
+    m = loss.backward(policy, batch, total_samples=len(batch))
+    assert m["steps"] == B * G and m["abs_log_ratio_sum"] < 1e-4 * m["tokens"]
+    scale = float(batch.extras["advantages_B"].abs().mean())  # the loss sums A_i of both signs to ~0
+    assert_matches(m, public, policy, f"justgrpo {run}", loss_scale=scale)
