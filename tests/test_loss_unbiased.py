@@ -15,6 +15,8 @@
    many seeded draws of each selector's real ``prepare`` weights, times exact per-(sample, step) gradients
    computed independently (every draw of the step scored), matches the exact full objective; the test is
    on the projection onto the exact gradient, whose standard error is ~1e-3, so a global x1.08 bias fails.
+3. The field's trajectory estimators (TraceRL, JustGRPO) on the enumeration of 1: exact up to their constant
+   token weight where they claim it, off where they merge steps or leave discarded draws out.
 
 Letters: B samples, P prompt length, G completion length, T steps, S discard slots, D parameters,
 N enumerated trajectories.
