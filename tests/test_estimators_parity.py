@@ -261,7 +261,8 @@ def test_justgrpo_matches_public_code(tiny, run):
 # --- TraceRL
 
 
-@pytest.mark.parametrize("run", ["sdar_shrink1_post0", "sdar_shrink2_all", "llada_shrink1_post0", "llada_shrink3_post2"])
+@pytest.mark.parametrize("run", ["sdar_shrink1_post0", "sdar_shrink2_all", "llada_shrink1_post0", "llada_shrink3_post2",
+                                 "sdar_tight_clip", "llada_tight_clip"])
 def test_tracerl_matches_public_code(tiny, run):
     """Both public scripts: SDAR's rounds over the [prompt | response | noisy response] layout with its 4-d mask
     against our per-step state rebuilds on tiny-sdar (block-causal), LLaDA's one noisy copy per (merged) step on
@@ -281,7 +282,8 @@ def test_tracerl_matches_public_code(tiny, run):
     unmask_BG = torch.tensor(public["unmask_step"])
     batch = stepped_batch(rec, unmask_BG, torch.zeros(unmask_BG.shape), temperature=1.0,
                           block_length=rec["blocks"][variant], block_grid="sequence" if variant == "sdar" else "completion")
-    cfg = TraceRLConfig(variant=variant, shrink=public["shrink"], post_num=public["post_num"], inner_epochs=2)
+    cfg = TraceRLConfig(variant=variant, shrink=public["shrink"], post_num=public["post_num"], clip_eps=public["eps"],
+                        inner_epochs=2)
     loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
     first = loss.prepare(batch, seed=0, epoch=0)
     assert torch.allclose(first.extras["advantages_B"], torch.tensor(rec["advantages"]))
@@ -291,6 +293,7 @@ def test_tracerl_matches_public_code(tiny, run):
     policy.zero_grad()
     m = loss.backward(policy, prepared, total_samples=len(prepared))
     assert m["abs_log_ratio_sum"] > 0 and m["kl_sum"] > 0
+    assert (m["clipped_tokens"] > 0) == run.endswith("tight_clip")
     scale = float(prepared.extras["advantages_B"].abs().mean())
     assert_matches(m, public, policy, f"tracerl {run}", loss_scale=scale)
 
