@@ -1,5 +1,6 @@
 """Bias of the sequence-likelihood surrogates (d1 one-pass = diffu-GRPO's and wd1's likelihood, coupled-GRPO,
-SPG, ESPO) against the exact policy gradient, by the exact enumeration of tests/test_loss_unbiased.py.
+SPG, ESPO) and of TraceRL's merged steps against the exact policy gradient, by the exact enumeration of
+tests/test_loss_unbiased.py.
 
 Every trajectory of the tiny 6-token LLaDA (one block, 2 tokens in 2 steps, random and low-confidence
 remasking at temperature 1) is enumerated with
@@ -9,8 +10,11 @@ over ``--draws`` seeds of its real ``prepare``; the real ``backward`` at ratio 1
 SPG runs with block length 1 (its default block masking needs num_t = 2 blocks; the
 completion here is 2-3 tokens) and with random masking. Surrogates rescale the gradient in their own ways, so the table gives the cosine to the exact gradient and
 the relative error after the best rescaling (sin of the angle); AGRPO scoring every draw is the control (1, 0).
+TraceRL draws nothing (one pass of its rows); its committed-only scoring is exact under random remasking and
+biased under low-confidence, and shrink 2 merges the two steps into one row at the first step's state.
 
     python -m benchmarks.bench_surrogate_bias --draws 200 --out benchmarks/results/surrogate_bias.md
+    python -m benchmarks.bench_surrogate_bias --draws 200 --only TraceRL --out benchmarks/results/surrogate_bias_tracerl.md
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--draws", type=int, default=200, help="mask draws (prepare seeds) per surrogate")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--only", default=None, help="run only the estimators whose name contains this (and the control)")
     return p.parse_args(argv)
 
 
 def surrogate_configs():
-    from common.config import AgrpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig
+    from common.config import AgrpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, TraceRLConfig
 
     return {
         "AGRPO, every draw (control)": AgrpoConfig(k_steps=8, normalize="sum", eligible_steps="all", draws="all"),
@@ -38,10 +43,12 @@ def surrogate_configs():
         "SPG, EUBO, block 1": SpgConfig(negative_bound="eubo", block_length=1, inner_epochs=1),
         "SPG, mix, random masking": SpgConfig(masking="random", inner_epochs=1),
         "ESPO": EspoConfig(beta_kl=0.0, inner_epochs=1),
+        "TraceRL, rl_sdar defaults (shrink 1)": TraceRLConfig(beta_kl=0.0, std_normalize=False),
+        "TraceRL, shrink 2": TraceRLConfig(shrink=2, beta_kl=0.0, std_normalize=False),
     }
 
 
-def directions(model, leaves, G, steps, temperature, reads_draws, draws):
+def directions(model, leaves, G, steps, temperature, reads_draws, draws, only=None):
     """(exact gradient, {name: expected surrogate direction}) as float64 vectors."""
     import torch
 
@@ -59,10 +66,12 @@ def directions(model, leaves, G, steps, temperature, reads_draws, draws):
     adv_N = (N * p_N * (reward_N - (p_N * reward_N).sum())).float()
     out = {}
     for name, cfg in surrogate_configs().items():
+        if only is not None and only not in name and cfg.name != "agrpo":
+            continue
         batch = leaves_batch(leaves, G, steps, temperature, reads_draws)
         loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=None)
         total = torch.zeros_like(exact)
-        seeds = 1 if cfg.name == "agrpo" else draws
+        seeds = 1 if cfg.name in ("agrpo", "tracerl") else draws  # they draw no masks
         for seed in range(seeds):
             prepared = loss.prepare(batch, seed=seed)
             prepared.extras["advantages_B"] = adv_N
@@ -73,7 +82,7 @@ def directions(model, leaves, G, steps, temperature, reads_draws, draws):
     return exact, out
 
 
-def rows(draws: int) -> list[dict]:
+def rows(draws: int, only=None) -> list[dict]:
     from tests.test_loss_unbiased import _rule_reads_draws, _tiny, enumerate_trajectories
 
     model = _tiny()
@@ -81,7 +90,7 @@ def rows(draws: int) -> list[dict]:
     result = []
     for rule, G, steps, temperature, threshold in cases:
         leaves = enumerate_trajectories(model, G, steps, rule, temperature, threshold)
-        exact, est = directions(model, leaves, G, steps, temperature, _rule_reads_draws(rule, threshold), draws)
+        exact, est = directions(model, leaves, G, steps, temperature, _rule_reads_draws(rule, threshold), draws, only)
         for name, d in est.items():
             cos = float(d @ exact / (d.norm() * exact.norm()))
             result.append(dict(case=f"{rule}, G={G}, T={temperature}", estimator=name, cos=cos,
@@ -93,9 +102,11 @@ def rows(draws: int) -> list[dict]:
 def main(argv=None):
     args = parse(argv)
     start = time.perf_counter()
-    table = rows(args.draws)
+    table = rows(args.draws, args.only)
     lines = ["# Surrogate bias by exact enumeration", "",
-             f"`python -m benchmarks.bench_surrogate_bias --draws {args.draws}` ({time.perf_counter() - start:.0f} s). "
+             f"`python -m benchmarks.bench_surrogate_bias --draws {args.draws}"
+             + (f" --only {args.only}" if args.only else "") + "` "
+             f"({time.perf_counter() - start:.0f} s). "
              "Cosine of each estimator's expected gradient (its masks averaged over the draws) with the exact "
              "gradient of E[R], and the relative error left after the best rescaling.", "",
              "| decoding | estimator | cosine | relative error after rescaling |", "|---|---|---|---|"]

@@ -42,6 +42,11 @@ METHODS = {
     "diffu_grpo": ["algorithm={name: diffu_grpo}"],
     # control: under low-confidence remasking scores only the committed draws (biased, low variance)
     "agrpo_committed": ["algorithm.name=agrpo", "algorithm.draws=committed"],
+    # TraceRL: every step of the trajectory, committed tokens (rl_sdar.py's defaults: exact where committed-only is)
+    "tracerl": ["algorithm={name: tracerl}"],
+    "tracerl_llada": ["algorithm={name: tracerl, variant: llada, shrink: 8}"],  # rl_llada.yaml: a surrogate
+    # JustGRPO decodes left to right, one token a step: the preset's sampler.steps must equal its gen_length
+    "justgrpo": ["algorithm={name: justgrpo}", "sampler.remasking=sequential"],
 }
 DEFAULT_METHODS = ["agrpo", "atpo", "atpo_unbiased", "diffu_grpo"]
 

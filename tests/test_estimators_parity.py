@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import CoupledGrpoConfig, EspoConfig, SpgConfig, Wd1Config
+from common.config import CoupledGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig, Wd1Config
 from common.trajectory import Trajectory
 from learner.losses import build_loss
 from tests.fixtures.estimators import public_harness as H
@@ -214,3 +214,112 @@ def test_espo_masks_are_distributed_like_the_public_ones(tiny):
     totals = masks_BEMG.double().sum((0, 3)).reshape(-1)
     assert float(totals.mean()) == pytest.approx(rec["mask_frequency"]["total_mean"], rel=0.02)
     assert float(totals.var()) == pytest.approx(rec["mask_frequency"]["total_var"], rel=0.15)
+
+
+# --- JustGRPO
+
+
+def stepped_batch(rec: dict, unmask_BG: torch.Tensor, logp_BG: torch.Tensor, *, temperature: float, block_length: int,
+                  block_grid: str = "completion") -> Trajectory:
+    """The fixture's inputs with a decoding record (unmask steps, behaviour log-probs), the full vocabulary drawn."""
+    prompt_BP = torch.tensor(rec["prompt_ids"])
+    comp_BG = torch.tensor(rec["completion_ids"])
+    B, G = comp_BG.shape
+    T = int(unmask_BG.max()) + 1
+    committed_BT = torch.zeros(B, T, dtype=torch.long).scatter_add_(1, unmask_BG, torch.ones_like(unmask_BG))
+    zeros_BG = torch.zeros(B, G)
+    return Trajectory(
+        prompt_ids_BP=prompt_BP, prompt_mask_BP=torch.ones_like(prompt_BP, dtype=torch.bool), completion_ids_BG=comp_BG,
+        unmask_step_BG=unmask_BG, logp_BG=logp_BG, entropy_BG=zeros_BG, margin_BG=zeros_BG,
+        cutoff_BG=torch.full((B, G), float("-inf")), step_entropy_BT=torch.zeros(B, T), step_margin_BT=torch.zeros(B, T),
+        step_committed_BT=committed_BT, temperature=temperature, block_length=block_length, block_grid=block_grid,
+        banned_ids=(), commit_reads_draws=False, rewards_B=torch.tensor(rec["rewards"]), group_B=torch.tensor(rec["groups"]),
+    )
+
+
+@pytest.mark.parametrize("run", ["T1.0", "T0.7"])
+def test_justgrpo_matches_public_code(tiny, run):
+    """Left-to-right decoding, one token a step: every step scored at its state, 1/(G n_valid) weights, the public
+    advantages (unbiased std + 1e-4); the public "old" log-prob is the current one, the behaviour record here."""
+    rec = load_fixture("justgrpo", tiny)
+    public = rec["runs"][run]
+    policy = H.perturbed(tiny, seed=rec["policy_noise_seed"])
+    comp_BG = torch.tensor(rec["completion_ids"])
+    B, G = comp_BG.shape
+    batch = stepped_batch(rec, torch.arange(G).expand(B, G).contiguous(), torch.tensor(public["token_logp_BG"]),
+                          temperature=public["temperature"], block_length=1)
+    loss = build_loss(JustGrpoConfig(), mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    batch = loss.prepare(batch, seed=0)
+    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
+    policy.zero_grad()
+    m = loss.backward(policy, batch, total_samples=len(batch))
+    assert m["steps"] == B * G and m["abs_log_ratio_sum"] < 1e-4 * m["tokens"]
+    scale = float(batch.extras["advantages_B"].abs().mean())  # the loss sums A_i of both signs to ~0
+    assert_matches(m, public, policy, f"justgrpo {run}", loss_scale=scale)
+
+
+# --- TraceRL
+
+
+@pytest.mark.parametrize("run", ["sdar_shrink1_post0", "sdar_shrink2_all", "llada_shrink1_post0", "llada_shrink3_post2",
+                                 "sdar_tight_clip", "llada_tight_clip"])
+def test_tracerl_matches_public_code(tiny, run):
+    """Both public scripts: SDAR's rounds over the [prompt | response | noisy response] layout with its 4-d mask
+    against our per-step state rebuilds on tiny-sdar (block-causal), LLaDA's one noisy copy per (merged) step on
+    tiny LLaDA; old log-probs at the first visit (the rollout policy), then the loss under the updated policy."""
+    from common.model import build_model, preset_config
+
+    rec = load_fixture("tracerl", tiny)
+    public = rec["runs"][run]
+    variant = public["variant"]
+    if variant == "sdar":
+        base = build_model(preset_config("tiny-sdar"), seed=rec["model_seed"]).float()
+        assert rec["sdar_model_checksum"] == pytest.approx(H.model_checksum(base), rel=1e-12)
+    else:
+        base = tiny
+    policy = H.perturbed(base, seed=rec["policy_noise_seed"])
+    rec = {**rec, "prompt_ids": public["prompt_ids"], "completion_ids": public["completion_ids"]}
+    unmask_BG = torch.tensor(public["unmask_step"])
+    batch = stepped_batch(rec, unmask_BG, torch.zeros(unmask_BG.shape), temperature=1.0,
+                          block_length=rec["blocks"][variant], block_grid="sequence" if variant == "sdar" else "completion")
+    cfg = TraceRLConfig(variant=variant, shrink=public["shrink"], post_num=public["post_num"], clip_eps=public["eps"],
+                        inner_epochs=2)
+    loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    first = loss.prepare(batch, seed=0, epoch=0)
+    assert torch.allclose(first.extras["advantages_B"], torch.tensor(rec["advantages"]))
+    loss.backward(base, first, total_samples=len(first))  # first visit, rollout policy: the old log-probs
+    base.zero_grad()
+    prepared = loss.prepare(batch, seed=0, epoch=1)
+    policy.zero_grad()
+    m = loss.backward(policy, prepared, total_samples=len(prepared))
+    assert m["abs_log_ratio_sum"] > 0 and m["kl_sum"] > 0
+    assert (m["clipped_tokens"] > 0) == run.endswith("tight_clip")
+    scale = float(prepared.extras["advantages_B"].abs().mean())
+    assert_matches(m, public, policy, f"tracerl {run}", loss_scale=scale)
+
+
+@pytest.mark.parametrize("name", ["tracerl", "justgrpo"])
+def test_trajectory_estimators_are_micro_batch_invariant(tiny, name):
+    """The whole batch in one backward and in micro-batches of 4 + 2 rows (what ranks and micro-batches get) give
+    the same loss and gradient: the row normalisers are the whole batch's, set in prepare."""
+    from learner.losses import select_rows
+
+    rec = load_fixture("justgrpo", tiny)
+    comp_BG = torch.tensor(rec["completion_ids"])
+    B, G = comp_BG.shape
+    g_G = torch.arange(G)
+    step_G = g_G if name == "justgrpo" else g_G // 4 * 4 + (g_G * 3) % 4  # blocks of 4 in a scrambled order
+    unmask_BG = step_G.expand(B, G).contiguous()
+    batch = stepped_batch(rec, unmask_BG, torch.tensor(rec["runs"]["T1.0"]["token_logp_BG"]), temperature=1.0, block_length=4)
+    cfg = JustGrpoConfig() if name == "justgrpo" else TraceRLConfig(variant="llada")
+    results = []
+    for splits in ([slice(0, B)], [slice(0, 4), slice(4, B)]):
+        loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+        prepared = loss.prepare(batch, seed=0)
+        tiny.zero_grad()
+        total = sum(loss.backward(tiny, select_rows(prepared, s), total_samples=B)["loss"] for s in splits)
+        results.append((total, H.grad_summary(tiny)))
+    tiny.zero_grad()
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-7)
+    assert torch.allclose(torch.tensor(g1["proj"]), torch.tensor(g2["proj"]), rtol=1e-5, atol=1e-6 * g1["norm"])

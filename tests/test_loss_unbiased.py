@@ -15,6 +15,8 @@
    many seeded draws of each selector's real ``prepare`` weights, times exact per-(sample, step) gradients
    computed independently (every draw of the step scored), matches the exact full objective; the test is
    on the projection onto the exact gradient, whose standard error is ~1e-3, so a global x1.08 bias fails.
+3. The field's trajectory estimators (TraceRL, JustGRPO) on the enumeration of 1: exact up to their constant
+   token weight where they claim it, off where they merge steps or leave discarded draws out.
 
 Letters: B samples, P prompt length, G completion length, T steps, S discard slots, D parameters,
 N enumerated trajectories.
@@ -63,6 +65,8 @@ def _rule_reads_draws(rule, threshold):
 def _choose(rule, n, masked, conf, margin, threshold, top=None):
     """The commit rule as ``rollout.sampler._choose`` states it, over the masked positions in order.
     Returns a list of (committed positions, probability of that choice)."""
+    if rule == "sequential":  # leftmost first
+        return [(set(sorted(masked)[:n]), 1.0)]
     if rule == "random":  # i.i.d. uniform scores: every n-subset equally likely, independent of theta
         subsets = list(itertools.combinations(masked, n))
         return [(set(s), 1.0 / len(subsets)) for s in subsets]
@@ -436,3 +440,84 @@ def test_atpo_topk_reallocates_and_the_check_sees_it(mc_setup):
     assert torch.equal(W_NX[0], W_NX[1])
     ok, stats = mc_check(W_NX, target_weights(traj, cfg), gm_XD)
     assert not ok and abs(stats["coef"] - 1) > 0.05, stats
+
+
+# --- 3. the field's trajectory estimators (TraceRL, JustGRPO) by the same enumeration
+
+
+def exact_and_loss(model, G, steps, rule, temperature, cfg):
+    """(exact grad E[R], the loss's expected gradient divided by its uniform token weight, the weight)."""
+    leaves = enumerate_trajectories(model, G, steps, rule, temperature)
+    logprob_N = torch.stack([leaf["logprob"] for leaf in leaves])
+    reward_N = torch.tensor([_reward(leaf["completion"], G) for leaf in leaves], dtype=torch.float64)
+    model.zero_grad()
+    (logprob_N.double().exp() * reward_N).sum().backward()
+    exact_D = flat_grad(model).double().clone()
+    model.zero_grad()
+    batch = leaves_batch(leaves, G, steps, temperature, _rule_reads_draws(rule, None), None, _grid(model),
+                         getattr(model.config, "block_size", G))
+    N = len(leaves)
+    loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=None)
+    prepared = loss.prepare(batch, seed=0)
+    key = "trace_weight_BK" if cfg.name == "tracerl" else "step_weights_BK"
+    w = prepared.extras[key][prepared.extras[key] > 0]
+    assert torch.allclose(w, w[0])  # the settings tested weigh every scored token alike
+    prepared.extras["advantages_B"] = (N * logprob_N.detach().double().exp() * reward_N).float()
+    m = loss.backward(model, prepared, total_samples=N)
+    assert m["clipped_tokens"] == 0 and m["abs_log_ratio_sum"] < 1e-4 * m["tokens"]  # on-policy: ratio 1
+    est_D = -flat_grad(model).double().clone() / float(w[0])
+    model.zero_grad()
+    return exact_D, est_D
+
+
+TRACE_CASES = [("random", 2, 2, 1.0), ("top_prob", 2, 2, 0.7), ("margin", 2, 2, 0.7), ("sequential", 2, 2, 0.7),
+               ("low_confidence", 2, 2, 1.0)]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdar"])
+@pytest.mark.parametrize("rule,G,steps,temperature", TRACE_CASES, ids=lambda v: str(v))
+def test_tracerl_trajectory_terms_are_the_exact_score_where_the_rule_reads_no_draw(preset, rule, G, steps, temperature):
+    """TraceRL with one step a row (shrink 1), every token at 1/G (variant sdar) and no padding dropped is the exact
+    gradient up to its constant weight wherever committed-only scoring is (on LLaDA and on the block-causal
+    family); under low-confidence decoding it scores no discarded draw and is off."""
+    from common.config import TraceRLConfig
+
+    block = next(k for k in range(G, len(PROMPT) + 1) if len(PROMPT) % k == 0) if preset == "tiny-sdar" else None
+    model = _tiny(preset=preset, block_size=block) if preset != "tiny" else _tiny()
+    cfg = TraceRLConfig(variant="sdar", shrink=1, post_num=None, beta_kl=0.0, std_normalize=False)
+    exact_D, est_D = exact_and_loss(model, G, steps, rule, temperature, cfg)
+    off = _rel(est_D, exact_D)
+    assert off < 1e-4 if rule != "low_confidence" else off > 0.01, off
+
+
+def test_tracerl_shrink_and_step_means_are_surrogates(tiny):
+    """shrink 2 scores the second step's token at the first step's state: not the score function. The llada
+    variant's 1/|row| weights equal 1/G ones only when every row has the same size; with 2 tokens in 2 steps
+    they do, and it is exact there."""
+    from common.config import TraceRLConfig
+
+    exact_D, est_D = exact_and_loss(tiny, 2, 2, "random", 1.0, TraceRLConfig(shrink=2, post_num=None, beta_kl=0.0))
+    assert _rel(est_D, exact_D) > 0.01
+    exact_D, est_D = exact_and_loss(tiny, 2, 2, "random", 1.0, TraceRLConfig(variant="llada", post_num=None, beta_kl=0.0))
+    assert _rel(est_D, exact_D) < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdar"])
+def test_justgrpo_is_the_exact_gradient_of_left_to_right_decoding(preset):
+    """Sequential decoding, one token a step (G = steps = 2, every draw enumerated): JustGRPO's sum over every
+    step is the exact gradient up to its weight 1/(G n_valid)."""
+    from common.config import JustGrpoConfig
+
+    model = _tiny(preset=preset, block_size=2) if preset != "tiny" else _tiny()
+    exact_D, est_D = exact_and_loss(model, 2, 2, "sequential", 0.7, JustGrpoConfig())
+    assert exact_D.norm() > 0 and _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
+
+
+def test_justgrpo_refuses_other_decoding_orders(tiny):
+    from common.config import JustGrpoConfig
+
+    leaves = enumerate_trajectories(tiny, 2, 2, "random", 1.0)
+    batch = leaves_batch(leaves, 2, 2, 1.0, False)
+    loss = build_loss(JustGrpoConfig(), mask_id=MASK, pad_id=PAD, eos_id=None)
+    with pytest.raises(ValueError, match="sequential"):
+        loss.prepare(batch, seed=0)

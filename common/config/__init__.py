@@ -8,7 +8,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from common.config.algorithm import (
-    AgrpoConfig, AlgorithmConfig, AtpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, Wd1Config,
+    AgrpoConfig, AlgorithmConfig, AtpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig,
+    Wd1Config,
 )
 from common.config.base import Section
 from common.config.learner import LearnerConfig, LoraConfig
@@ -38,7 +39,7 @@ class UnmaskConfig(Section):
 
 __all__ = [
     "AgrpoConfig", "AlgorithmConfig", "AtpoConfig", "ConfigError", "CoupledGrpoConfig", "DiffuGrpoConfig",
-    "EspoConfig", "LearnerConfig", "SpgConfig", "Wd1Config",
+    "EspoConfig", "JustGrpoConfig", "LearnerConfig", "SpgConfig", "TraceRLConfig", "Wd1Config",
     "LoraConfig", "ModelConfig", "QueueConfig", "RolloutConfig", "RunConfig", "SamplerConfig", "Section", "SftConfig",
     "TaskConfig", "UnmaskConfig", "apply_overrides", "load_config",
 ]

@@ -250,7 +250,48 @@ class EspoConfig(_PolicyGradient, _LooAdvantage):
     )
 
 
+class TraceRLConfig(_PolicyGradient):
+    """TraceRL (Gen-Verse/dLLM-RL `train/rl_sdar.py`, `train/rl_llada.py`): PPO-clip on the committed tokens of
+    every (group of) denoising step(s) of the trajectory, each scored at the state before its step; ratio and KL
+    against the policy before the batch's updates."""
+
+    name: Literal["tracerl"] = "tracerl"
+    std_normalize: bool = Field(
+        default=True, description="Group z-score advantages with the population std, 0 where it is 0 (rl_reward.py).")
+    beta_kl: float = Field(
+        default=0.01, ge=0.0,
+        description="Weight of the k3 KL to the policy before this batch's updates (beta; not a reference model: its "
+        "gradient is 0 in the first inner epoch).")
+    kl: Literal["k3"] = Field(default="k3", description="k3 (use_kl_estimator_k3: true).")
+    variant: Literal["sdar", "llada"] = Field(
+        default="sdar",
+        description="Which public script's loss: sdar (rl_sdar.py, block-causal models): shrink within each block, "
+        "each token and its KL divided by G, rows = denoising rounds over all blocks; llada (rl_llada.py): shrink "
+        "over the whole completion, each step's tokens averaged, its KL summed, rows = steps.",
+    )
+    shrink: int = Field(
+        default=1, ge=1,
+        description="Consecutive denoising steps merged into one, scored together at the state before the first of "
+        "them (1 in rl_sdar.yaml, the exact trajectory; 8 in rl_llada.yaml).")
+    post_num: int | None = Field(
+        default=0, ge=0,
+        description="Padding tokens (after the first EOS) kept in the loss: the first post_num of them; None keeps all.")
+
+
+class JustGrpoConfig(_PolicyGradient):
+    """JustGRPO (LeapLabTHU/JustGRPO `grpo.py`): GRPO on left-to-right decoding, one token a step, with each
+    token's exact autoregressive likelihood; needs ``sampler.remasking: sequential`` and steps = gen_length."""
+
+    name: Literal["justgrpo"] = "justgrpo"
+    std_normalize: bool = Field(
+        default=True, description="Divide group advantages by the group's unbiased std + 1e-4 (compute_group_advantages).")
+    beta_kl: float = Field(default=0.0, ge=0.0, le=0.0, description="No KL term in JustGRPO's loss: 0.")
+    draws: Literal["auto", "committed"] = Field(
+        default="auto", description="The committed token is the whole action of a sequential step (the rule reads no draw).")
+
+
 AlgorithmConfig = Annotated[
-    Union[AgrpoConfig, AtpoConfig, DiffuGrpoConfig, Wd1Config, CoupledGrpoConfig, SpgConfig, EspoConfig],
+    Union[AgrpoConfig, AtpoConfig, DiffuGrpoConfig, Wd1Config, CoupledGrpoConfig, SpgConfig, EspoConfig, TraceRLConfig,
+          JustGrpoConfig],
     Field(discriminator="name"),
 ]

@@ -14,7 +14,9 @@ from learner.losses.base import PolicyLoss, select_rows
 from learner.losses.coupled_grpo import CoupledGrpoLoss
 from learner.losses.diffu_grpo import DiffuGrpoLoss
 from learner.losses.espo import EspoLoss
+from learner.losses.justgrpo import JustGrpoLoss
 from learner.losses.spg import SpgLoss
+from learner.losses.tracerl import TraceRLLoss
 from learner.losses.wd1 import Wd1Loss
 
 LOSSES: dict[str, type[PolicyLoss]] = {
@@ -25,6 +27,8 @@ LOSSES: dict[str, type[PolicyLoss]] = {
     "coupled_grpo": CoupledGrpoLoss,
     "spg": SpgLoss,
     "espo": EspoLoss,
+    "tracerl": TraceRLLoss,
+    "justgrpo": JustGrpoLoss,
 }
 
 
@@ -37,6 +41,7 @@ def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> 
 
 
 __all__ = [
-    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "PolicyLoss", "SpgLoss", "Wd1Loss", "build_loss",
+    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "Wd1Loss",
+    "build_loss",
     "select_rows",
 ]
