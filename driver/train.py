@@ -49,7 +49,7 @@ class Controller:
         from common.tokenizers import CharTokenizer, load_tokenizer
         from common.weights import resolve_transport
         from driver.publisher import WeightPublisher
-        from driver.state import PromptStream, RunState
+        from driver.ledger import PromptStream, RunState
         from driver.trackers import build_trackers
 
         cfg, run_dir = self.cfg, self.run_dir
@@ -120,7 +120,7 @@ class Controller:
         the restored state's trained set, so they are dispatched again (to the restored weights) and each
         prompt is trained exactly once. Its spill files move to ``trajectories/driver-<n>/`` (plots read them).
         """
-        from driver.state import RunState
+        from driver.ledger import RunState
 
         record = self.learner.load(str(self.run_dir / "checkpoints"))
         if "run_state" not in record:
@@ -302,7 +302,7 @@ class Controller:
         import torch
 
         from common.schema import table_to_trajectory
-        from driver.state import position_of
+        from driver.ledger import position_of
 
         self.batch = batch = table_to_trajectory(table, self.tokenizer.pad_id)
         self.batch_positions = sorted({position_of(g) for g in table.column("group_id").to_pylist()})
@@ -361,7 +361,7 @@ class Controller:
         are handed out again (its refused or stale-dropped ones are done)."""
         import ray
 
-        from driver.state import position_of
+        from driver.ledger import position_of
 
         ids = [f"{call.call_id}:{item.id}" for item in call.items]
         try:
@@ -385,7 +385,7 @@ class Controller:
     def _settle_untrained(self, group_ids: list[str]) -> None:
         """Prompts a rollout refused (over-long) or whose groups the queue dropped as stale are done: marked
         with the trained ones, so the watermark moves past them (a resumed run does not send them again)."""
-        from driver.state import position_of
+        from driver.ledger import position_of
 
         self.state.mark_trained(position_of(g) for g in group_ids)
 
@@ -432,7 +432,7 @@ class Controller:
         """Restart the whole group (process groups are rebuilt, not patched) from the last checkpoint."""
         import ray
 
-        from driver.state import RunState
+        from driver.ledger import RunState
 
         self.learner.shutdown()
         self.learner = self._build_learner()
@@ -453,7 +453,7 @@ class Controller:
         prompts counted done, as on ``--resume``. Prompts done after the checkpoint are dispatched again; those
         in a rollout, in the queue or in the batch being retried are not (each is trained once in the weights'
         history). Call ids and the incarnation go on: group ids are never reused."""
-        from driver.state import PromptStream
+        from driver.ledger import PromptStream
 
         in_flight = self.prompts.in_flight(self.state)
         restored.call_id, restored.incarnation = self.state.call_id, self.state.incarnation

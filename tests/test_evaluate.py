@@ -105,7 +105,7 @@ def test_the_run_records_how_many_items_its_held_out_numbers_are_over(monkeypatc
     import types
 
     import driver.evaluate
-    from driver.state import RunState
+    from driver.ledger import RunState
     from driver.train import Controller
 
     logged = []

@@ -1,4 +1,4 @@
-"""The driver's run state: what a checkpoint records beside the weights, and the prompt stream it numbers.
+"""The run's ledger: the run state a checkpoint records beside the weights, and the prompt stream it numbers.
 
 Every training prompt has a stream position (its index in the task's seeded ``train_items`` stream). The
 state records which positions are done, as a low watermark plus the sparse set above it, so that a

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from driver.state import PromptStream, RunState, position_of
+from driver.ledger import PromptStream, RunState, position_of
 
 
 @dataclasses.dataclass
