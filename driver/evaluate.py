@@ -26,8 +26,8 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], out_dir: str |
     results: dict[int, dict] = {}
     for steps in steps_list:
         # Held-out evaluation decodes as the run's evaluations do (greedy by default), not as rollouts sample.
-        sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), "steps": steps, "top_k": None,
-                                                    "top_p": None, "temperature": cfg.run.eval_temperature})
+        sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), **cfg.run.held_out_decoding(),
+                                                    "steps": steps})
         t0 = time.perf_counter()
         _, rewards = gen.evaluate(items, sampler, cfg.rollout.eval_batch_tokens)
         scores = summarize_rewards(rewards)
@@ -96,7 +96,7 @@ class HeldOut:
         self.run, self.items, self.pool, self.weights = cfg.run, items, pool, weights
         self.metrics, self.ray_metrics = metrics, ray_metrics
         self.catch_up = catch_up  # sends the current weights to workers waiting for them, if the learner is idle
-        self.overrides = {"temperature": cfg.run.eval_temperature, "top_k": None, "top_p": None}
+        self.overrides = cfg.run.held_out_decoding()
 
     def before_training(self, step: int) -> None:
         self.evaluate(step, "held-out before training")
