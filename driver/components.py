@@ -56,7 +56,7 @@ def build_queue(cfg: UnmaskConfig, run_dir: Path, version: int):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from common.queue import ReplayQueue
+    from driver.queue_actor import ReplayQueue
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = ReplayQueue.options(name=queue_name(run_dir), max_restarts=-1, scheduling_strategy=here).remote(

@@ -13,7 +13,7 @@ tail and rows of a batch have their blocks at different columns) and how many to
 With ``cache`` the model runs the full sequence only at a block's first step (and every ``cache_refresh``
 steps) and otherwise only the block (dual) or the block and suffix (prefix) on the kept keys/values: a
 different policy from ``none``, recorded with the trajectory and rebuilt exactly by the learner
-(``common.states.policy_hidden``).
+(``learner.step_states.policy_hidden``).
 
 Letters: B samples, P prompt length, G completion length, L = P + G, K block length, R scored positions
 per sample in this step, N = B * R scored rows, D model width, V vocabulary, T denoising steps.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from common.config.sampler import SamplerConfig
-from common.states import block_starts, packed_positions, query_columns
+from common.step_layout import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
 

@@ -107,3 +107,12 @@ def test_modules_once_in_a_cycle_import_alone_in_either_order(first, second):
         code = "; ".join(f"import {m}" for m in order)
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"{code}: {out.stderr.strip().splitlines()[-1:]}"
+
+
+def test_each_room_imports_only_what_the_layout_allows():
+    """common/ imports none of the others; rollout/ and learner/ never import each other (DESIGN.md)."""
+    forbidden = {"common": {"rollout", "learner", "driver"}, "rollout": {"learner", "driver"},
+                 "learner": {"rollout", "driver"}, "driver": set()}
+    wrong = sorted(f"{m} -> {d}" for m, deps in _import_graph().items() for d in deps
+                   if d.split(".")[0] in forbidden[m.split(".")[0]])
+    assert not wrong, wrong

@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import torch
 
-from common.states import state_inputs  # noqa: F401  (the rebuild's one home; re-exported for the losses)
 from common.trajectory import Trajectory
+from learner.step_states import state_inputs  # noqa: F401  (the rebuild's one home; re-exported for the losses)
 
 
 class PolicyLoss(ABC):
