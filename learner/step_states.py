@@ -28,7 +28,7 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     Completion tokens committed at a step >= t are masked again; the prompt stays left-padded with its
     padding excluded from attention (no mask at all for an unpadded batch, the sampler's kernel path),
     and positions follow ``extras["position_ids"]``: "absolute" = 0..L-1 per column as LLaDA's
-    reference (None), "packed" = real tokens only. Classifier-free guidance is the caller's to apply.
+    reference (None), "packed" = real tokens only. No guidance: guided rollouts are never trained on.
     """
     device = traj.completion_ids_BG.device if device is None else device
     unmask_BG = traj.unmask_step_BG.to(device)

@@ -108,9 +108,10 @@ def generate(
     ``confidence_eos_eot_inf`` EOS/EoT rank last in every remasking rule (the reference's statement only
     zeroes EoT's probability); ``threshold`` commits max(#confidence > tau, ceil(masked / steps left), 1)
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
-    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids``,
-    ``cfg_scale`` and the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the
-    sampled distributions. The draws a step
+    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids`` and
+    the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the sampled
+    distributions; ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
+    refuses it, the learner rebuilds no guidance). The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
     """
