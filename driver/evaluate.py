@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from common.config import UnmaskConfig
+from common.config import RunConfig, UnmaskConfig
 
 log = logging.getLogger("unmask")
 
@@ -92,11 +92,11 @@ class HeldOut:
     """A run's held-out evaluations (before training, every ``run.eval_every`` steps, after), spread over the
     rollout pool's workers on the current weights, each logged with the items behind its number."""
 
-    def __init__(self, cfg: UnmaskConfig, items: list, pool, weights, metrics, ray_metrics, catch_up):
-        self.run, self.items, self.pool, self.weights = cfg.run, items, pool, weights
+    def __init__(self, run: RunConfig, items: list, pool, weights, metrics, ray_metrics, catch_up):
+        self.run, self.items, self.pool, self.weights = run, items, pool, weights
         self.metrics, self.ray_metrics = metrics, ray_metrics
         self.catch_up = catch_up  # sends the current weights to workers waiting for them, if the learner is idle
-        self.overrides = cfg.run.held_out_decoding()
+        self.overrides = run.held_out_decoding()
 
     def before_training(self, step: int) -> None:
         self.evaluate(step, "held-out before training")

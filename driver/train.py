@@ -76,7 +76,7 @@ class Controller:
         if self.weights.needed(state.version):
             self.weights.publish(state.version, block=True)
         self.metrics.log(components.placement(self.queue, self.learner, self.pool))
-        self.held_out = HeldOut(cfg, task.eval_items(cfg.task.eval_size), self.pool, self.weights, self.metrics,
+        self.held_out = HeldOut(cfg.run, task.eval_items(cfg.task.eval_size), self.pool, self.weights, self.metrics,
                                 self.ray_metrics, catch_up=self._catch_up_waiting_workers)
         self.scale = ClusterFollower(cfg.rollout)
         self.rollouts = Rollouts(cfg.rollout, self.pool, self.queue, self.ledger, self.weights, self.metrics)

@@ -110,7 +110,7 @@ def test_the_run_records_how_many_items_its_held_out_numbers_are_over(monkeypatc
 
     logged = []
     metrics = types.SimpleNamespace(log=logged.append, path=tmp_path / "metrics.jsonl")
-    held_out = HeldOut(load_config("tiny_countdown", []), list(range(10)), None, types.SimpleNamespace(awaiting=set()),
+    held_out = HeldOut(load_config("tiny_countdown", []).run, list(range(10)), None, types.SimpleNamespace(awaiting=set()),
                        metrics, types.SimpleNamespace(record=lambda *a: None), catch_up=lambda: None)
     monkeypatch.setattr(driver.evaluate, "evaluate_on_pool", lambda *a, **k: {
         "accuracy": 0.5, "reward": 0.1, "n": 6, "missing": 4, "records": []})
