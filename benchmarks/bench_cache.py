@@ -288,7 +288,7 @@ def _worst_log_ratio(model, traj) -> tuple[float, int]:
     (t + 5b) mod T, so every batch mixes blocks as the learner's step draws do."""
     import torch
 
-    from common.states import policy_hidden
+    from learner.step_states import policy_hidden
     from learner.losses.base import sampler_logprobs
 
     B, P, T = len(traj), traj.prompt_ids_BP.shape[1], traj.num_steps
@@ -391,7 +391,7 @@ def to_markdown(res: dict) -> str:
     if res.get("ratio"):
         out.append("## Ratio 1: max |log p_learner - log p_sampler| over every drawn token (committed and "
                    "discarded draws), tiny model, 6 rows (3 left-padded), gen 24, block 8, 12 steps\n")
-        out.append("The learner's rebuild (`common.states.policy_hidden`) with the rows of each batch at different "
+        out.append("The learner's rebuild (`learner.step_states.policy_hidden`) with the rows of each batch at different "
                    "steps and blocks; the last column rebuilds the same rollouts with a full forward instead (the "
                    "cache rule ignored), which is what a learner unaware of the cache would compute.\n")
         out.append("| sampler setting | position_ids | cache | draws | max abs log ratio | without the cache rule |\n"

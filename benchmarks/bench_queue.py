@@ -51,7 +51,7 @@ def bench(groups, per_step: int, spill_dir: str | None) -> dict:
     import ray
 
     from common.config import QueueConfig
-    from common.queue import ReplayQueue
+    from driver.queue_actor import ReplayQueue
 
     warmup, groups = groups[:5], groups[5:]
     n = len(groups)

@@ -1,4 +1,5 @@
-"""The replay queue: a Ray async actor holding whole trajectory groups between rollout actors and the learner.
+"""The replay queue: whole trajectory groups between rollout actors and the learner, as a plain asyncio class
+(the driver runs it as a Ray async actor, ``driver/queue_actor.py``).
 
 Two bounds work together:
 - ``capacity_groups`` bounds memory: ``put`` blocks while the queue is full (back-pressure; nothing is
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import ray
 
 from common.config.queue import QueueConfig
 from common.schema import SCHEMA, validate_group
@@ -64,7 +64,7 @@ def _build_metrics(name: str) -> _Metrics | None:
 
 
 class ReplayQueueCore:
-    """The queue's logic as a plain asyncio class (``ReplayQueue`` is it as a Ray actor)."""
+    """The queue's logic as a plain asyncio class (``driver.queue_actor.ReplayQueue`` is it as a Ray actor)."""
 
     def __init__(self, cfg: QueueConfig, groups_per_step: int, spill_dir: str | None = None, name: str = "replay"):
         if groups_per_step < 1:
@@ -300,14 +300,3 @@ class ReplayQueueCore:
         if getattr(self, "_metrics", None):
             self._metrics.depth.set(len(self._groups))
 
-
-@ray.remote(num_cpus=0)
-class ReplayQueue(ReplayQueueCore):
-    """``ReplayQueue.options(name=...).remote(cfg, groups_per_step, spill_dir)``: the queue as an async actor."""
-
-    def __init__(self, cfg: QueueConfig, groups_per_step: int, spill_dir: str | None = None):
-        super().__init__(cfg, groups_per_step, spill_dir, name=ray.get_runtime_context().get_actor_name() or "replay")
-
-    def node_id(self) -> str:
-        """The Ray node this queue (and its spill directory) lives on."""
-        return ray.get_runtime_context().get_node_id()

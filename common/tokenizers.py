@@ -67,6 +67,7 @@ class CharTokenizer:
         path = Path(directory) / CHAR_TOKENIZER_FILE
         path.write_text(json.dumps({"type": "char", "specials": list(self.SPECIALS), "alphabet": self.alphabet}))
         self.to_hf().save_pretrained(str(directory))
+        portable_tokenizer_config(directory)
 
     def to_hf(self):
         """The same ids as a transformers fast tokenizer (what ``AutoTokenizer`` loads from an export)."""
@@ -139,6 +140,23 @@ class HFTokenizer:
 
     def save(self, directory: str | Path) -> None:
         self.tok.save_pretrained(str(directory))
+        portable_tokenizer_config(directory)
+
+
+def portable_tokenizer_config(directory: str | Path) -> None:
+    """Rewrite the two fields transformers 5 saves that 4.57 (what LLaDA's public code and the AGRPO release run)
+    cannot load, in names both read: class ``TokenizersBackend`` is ``PreTrainedTokenizerFast`` there, and a list
+    of ``extra_special_tokens`` is ``additional_special_tokens`` (4.x reads ``extra_special_tokens`` as a dict)."""
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        known = config.get("additional_special_tokens") or []
+        config["additional_special_tokens"] = known + [t for t in extra if t not in known]
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

@@ -31,6 +31,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.tasks.protocols import PROTOCOLS  # torch-free: --help stays instant
+
     parser = _Parser(prog="unmask", description="Distributed RL for masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command")
 
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=_step_counts, default=None, help="comma-separated sampling-step counts, e.g. 8,16,32")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out items")
     ev.add_argument("--out", default=None, help="directory for eval.json and accuracy_vs_steps.png")
-    ev.add_argument("--protocol", choices=("ours", "d1", "agrpo"), default=None,  # common.tasks.protocols.PROTOCOLS
+    ev.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
                     help="evaluate as a paper did (its prompts, lengths, steps, subset and grader; ours beside it): "
                          "d1 = 128/256/512 tokens, block 32, steps = length/2; agrpo = 256 tokens, 128 steps")
 
@@ -120,7 +122,9 @@ def _config(args):
 def _eval_overrides(args) -> None:
     from pathlib import Path
 
-    if args.protocol in ("d1", "agrpo") and args.steps:
+    from common.tasks.protocols import get_protocol
+
+    if args.protocol and args.steps and get_protocol(args.protocol).decoding is not None:
         raise _UserError(f"--protocol {args.protocol} fixes the steps (length/2); drop --steps")
     args.overrides = list(args.overrides)
     if args.model:

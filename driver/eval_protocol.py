@@ -19,7 +19,7 @@ def evaluate_protocol(cfg: UnmaskConfig, protocol: str, out_dir: str | Path | No
     """Protocol accuracy and our reward's accuracy per generation length, with what produced them (decoded in
     ``rollout.eval_batch_tokens`` batches by ``Generator.decode``, as every evaluation is)."""
     from common.tasks import summarize_rewards
-    from common.tasks.paper_graders import Grade, accuracy
+    from common.tasks.paper_graders import accuracy
     from common.tasks.protocols import get_protocol
     from common.threads import set_cpu_threads
     from rollout.actor import Generator
@@ -35,15 +35,13 @@ def evaluate_protocol(cfg: UnmaskConfig, protocol: str, out_dir: str | Path | No
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for length in proto.gen_lengths(cfg.sampler):
-        settings = proto.sampler_settings(length)
-        if proto.name == "ours":  # as the run's own evaluations decode (greedy by default)
-            settings.update(top_k=None, top_p=None, temperature=cfg.run.eval_temperature)
+        # Held-out decoding (as the run's evaluations: greedy by default), then what the protocol fixes.
+        settings = {**cfg.run.held_out_decoding(), **proto.sampler_settings(length)}
         sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), **settings})
         t0 = time.perf_counter()
         texts = gen.decode(prompts, sampler, cfg.rollout.eval_batch_tokens)
         rewards = [task.reward(text, it) for text, it in zip(texts, items)]
-        grades = ([Grade(r.correct, float(r.correct)) for r in rewards] if proto.name == "ours"
-                  else [proto.grade(task, text, it) for text, it in zip(texts, items)])
+        grades = proto.grades(task, texts, items, rewards)
         ours = summarize_rewards(rewards)
         ours_correct = [r.correct for r in rewards]
         row = {"gen_length": length, "sampler": sampler.model_dump(mode="json"), "accuracy": accuracy(grades),

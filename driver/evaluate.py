@@ -1,4 +1,4 @@
-"""`unmask eval`: held-out accuracy of a checkpoint at several sampling-step counts, plus the plot."""
+"""Held-out evaluation: `unmask eval` of a checkpoint, and the evaluations during a run (`HeldOut`)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from common.config import UnmaskConfig
+from common.config import RunConfig, UnmaskConfig
 
 log = logging.getLogger("unmask")
 
@@ -26,8 +26,8 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], out_dir: str |
     results: dict[int, dict] = {}
     for steps in steps_list:
         # Held-out evaluation decodes as the run's evaluations do (greedy by default), not as rollouts sample.
-        sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), "steps": steps, "top_k": None,
-                                                    "top_p": None, "temperature": cfg.run.eval_temperature})
+        sampler = type(cfg.sampler).model_validate({**cfg.sampler.model_dump(), **cfg.run.held_out_decoding(),
+                                                    "steps": steps})
         t0 = time.perf_counter()
         _, rewards = gen.evaluate(items, sampler, cfg.rollout.eval_batch_tokens)
         scores = summarize_rewards(rewards)
@@ -86,3 +86,50 @@ def evaluate_on_pool(pool, items: list, overrides: dict, label: str = "eval", sk
     else:
         log.info("%s: accuracy %.3f (%d items), mean reward %.3f", label, acc, len(records), reward)
     return {"accuracy": acc, "reward": reward, "n": len(records), "missing": missing, "records": records}
+
+
+class HeldOut:
+    """A run's held-out evaluations (before training, every ``run.eval_every`` steps, after), spread over the
+    rollout pool's workers on the current weights, each logged with the items behind its number."""
+
+    def __init__(self, run: RunConfig, items: list, pool, weights, metrics, ray_metrics, catch_up):
+        self.run, self.items, self.pool, self.weights = run, items, pool, weights
+        self.metrics, self.ray_metrics = metrics, ray_metrics
+        self.catch_up = catch_up  # sends the current weights to workers waiting for them, if the learner is idle
+        self.overrides = run.held_out_decoding()
+
+    def before_training(self, step: int) -> None:
+        self.evaluate(step, "held-out before training")
+        for steps in self.run.eval_sampling_steps:  # the base, for accuracy_vs_steps.png
+            self.evaluate(step, f"base at {steps} sampling steps", {"steps": steps})
+
+    def at(self, step: int) -> None:
+        """The periodic evaluation, if ``step`` is due one (the last step's is ``after_training``)."""
+        if self.run.eval_every and step % self.run.eval_every == 0 and step < self.run.total_steps:
+            self.evaluate(step, f"held-out at step {step}")
+
+    def after_training(self, step: int, run_dir: Path) -> None:
+        after = self.evaluate(step, "held-out after training")
+        (run_dir / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after["records"]))
+        for steps in self.run.eval_sampling_steps:
+            self.evaluate(step, f"held-out at {steps} sampling steps", {"steps": steps})
+
+    def evaluate(self, step: int, label: str, overrides: dict | None = None) -> dict:
+        self.catch_up()
+        res = evaluate_on_pool(self.pool, self.items, {**self.overrides, **(overrides or {})}, label=label,
+                               skip=self.weights.awaiting, timeout=self.run.eval_timeout_s)
+        counts = {"eval_n": res["n"], "eval_missing": res["missing"]}  # the items behind the number
+        record = {"step": step, "eval_accuracy": res["accuracy"], "eval_reward": res["reward"], **counts}
+        if overrides:
+            record = {"step": step, "eval_sampling_steps": overrides["steps"], "eval_accuracy_at_steps": res["accuracy"],
+                      **counts}
+        self.metrics.log(record)
+        self.ray_metrics.record("eval_accuracy", res["accuracy"])
+        if step > 0 and not overrides:
+            log.info("held-out trend: %s", " -> ".join(f"{r['eval_accuracy']:.3f}" for r in self._evals()))
+        return res
+
+    def _evals(self) -> list[dict]:
+        from common.metrics import read_metrics
+
+        return [r for r in read_metrics(self.metrics.path) if "eval_accuracy" in r]

@@ -18,6 +18,29 @@ def cluster_capacity(per_worker: dict[str, float], totals: dict[str, float]) -> 
     return min(int(totals.get(k, 0.0) // v) for k, v in needs.items())
 
 
+class ClusterFollower:
+    """The number of rollout workers to run: `unmask scale`'s, and with ``rollout.follow_cluster`` at least what
+    the live nodes hold (one GCS query every two seconds at most)."""
+
+    def __init__(self, rollout):
+        self.rollout = rollout
+        self.capacity, self._checked = 0, float("-inf")
+
+    def desired(self, requested: int) -> int:
+        import ray
+
+        if not self.rollout.follow_cluster:
+            return requested
+        now = time.monotonic()
+        if now - self._checked > 2.0:
+            self._checked = now
+            capacity = cluster_capacity(self.rollout.resources, ray.cluster_resources())
+            if capacity != self.capacity:
+                log.info("cluster rollout capacity: %d worker(s) (nodes joined or left)", capacity)
+                self.capacity = capacity
+        return min(max(requested, self.capacity), self.rollout.max_workers or 1 << 30)
+
+
 @dataclass
 class Call:
     """One dispatched rollout: which worker, which prompts, how many queue slots it reserved."""

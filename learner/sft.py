@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.states import packed_positions
+from common.step_layout import packed_positions
 from common.trajectory import Trajectory
 from learner.losses.base import per_sample_extra
 

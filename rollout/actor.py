@@ -269,7 +269,7 @@ class RolloutWorker:
         tokens = traj.completion_ids_BG.numel()
         self.metrics.record("rollout_tokens_per_s", tokens / max(t_gen, 1e-9), {"worker": self.worker_id})
         self.metrics.record("rollout_groups", float(len(put)), {"worker": self.worker_id})
-        # The driver marks the rejected and dropped prompts done (driver/state.py): their ids come back.
+        # The driver marks the rejected and dropped prompts done (driver/ledger.py): their ids come back.
         return {"worker": self.worker_id, "pid": os.getpid(), "groups": len(put), "dropped_stale": len(dropped),
                 "rejected_prompts": rejected, "rejected_ids": rejected_ids, "dropped_ids": dropped, "tokens": tokens,
                 "gen_seconds": t_gen, "reward_seconds": t_reward, "version": self.version,

@@ -13,7 +13,7 @@ tail and rows of a batch have their blocks at different columns) and how many to
 With ``cache`` the model runs the full sequence only at a block's first step (and every ``cache_refresh``
 steps) and otherwise only the block (dual) or the block and suffix (prefix) on the kept keys/values: a
 different policy from ``none``, recorded with the trajectory and rebuilt exactly by the learner
-(``common.states.policy_hidden``).
+(``learner.step_states.policy_hidden``).
 
 Letters: B samples, P prompt length, G completion length, L = P + G, K block length, R scored positions
 per sample in this step, N = B * R scored rows, D model width, V vocabulary, T denoising steps.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from common.config.sampler import SamplerConfig
-from common.states import block_starts, packed_positions, query_columns
+from common.step_layout import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
 
@@ -108,9 +108,10 @@ def generate(
     ``confidence_eos_eot_inf`` EOS/EoT rank last in every remasking rule (the reference's statement only
     zeroes EoT's probability); ``threshold`` commits max(#confidence > tau, ceil(masked / steps left), 1)
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
-    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids``,
-    ``cfg_scale`` and the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the
-    sampled distributions. The draws a step
+    ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids`` and
+    the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the sampled
+    distributions; ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
+    refuses it, the learner rebuilds no guidance). The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
     """

@@ -11,7 +11,7 @@ import torch
 from common.config import AgrpoConfig
 from common.config.sampler import SamplerConfig
 from common.model import build_model, preset_config
-from common.states import anchor_steps, policy_hidden, state_inputs
+from learner.step_states import anchor_steps, policy_hidden, state_inputs
 from learner.losses import build_loss
 from learner.losses.base import sampler_logprobs
 from rollout.sampler import generate

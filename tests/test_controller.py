@@ -30,24 +30,25 @@ def _cfg(tmp_path, *more):
 def test_a_run_that_fails_while_building_shuts_down_what_it_started(tmp_path, monkeypatch, ray_local):
     import ray
 
+    import driver.components
     from driver.train import Controller
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     # The learner group is built, then the run root is found not shared: the group must not keep running.
     learner = _Learner(["node n1 cannot read it"])
-    monkeypatch.setattr(Controller, "_build_learner", lambda self: learner)
+    monkeypatch.setattr(driver.components, "build_learner", lambda *a: learner)
     with pytest.raises(RunError, match="not shared"):
         Controller(_cfg(tmp_path), run_dir, resume=False)
     assert learner.shut == 1
     # Learner and queue built, then no rollout worker can be placed: both go.
     learner = _Learner([])
-    monkeypatch.setattr(Controller, "_build_learner", lambda self: learner)
+    monkeypatch.setattr(driver.components, "build_learner", lambda *a: learner)
 
-    def no_pool(self):
+    def no_pool(*a):
         raise RunError("no rollout worker could be placed")
 
-    monkeypatch.setattr(Controller, "_build_pool", no_pool)
+    monkeypatch.setattr(driver.components, "build_pool", no_pool)
     with pytest.raises(RunError, match="placed"):
         Controller(_cfg(tmp_path), run_dir, resume=False)
     assert learner.shut == 1

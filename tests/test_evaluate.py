@@ -101,23 +101,19 @@ def test_evaluation_during_a_run_counts_its_items_and_fails_loudly_with_none(ray
         evaluate_on_pool(pool, list(range(10)), {}, label="held-out", timeout=120)
 
 
-def test_the_run_records_how_many_items_its_held_out_numbers_are_over(monkeypatch):
+def test_the_run_records_how_many_items_its_held_out_numbers_are_over(monkeypatch, tmp_path):
     import types
 
     import driver.evaluate
-    from driver.state import RunState
-    from driver.train import Controller
+    from common.config import load_config
+    from driver.evaluate import HeldOut
 
     logged = []
-    ctl = object.__new__(Controller)  # only what _evaluate touches
-    ctl.state, ctl.pool, ctl.eval_items, ctl.eval_overrides = RunState(), None, list(range(10)), {}
-    ctl.weights = types.SimpleNamespace(awaiting=set())
-    ctl._catch_up_waiting_workers = lambda: None
-    ctl.cfg = types.SimpleNamespace(run=types.SimpleNamespace(eval_timeout_s=1.0))
-    ctl.metrics = types.SimpleNamespace(log=logged.append)
-    ctl.ray_metrics = types.SimpleNamespace(record=lambda *a: None)
+    metrics = types.SimpleNamespace(log=logged.append, path=tmp_path / "metrics.jsonl")
+    held_out = HeldOut(load_config("tiny_countdown", []).run, list(range(10)), None, types.SimpleNamespace(awaiting=set()),
+                       metrics, types.SimpleNamespace(record=lambda *a: None), catch_up=lambda: None)
     monkeypatch.setattr(driver.evaluate, "evaluate_on_pool", lambda *a, **k: {
         "accuracy": 0.5, "reward": 0.1, "n": 6, "missing": 4, "records": []})
-    ctl._evaluate("held-out before training")
-    ctl._evaluate("base at 8 sampling steps", {"steps": 8})
+    held_out.evaluate(0, "held-out before training")
+    held_out.evaluate(0, "base at 8 sampling steps", {"steps": 8})
     assert [(r["eval_n"], r["eval_missing"]) for r in logged] == [(6, 4), (6, 4)]

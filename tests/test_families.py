@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import common.model as M
 from common.config.sampler import SamplerConfig
-from common.states import policy_hidden
+from learner.step_states import policy_hidden
 from learner.losses.actions import step_rows
 from learner.losses.base import sampler_logprobs
 from rollout.sampler import generate

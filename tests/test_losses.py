@@ -13,7 +13,8 @@ from common.model import build_model, preset_config
 from learner.losses import build_loss, select_rows
 from learner.losses import steps as S
 from learner.losses.advantages import group_advantages
-from learner.losses.base import sampler_logprobs, state_inputs
+from learner.losses.base import sampler_logprobs
+from learner.step_states import state_inputs
 from tests.tolerances import fp32_approx
 
 PAD, EOS, MASK = 0, 2, 3

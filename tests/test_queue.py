@@ -11,7 +11,8 @@ import ray
 import torch
 
 from common.config import QueueConfig
-from common.queue import ReplayQueue, ReplayQueueCore
+from common.queue import ReplayQueueCore
+from driver.queue_actor import ReplayQueue
 from common.schema import group_to_record_batch
 from common.spill import SpillCorruptError
 from tests.fakes import random_trajectory

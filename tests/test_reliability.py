@@ -88,7 +88,7 @@ def test_rollout_queue_and_learner_faults_mid_run(tmp_path, transport):
     assert len(trained) == len(set(trained)), "a prompt was trained twice across the learner rebuild"
     # ... and every prompt the final run state counts done was trained in it (or settled untrained: refused
     # as over-long, dropped as stale): none of the rolled-back steps' prompts is counted done untrained.
-    from driver.state import RunState, position_of
+    from driver.ledger import RunState, position_of
     from learner.checkpoint import read_meta
 
     last = max((run_dir / "checkpoints").glob("step_*"), key=lambda d: int(d.name.split("_")[1]))

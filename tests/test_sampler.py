@@ -8,7 +8,7 @@ from torch import nn
 
 from common.config.sampler import SamplerConfig
 from common.model import build_model, preset_config
-from common.states import policy_hidden
+from learner.step_states import policy_hidden
 from rollout.sampler import counter_uniform, generate, transfer_schedule
 from tests.fakes import EosBiased
 from tests.llada_reference import generate as reference_generate

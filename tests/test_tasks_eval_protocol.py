@@ -12,7 +12,7 @@ from common.tasks import get_task
 from common.tasks.countdown import solve
 from common.tasks.protocols import PROTOCOLS
 from common.tokenizers import CharTokenizer
-from driver.cli import build_parser, main
+from driver.cli import main
 from driver.eval_protocol import evaluate_protocol
 
 
@@ -58,9 +58,33 @@ def test_d1_protocol_records_and_grades_both_ways(monkeypatch, tmp_path):
     assert [x["correct"] for x in lines] == [True, False] * 3 and all(x["correct_ours"] for x in lines)
 
 
-def test_cli_protocol_choices_and_steps_conflict(capsys):
-    ev = build_parser()._subparsers._group_actions[0].choices["eval"]
-    choices = next(a.choices for a in ev._actions if a.dest == "protocol")
-    assert tuple(choices) == tuple(PROTOCOLS)
+def test_cli_protocol_steps_conflict(capsys):
     assert main(["eval", "--protocol", "d1", "--steps", "8"]) == 2
     assert "fixes the steps" in capsys.readouterr().err
+
+
+def test_a_protocol_is_one_entry_and_ours_decodes_as_the_runs_held_out_evaluations(monkeypatch):
+    """A protocol added as one PROTOCOLS entry (its prompt and items; the task's reward grades it) evaluates
+    end to end with no other change; ``ours`` decodes with the run's held-out overrides, not the rollout sampler's."""
+    from common.tasks.protocols import Protocol
+
+    cfg = load_config("tiny_countdown", ["run.eval_temperature=0.5", "sampler.top_k=7", "sampler.temperature=1.3"])
+    prompts = []
+    mine = Protocol(name="mine", source="a test", prompt=lambda task, item, tok: prompts.append(item.id) or "Q",
+                    items=lambda task: task.eval_items(3), chat=False)
+    monkeypatch.setitem(PROTOCOLS, "mine", mine)
+    monkeypatch.setattr(rollout.actor, "Generator", FakeGenerator)
+    task = get_task(cfg.task)
+    sols = [solve(it.numbers, int(it.answer)) for it in task.eval_items(3)]
+    FakeGenerator.texts = sols[:2] + ["1"]  # the compact prompt style's answer: the bare expression
+    monkeypatch.setattr(rollout.actor, "completion_text", lambda tok, ids: FakeGenerator.texts[ids[0] % 3])
+    for name in ("mine", "ours"):
+        FakeGenerator.samplers = []
+        record = evaluate_protocol(cfg, name, limit=3)
+        (row,) = record["results"]
+        assert record["grader"] == task.grader and row["accuracy"] == row["ours"]["accuracy"] == 2 / 3
+        used = FakeGenerator.samplers[0]
+        assert (used.temperature, used.top_k, used.top_p) == (0.5, None, None), name
+    assert prompts == [it.id for it in task.eval_items(3)]
+    # ... and the command line offers it, with --steps (it fixes no decoding of its own)
+    assert main(["eval", "--protocol", "mine", "--steps", "8", "--limit", "3"]) == 0

@@ -207,7 +207,8 @@ def test_paper_graders_on_hostile_text():
 def test_ours_grades_with_the_task_reward_and_records_it():
     task = get_task(TaskConfig(name="countdown", prompt_style="chat"))
     proto = P.get_protocol("ours")
-    assert proto.grade(task, "</reasoning> \\boxed{49+55-53}", CD).correct
+    text = "</reasoning> \\boxed{49+55-53}"
+    assert proto.grades(task, [text], [CD], [task.reward(text, CD)])[0].correct
     rec = proto.record(task)
     assert rec["protocol"] == "ours" and rec["grader"] == task.grader and rec["eval_file"].endswith("cd3_test.jsonl")
     with pytest.raises(ValueError, match="unknown evaluation protocol"):

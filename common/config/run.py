@@ -58,3 +58,8 @@ class RunConfig(Section):
             if importlib.util.find_spec(module) is None:  # found, not imported: trackers load only when a run starts
                 raise ValueError(f"tracker {name!r} is chosen but {module!r} is not installed (pip install 'unmask[{extra}]')")
         return trackers
+
+    def held_out_decoding(self) -> dict:
+        """The sampler fields every held-out evaluation overrides (a run's, `unmask eval`'s, the ``ours``
+        protocol's): temperature ``eval_temperature`` (greedy by default, as papers report), no top-k/top-p."""
+        return {"temperature": self.eval_temperature, "top_k": None, "top_p": None}

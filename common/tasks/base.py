@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
+
+from common.tasks.guard import GUARD
 
 if TYPE_CHECKING:
     from common.config.task import TaskConfig
@@ -184,13 +186,11 @@ class Task(ABC):
         timeout = self.reward_timeout_s
         if not timeout:
             return self.compute_reward(completion, item)
-        from common.tasks.guard import GUARD
-
-        out = GUARD.reward(self.cfg, completion, item, timeout, self.heavy_imports)
+        out = GUARD.reward(self.cfg, completion, asdict(item), timeout, self.heavy_imports)
         if out is None:
             return shaped_reward(0.0, False, False, self.cfg.format_weight, timed_out=1.0,
                                  **{k: 0.0 for k in self.extra_components})
-        return Reward(out.total, out.correct, {**out.components, "timed_out": 0.0})
+        return Reward(out["total"], out["correct"], {**out["components"], "timed_out": 0.0})
 
     @abstractmethod
     def reference_completion(self, item: Item) -> str | None:

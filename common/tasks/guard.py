@@ -3,7 +3,7 @@
 Why a process: math-verify's own timeout is ``signal.alarm``, which works only on the main thread, and a
 Python thread cannot be interrupted at all (sympy's big-integer work holds the GIL inside C). A rollout
 actor with concurrency groups calls rewards from worker threads, so there the old MATH reward ran with no
-timeout. Here the reward runs in a long-lived child (``python -m common.tasks.guard``) fed one request at
+timeout. Here the reward runs in a long-lived child (``python -m common.tasks.reward_server``) fed one request at
 a time over pipes as length-prefixed JSON (no pickle: nothing the child sends back is executed). When the
 answer is late the child is killed (SIGKILL), the completion scores zero with component ``timed_out`` = 1 (also when the child dies on it),
 and a fresh child starts importing at once so the next call finds it ready. Start-up (imports) is never
@@ -21,11 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from common.tasks.base import Item, Reward
 
 if TYPE_CHECKING:
     from common.config.task import TaskConfig
@@ -33,16 +30,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("unmask")
 
 STARTUP_TIMEOUT_S = 300.0  # imports on a loaded machine (sympy + math-verify take seconds)
-_HEADER = 8
+HEADER = 8
 
 
 class RewardProcessError(RuntimeError):
     """The reward child failed on its own (a bug in a reward, or it died), not by timing out."""
 
 
-def _frame(payload: dict) -> bytes:
+def frame(payload: dict) -> bytes:
+    """One length-prefixed JSON message (the pipes' only format, both ways)."""
     data = json.dumps(payload).encode()
-    return len(data).to_bytes(_HEADER, "big") + data
+    return len(data).to_bytes(HEADER, "big") + data
 
 
 class _Child:
@@ -51,19 +49,19 @@ class _Child:
     def __init__(self, preload: tuple[str, ...]):
         root = str(Path(__file__).resolve().parents[2])  # the directory holding the `common` package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "common.tasks.guard", *preload], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "common.tasks.reward_server", *preload], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, close_fds=True)
         self.ready = False
 
     def send(self, payload: dict) -> None:
-        self.proc.stdin.write(_frame(payload))
+        self.proc.stdin.write(frame(payload))
         self.proc.stdin.flush()
 
     def receive(self, deadline: float) -> dict | None:
         """The next frame, or None when ``deadline`` (time.monotonic) passes first."""
         fd = self.proc.stdout.fileno()
         buf = b""
-        need = _HEADER
+        need = HEADER
         while len(buf) < need:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -72,9 +70,9 @@ class _Child:
             if not chunk:
                 raise RewardProcessError(f"reward process exited with code {self.proc.wait()}")
             buf += chunk
-            if len(buf) == _HEADER and need == _HEADER:
-                need = _HEADER + int.from_bytes(buf, "big")
-        return json.loads(buf[_HEADER:])
+            if len(buf) == HEADER and need == HEADER:
+                need = HEADER + int.from_bytes(buf, "big")
+        return json.loads(buf[HEADER:])
 
     def kill(self) -> None:
         self.proc.kill()
@@ -110,14 +108,15 @@ class RewardGuard:
             child.ready = True
         return child
 
-    def reward(self, cfg: "TaskConfig", completion: str, item: Item, timeout_s: float,
-               preload: tuple[str, ...] = ()) -> Reward | None:
-        """The reward computed in the child, or None when it took longer than ``timeout_s`` or the child died
-        on this completion (a C-level crash or the OOM killer in the parser: the text's doing, like a timeout)."""
+    def reward(self, cfg: "TaskConfig", completion: str, item: dict, timeout_s: float,
+               preload: tuple[str, ...] = ()) -> dict | None:
+        """The reward computed in the child (``total``, ``correct``, ``components``; ``item`` as a dict), or None
+        when it took longer than ``timeout_s`` or the child died on this completion (a C-level crash or the OOM
+        killer in the parser: the text's doing, like a timeout)."""
         with self._lock:
             child = self._ensure_child(preload)
             try:
-                child.send({"cfg": cfg.model_dump(mode="json"), "completion": completion, "item": asdict(item)})
+                child.send({"cfg": cfg.model_dump(mode="json"), "completion": completion, "item": item})
                 out = child.receive(time.monotonic() + timeout_s)
             except (BrokenPipeError, RewardProcessError) as e:
                 log.warning("reward process died on a completion (%s); scoring it as timed out", e)
@@ -128,7 +127,7 @@ class RewardGuard:
                 return None
             if "error" in out:
                 raise RewardProcessError(f"reward raised in the reward process:\n{out['error']}")
-            return Reward(total=out["total"], correct=out["correct"], components=out["components"])
+            return out
 
     def close(self) -> None:
         """Stop the child; the next call starts a new one with only the imports it asks for."""
@@ -140,40 +139,3 @@ class RewardGuard:
 
 
 GUARD = RewardGuard()
-
-
-def _serve(preload: list[str]) -> None:
-    """Child side: import ``preload``, say ready, then answer requests until stdin closes."""
-    import importlib
-    import traceback
-
-    from common.config.task import TaskConfig
-    from common.tasks import get_task
-
-    # Frames go to a private copy of fd 1; anything a library prints lands on stderr instead of the pipe.
-    stdout = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    for module in preload:
-        importlib.import_module(module)
-    stdin = sys.stdin.buffer
-    stdout.write(_frame({"ready": True}))
-    stdout.flush()
-    tasks = {}
-    while header := stdin.read(_HEADER):
-        req = json.loads(stdin.read(int.from_bytes(header, "big")))
-        try:
-            key = json.dumps(req["cfg"], sort_keys=True)
-            if key not in tasks:
-                tasks[key] = get_task(TaskConfig.model_validate(req["cfg"]))
-            item = req["item"]
-            r = tasks[key].compute_reward(req["completion"], Item(**{**item, "numbers": tuple(item["numbers"])}))
-            out = {"total": r.total, "correct": r.correct, "components": r.components}
-        except Exception:  # noqa: BLE001 - reported to the parent, which raises it there
-            out = {"error": traceback.format_exc()}
-        stdout.write(_frame(out))
-        stdout.flush()
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1:])

@@ -6,8 +6,8 @@
     prompts = [proto.prompt(task, it, tokenizer) for it in items]
     for gen_length in proto.gen_lengths(cfg.sampler):
         sampler = cfg.sampler.model_copy(update=proto.sampler_settings(gen_length))   # then validate
-        grades = [proto.grade(task, text, it) for text, it in zip(completions, items)]
-        accuracy(grades)                                                           # the paper's number
+        rewards = [task.reward(text, it) for text, it in zip(completions, items)]  # ours, beside it
+        accuracy(proto.grades(task, completions, items, rewards))                  # the paper's number
 
 * ``ours``: the task's own prompt (``task.prompt``), reward and grader (math-verify for MATH), the run's
   sampler settings. The default.
@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from common.tasks.base import Item, Task
+from common.tasks.base import Item, Reward, Task
 from common.tasks.paper_graders import AGRPO_GRADERS, D1_GRADERS, Grade
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def d1_sudoku_subset(n_items: int, k: int = 256) -> list[int]:
     return [int(i) for i in np.random.RandomState(42).choice(n_items, k, replace=False)]
 
 
-# --- the presets
+# --- the presets: each is data plus the few functions where protocols differ (its prompt, its items)
 
 @dataclass(frozen=True)
 class Protocol:
@@ -144,18 +144,20 @@ class Protocol:
 
     name: str
     source: str
-    grader: str
-    graders: dict[str, Callable[[str, Item], Grade]] = field(default_factory=dict, repr=False)
+    prompt: Callable[[Task, Item, "Tokenizer"], str]  # the model's input text for one item
+    items: Callable[[Task], list[Item]]  # the held-out items it scores
+    grader: str | None = None  # None: the task's own reward grades (``task.grader`` names it)
+    graders: dict[str, Callable[[str, Item], Grade]] | None = field(default=None, repr=False)  # per task name
+    chat: bool = True  # the task's chat prompt style (the papers' prompts are chat turns)
+    decoding: dict | None = None  # SamplerConfig fields it fixes beside the length; None: the run's sampler
     lengths: tuple[int, ...] = ()  # empty: the run's sampler.gen_length
-    block_length: int | None = None
-    steps_per_token: float | None = None  # steps = gen_length * steps_per_token
-    stop_on_eos_block: bool = False
+    steps_per_token: float | None = None  # steps = gen_length * steps_per_token (with ``decoding``)
     sudoku_split: str | None = None  # None: task.sudoku_split
     dataset_notes: dict[str, str] = field(default_factory=dict)
 
     def task_config(self, cfg: "TaskConfig") -> "TaskConfig":
         """The task section this protocol evaluates with (chat prompts; its Sudoku split)."""
-        update = {} if self.name == "ours" else {"prompt_style": "chat"}
+        update = {"prompt_style": "chat"} if self.chat else {}
         if cfg.name == "sudoku" and self.sudoku_split is not None:
             update["sudoku_split"] = self.sudoku_split
         return type(cfg).model_validate({**cfg.model_dump(), **update})
@@ -165,40 +167,25 @@ class Protocol:
 
     def sampler_settings(self, gen_length: int) -> dict:
         """SamplerConfig fields this protocol fixes at ``gen_length`` (``ours``: only the length)."""
-        if self.name == "ours":
+        if self.decoding is None:
             return {"gen_length": gen_length}
-        return {"gen_length": gen_length, "block_length": self.block_length,
-                "steps": int(gen_length * self.steps_per_token), "remasking": "low_confidence", "temperature": 0.0,
-                "top_k": None, "top_p": None, "threshold": None, "cfg_scale": 0.0,
-                "stop_on_eos_block": self.stop_on_eos_block}
+        return {"gen_length": gen_length, "steps": int(gen_length * self.steps_per_token), **self.decoding}
 
     def eval_items(self, task: Task, limit: int | None = None) -> list[Item]:
         """The held-out items this protocol scores (``limit``: only the first that many)."""
-        if self.name == "ours":
-            items = task.eval_items(task.cfg.eval_size)
-        elif self.name == "d1" and task.name == "sudoku" and task.cfg.sudoku_split == "d1":
-            everything = task.eval_items()
-            items = [everything[i] for i in d1_sudoku_subset(len(everything))]
-        else:
-            items = task.eval_items()
+        items = self.items(task)
         return items[:limit] if limit else items
 
-    def prompt(self, task: Task, item: Item, tokenizer: "Tokenizer") -> str:
-        if self.name == "ours":
-            return task.prompt(item, tokenizer)
-        if self.name == "d1":
-            return tokenizer.format_prompt(_d1_user(task, item)) + D1_PREFILL
-        return tokenizer.format_prompt(_agrpo_user(task, item), AGRPO_SYSTEM[task.name])
-
-    def grade(self, task: Task, completion: str, item: Item) -> Grade:
-        if self.name == "ours":
-            r = task.reward(completion, item)
-            return Grade(correct=r.correct, credit=float(r.correct))
-        return self.graders[task.name](completion, item)
+    def grades(self, task: Task, completions: list[str], items: list[Item], rewards: list[Reward]) -> list[Grade]:
+        """Each completion's grade; ``rewards`` are the task's own for the same completions, which are the grades
+        where the protocol has no graders of its own (``ours``)."""
+        if self.graders is None:
+            return [Grade(correct=r.correct, credit=float(r.correct)) for r in rewards]
+        return [self.graders[task.name](text, item) for text, item in zip(completions, items)]
 
     def record(self, task: Task) -> dict:
         """Protocol, grader, data and what it fixes, for the evaluation output."""
-        out = {"protocol": self.name, "source": self.source, "grader": task.grader if self.name == "ours" else self.grader,
+        out = {"protocol": self.name, "source": self.source, "grader": self.grader or task.grader,
                "task": task.name, "eval_file": task.cfg.eval_file or task.default_eval_file or "generated",
                "dataset_note": self.dataset_notes.get(task.name, "")}
         if task.name == "sudoku":
@@ -226,20 +213,42 @@ def _agrpo_user(task: Task, item: Item) -> str:
     return item.question
 
 
+def _d1_prompt(task: Task, item: Item, tokenizer: "Tokenizer") -> str:
+    return tokenizer.format_prompt(_d1_user(task, item)) + D1_PREFILL
+
+
+def _agrpo_prompt(task: Task, item: Item, tokenizer: "Tokenizer") -> str:
+    return tokenizer.format_prompt(_agrpo_user(task, item), AGRPO_SYSTEM[task.name])
+
+
+def _d1_items(task: Task) -> list[Item]:
+    everything = task.eval_items()
+    if task.name == "sudoku" and task.cfg.sudoku_split == "d1":
+        return [everything[i] for i in d1_sudoku_subset(len(everything))]
+    return everything
+
+
+# The papers decode greedily with low-confidence remasking, no guidance and no confidence threshold.
+_PAPER_DECODING = {"block_length": 32, "remasking": "low_confidence", "temperature": 0.0, "top_k": None, "top_p": None,
+                   "threshold": None, "cfg_scale": 0.0}
+
 PROTOCOLS: dict[str, Protocol] = {
     "ours": Protocol(name="ours", source="this repository: the task's prompt and reward, the run's sampler",
-                     grader="the task's reward (see record.grader)"),
+                     prompt=lambda task, item, tokenizer: task.prompt(item, tokenizer),
+                     items=lambda task: task.eval_items(task.cfg.eval_size), chat=False),
     "d1": Protocol(
-        name="d1", source="github.com/dllm-reasoning/d1 eval/ (d1, wd1, SPG)",
+        name="d1", source="github.com/dllm-reasoning/d1 eval/ (d1, wd1, SPG)", prompt=_d1_prompt, items=_d1_items,
         grader="d1: first usable box (GSM8K), last box + Hendrycks string match (MATH), last box + eval-free "
                "arithmetic within 1e-5 (Countdown), pooled correct cells / blank cells (Sudoku)",
-        graders=D1_GRADERS, lengths=(128, 256, 512), block_length=32, steps_per_token=0.5),
+        graders=D1_GRADERS, decoding={**_PAPER_DECODING, "stop_on_eos_block": False}, lengths=(128, 256, 512),
+        steps_per_token=0.5),
     "agrpo": Protocol(
-        name="agrpo", source="github.com/probablyabot/agrpo eval.py, eval.yaml",
+        name="agrpo", source="github.com/probablyabot/agrpo eval.py, eval.yaml", prompt=_agrpo_prompt,
+        items=lambda task: task.eval_items(),
         grader="AGRPO release: first answer tag then first box; first integer (GSM8K), math-verify (MATH, LaTeX "
                "parser here), last 'lhs = target' line (Countdown), mean blank-cell fraction per puzzle (Sudoku)",
-        graders=AGRPO_GRADERS, lengths=(256,), block_length=32, steps_per_token=0.5, stop_on_eos_block=True,
-        sudoku_split="spg",
+        graders=AGRPO_GRADERS, decoding={**_PAPER_DECODING, "stop_on_eos_block": True}, lengths=(256,),
+        steps_per_token=0.5, sudoku_split="spg",
         dataset_notes={"gsm8k": "the AGRPO release evaluates GSM8K-Platinum (madrylab/gsm8k-platinum, 1,209 "
                                 "relabelled questions), not shipped here: this is the original 1,319-item test set"}),
 }

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.states import completion_blocks
+from learner.step_states import completion_blocks
 from common.trajectory import Trajectory
 from learner.losses.base import sampled_tokens
 

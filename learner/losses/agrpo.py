@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common.states import policy_hidden
+from learner.step_states import policy_hidden
 from common.trajectory import Trajectory
 from learner.losses import steps as step_sel
 from learner.losses.actions import scores_discarded, step_rows

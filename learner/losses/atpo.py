@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from common.states import completion_blocks
+from learner.step_states import completion_blocks
 from learner.losses import steps as step_sel
 from learner.losses.agrpo import StepwiseLoss
 from learner.losses.base import sampled_tokens

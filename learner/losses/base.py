@@ -1,5 +1,6 @@
-"""The interface every policy-gradient loss implements, and the pieces they share: rebuilding the
-sampler's state at step t, the sampler's log-prob of a committed token, the clipped objective.
+"""The interface every policy-gradient loss implements, and the pieces they share: batch rows and per-sample
+extras, the sampled tokens and the sampler's log-prob of each, the clipped objective and k3 KL, and one
+backward with its metric sums (the sampler's state at step t is rebuilt in ``learner/step_states.py``).
 
 Letters: B samples, P prompt length, G completion length, L = P + G, T steps, K steps drawn per sample,
 N gathered token rows, V vocabulary, D hidden size.
@@ -11,7 +12,6 @@ from collections import defaultdict
 
 import torch
 
-from common.states import state_inputs  # noqa: F401  (the rebuild's one home; re-exported for the losses)
 from common.trajectory import Trajectory
 
 

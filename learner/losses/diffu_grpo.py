@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from common.states import packed_positions
+from common.step_layout import packed_positions
 from common.trajectory import Trajectory
 from learner.losses.base import PolicyLoss, backward_once, clipped_pg, k3_kl, per_sample_extra
 from learner.losses.surrogate import first_eos_mask, token_logprobs
@@ -59,7 +59,7 @@ class DiffuGrpoLoss(PolicyLoss):
         comp_BG = torch.full_like(micro.completion_ids_BG, self.mask_id, device=device)
         ids_BL = torch.cat([prompt_BP, comp_BG], 1)
         attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
-        # positions as the sampler numbered them (see common.states.state_inputs)
+        # positions as the sampler numbered them (see learner.step_states.state_inputs)
         pos_BL = packed_positions(attn_BL) if micro.extras.get("position_ids", "absolute") == "packed" else None
         return ids_BL, attn_BL, pos_BL
 

@@ -156,7 +156,7 @@ def _finish(order_BT, idx_BK, weight_BK, valid_BK):
 def step_blocks(unmask_step_BG: torch.Tensor, blk_BG: torch.Tensor, num_steps: int,
                 drawn_BG: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] block index each step drew tokens in (-1 for a step that drew nothing), from the block of each
-    completion position ``blk_BG`` (``common.states.completion_blocks``)."""
+    completion position ``blk_BG`` (``learner.step_states.completion_blocks``)."""
     blk_BG = blk_BG.to(unmask_step_BG.device)
     if drawn_BG is not None:  # the sampler's filled EOS tail belongs to later blocks; it was not drawn
         blk_BG = torch.where(drawn_BG.to(blk_BG.device), blk_BG, -1)

@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from common.states import packed_positions
+from common.step_layout import packed_positions
 from common.trajectory import Trajectory
 from learner.losses.advantages import group_advantages
 from learner.losses.base import PolicyLoss
@@ -40,7 +40,7 @@ def masked_logprobs(model, micro: Trajectory, masked_NBL: torch.Tensor, mask_id:
     ids_NBL = clean_BL.expand(N, B, L).masked_fill(masked_NBL.to(device), mask_id)
     attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
     attn_NBL = attn_BL.expand(N, B, L)
-    # positions as the sampler numbered them (see common.states.state_inputs)
+    # positions as the sampler numbered them (see learner.step_states.state_inputs)
     packed = micro.extras.get("position_ids", "absolute") == "packed"
     pos = packed_positions(attn_NBL.reshape(N * B, L)) if packed else None
     tokens = comp_BG.expand(N, B, -1).reshape(N * B, -1)

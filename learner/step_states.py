@@ -1,5 +1,5 @@
-"""The sampler's computation at any step of a recorded trajectory, rebuilt in one place for both sides:
-the sampler (which runs it) and the learner (which recomputes it with gradients) import it from here.
+"""The sampler's computation at any step of a recorded trajectory, rebuilt by the learner (with gradients)
+from the layout rules the sampler runs (``common/step_layout.py``).
 
 Letters: B samples, P prompt length (left-padded), G completion length, L = P + G, Q query columns of a
 cached forward, D model width.
@@ -17,14 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.step_layout import packed_positions, query_columns
 from common.trajectory import Trajectory
-
-CACHE_MODES = ("none", "prefix", "dual")
-
-
-def packed_positions(attn_BL: torch.Tensor) -> torch.Tensor:
-    """RoPE positions that count real tokens only (``position_ids='packed'``): padding shares position 0."""
-    return (torch.cumsum(attn_BL.long(), dim=1) - 1).clamp(min=0)
 
 
 def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
@@ -34,7 +28,7 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     Completion tokens committed at a step >= t are masked again; the prompt stays left-padded with its
     padding excluded from attention (no mask at all for an unpadded batch, the sampler's kernel path),
     and positions follow ``extras["position_ids"]``: "absolute" = 0..L-1 per column as LLaDA's
-    reference (None), "packed" = real tokens only. Classifier-free guidance is the caller's to apply.
+    reference (None), "packed" = real tokens only. No guidance: guided rollouts are never trained on.
     """
     device = traj.completion_ids_BG.device if device is None else device
     unmask_BG = traj.unmask_step_BG.to(device)
@@ -47,20 +41,6 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     attn_BL = torch.cat([prompt_mask_BP, torch.ones_like(comp_BG, dtype=torch.bool)], dim=1)
     pos_BL = packed_positions(attn_BL) if traj.extras.get("position_ids", "absolute") == "packed" else None
     return ids_BL, attn_BL, pos_BL
-
-
-def block_starts(prompt_mask_BP: torch.Tensor, block: int, block_length: int, grid: str) -> torch.Tensor:
-    """Column [B] where each row's ``block``-th decoded block starts (prompts left-padded to P columns).
-
-    ``completion``: P + block * K for every row. ``sequence``: blocks count K real positions from the
-    prompt's first token, so a row with p real prompt tokens starts its first decoded block p mod K columns
-    before the completion (holding the prompt's tail)."""
-    P = prompt_mask_BP.shape[1]
-    if grid == "completion":
-        return torch.full((prompt_mask_BP.shape[0],), P + block * block_length, dtype=torch.long,
-                          device=prompt_mask_BP.device)
-    offset_B = prompt_mask_BP.sum(1) % block_length
-    return P - offset_B + block * block_length
 
 
 def completion_blocks(traj: Trajectory) -> tuple[torch.Tensor, int]:
@@ -87,16 +67,6 @@ def anchor_steps(step_B: torch.Tensor, spb: int, refresh: int | None) -> torch.T
     step_B = step_B.clamp(min=0)  # -1 marks a padding step: any valid step will do
     first_B = step_B - step_B % spb
     return first_B if not refresh else step_B - (step_B - first_B) % refresh
-
-
-def query_columns(mode: str, block_start, block_length: int, L: int, shift: int = 0):
-    """[lo, hi) columns a cached step of the block starting at column ``block_start`` (int or [B]) runs; with a
-    logit ``shift`` (Dream) the window starts ``shift`` columns early, where the block's first logits sit."""
-    if mode == "dual":
-        return block_start - shift, block_start + block_length
-    if mode == "prefix":
-        return block_start - shift, block_start * 0 + L
-    raise ValueError(f"unknown cache mode {mode!r}; choose one of {CACHE_MODES}")
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""The driver's run state: prompt positions, the done watermark and the prompt stream."""
+"""The driver's ledger: prompt positions, the done watermark and the prompt stream."""
 import dataclasses
 import types
 
 import pytest
 
-from driver.state import PromptStream, RunState, position_of
+from driver.ledger import Ledger, PromptStream, RunState, position_of
 
 
 @dataclasses.dataclass
@@ -32,20 +32,18 @@ def test_rejected_and_stale_dropped_prompts_are_marked_so_the_sparse_set_stays_b
     import ray
 
     from driver.pool import Call, RolloutPool
-    from driver.train import Controller
+    from driver.rollouts import Rollouts
 
-    ctl = object.__new__(Controller)  # only what _collect touches
-    ctl.state, ctl.failed_calls = RunState(), {}
-    ctl.metrics = types.SimpleNamespace(log=lambda record: None)
-    ctl.pool = RolloutPool(make_worker=None)
-    stream = PromptStream(_items(), ctl.state)
+    ledger = Ledger(_items, RunState())
+    rollouts = Rollouts(None, RolloutPool(make_worker=None), None, ledger, None, types.SimpleNamespace(log=lambda r: None))
+    stream = PromptStream(_items(), ledger.state)
     for c in range(20):
         trained, rejected, dropped = (f"0.{c}:{item.id}" for item in stream.take(3))
         ref = ray.put({"worker": "w", "groups": 1, "rejected_ids": [rejected], "dropped_ids": [dropped]})
-        ctl.pool.busy[ref] = Call("w", f"0.{c}", [], 3)
-        ctl._collect(ref)
-        ctl.state.mark_trained([position_of(trained)])
-    assert ctl.state.trained_below == 60 and ctl.state.trained_above == []
+        rollouts.pool.busy[ref] = Call("w", f"0.{c}", [], 3)
+        rollouts.collect(ref, in_batch=set())
+        ledger.trained([position_of(trained)])
+    assert ledger.state.trained_below == 60 and ledger.state.trained_above == []
 
 
 def test_in_flight_is_what_was_handed_out_and_is_not_done():
@@ -64,38 +62,32 @@ def test_in_flight_is_what_was_handed_out_and_is_not_done():
 def test_a_rebuilt_learner_rolls_the_prompts_back_with_the_weights():
     """A learner rank died after step 4; the group comes back from the step-2 checkpoint. The prompts of
     steps 3-4 are dispatched again, those in flight are not: each prompt trained once in the weights' history."""
-    from driver.train import Controller
-
-    ctl = object.__new__(Controller)  # only what _roll_back_to touches
-    ctl.cfg = types.SimpleNamespace(task=types.SimpleNamespace(seed=0))
-    ctl.task = types.SimpleNamespace(train_items=lambda seed: _items())
-    ctl.state = RunState(incarnation=1)
-    ctl.prompts = PromptStream(_items(), ctl.state)
+    ledger = Ledger(_items, RunState(incarnation=1))
     lineage = []  # (step, positions) of the weights' history
 
     def take():
-        ctl.state.call_id += 1
-        return [position_of(f"t:{item.id}") for item in ctl.prompts.take(2)]
+        items, _ = ledger.take(2)
+        return [position_of(f"t:{item.id}") for item in items]
 
     def step(positions):
-        ctl.state.step += 1
-        ctl.state.version += 1
-        ctl.state.mark_trained(positions)
-        lineage.append((ctl.state.step, positions))
+        ledger.state.step += 1
+        ledger.state.version += 1
+        ledger.trained(positions)
+        lineage.append((ledger.state.step, positions))
 
     batches = [take() for _ in range(6)]
     step(batches[0]), step(batches[1])
-    checkpoint = ctl.state.to_dict()
+    checkpoint = ledger.state.to_dict()
     step(batches[2]), step(batches[3])
-    ctl._roll_back_to(RunState.from_dict(checkpoint))
+    ledger.roll_back_to(RunState.from_dict(checkpoint))
     lineage = [(s, p) for s, p in lineage if s <= 2]  # the rank's later steps went with its weights
-    assert (ctl.state.step, ctl.state.version, ctl.state.call_id, ctl.state.incarnation) == (2, 2, 6, 1)
+    assert (ledger.state.step, ledger.state.version, ledger.state.call_id, ledger.state.incarnation) == (2, 2, 6, 1)
     step(batches[4]), step(batches[5])  # in the queue at the rebuild
-    while ctl.state.step < 8:
+    while ledger.state.step < 8:
         step(take())
     trained = [p for _, positions in lineage for p in positions]
     assert sorted(trained) == list(range(16)), "a prompt was trained twice, or lost, across the rebuild"
-    assert ctl.state.trained_below == 16 and ctl.state.trained_above == []
+    assert ledger.state.trained_below == 16 and ledger.state.trained_above == []
 
 
 def test_a_failed_calls_prompts_without_a_group_are_dispatched_again(ray_local):
@@ -104,25 +96,21 @@ def test_a_failed_calls_prompts_without_a_group_are_dispatched_again(ray_local):
     import ray
 
     from driver.pool import Call, RolloutPool
-    from driver.train import Controller
+    from driver.rollouts import Rollouts
 
     @ray.remote
     def died():
         raise RuntimeError("the rollout worker died")
 
-    ctl = object.__new__(Controller)  # only what _collect touches
-    ctl.state, ctl.failed_calls, ctl.batch, ctl.batch_positions = RunState(), {}, None, []
-    ctl.metrics = types.SimpleNamespace(log=lambda record: None)
-    ctl.cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(max_restarts=3))
-    ctl.pool = RolloutPool(make_worker=None)
-    ctl.queue = types.SimpleNamespace(release_call=types.SimpleNamespace(
+    ledger = Ledger(_items, RunState())
+    queue = types.SimpleNamespace(release_call=types.SimpleNamespace(
         remote=lambda prefix, ids: ray.put({"unsettled": ids[1:], "untrained": ids[:1]})))
-    ctl.prompts = PromptStream(_items(), ctl.state)
-    items = ctl.prompts.take(4)
-    ctl.batch, ctl.batch_positions = object(), [3]  # a restarted queue forgot it handed p3's group to the learner
+    rollouts = Rollouts(types.SimpleNamespace(max_restarts=3), RolloutPool(make_worker=None), queue, ledger, None,
+                        types.SimpleNamespace(log=lambda record: None))
+    items = ledger.prompts.take(4)
     ref = died.remote()
-    ctl.pool.busy[ref] = Call("rollout-0", "0.0", items, 4)
+    rollouts.pool.busy[ref] = Call("rollout-0", "0.0", items, 4)
     ray.wait([ref])
-    ctl._collect(ref)
-    assert ctl.state.trained_below == 1  # the refused prompt is done
-    assert [item.id for item in ctl.prompts.take(3)] == ["p1:q1", "p2:q2", "p4:q4"]
+    rollouts.collect(ref, in_batch={3})  # a restarted queue forgot it handed p3's group to the learner
+    assert ledger.state.trained_below == 1  # the refused prompt is done
+    assert [item.id for item in ledger.prompts.take(3)] == ["p1:q1", "p2:q2", "p4:q4"]

@@ -1,4 +1,4 @@
-"""The driver's run state: what a checkpoint records beside the weights, and the prompt stream it numbers.
+"""The run's ledger: the run state a checkpoint records beside the weights, and the prompt stream it numbers.
 
 Every training prompt has a stream position (its index in the task's seeded ``train_items`` stream). The
 state records which positions are done, as a low watermark plus the sparse set above it, so that a
@@ -7,14 +7,14 @@ trained on: each prompt is trained once across a kill and a resume (tests/test_r
 A position is done when a learner step trained it, or when it was settled untrained (its prompt longer than
 ``rollout.max_prompt_tokens``, or its group dropped as stale; the rollout events in metrics.jsonl name them):
 every position handed out is settled sooner or later, so the watermark follows the stream and the sparse
-set stays as small as the groups in flight.
+set stays as small as the groups in flight. ``Ledger`` keeps the two in step for the driver's loop.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 _POSITION_PREFIX = "p"
@@ -99,3 +99,45 @@ def position_of(group_id: str) -> int:
     if len(parts) < 3 or not parts[1].startswith(_POSITION_PREFIX) or not parts[1][1:].isdigit():
         raise ValueError(f"group id {group_id!r} does not name a prompt position (<call tag>:p<position>:<item id>)")
     return int(parts[1][len(_POSITION_PREFIX):])
+
+
+class Ledger:
+    """The run state and the prompt stream it numbers, kept in step: the loop takes prompts from it and tells
+    it which were trained, settled untrained, or came back from a failed call."""
+
+    def __init__(self, items: Callable[[], Iterable], state: RunState):
+        self._items = items  # the task's seeded training stream, from its start
+        self.state = state
+        self.prompts = PromptStream(items(), state)
+
+    def take(self, n: int) -> tuple[list, str]:
+        """The next ``n`` prompts and the tag of the rollout call that answers them (unique across drivers)."""
+        items, tag = self.prompts.take(n), f"{self.state.incarnation}.{self.state.call_id}"
+        self.state.call_id += 1
+        return items, tag
+
+    def trained(self, positions: Iterable[int]) -> None:
+        """A learner step trained these positions."""
+        self.state.mark_trained(positions)
+
+    def settle(self, group_ids: Iterable[str]) -> None:
+        """Prompts a rollout refused (over-long) or whose groups the queue dropped as stale are done: marked
+        with the trained ones, so the watermark moves past them (a resumed run does not send them again)."""
+        self.state.mark_trained(position_of(g) for g in group_ids)
+
+    def give_back(self, items: list, group_ids: list[str], unsettled: Iterable[str], in_batch: set[int]) -> None:
+        """A failed call's prompts whose groups the queue still counts unsettled are handed out again, first;
+        not those done since, nor those in the learner's batch (a restarted queue remembers only the groups it
+        recovered: one it had handed to the learner before is in the batch or trained, not unsettled)."""
+        again = {g for g in unsettled if not self.state.is_done(position_of(g)) and position_of(g) not in in_batch}
+        self.prompts.give_back([item for item, g in zip(items, group_ids) if g in again])
+
+    def roll_back_to(self, restored: RunState) -> None:
+        """The weights went back to the checkpoint's ``restored`` state: so do the step, the version and the
+        prompts counted done, as on ``--resume``. Prompts done after the checkpoint are dispatched again; those
+        in a rollout, in the queue or in the batch being retried are not (each is trained once in the weights'
+        history). Call ids and the incarnation go on: group ids are never reused."""
+        in_flight = self.prompts.in_flight(self.state)
+        restored.call_id, restored.incarnation = self.state.call_id, self.state.incarnation
+        self.state = restored
+        self.prompts = PromptStream(self._items(), restored, in_flight=in_flight)
