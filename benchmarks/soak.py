@@ -175,7 +175,7 @@ def check(run_dir: Path, group_size: int) -> dict:
     """What the run directory says about loss and duplication (the checks of tests/test_reliability.py, for
     any number of learner rebuilds and driver resumes)."""
     from common.spill import recover
-    from driver.state import RunState, position_of
+    from driver.ledger import RunState, position_of
     from learner.checkpoint import read_meta
 
     records = _records(run_dir)

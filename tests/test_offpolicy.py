@@ -84,7 +84,7 @@ def test_truncation_scales_each_stale_draw_to_the_cap(model):
     assert 0 < m["is_truncated_tokens"] < m["stale_tokens"]
     # the same gradient from the definition: fresh rows coupled (clip 0.2), stale rows  min(w, c) A grad log pi
     from learner.losses.actions import scores_discarded, step_rows
-    from common.states import policy_hidden
+    from learner.step_states import policy_hidden
     policy.zero_grad()
     P = batch.prompt_ids_BP.shape[1]
     total = torch.zeros(())

@@ -37,7 +37,7 @@ import itertools
 
 import torch
 
-from common.states import completion_blocks, policy_hidden
+from learner.step_states import completion_blocks, policy_hidden
 from common.trajectory import Trajectory
 from learner.losses.advantages import group_advantages
 from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, per_sample_extra, sampled_tokens, sampler_logprobs
