@@ -45,7 +45,7 @@ def test_an_option_our_code_does_not_implement_is_refused_at_load(tmp_path, mode
         M.read_config(tmp_path)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar", "tiny-llada2"])
 def test_every_family_round_trips_its_public_layout_and_loads_through_auto_classes(tmp_path, preset):
     from transformers import AutoModel
 
@@ -68,6 +68,14 @@ def test_public_shapes_have_the_public_parameter_counts():
     # LLaDA-8B-Instruct, Dream-v0-Instruct-7B (Qwen2.5-7B's 7.62B), SDAR-8B (Qwen3-8B's 8.19B), SDAR-1.7B (2.03B)
     assert counts == {"llada-8b": 8_015_581_184, "dream-7b": 7_615_616_512, "sdar-8b": 8_190_735_360,
                       "sdar-1.7b": 2_031_739_904}
+
+
+def test_llada2_mini_has_the_public_checkpoints_size():
+    """LLaDA2.0-mini's model.safetensors.index.json: total_size 32,511,286,784 bytes in bf16 (the expert biases too)."""
+    model = M.build_model(M.preset_config("llada2-mini"), device="meta")
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert 2 * sum(t.numel() for t in tensors) == 32_511_286_784
+    assert sum(p.numel() for p in model.parameters()) == 16_255_638_528
 
 
 # --- Dream against its public modeling_dream.py and generation_utils.py
@@ -192,12 +200,82 @@ def test_the_sdar_fixtures_exercise_the_public_overwrite_bug():
     assert any(o["changed"] for c in cases if c["name"] in _sdar_cases() for o in c["overwrites"])
 
 
+LLADA2 = FIXTURES / "llada2"
+
+
+def test_llada2_logits_equal_the_public_code():
+    """fp32 tolerance: the public code attends with an additive mask on repeated keys/values, ours with a bool
+    mask and GQA; given the public's mask and layout our forward is bit for bit equal (checked once by hand)."""
+    ref = load_file(LLADA2 / "logits.safetensors")
+    model = M.load_pretrained(LLADA2 / "checkpoint")
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits_fp32"], rtol=0, atol=2e-5)
+
+
+def test_llada2_routing_follows_the_expert_bias_and_the_groups():
+    """The bias moves which experts are chosen (only inside the kept groups), never the weights' formula."""
+    model = M.load_pretrained(LLADA2 / "checkpoint")
+    gate = model.moe_layers[0].gate
+    h = torch.randn(64, model.config.hidden_size)
+    chosen = gate(h, None)[0]
+    group = chosen // (model.config.num_experts // model.config.n_group)
+    assert int(max(len(set(g.tolist())) for g in group)) <= model.config.topk_group
+    favourite = int(torch.bincount(chosen.reshape(-1), minlength=8).argmin())
+    with torch.no_grad():
+        gate.expert_bias[favourite] += 10.0
+        chosen, w = gate(h, None)
+    assert bool((chosen == favourite).any(1).all())
+    scores = torch.sigmoid(h @ gate.weight.T).gather(1, chosen)
+    torch.testing.assert_close(w, scores / scores.sum(1, keepdim=True) * model.config.routed_scaling_factor)
+
+
+def _llada2_cases():
+    return [c["name"] for c in json.loads((LLADA2 / "generate.json").read_text())["cases"]]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+@pytest.mark.parametrize("name", _llada2_cases())
+def test_llada2_greedy_decoding_equals_the_public_generate(name, cache):
+    """LLaDA2.0's generate with 2.1's greedy rule: blocks of K from position 0, min(steps, gen_length //
+    minimal_topk) steps a block on the linear schedule, every token over the threshold or the schedule's count by
+    confidence, stop after the block that holds EOS. The public decoder fills whole blocks, so our completion runs
+    to the last block's end; its output stops at the first EOS."""
+    case = next(c for c in json.loads((LLADA2 / "generate.json").read_text())["cases"] if c["name"] == name)
+    model = M.load_pretrained(LLADA2 / "checkpoint")
+    P, K = len(case["prompt"]), case["block_length"]
+    G = -(-(P + case["gen_length"]) // K) * K - P
+    steps = min(case["steps"], case["gen_length"] // case["minimal_topk"])
+    cfg = SamplerConfig(gen_length=G, block_length=K, steps=steps * -(-G // K), temperature=0.0, block_grid="sequence",
+                        position_ids="packed", ban_mask_token=False, cache=cache, threshold=case["threshold"],
+                        threshold_floor="schedule", stop_after_eos=True)
+    traj = generate(model, torch.tensor([case["prompt"]]), None, cfg, mask_id=127, eos_id=case["eos_id"], pad_id=126)
+    want = case["output"]
+    if case["eos_early_stop"] and want[-1] == case["eos_id"] and len(want) > P and want[:P] == case["prompt"]:
+        want = want[P:]  # the public early-stop return keeps the prompt; its other return does not
+    ours = traj.completion_ids_BG[0].tolist()
+    assert ours[:len(want)] == want
+    assert case["eos_id"] not in want[:-1] and (len(want) == case["gen_length"] or want[-1] == case["eos_id"])
+    if not case["eos_early_stop"]:  # the same forwards: one per step that had masked positions left
+        assert int(traj.step_committed_BT.gt(0).sum()) == case["forwards"]
+
+
+def test_llada2_fixtures_decide_by_threshold_and_by_schedule_and_stop_on_eos():
+    cases = json.loads((LLADA2 / "generate.json").read_text())["cases"]
+    blocks = [-(-(len(c["prompt"]) + c["gen_length"]) // c["block_length"]) - len(c["prompt"]) // c["block_length"]
+              for c in cases]
+    steps = [min(c["steps"], c["gen_length"] // c["minimal_topk"]) for c in cases]
+    assert any(c["forwards"] < b * s for c, b, s in zip(cases, blocks, steps) if not c["eos_early_stop"])
+    assert any(c["output"][-1] == c["eos_id"] for c in cases) and any(c["eos_early_stop"] for c in cases)
+
+
 # --- exactness on every family: the learner rebuilds what the sampler drew (ratio 1)
 
 FAMILY_DECODING = {
     "tiny": dict(block_length=8),
     "tiny-dream": dict(block_length=16, transfer="timestep", position_ids="packed"),
     "tiny-sdar": dict(block_length=4, block_grid="sequence", position_ids="packed"),
+    "tiny-llada2": dict(block_length=4, block_grid="sequence", position_ids="packed"),
 }
 RULES = [dict(remasking="random"), dict(remasking="low_confidence"), dict(remasking="margin", top_k=20),
          dict(remasking="entropy", top_p=0.9), dict(remasking="low_confidence", threshold=0.02),
