@@ -12,6 +12,7 @@ weight). The loss must therefore run the same number of forward/backward passes 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -185,6 +186,9 @@ class LearnerRank:
         total = len(batch)
         if total == 0:
             raise ValueError("learner step got an empty batch")
+        if self.cfg.routing == "recompute":  # the router chooses again: the sampler's record is not read
+            batch = dataclasses.replace(batch, extras={k: v for k, v in batch.extras.items()
+                                                       if k not in ("routing_settled_BLR", "routing_step_BTKR")})
         seq_len = batch.prompt_ids_BP.shape[1] + batch.completion_ids_BG.shape[1]
         per_micro = max(1, self.cfg.micro_batch_tokens // seq_len)
         num_micro = math.ceil(math.ceil(total / self.world_size) / per_micro)

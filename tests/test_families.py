@@ -5,6 +5,7 @@ Reference data come from running the public code once (tests/fixtures/<family>/m
 source commit in its README); the tests never import public code.
 Letters: B samples, P prompt length, G completion length, N scored rows, V vocabulary.
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -455,6 +456,83 @@ def test_sdar_rows_stop_after_an_eos_and_the_rest_is_rebuilt_exactly(cache):
     assert bool(traj.unmask_step_BG.ge(0).all())
     with torch.no_grad():
         assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+# --- LLaDA2: routing is part of the policy (sampler.record_routing, learner.routing)
+
+
+def _routed_rollout(cache: str, seed: int = 5):
+    model = M.build_model(M.preset_config("tiny-llada2"), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=16, block_length=4, steps=8, temperature=1.0, block_grid="sequence",
+                        position_ids="packed", remasking="low_confidence", cache=cache, record_routing=True)
+    return model, generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=seed)
+
+
+def _recompute(traj):
+    return dataclasses.replace(traj, extras={k: v for k, v in traj.extras.items() if not k.startswith("routing_")})
+
+
+def _through_the_queue(traj):
+    """The trajectory as the learner reads it: one Arrow RecordBatch and back (the prompts re-padded)."""
+    import pyarrow as pa
+
+    from common.schema import group_to_record_batch, table_to_trajectory
+
+    B = len(traj)
+    rb = group_to_record_batch(traj, group_id="g", task="t", worker_id="w", policy_version=0, rewards=[0.0] * B,
+                               correct=[False] * B, components={}, timings={"gen_seconds": 0.0, "reward_seconds": 0.0})
+    return table_to_trajectory(pa.Table.from_batches([rb]), pad_id=PAD)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_llada2_rollouts_rescore_with_ratio_one_replaying_or_recomputing_their_routing(cache):
+    """Every scored forward's routing recorded (the step's block; finished blocks once), carried through the
+    Arrow schema, replayed by the learner: ratio 1; recomputed by the same router: ratio 1 too."""
+    model, traj = _routed_rollout(cache)
+    settled, step = traj.extras["routing_settled_BLR"], traj.extras["routing_step_BTKR"]
+    R = len(model.moe_layers) * model.config.num_experts_per_tok
+    assert step.shape == (3, traj.num_steps, 4, R) and bool(step.ge(0).all())
+    assert bool(settled[:, :7][traj.prompt_mask_BP].ge(0).all()) and bool(settled[:, -4:].lt(0).any())
+    read = _through_the_queue(traj)
+    P_read = read.prompt_ids_BP.shape[1]
+    real = torch.cat([traj.prompt_mask_BP, torch.ones(3, 16, dtype=torch.bool)], 1)
+    read_real = torch.cat([read.prompt_mask_BP, torch.ones(3, 16, dtype=torch.bool)], 1)
+    assert torch.equal(read.extras["routing_settled_BLR"][read_real], settled[real]) and P_read == 7
+    assert torch.equal(read.extras["routing_step_BTKR"], step)
+    with torch.no_grad():
+        assert float(_ratios(model, read).abs().max()) < 1e-4
+        assert float(_ratios(model, _recompute(read)).abs().max()) < 1e-4
+
+
+def test_llada2_replay_keeps_the_rollouts_experts_when_the_learners_router_moves():
+    """A router that chooses differently on the learner (here: its expert bias moved, as bf16 kernels or batch
+    composition move scores near a tie) changes the policy under recompute; replay keeps the sampler's experts,
+    and since the bias only selects experts, the replayed policy is exactly the rollout's."""
+    model, traj = _routed_rollout("none")
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            moe.gate.expert_bias.copy_(torch.randn(moe.gate.expert_bias.shape, generator=torch.Generator().manual_seed(0)))
+        assert float(_ratios(model, traj).abs().max()) < 1e-4
+        assert float(_ratios(model, _recompute(traj)).abs().max()) > 1e-2
+
+
+def test_llada2_replayed_routing_still_trains_the_router():
+    """Replay fixes which experts run; their gate weights come from the current router, so it gets a gradient."""
+    model, traj = _routed_rollout("none")
+    diff = _ratios(model, traj)
+    diff.sum().backward()
+    assert all(moe.gate.weight.grad is not None and float(moe.gate.weight.grad.abs().sum()) > 0
+               for moe in model.moe_layers)
+
+
+def test_routing_is_recorded_only_for_a_family_with_experts():
+    model = M.build_model(M.preset_config("tiny-sdar"), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=8, block_length=4, steps=4, block_grid="sequence", position_ids="packed",
+                        record_routing=True)
+    with pytest.raises(ValueError, match="sdar has no experts to route"):
+        generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD)
 
 
 # --- Dream's block variant: Fast-dLLM's generation_utils_block (tests/fixtures/dream_block)

@@ -54,7 +54,7 @@ register(ModelFamily(
     architectures=("LLaDA2MoeModelLM",), logit_shift=0, attention="block_causal",
     # every block has these (dense and MoE layers alike); experts are adapted by naming them explicitly
     lora_targets=("attention.query_key_value", "attention.dense"),
-    mask_token="<|mask|>", eot_token="<|role_end|>",
+    mask_token="<|mask|>", eot_token="<|role_end|>", routed=True,
     # the public generate: blocks of 32 from position 0, 32 steps a block, threshold 0.95 over the linear schedule
     decoding=dict(remasking="low_confidence", transfer="linear", block_grid="sequence", position_ids="packed",
                   threshold=0.95, threshold_floor="schedule", stop_after_eos=True),

@@ -88,9 +88,10 @@ class LLaDA2MoeConfig(PretrainedConfig):
 
 
 class RoutingTape:
-    """Each MoE layer's chosen experts [N, K] for the forwards run under it, in call order (``record``), or the
-    experts to use instead of the router's choice (``replay``: one [N, K] per MoE layer and forward, in the same
-    order). The learner replays what the sampler recorded, so a token runs the experts it ran in the rollout."""
+    """Each MoE layer's chosen experts [N, K] for the forwards run under it, in call order (``recorded``), and
+    optionally experts to use instead of the router's choice (``replay``: one [N, K] per MoE layer and forward,
+    in the same order; -1 entries keep the router's choice). The learner replays what the sampler recorded, so a
+    token runs the experts it ran in the rollout."""
 
     def __init__(self, replay: list[torch.Tensor] | None = None):
         self.recorded: list[torch.Tensor] = []
@@ -101,7 +102,8 @@ class RoutingTape:
             if not self.replay:
                 raise ValueError("routing replay: more MoE forwards than recorded routings; record and replay the "
                                  "same forwards")
-            chosen_NK = self.replay.pop(0).to(chosen_NK.device).reshape(chosen_NK.shape)
+            given_NK = self.replay.pop(0).to(chosen_NK.device).reshape(chosen_NK.shape)
+            chosen_NK = torch.where(given_NK >= 0, given_NK.to(chosen_NK.dtype), chosen_NK)
         self.recorded.append(chosen_NK)
         return chosen_NK
 
@@ -266,8 +268,10 @@ class LLaDA2MoeModelLM(DiffusionLM):
         return [block.mlp for block in self.model.layers if isinstance(block.mlp, LLaDA2SparseMoe)]
 
     @contextmanager
-    def routing(self, tape: RoutingTape):
-        """Run the forwards inside under ``tape`` (record the chosen experts, or replay recorded ones)."""
+    def routing(self, tape: RoutingTape | None = None):
+        """Run the forwards inside under ``tape`` (a fresh recording one by default): record the chosen experts,
+        or replay recorded ones."""
+        tape = RoutingTape() if tape is None else tape
         for moe in self.moe_layers:
             moe.tape = tape
         try:
@@ -275,6 +279,13 @@ class LLaDA2MoeModelLM(DiffusionLM):
         finally:
             for moe in self.moe_layers:
                 moe.tape = None
+
+    def replaying(self, routing_BLR: torch.Tensor):
+        """Run a forward of [B, L] tokens on the experts ``routing_BLR`` names (R = MoE layers x experts per token,
+        layer-major, as ``RoutingTape.recorded`` stacks them; -1: the router chooses)."""
+        B, L, _ = routing_BLR.shape
+        per_layer = routing_BLR.view(B, L, len(self.moe_layers), -1).unbind(2)
+        return self.routing(RoutingTape(replay=[r.reshape(B * L, -1) for r in per_layer]))
 
     def expert_load(self) -> torch.Tensor:
         """Share of routed slots per expert [MoE layers, E] in the last forward (each row sums to 1)."""
