@@ -44,6 +44,12 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                           rope_theta=10000.0, num_experts=8, num_experts_per_tok=2, n_group=4,
                                           topk_group=2, moe_intermediate_size=32, first_k_dense_replace=1,
                                           block_size=4, **_CHAR_IDS)),
+    # ~1.7M parameters (0.6M active a token): the CPU Countdown base; 8 experts in 4 groups, 2 a token, one shared.
+    "small-llada2": (LLaDA2MoeConfig, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=101,
+                                           max_position_embeddings=512, rope_theta=10000.0, num_experts=8,
+                                           num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=128,
+                                           first_k_dense_replace=1, block_size=4, **_CHAR_IDS)),
     # LLaDA2.0-mini's config.json shape (16B total, 256 experts, 8 active).
     "llada2-mini": (LLaDA2MoeConfig, dict(block_size=32)),
 }
