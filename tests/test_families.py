@@ -526,6 +526,19 @@ def test_llada2_replayed_routing_still_trains_the_router():
                for moe in model.moe_layers)
 
 
+def test_llada2_counts_the_tokens_each_expert_takes_where_the_forward_runs():
+    """Two forwards of B x L tokens: every MoE layer routes each token to K experts; counts are taken and reset."""
+    model = M.build_model(M.preset_config("tiny-llada2"), seed=3).eval()
+    with torch.no_grad():
+        model(torch.randint(5, 101, (2, 11)))
+        model(torch.randint(5, 101, (1, 6)))
+    counts = model.take_expert_counts()
+    assert counts.shape == (8,) and int(counts.sum()) == (22 + 6) * 2 * len(model.moe_layers)
+    with torch.no_grad():
+        model(torch.randint(5, 101, (1, 3)))
+    assert int(model.take_expert_counts().sum()) == 3 * 2 * len(model.moe_layers)
+
+
 def test_routing_is_recorded_only_for_a_family_with_experts():
     model = M.build_model(M.preset_config("tiny-sdar"), seed=3).eval()
     ids, mask = _prompts()

@@ -189,7 +189,7 @@ class LLaDA2SparseMoe(nn.Module):
                                      for _ in range(config.num_experts))
         self.shared_experts = SwiGLU(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
         self.tape: RoutingTape | None = None  # set by ``LLaDA2MoeModelLM.routing``
-        self.load_E: torch.Tensor | None = None  # tokens routed to each expert in the last forward
+        self.routed_E: torch.Tensor | None = None  # tokens routed to each expert since ``take_expert_counts``
 
     def forward(self, h_BLD: torch.Tensor) -> torch.Tensor:
         B, L, D = h_BLD.shape
@@ -199,7 +199,7 @@ class LLaDA2SparseMoe(nn.Module):
         flat = chosen_NK.reshape(-1)
         order = flat.argsort()
         counts_E = torch.bincount(flat, minlength=len(self.experts))
-        self.load_E = counts_E.detach()
+        self.routed_E = counts_E.detach() if self.routed_E is None else self.routed_E + counts_E.detach()
         chunks = x_ND[order // K].split(counts_E.tolist())
         out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if len(chunk)])
         y_NKD = out[torch.argsort(order)].view(N, K, D)
@@ -287,10 +287,13 @@ class LLaDA2MoeModelLM(DiffusionLM):
         per_layer = routing_BLR.view(B, L, len(self.moe_layers), -1).unbind(2)
         return self.routing(RoutingTape(replay=[r.reshape(B * L, -1) for r in per_layer]))
 
-    def expert_load(self) -> torch.Tensor:
-        """Share of routed slots per expert [MoE layers, E] in the last forward (each row sums to 1)."""
-        load = torch.stack([moe.load_E.float() for moe in self.moe_layers])
-        return load / load.sum(dim=1, keepdim=True)
+    def take_expert_counts(self) -> torch.Tensor:
+        """Routed slots per expert [E], summed over MoE layers and the forwards since the last call (then reset):
+        the expert load, measured where the forward happens."""
+        counts = torch.stack([moe.routed_E for moe in self.moe_layers if moe.routed_E is not None]).sum(0)
+        for moe in self.moe_layers:
+            moe.routed_E = None
+        return counts
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.word_embeddings(input_ids)
