@@ -584,3 +584,27 @@ def test_dream_block_variant_rollouts_are_rebuilt_exactly(cache):
     assert traj.step_committed_BT[:, 0].eq(1).all() and traj.step_committed_BT[:, 4].eq(1).all()
     with torch.no_grad():
         assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+def test_a_learner_step_on_llada2_reads_its_routing_setting_and_reports_the_expert_load():
+    """learner.routing picks the experts the step's forwards run (the recorded ones, or the router's), and the
+    step reports each expert's share of the routed slots."""
+    import functools
+
+    from common.config import AgrpoConfig, LearnerConfig, ModelConfig
+    from learner.losses import build_loss
+    from learner.worker import LearnerRank
+
+    _, traj = _routed_rollout("none")
+    traj = dataclasses.replace(traj, rewards_B=torch.tensor([1.0, 0.0, 0.5]), group_B=torch.zeros(3, dtype=torch.long))
+    factory = functools.partial(build_loss, AgrpoConfig(k_steps=2), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    losses = {}
+    for mode in ("replay", "recompute"):
+        rank = LearnerRank(LearnerConfig(num_cpus_per_rank=0.5, lr=1e-3, routing=mode), ModelConfig(preset="tiny-llada2"),
+                           rank=0, world_size=1, loss_factory=factory, seed=0)
+        rank.setup("127.0.0.1", 0)
+        metrics = rank.step(traj, step_seed=0)
+        shares = [metrics[f"expert_share/{e}"] for e in range(8)]
+        assert sum(shares) == pytest.approx(1.0) and metrics["expert_load_max"] == pytest.approx(8 * max(shares))
+        losses[mode] = metrics["ratio_sum"]
+    assert losses["replay"] != losses["recompute"]  # the rollout's model routed otherwise than the learner's
