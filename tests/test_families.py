@@ -371,7 +371,7 @@ def test_the_public_tokenizer_files_load_with_the_familys_special_ids_and_chat_t
     assert tok.decode(tok.encode("Hello world, 2+3=5.")) == "Hello world, 2+3=5."
 
 
-@pytest.mark.parametrize("family", ["dream", "sdar"])
+@pytest.mark.parametrize("family", ["dream", "sdar", "llada2"])
 def test_a_public_checkpoint_saves_back_to_its_public_layout(tmp_path, family):
     from safetensors import safe_open
 
