@@ -391,7 +391,7 @@ def test_a_public_checkpoint_saves_back_to_its_public_layout(tmp_path, family):
         assert ours[key] == theirs[key], key
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar", "tiny-llada2"])
 def test_lora_adapts_every_familys_default_targets_and_starts_as_the_base(preset):
     """Adapters on the family's default targets (Dream's biased q/k/v projections included) leave the model
     exactly the base at step 0 and keep its biases frozen under their public names."""
@@ -608,3 +608,17 @@ def test_a_learner_step_on_llada2_reads_its_routing_setting_and_reports_the_expe
         assert sum(shares) == pytest.approx(1.0) and metrics["expert_load_max"] == pytest.approx(8 * max(shares))
         losses[mode] = metrics["ratio_sum"]
     assert losses["replay"] != losses["recompute"]  # the rollout's model routed otherwise than the learner's
+
+
+def test_lora_on_a_mixture_of_experts_adapts_the_layers_that_have_each_target():
+    """LLaDA2's first layer is dense (mlp.gate_proj), the others MoE (mlp.shared_experts, mlp.experts.{e}): a target
+    adapts every block that has it; one that no block has is refused."""
+    from common.config import LoraConfig
+    from learner.lora import apply_lora
+
+    model = M.build_model(M.preset_config("tiny-llada2"), seed=2).eval()
+    targets = ["attention.query_key_value", "mlp.gate_proj", "mlp.shared_experts.up_proj", "mlp.experts.0.down_proj"]
+    assert apply_lora(model, LoraConfig(enabled=True, r=4, target_modules=targets)) == 3 + 1 + 2 + 2
+    with pytest.raises(ValueError, match="'mlp.experts.9.up_proj' is not a linear layer of a llada2 block"):
+        apply_lora(M.build_model(M.preset_config("tiny-llada2"), seed=2),
+                   LoraConfig(enabled=True, r=4, target_modules=["mlp.experts.9.up_proj"]))
