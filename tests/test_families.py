@@ -539,6 +539,16 @@ def test_llada2_counts_the_tokens_each_expert_takes_where_the_forward_runs():
     assert int(model.take_expert_counts().sum()) == 3 * 2 * len(model.moe_layers)
 
 
+def test_routing_replay_refuses_activation_checkpointing():
+    """Backward would recompute the forward outside the replay and route afresh: refused, not silently wrong."""
+    model, traj = _routed_rollout("none")
+    model.set_activation_checkpointing(True)
+    with pytest.raises(ValueError, match="replay cannot run with model.gradient_checkpointing"):
+        _ratios(model, traj)
+    with torch.no_grad():  # no backward, no recompute: fine
+        assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
 def test_routing_is_recorded_only_for_a_family_with_experts():
     model = M.build_model(M.preset_config("tiny-sdar"), seed=3).eval()
     ids, mask = _prompts()

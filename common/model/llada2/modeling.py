@@ -283,6 +283,9 @@ class LLaDA2MoeModelLM(DiffusionLM):
     def replaying(self, routing_BLR: torch.Tensor):
         """Run a forward of [B, L] tokens on the experts ``routing_BLR`` names (R = MoE layers x experts per token,
         layer-major, as ``RoutingTape.recorded`` stacks them; -1: the router chooses)."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            raise ValueError("learner.routing: replay cannot run with model.gradient_checkpointing (backward's "
+                             "recomputed forward would route afresh); turn one of them off")
         B, L, _ = routing_BLR.shape
         per_layer = routing_BLR.view(B, L, len(self.moe_layers), -1).unbind(2)
         return self.routing(RoutingTape(replay=[r.reshape(B * L, -1) for r in per_layer]))
