@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_all.sh cache     # block KV cache none/prefix/dual beside the reference, LLaDA-8B shape
 #   bash benchmarks/gpu_all.sh smoke     # 3 RL steps, 1b preset in bf16: learner GPU + rollout GPU over nccl
 #   bash benchmarks/gpu_all.sh families  # our sampler at Dream-7B's and SDAR-8B's shapes (their own decoding)
+#   bash benchmarks/gpu_all.sh llada2    # LLaDA2.0-mini's shape: our sampler, and the routing drift replay/recompute
 # On the lent device machine: source .devicepkgs/activate.sh first (ray, pydantic). Results go to $OUT
 # (default /tmp/unmask-gpu): markdown + JSON per benchmark and one log; a short table prints last.
 set -uo pipefail
@@ -68,6 +69,16 @@ elif [ "$stage" = families ]; then
   timeout 280 python3 -m benchmarks.bench_sampler --preset sdar-8b --steps 256 --batches 1 8 \
     --temperatures 0 --compile-modes --out "$OUT/sampler_sdar.md" 2>&1 | tee -a "$log"
   echo "=== summary"; grep "|" "$OUT/sampler_dream.md" "$OUT/sampler_sdar.md"
+elif [ "$stage" = llada2 ]; then
+  # LLaDA2.0-mini's shape (16B mixture of experts, 256 experts, 8 a token; random bf16 weights): greedy tok/s at
+  # batch 1 and 8, prompt 64, gen 256, decoded as its generate() does (blocks of 32, 32 steps a block, threshold
+  # 0.95 over the linear schedule). Then the log-ratio drift between a bf16 rollout (record_routing) and a bf16
+  # learner rescoring every draw, with the learner replaying or recomputing the routing (8 sequences).
+  # No learner row: a 16B full-parameter learner does not fit one GPU (the preset trains LoRA on 4 ranks).
+  timeout 300 python3 -m benchmarks.bench_sampler --preset llada2-mini --steps 256 --batches 1 8 \
+    --temperatures 0 --compile-modes --out "$OUT/sampler_llada2.md" 2>&1 | tee -a "$log"
+  timeout 240 python3 -m benchmarks.bench_routing --out "$OUT" 2>&1 | tee -a "$log"
+  echo "=== summary"; grep "|" "$OUT/sampler_llada2.md" "$OUT/bench_routing.md"
 else
-  echo "unknown stage $stage (core | sampler | cache | smoke | families)"; exit 2
+  echo "unknown stage $stage (core | sampler | cache | smoke | families | llada2)"; exit 2
 fi

@@ -1,13 +1,16 @@
-"""Per-GPU memory plan of the 8B GPU presets (LLaDA, Dream, SDAR): a learner rank and a rollout worker, checked
-against the GPU the deploy manifests request.
+"""Per-GPU memory plan of the GPU presets (LLaDA, Dream, SDAR 8B; LLaDA2.0-mini 16B MoE): a learner rank and a
+rollout worker, checked against the GPU the deploy manifests request.
 
     python -m benchmarks.memory_plan                                   # every preset in PRESETS, to stdout
     python -m benchmarks.memory_plan --out benchmarks/results/memory_plan.md
 
 Parameter counts come from the model built on the meta device, split by its own structure: a block is
-``model.blocks[0]`` (the ModuleList every family has), the root is every parameter outside ``model.blocks``. The
+the largest of ``model.blocks`` (the ModuleList every family has; a mixture of experts' MoE layer, not its dense
+first one), the root is every parameter outside ``model.blocks``. The
 presets' model.path is not needed: when its config.json is missing, the public shape named by the path's folder
-stands in (STAND_INS: LLaDA-8B-Instruct -> llada-8b, Dream-v0-Instruct-7B -> dream-7b, SDAR-8B-Chat -> sdar-8b).
+stands in (STAND_INS: LLaDA-8B-Instruct -> llada-8b, Dream-v0-Instruct-7B -> dream-7b, SDAR-8B-Chat -> sdar-8b,
+LLaDA2.0-mini -> llada2-mini). For LLaDA2 the MLP width is the dense layer's intermediate_size (5120), an upper
+bound of a MoE layer's per-token activations (8 routed experts x 512 + the shared 512 = 4608).
 Widths come from the config under each family's names (CONFIG_NAMES); kv = key/value heads x head width (GQA:
 Dream 4 x 128, SDAR-8B 8 x 128; LLaDA-8B has as many key/value heads as heads, so kv = d_model there).
 Everything else is arithmetic on the preset:
@@ -54,14 +57,15 @@ GiB = 1 << 30
 # 48 GB (44.7 GiB); 1 GiB of it is set aside for the CUDA context, NCCL buffers and allocator slack.
 GPU_NAME, GPU_BYTES, RESERVED_BYTES = "NVIDIA L40S 48 GB", 48e9, 1 * GiB
 PRESETS = ("configs/llada8b_gsm8k.yaml", "configs/llada8b_countdown.yaml", "configs/dream7b_gsm8k.yaml",
-           "configs/sdar8b_gsm8k.yaml")
+           "configs/sdar8b_gsm8k.yaml", "configs/llada2mini_gsm8k.yaml")
 # The public checkpoint a model.path folder names -> the preset of its exact shape (when config.json is absent).
 STAND_INS = {"LLaDA-8B-Instruct": "llada-8b", "Dream-v0-Instruct-7B": "dream-7b", "SDAR-8B-Chat": "sdar-8b",
-             "SDAR-1.7B-Chat": "sdar-1.7b"}
+             "SDAR-1.7B-Chat": "sdar-1.7b", "LLaDA2.0-mini": "llada2-mini"}
 # Per family, the config names of (width, MLP width, layers, vocabulary rows).
 CONFIG_NAMES = {"llada": ("d_model", "mlp_hidden_size", "n_layers", "embedding_size"),
                 "dream": ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"),
-                "sdar": ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}
+                "sdar": ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"),
+                "llada2": ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -104,11 +108,12 @@ def model_shape(cfg) -> Shape:
         apply_lora(model, cfg.learner.lora)
     named = dict(model.named_parameters())
     in_blocks = {id(p) for p in model.blocks.parameters()}
-    block = model.blocks[0]
+    block = max(model.blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
     c = model.config
     d, mlp, layers, vocab = (getattr(c, k) for k in CONFIG_NAMES[family_of(c).name])
     return Shape(d=d, mlp=mlp, layers=layers, vocab=vocab or c.vocab_size, kv=model.n_kv_heads * model.head_dim,
-                 qk_norm=any(n.endswith(("q_norm.weight", "k_norm.weight")) for n, _ in block.named_parameters()),
+                 qk_norm=any(n.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight"))
+                             for n, _ in block.named_parameters()),
                  params=sum(p.numel() for p in named.values()),
                  adapters=sum(p.numel() for n, p in named.items() if is_adapter(n)),
                  root=sum(p.numel() for p in named.values() if id(p) not in in_blocks),
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", help="preset(s) to plan (default: PRESETS)")
     p.add_argument("--out", help="also write the plan to this markdown file")
     args = p.parse_args(argv)
-    lines = ["# Memory plan of the 8B GPU presets (per GPU)", "",
+    lines = ["# Memory plan of the GPU presets (per GPU)", "",
              "Written by `python -m benchmarks.memory_plan --out benchmarks/results/memory_plan.md`; the formulas are "
              "in the script's docstring. GPU: the deploy manifests' " f"{GPU_NAME} (deploy/cluster.yaml: learner node "
              "g6e.12xlarge = 4 x L40S, rollout node g6e.2xlarge = 1 x L40S; deploy/rayjob.yaml asks for "

@@ -20,6 +20,11 @@ Column notes:
   top-k/top-p). ``commit_reads_draws``: the commit rule looked at the drawn tokens.
 - ``block_grid`` (v4): where the sampler's blocks started, "completion" (at the completion's first token) or
   "sequence" (every block_length positions from the prompt's first token: block diffusion, SDAR).
+- Routing (v5, mixtures of experts with ``sampler.record_routing``; empty lists and ``routing_width`` 0
+  otherwise): ``routing_width`` R = MoE layers x experts per token; ``routing_settled`` each real column's
+  (prompt, then completion) experts once its block was finished, R per column, layer-major, -1 where never
+  recorded (the last block); ``routing_step`` the step's block columns in the forward that scored it, T x K x R.
+  The learner replays them (``learner.routing: replay``) or lets the router choose again (``recompute``).
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 4  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
-# v4: `block_grid`, `open_block`
+SCHEMA_VERSION = 5  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
+# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -81,6 +86,9 @@ SCHEMA = pa.schema(
         pa.field("commit_reads_draws", pa.bool_(), nullable=False),
         pa.field("block_grid", pa.string(), nullable=False),
         pa.field("open_block", pa.string(), nullable=False),  # what a block's first step commits: schedule / first_position
+        pa.field("routing_width", _i32, nullable=False),
+        pa.field("routing_settled", pa.list_(pa.int16()), nullable=False),
+        pa.field("routing_step", pa.list_(pa.int16()), nullable=False),
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -137,6 +145,29 @@ def _discard_columns(traj: Trajectory) -> dict[str, pa.Array]:
         "discard_logp": ragged(traj.discard_logp_BGS.float().numpy(), _f32),
         "discard_cutoff": cutoff_col,
     }
+
+
+def _routing_columns(traj: Trajectory) -> dict[str, pa.Array]:
+    """The sampler's routing record: settled routing of the real columns (ragged by prompt), the steps' (fixed)."""
+    B = len(traj)
+    settled_BLR, step_BTKR = traj.extras.get("routing_settled_BLR"), traj.extras.get("routing_step_BTKR")
+    if step_BTKR is None:
+        empty = pa.ListArray.from_arrays(pa.array(np.zeros(B + 1, dtype=np.int32)), pa.array([], pa.int16()))
+        return {"routing_width": pa.array(np.zeros(B, dtype=np.int32)), "routing_settled": empty, "routing_step": empty}
+    R = settled_BLR.shape[-1]
+    real_BL = _real_columns(traj)
+    offsets = np.zeros(B + 1, dtype=np.int32)
+    np.cumsum(real_BL.sum(1) * R, out=offsets[1:])
+    settled = settled_BLR.numpy().astype(np.int16)[real_BL].reshape(-1)
+    return {"routing_width": pa.array(np.full(B, R, dtype=np.int32)),
+            "routing_settled": pa.ListArray.from_arrays(pa.array(offsets), pa.array(settled, pa.int16())),
+            "routing_step": _fixed_list(step_BTKR.numpy().astype(np.int16).reshape(B, -1), pa.int16())}
+
+
+def _real_columns(traj: Trajectory) -> np.ndarray:
+    """[B, P + G] bool: the real (non-padding) columns of the sampler's sequence."""
+    B, G = traj.completion_ids_BG.shape
+    return np.concatenate([traj.prompt_mask_BP.numpy().astype(bool), np.ones((B, G), dtype=bool)], axis=1)
 
 
 def group_to_record_batch(
@@ -196,6 +227,7 @@ def group_to_record_batch(
         "commit_reads_draws": pa.array(np.full(B, traj.commit_reads_draws, dtype=bool)),
         "block_grid": pa.array([traj.block_grid] * B, pa.string()),
         "open_block": pa.array([str(traj.extras.get("open_block", "schedule"))] * B, pa.string()),
+        **_routing_columns(traj),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -297,6 +329,10 @@ def validate_group(rb: pa.RecordBatch) -> None:
     cutoff_len = _lengths(rb.column("discard_cutoff"))
     if cutoff_len.any() and not np.array_equal(cutoff_len, n_draws):
         raise ValueError("discard_cutoff must be empty or hold one cut-off per discarded draw")
+    width = rb.column("routing_width").to_numpy()
+    want = width * step_len[0] * rb.column("block_length").to_numpy()
+    if not np.array_equal(_lengths(rb.column("routing_step")), want):
+        raise ValueError("routing_step must hold T x block_length x routing_width entries per row (none unrecorded)")
     steps = rb.column("unmask_step").flatten().to_numpy()
     if steps.size and (steps.min() < 0 or steps.max() >= step_len[0]):
         raise ValueError(f"unmask_step values must lie in [0, T={step_len[0]})")
@@ -453,5 +489,18 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
             "cache": str(_uniform_scalar(table, "cache")),
             "cache_refresh": int(_uniform_scalar(table, "cache_refresh")) or None,
             "open_block": str(_uniform_scalar(table, "open_block")),
+            **_routing(table, B, prompt_ids_BP.shape[1] + G, T, block_length),
         },
     )
+
+
+def _routing(table: pa.Table, B: int, L: int, T: int, K: int) -> dict[str, "torch.Tensor"]:
+    """The routing record as the sampler made it (settled routing left-padded with -1), or nothing."""
+    import torch
+
+    R = int(_uniform_scalar(table, "routing_width"))
+    if R == 0:
+        return {}
+    settled, _ = _left_pad(_column(table, "routing_settled"), -1)  # padding columns lead, R entries each
+    return {"routing_settled_BLR": _tensor(settled.reshape(B, L, R), torch.int16),
+            "routing_step_BTKR": _tensor(_uniform_list(table, "routing_step", B).reshape(B, T, K, R), torch.int16)}

@@ -72,6 +72,26 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> Path | None:
     return _finish(plt, fig, ax, out, title)
 
 
+def plot_expert_load(records: list[dict], out: Path, title: str = "") -> Path | None:
+    """Share of routed slots per expert at each learner step (mixtures of experts; mean over MoE layers),
+    stacked, with the uniform share for reference."""
+    train = [r for r in records if "expert_load_max" in r and "step" in r]
+    if not train:
+        return None
+    experts = sorted({k for r in train for k in r if k.startswith("expert_share/")}, key=lambda k: int(k.split("/")[1]))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    steps = [r["step"] for r in train]
+    ax.stackplot(steps, np.array([[r.get(k, 0.0) for r in train] for k in experts]),
+                 labels=[f"expert {k.split('/')[1]}" for k in experts] if len(experts) <= 16 else None)
+    for i in range(1, len(experts)):
+        ax.axhline(i / len(experts), color="white", lw=0.4, alpha=0.6)  # the balanced boundaries
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("share of routed tokens")
+    return _finish(plt, fig, ax, out, title)
+
+
 def load_step_profiles(spill_dir: Path, limit: int = 256) -> dict[str, np.ndarray] | None:
     """Per-step entropy/margin of up to ``limit`` spilled trajectories, with their correctness."""
     from common.spill import recover
@@ -182,6 +202,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if (p := plot_curves(records, plots / "reward_accuracy.png", f"{run_dir.name}\nreward and accuracy")):
             made.append(p)
         if (p := plot_staleness(records, plots / "staleness.png", f"{run_dir.name}\nstaleness")):
+            made.append(p)
+        if (p := plot_expert_load(records, plots / "expert_load.png", f"{run_dir.name}\nexpert load per step")):
             made.append(p)
         at_steps = [r for r in records if "eval_sampling_steps" in r]
         if at_steps:  # the base (step 0) beside the trained policy (the last step evaluated)

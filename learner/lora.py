@@ -50,19 +50,22 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     count = 0
-    for block in model.blocks:
-        for name in targets:
-            parent_name, _, leaf = name.rpartition(".")
+    for name in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        found = 0
+        for block in model.blocks:  # a mixture of experts has some linears only in its dense or its MoE layers
             try:
                 parent = block.get_submodule(parent_name)
             except AttributeError:
-                parent = None
+                continue
             base = getattr(parent, leaf, None)
-            if not isinstance(base, nn.Linear):
-                raise ValueError(f"learner.lora.target_modules: {name!r} is not a linear layer of a {family.name} "
-                                 f"block (its defaults: {', '.join(family.lora_targets)})")
-            setattr(parent, leaf, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
-            count += 1
+            if isinstance(base, nn.Linear):
+                setattr(parent, leaf, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+                found += 1
+        if not found:
+            raise ValueError(f"learner.lora.target_modules: {name!r} is not a linear layer of a {family.name} "
+                             f"block (its defaults: {', '.join(family.lora_targets)})")
+        count += found
     return count
 
 

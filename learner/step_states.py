@@ -13,11 +13,12 @@ the query forward on that cache, the gradient flowing through both.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from common.step_layout import packed_positions, query_columns
+from common.step_layout import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
 
 
@@ -69,6 +70,23 @@ def anchor_steps(step_B: torch.Tensor, spb: int, refresh: int | None) -> torch.T
     return first_B if not refresh else step_B - (step_B - first_B) % refresh
 
 
+def replayed_routing(traj: Trajectory, step_B: torch.Tensor, device) -> torch.Tensor:
+    """[B, L, R] experts of every column in the forward the sampler scored step ``step_B`` with (a block-causal
+    mixture of experts, ``sampler.record_routing``): finished blocks' final routing, the step's block as recorded,
+    -1 (routed afresh) after it, where block-causal attention keeps the columns from the scored positions."""
+    settled_BLR = traj.extras["routing_settled_BLR"].to(device).long()
+    step_BTKR = traj.extras["routing_step_BTKR"].to(device).long()
+    B, L, R = settled_BLR.shape
+    K, step_B = traj.block_length, step_B.clamp(min=0)
+    start_B = block_starts(traj.prompt_mask_BP.to(device), 0, K, traj.block_grid) + (step_B // steps_per_block(traj)) * K
+    cols_BK = start_B[:, None] + torch.arange(K, device=device)
+    cols_BK = torch.where(cols_BK < L, cols_BK, cols_BK - K)  # the sampler's window (common to _window)
+    before_BL1 = (torch.arange(L, device=device) < start_B[:, None])[..., None]
+    routing_BLR = torch.where(before_BL1, settled_BLR, -1)
+    block_BKR = step_BTKR[torch.arange(B, device=device), step_B]
+    return routing_BLR.scatter(1, cols_BK[..., None].expand(B, K, R), block_BKR)
+
+
 @dataclass
 class StepHidden:
     """Final hidden states the policy computed at each row's step, for columns ``lo_B + [0, Q)``."""
@@ -99,8 +117,10 @@ def policy_hidden(model, traj: Trajectory, step_B: torch.Tensor, mask_id: int, d
     mode = traj.extras.get("cache", "none") if traj.block_grid == "completion" else "none"
     B, L = ids_BL.shape
     if mode == "none":
-        return StepHidden(model.hidden_states(ids_BL, attn_BL, pos_BL), torch.zeros(B, dtype=torch.long, device=device),
-                          model.logit_shift)
+        routing = traj.extras.get("routing_step_BTKR")
+        with nullcontext() if routing is None else model.replaying(replayed_routing(traj, step_B, device)):
+            h_BLD = model.hidden_states(ids_BL, attn_BL, pos_BL)
+        return StepHidden(h_BLD, torch.zeros(B, dtype=torch.long, device=device), model.logit_shift)
 
     spb, K, P = steps_per_block(traj), traj.block_length, traj.prompt_ids_BP.shape[1]
     anchor_B = anchor_steps(step_B, spb, traj.extras.get("cache_refresh"))

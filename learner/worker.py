@@ -12,6 +12,7 @@ weight). The loss must therefore run the same number of forward/backward passes 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import LearnerConfig, ModelConfig
-from common.model import to_dtype
+from common.model import family_of, to_dtype
 from common.trajectory import Trajectory
 from common.weights import WeightUpdate, flat_layout
 from learner import checkpoint as ckpt
@@ -186,6 +187,9 @@ class LearnerRank:
         total = len(batch)
         if total == 0:
             raise ValueError("learner step got an empty batch")
+        if self.cfg.routing == "recompute":  # the router chooses again: the sampler's record is not read
+            batch = dataclasses.replace(batch, extras={k: v for k, v in batch.extras.items()
+                                                       if k not in ("routing_settled_BLR", "routing_step_BTKR")})
         seq_len = batch.prompt_ids_BP.shape[1] + batch.completion_ids_BG.shape[1]
         per_micro = max(1, self.cfg.micro_batch_tokens // seq_len)
         num_micro = math.ceil(math.ceil(total / self.world_size) / per_micro)
@@ -213,6 +217,11 @@ class LearnerRank:
         seconds = time.perf_counter() - start
         metrics["loss"] = metrics.get("loss", 0.0) / epochs
         metrics.update(weight_summary(metrics))
+        routed = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("expert_tokens/")]}
+        if routed:  # share of routed slots per expert (mean over MoE layers); max share x experts: 1 is balanced
+            total_routed = sum(routed.values())
+            metrics.update({f"expert_share/{k.split('/')[1]}": v / total_routed for k, v in routed.items()})
+            metrics["expert_load_max"] = max(routed.values()) / total_routed * len(routed)
         if "tokens" in metrics:  # the loss's count of scored tokens (what its ratio sums are over); not the batch's
             metrics["scored_tokens"] = metrics.pop("tokens")
         metrics.update({
@@ -240,6 +249,9 @@ class LearnerRank:
             else:  # zero-weight replay so this rank's FSDP collectives pair with the other ranks'
                 self.loss.backward(self.model, select_rows(batch, slice(0, 1)).to(self.device),
                                    total_samples=math.inf, ref_model=self.ref_model, before_backward=hook)
+        if family_of(self.model).routed:  # the expert load of this step's forwards, summed over ranks below
+            for e, n in enumerate(self.model.take_expert_counts().tolist()):
+                sums[f"expert_tokens/{e}"] = float(n)
         return self._all_reduce_sums(sums)
 
     def _grad_sync(self, last_micro: bool, last_pass: bool) -> None:

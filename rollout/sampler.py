@@ -20,9 +20,12 @@ per sample in this step, N = B * R scored rows, D model width, V vocabulary, T d
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from common.config.sampler import SamplerConfig
+from common.model.family import family_of
 from common.step_layout import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
@@ -126,6 +129,8 @@ def generate(
     if bool((prompt_BP.eq(mask_id) & prompt_mask_BP).any()):
         raise ValueError(f"a prompt contains the mask token {mask_id}; prompts must be fully observed")
 
+    if config.record_routing and not family_of(model).routed:
+        raise ValueError(f"sampler.record_routing: {family_of(model).name} has no experts to route; set it false")
     decoder = _Decoder(model, prompt_BP, prompt_mask_BP, config, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
                        seed=seed, row_offset=row_offset)
     for block in range(config.num_rounds):
@@ -170,6 +175,8 @@ class _Decoder:
         self.attn_BL, self.pos_BL = attn_BL, pos_BL
         self.forward = _forward_fn(model, config.compile_forward)
         self.rec = _Records(B, G, T, device, discard_slots=spb - 1)
+        if config.record_routing:
+            self.rec.start_routing(P + G, K, len(model.moe_layers) * model.config.num_experts_per_tok)
         self.active_B = torch.ones(B, dtype=torch.bool, device=device)
         self.banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
         self.demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
@@ -239,11 +246,16 @@ class _Decoder:
         col_BR = cols_BK.gather(1, idx_BR)
         # --- forward (full, or the cached query columns), then the output head on the block's masked rows only
         hidx_BR = col_BR - shift  # where each scored row's hidden state sits in h
-        if config.cache == "none":
-            h_BLD = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id)
-        elif not self.uniform:
-            h_BLD, kv, first = self._block_causal_hidden(cols_BK, kv, i)
-            hidx_BR = idx_BR + first
+        if config.cache == "none" or not self.uniform:
+            fwd_cols_BQ = None  # the forward's columns (None: all of them)
+            with self.model.routing() if config.record_routing else nullcontext() as tape:
+                if config.cache == "none":
+                    h_BLD = _hidden(self.forward, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id)
+                else:
+                    h_BLD, kv, first, fwd_cols_BQ = self._block_causal_hidden(cols_BK, kv, i)
+                    hidx_BR = idx_BR + first
+            if tape is not None:
+                self.rec.write_routing(t, tape.recorded, fwd_cols_BQ, cols_BK, start_B)
         elif anchor:
             h_BLD, kv = _hidden(self.model.hidden_states, x_BL, self.attn_BL, self.pos_BL, config, self.P, self.mask_id,
                                 return_kv=True)
@@ -282,16 +294,16 @@ class _Decoder:
         only its block's columns on that cache (writing their fresh keys/values in), the first step of a block
         also its previous block's, whose tokens were committed since. The same function of the state as the full
         forward (what the public decoder's store_kv cache computes too): the learner rebuilds it with one.
-        Returns (hidden states, cache, offset of the block's first column in them)."""
+        Returns (hidden states, cache, offset of the block's first column in them, the columns run: None for all)."""
         x_BL, K = self.x_BL, self.config.block_length
         if kv is None:
             h_BLD, kv = self.model.hidden_states(x_BL, self.attn_BL, self.pos_BL, return_kv=True)
-            return h_BLD, kv, cols_BK[:, :1]
+            return h_BLD, kv, cols_BK[:, :1], None
         cols_BQ = torch.cat([cols_BK - K, cols_BK], 1) if i == 0 else cols_BK
         pos_BQ = None if self.pos_BL is None else self.pos_BL.gather(1, cols_BQ)
         h_BQD = self.model.hidden_states(x_BL.gather(1, cols_BQ), self.attn_BL, pos_BQ, kv_cache=kv, query_idx=cols_BQ,
                                          key_position_ids=self.pos_BL if self.pos_BL is not None else self.key_pos_BL)
-        return h_BQD, kv, K if i == 0 else 0
+        return h_BQD, kv, K if i == 0 else 0, cols_BQ
 
     def trajectory(self) -> Trajectory:
         config, rec, P, G = self.config, self.rec, self.P, self.config.gen_length
@@ -318,7 +330,8 @@ class _Decoder:
             commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(self.demoted),
             block_grid=config.block_grid,
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
-                    "cache": config.cache, "cache_refresh": config.cache_refresh, "open_block": config.open_block},
+                    "cache": config.cache, "cache_refresh": config.cache_refresh, "open_block": config.open_block,
+                    **rec.routing_extras()},
         )
 
 
@@ -432,6 +445,8 @@ class _Records:
         self.filled_BG = torch.zeros(B, G, dtype=torch.bool, device=device)
         self.step_stats_2BT = torch.zeros(2, B, T, dtype=torch.float32, device=device)
         self.step_committed_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.routing_settled_BLR: torch.Tensor | None = None  # allocated by start_routing
+        self.routing_step_BTKR: torch.Tensor | None = None
 
     @property
     def unmask_step_BG(self) -> torch.Tensor:
@@ -456,6 +471,32 @@ class _Records:
         n_valid_B = valid_f_BR.sum(1).clamp(min=1)
         self.step_stats_2BT[:, :, t] = (values_FBR[1:3] * valid_f_BR).sum(-1) / n_valid_B
         self.step_committed_BT[:, t] = commit_BR.sum(1)
+
+    def start_routing(self, L: int, K: int, R: int) -> None:
+        """Routing records (R = MoE layers x experts per token, layer-major; -1 where none was recorded):
+        ``settled_BLR`` each column's experts once its block is finished (final: block-causal attention keeps
+        later blocks from it), ``step_BTKR`` the step's block columns in the forward that scored step t."""
+        B, T = self.step_committed_BT.shape
+        device = self.step_BG.device
+        self.routing_settled_BLR = torch.full((B, L + 1, R), -1, dtype=torch.int16, device=device)  # L: a spare
+        self.routing_step_BTKR = torch.full((B, T, K, R), -1, dtype=torch.int16, device=device)
+
+    def write_routing(self, t: int, recorded: list[torch.Tensor], fwd_cols_BQ, cols_BK, start_B) -> None:
+        B, K = cols_BK.shape
+        r_BQR = torch.cat([r.view(B, -1, r.shape[-1]) for r in recorded], dim=2).to(torch.int16)
+        Q, L = r_BQR.shape[1], self.routing_settled_BLR.shape[1] - 1
+        full = fwd_cols_BQ is None
+        cols_BQ = torch.arange(L, device=cols_BK.device).expand(B, L) if full else fwd_cols_BQ
+        dest_BQ = torch.where(cols_BQ < start_B[:, None], cols_BQ, L)  # finished blocks' columns only
+        self.routing_settled_BLR.scatter_(1, dest_BQ[..., None].expand_as(r_BQR), r_BQR)
+        at_BK = cols_BK if full else (Q - K) + torch.arange(K, device=cols_BK.device).expand(B, K)  # the block: last
+        self.routing_step_BTKR[:, t] = r_BQR.gather(1, at_BK[..., None].expand(B, K, r_BQR.shape[-1]))
+
+    def routing_extras(self) -> dict:
+        if self.routing_step_BTKR is None:
+            return {}
+        return {"routing_settled_BLR": self.routing_settled_BLR[:, :-1].contiguous(),
+                "routing_step_BTKR": self.routing_step_BTKR}
 
     def write_discarded(self, slot: int, pos_BR, discarded_BR, token_BR, stats, cutoff_N) -> None:
         """Record the draws of step ``slot`` of the block that were not committed (they stay masked)."""

@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 PRESETS = ["llada8b_gsm8k", "llada8b_countdown"]
-FAMILY_PRESETS = {"dream7b_gsm8k": "dream-7b", "sdar8b_gsm8k": "sdar-8b"}  # the public shape each decodes
+FAMILY_PRESETS = {"dream7b_gsm8k": "dream-7b", "sdar8b_gsm8k": "sdar-8b", "llada2mini_gsm8k": "llada2-mini"}  # the public shape each decodes
 # Dockerfile -> the image tag deploy/README.md builds from it; manifests may only name these.
 IMAGES = {"docker/Dockerfile": "unmask:gpu", "docker/Dockerfile.cpu": "unmask:cpu"}
 # CLI subcommands the README documents that the driver (issue 7) has not grown yet; they are parsed

@@ -5,6 +5,7 @@ Reference data come from running the public code once (tests/fixtures/<family>/m
 source commit in its README); the tests never import public code.
 Letters: B samples, P prompt length, G completion length, N scored rows, V vocabulary.
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_an_option_our_code_does_not_implement_is_refused_at_load(tmp_path, mode
         M.read_config(tmp_path)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar", "tiny-llada2"])
 def test_every_family_round_trips_its_public_layout_and_loads_through_auto_classes(tmp_path, preset):
     from transformers import AutoModel
 
@@ -68,6 +69,14 @@ def test_public_shapes_have_the_public_parameter_counts():
     # LLaDA-8B-Instruct, Dream-v0-Instruct-7B (Qwen2.5-7B's 7.62B), SDAR-8B (Qwen3-8B's 8.19B), SDAR-1.7B (2.03B)
     assert counts == {"llada-8b": 8_015_581_184, "dream-7b": 7_615_616_512, "sdar-8b": 8_190_735_360,
                       "sdar-1.7b": 2_031_739_904}
+
+
+def test_llada2_mini_has_the_public_checkpoints_size():
+    """LLaDA2.0-mini's model.safetensors.index.json: total_size 32,511,286,784 bytes in bf16 (the expert biases too)."""
+    model = M.build_model(M.preset_config("llada2-mini"), device="meta")
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert 2 * sum(t.numel() for t in tensors) == 32_511_286_784
+    assert sum(p.numel() for p in model.parameters()) == 16_255_638_528
 
 
 # --- Dream against its public modeling_dream.py and generation_utils.py
@@ -192,12 +201,93 @@ def test_the_sdar_fixtures_exercise_the_public_overwrite_bug():
     assert any(o["changed"] for c in cases if c["name"] in _sdar_cases() for o in c["overwrites"])
 
 
+LLADA2 = FIXTURES / "llada2"
+
+
+def test_llada2_logits_equal_the_public_code():
+    """fp32 tolerance: the public code attends with an additive mask on repeated keys/values, ours with a bool
+    mask and GQA; given the public's mask and layout our forward is bit for bit equal (checked once by hand)."""
+    ref = load_file(LLADA2 / "logits.safetensors")
+    model = M.load_pretrained(LLADA2 / "checkpoint")
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits_fp32"], rtol=0, atol=2e-5)
+
+
+def test_llada2_bf16_logits_stay_within_the_public_codes_own_bf16_spread():
+    """In bf16 both codes round differently (and may flip a near-tie routing); ours stays far closer to the public
+    bf16 logits than those are to the public fp32 ones."""
+    ref = load_file(LLADA2 / "logits.safetensors")
+    model = M.load_pretrained(LLADA2 / "checkpoint", dtype="bfloat16")
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).logits.float()
+    spread = float((ref["logits_bf16"] - ref["logits_fp32"]).abs().max())
+    assert float((logits - ref["logits_bf16"]).abs().max()) < 0.1 * spread
+
+
+def test_llada2_routing_follows_the_expert_bias_and_the_groups():
+    """The bias moves which experts are chosen (only inside the kept groups), never the weights' formula."""
+    model = M.load_pretrained(LLADA2 / "checkpoint")
+    gate = model.moe_layers[0].gate
+    h = torch.randn(64, model.config.hidden_size)
+    chosen = gate(h, None)[0]
+    group = chosen // (model.config.num_experts // model.config.n_group)
+    assert int(max(len(set(g.tolist())) for g in group)) <= model.config.topk_group
+    favourite = int(torch.bincount(chosen.reshape(-1), minlength=8).argmin())
+    with torch.no_grad():
+        gate.expert_bias[favourite] += 10.0
+        chosen, w = gate(h, None)
+    assert bool((chosen == favourite).any(1).all())
+    scores = torch.sigmoid(h @ gate.weight.T).gather(1, chosen)
+    torch.testing.assert_close(w, scores / scores.sum(1, keepdim=True) * model.config.routed_scaling_factor)
+
+
+def _llada2_cases():
+    return [c["name"] for c in json.loads((LLADA2 / "generate.json").read_text())["cases"]]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+@pytest.mark.parametrize("name", _llada2_cases())
+def test_llada2_greedy_decoding_equals_the_public_generate(name, cache):
+    """LLaDA2.0's generate with 2.1's greedy rule: blocks of K from position 0, min(steps, gen_length //
+    minimal_topk) steps a block on the linear schedule, every token over the threshold or the schedule's count by
+    confidence, stop after the block that holds EOS. The public decoder fills whole blocks, so our completion runs
+    to the last block's end; its output stops at the first EOS."""
+    case = next(c for c in json.loads((LLADA2 / "generate.json").read_text())["cases"] if c["name"] == name)
+    model = M.load_pretrained(LLADA2 / "checkpoint")
+    P, K = len(case["prompt"]), case["block_length"]
+    G = -(-(P + case["gen_length"]) // K) * K - P
+    steps = min(case["steps"], case["gen_length"] // case["minimal_topk"])
+    cfg = SamplerConfig(gen_length=G, block_length=K, steps=steps * -(-G // K), temperature=0.0, block_grid="sequence",
+                        position_ids="packed", ban_mask_token=False, cache=cache, threshold=case["threshold"],
+                        threshold_floor="schedule", stop_after_eos=True)
+    traj = generate(model, torch.tensor([case["prompt"]]), None, cfg, mask_id=127, eos_id=case["eos_id"], pad_id=126)
+    want = case["output"]
+    if case["eos_early_stop"] and want[-1] == case["eos_id"] and len(want) > P and want[:P] == case["prompt"]:
+        want = want[P:]  # the public early-stop return keeps the prompt; its other return does not
+    ours = traj.completion_ids_BG[0].tolist()
+    assert ours[:len(want)] == want
+    assert case["eos_id"] not in want[:-1] and (len(want) == case["gen_length"] or want[-1] == case["eos_id"])
+    if not case["eos_early_stop"]:  # the same forwards: one per step that had masked positions left
+        assert int(traj.step_committed_BT.gt(0).sum()) == case["forwards"]
+
+
+def test_llada2_fixtures_decide_by_threshold_and_by_schedule_and_stop_on_eos():
+    cases = json.loads((LLADA2 / "generate.json").read_text())["cases"]
+    blocks = [-(-(len(c["prompt"]) + c["gen_length"]) // c["block_length"]) - len(c["prompt"]) // c["block_length"]
+              for c in cases]
+    steps = [min(c["steps"], c["gen_length"] // c["minimal_topk"]) for c in cases]
+    assert any(c["forwards"] < b * s for c, b, s in zip(cases, blocks, steps) if not c["eos_early_stop"])
+    assert any(c["output"][-1] == c["eos_id"] for c in cases) and any(c["eos_early_stop"] for c in cases)
+
+
 # --- exactness on every family: the learner rebuilds what the sampler drew (ratio 1)
 
 FAMILY_DECODING = {
     "tiny": dict(block_length=8),
     "tiny-dream": dict(block_length=16, transfer="timestep", position_ids="packed"),
     "tiny-sdar": dict(block_length=4, block_grid="sequence", position_ids="packed"),
+    "tiny-llada2": dict(block_length=4, block_grid="sequence", position_ids="packed"),
 }
 RULES = [dict(remasking="random"), dict(remasking="low_confidence"), dict(remasking="margin", top_k=20),
          dict(remasking="entropy", top_p=0.9), dict(remasking="low_confidence", threshold=0.02),
@@ -292,7 +382,7 @@ def test_the_public_tokenizer_files_load_with_the_familys_special_ids_and_chat_t
     assert tok.decode(tok.encode("Hello world, 2+3=5.")) == "Hello world, 2+3=5."
 
 
-@pytest.mark.parametrize("family", ["dream", "sdar"])
+@pytest.mark.parametrize("family", ["dream", "sdar", "llada2"])
 def test_a_public_checkpoint_saves_back_to_its_public_layout(tmp_path, family):
     from safetensors import safe_open
 
@@ -312,7 +402,7 @@ def test_a_public_checkpoint_saves_back_to_its_public_layout(tmp_path, family):
         assert ours[key] == theirs[key], key
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dream", "tiny-sdar", "tiny-llada2"])
 def test_lora_adapts_every_familys_default_targets_and_starts_as_the_base(preset):
     """Adapters on the family's default targets (Dream's biased q/k/v projections included) leave the model
     exactly the base at step 0 and keep its biases frozen under their public names."""
@@ -379,6 +469,106 @@ def test_sdar_rows_stop_after_an_eos_and_the_rest_is_rebuilt_exactly(cache):
         assert float(_ratios(model, traj).abs().max()) < 1e-4
 
 
+# --- LLaDA2: routing is part of the policy (sampler.record_routing, learner.routing)
+
+
+def _routed_rollout(cache: str, seed: int = 5):
+    model = M.build_model(M.preset_config("tiny-llada2"), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=16, block_length=4, steps=8, temperature=1.0, block_grid="sequence",
+                        position_ids="packed", remasking="low_confidence", cache=cache, record_routing=True)
+    return model, generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD, seed=seed)
+
+
+def _recompute(traj):
+    return dataclasses.replace(traj, extras={k: v for k, v in traj.extras.items() if not k.startswith("routing_")})
+
+
+def _through_the_queue(traj):
+    """The trajectory as the learner reads it: one Arrow RecordBatch and back (the prompts re-padded)."""
+    import pyarrow as pa
+
+    from common.schema import group_to_record_batch, table_to_trajectory
+
+    B = len(traj)
+    rb = group_to_record_batch(traj, group_id="g", task="t", worker_id="w", policy_version=0, rewards=[0.0] * B,
+                               correct=[False] * B, components={}, timings={"gen_seconds": 0.0, "reward_seconds": 0.0})
+    return table_to_trajectory(pa.Table.from_batches([rb]), pad_id=PAD)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_llada2_rollouts_rescore_with_ratio_one_replaying_or_recomputing_their_routing(cache):
+    """Every scored forward's routing recorded (the step's block; finished blocks once), carried through the
+    Arrow schema, replayed by the learner: ratio 1; recomputed by the same router: ratio 1 too."""
+    model, traj = _routed_rollout(cache)
+    settled, step = traj.extras["routing_settled_BLR"], traj.extras["routing_step_BTKR"]
+    R = len(model.moe_layers) * model.config.num_experts_per_tok
+    assert step.shape == (3, traj.num_steps, 4, R) and bool(step.ge(0).all())
+    assert bool(settled[:, :7][traj.prompt_mask_BP].ge(0).all()) and bool(settled[:, -4:].lt(0).any())
+    read = _through_the_queue(traj)
+    P_read = read.prompt_ids_BP.shape[1]
+    real = torch.cat([traj.prompt_mask_BP, torch.ones(3, 16, dtype=torch.bool)], 1)
+    read_real = torch.cat([read.prompt_mask_BP, torch.ones(3, 16, dtype=torch.bool)], 1)
+    assert torch.equal(read.extras["routing_settled_BLR"][read_real], settled[real]) and P_read == 7
+    assert torch.equal(read.extras["routing_step_BTKR"], step)
+    with torch.no_grad():
+        assert float(_ratios(model, read).abs().max()) < 1e-4
+        assert float(_ratios(model, _recompute(read)).abs().max()) < 1e-4
+
+
+def test_llada2_replay_keeps_the_rollouts_experts_when_the_learners_router_moves():
+    """A router that chooses differently on the learner (here: its expert bias moved, as bf16 kernels or batch
+    composition move scores near a tie) changes the policy under recompute; replay keeps the sampler's experts,
+    and since the bias only selects experts, the replayed policy is exactly the rollout's."""
+    model, traj = _routed_rollout("none")
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            moe.gate.expert_bias.copy_(torch.randn(moe.gate.expert_bias.shape, generator=torch.Generator().manual_seed(0)))
+        assert float(_ratios(model, traj).abs().max()) < 1e-4
+        assert float(_ratios(model, _recompute(traj)).abs().max()) > 1e-2
+
+
+def test_llada2_replayed_routing_still_trains_the_router():
+    """Replay fixes which experts run; their gate weights come from the current router, so it gets a gradient."""
+    model, traj = _routed_rollout("none")
+    diff = _ratios(model, traj)
+    diff.sum().backward()
+    assert all(moe.gate.weight.grad is not None and float(moe.gate.weight.grad.abs().sum()) > 0
+               for moe in model.moe_layers)
+
+
+def test_llada2_counts_the_tokens_each_expert_takes_where_the_forward_runs():
+    """Two forwards of B x L tokens: every MoE layer routes each token to K experts; counts are taken and reset."""
+    model = M.build_model(M.preset_config("tiny-llada2"), seed=3).eval()
+    with torch.no_grad():
+        model(torch.randint(5, 101, (2, 11)))
+        model(torch.randint(5, 101, (1, 6)))
+    counts = model.take_expert_counts()
+    assert counts.shape == (8,) and int(counts.sum()) == (22 + 6) * 2 * len(model.moe_layers)
+    with torch.no_grad():
+        model(torch.randint(5, 101, (1, 3)))
+    assert int(model.take_expert_counts().sum()) == 3 * 2 * len(model.moe_layers)
+
+
+def test_routing_replay_refuses_activation_checkpointing():
+    """Backward would recompute the forward outside the replay and route afresh: refused, not silently wrong."""
+    model, traj = _routed_rollout("none")
+    model.set_activation_checkpointing(True)
+    with pytest.raises(ValueError, match="replay cannot run with model.gradient_checkpointing"):
+        _ratios(model, traj)
+    with torch.no_grad():  # no backward, no recompute: fine
+        assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+def test_routing_is_recorded_only_for_a_family_with_experts():
+    model = M.build_model(M.preset_config("tiny-sdar"), seed=3).eval()
+    ids, mask = _prompts()
+    cfg = SamplerConfig(gen_length=8, block_length=4, steps=4, block_grid="sequence", position_ids="packed",
+                        record_routing=True)
+    with pytest.raises(ValueError, match="sdar has no experts to route"):
+        generate(model, ids, mask, cfg, mask_id=MASK, eos_id=EOS, pad_id=PAD)
+
+
 # --- Dream's block variant: Fast-dLLM's generation_utils_block (tests/fixtures/dream_block)
 
 def _dream_block_cases():
@@ -415,3 +605,41 @@ def test_dream_block_variant_rollouts_are_rebuilt_exactly(cache):
     assert traj.step_committed_BT[:, 0].eq(1).all() and traj.step_committed_BT[:, 4].eq(1).all()
     with torch.no_grad():
         assert float(_ratios(model, traj).abs().max()) < 1e-4
+
+
+def test_a_learner_step_on_llada2_reads_its_routing_setting_and_reports_the_expert_load():
+    """learner.routing picks the experts the step's forwards run (the recorded ones, or the router's), and the
+    step reports each expert's share of the routed slots."""
+    import functools
+
+    from common.config import AgrpoConfig, LearnerConfig, ModelConfig
+    from learner.losses import build_loss
+    from learner.worker import LearnerRank
+
+    _, traj = _routed_rollout("none")
+    traj = dataclasses.replace(traj, rewards_B=torch.tensor([1.0, 0.0, 0.5]), group_B=torch.zeros(3, dtype=torch.long))
+    factory = functools.partial(build_loss, AgrpoConfig(k_steps=2), mask_id=MASK, pad_id=PAD, eos_id=EOS)
+    losses = {}
+    for mode in ("replay", "recompute"):
+        rank = LearnerRank(LearnerConfig(num_cpus_per_rank=0.5, lr=1e-3, routing=mode), ModelConfig(preset="tiny-llada2"),
+                           rank=0, world_size=1, loss_factory=factory, seed=0)
+        rank.setup("127.0.0.1", 0)
+        metrics = rank.step(traj, step_seed=0)
+        shares = [metrics[f"expert_share/{e}"] for e in range(8)]
+        assert sum(shares) == pytest.approx(1.0) and metrics["expert_load_max"] == pytest.approx(8 * max(shares))
+        losses[mode] = metrics["ratio_sum"]
+    assert losses["replay"] != losses["recompute"]  # the rollout's model routed otherwise than the learner's
+
+
+def test_lora_on_a_mixture_of_experts_adapts_the_layers_that_have_each_target():
+    """LLaDA2's first layer is dense (mlp.gate_proj), the others MoE (mlp.shared_experts, mlp.experts.{e}): a target
+    adapts every block that has it; one that no block has is refused."""
+    from common.config import LoraConfig
+    from learner.lora import apply_lora
+
+    model = M.build_model(M.preset_config("tiny-llada2"), seed=2).eval()
+    targets = ["attention.query_key_value", "mlp.gate_proj", "mlp.shared_experts.up_proj", "mlp.experts.0.down_proj"]
+    assert apply_lora(model, LoraConfig(enabled=True, r=4, target_modules=targets)) == 3 + 1 + 2 + 2
+    with pytest.raises(ValueError, match="'mlp.experts.9.up_proj' is not a linear layer of a llada2 block"):
+        apply_lora(M.build_model(M.preset_config("tiny-llada2"), seed=2),
+                   LoraConfig(enabled=True, r=4, target_modules=["mlp.experts.9.up_proj"]))

@@ -55,7 +55,9 @@ def _tiny(seed=0, scale=4.0, preset="tiny", block_size=None):
 
 
 def _grid(model) -> str:
-    return "sequence" if model.config.model_type == "sdar" else "completion"
+    from common.model import family_of
+
+    return "sequence" if family_of(model).attention == "block_causal" else "completion"
 
 
 def _rule_reads_draws(rule, threshold):
@@ -232,14 +234,14 @@ def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperat
         assert off > 0.01, off
 
 
-@pytest.mark.parametrize("preset", ["tiny-dream", "tiny-sdar"])
+@pytest.mark.parametrize("preset", ["tiny-dream", "tiny-sdar", "tiny-llada2"])
 @pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
 def test_every_family_scores_its_actions_exactly(preset, rule, G, steps, temperature, threshold, top_k):
-    """The same enumeration on Dream (logits shifted by one) and SDAR (block-causal attention; blocks of the
+    """The same enumeration on Dream (logits shifted by one), SDAR and LLaDA2 MoE (block-causal attention; blocks of the
     smallest size >= G that the prompt fills exactly, so the completion is one block, decoded with its
     schedule capped at what is masked): all draws exact everywhere, committed-only exactly where the rule
     ignores the draws."""
-    block = next(k for k in range(G, len(PROMPT) + 1) if len(PROMPT) % k == 0) if preset == "tiny-sdar" else None
+    block = next(k for k in range(G, len(PROMPT) + 1) if len(PROMPT) % k == 0) if preset != "tiny-dream" else None
     model = _tiny(preset=preset, block_size=block)
     remasking = "low_confidence" if rule == "threshold" else rule
     exact_D, est_D, _ = exact_and_estimated(model, G, steps, remasking, temperature, threshold, "all", top_k)

@@ -59,3 +59,16 @@ def test_a_missing_checkpoint_of_an_unknown_folder_is_refused():
 
     with pytest.raises(ValueError, match="no known public shape"):
         mp.stand_in("/models/Some-Other-Model")
+
+
+def test_the_llada2_preset_plans_its_moe_layer_and_fits():
+    """LLaDA2.0-mini's folder picks its public shape; the planned block is an MoE layer (256 experts), not the dense
+    first one, and the configured learner rank (LoRA, 4 ranks, no activation checkpointing: routing replay) and
+    rollout worker fit the manifests' GPU."""
+    cfg = load_config("configs/llada2mini_gsm8k.yaml")
+    s = mp.model_shape(cfg)
+    assert s.qk_norm and s.kv == 4 * 128 and s.params - s.adapters == 16_255_638_528
+    assert s.block > 256 * 3 * 2048 * 512  # the routed experts alone
+    usable = mp.GPU_BYTES - mp.RESERVED_BYTES
+    assert sum(mp.learner_rank(cfg, s, lora=True, checkpointing=cfg.model.gradient_checkpointing).values()) < usable
+    assert sum(mp.rollout_worker(cfg, s, lora=True, cache=cfg.sampler.cache).values()) < usable

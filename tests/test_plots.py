@@ -44,3 +44,15 @@ def test_accuracy_vs_steps_shows_the_base_beside_the_trained_policy(tmp_path, mo
     assert seen["points"] == {"base": [(4, 0.05), (8, 0.1)], "trained (step 6)": [(4, 0.2), (8, 0.3)]}
     assert run.name in seen["title"]
     assert {p.name for p in made} == {"reward_accuracy.png", "accuracy_vs_steps.png"}
+
+
+def test_a_mixture_of_experts_run_plots_its_expert_load(tmp_path):
+    records = [{"step": s, "loss": 0.0, "reward": 0.1, "accuracy": 0.1, "expert_load_max": 1.5,
+                **{f"expert_share/{e}": v for e, v in enumerate([0.375, 0.125, 0.25, 0.25])}} for s in (1, 2, 3)]
+    run = tmp_path / "tiny-moe-20260101"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "expert_load.png" in {p.name for p in plot_run(run)}
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "expert" not in k}) + "\n"
+                                               for r in records))
+    assert "expert_load.png" not in {p.name for p in plot_run(run)}

@@ -67,6 +67,11 @@ class LearnerConfig(Section):
     reduce_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="FSDP2 gradient reduce dtype."
     )
+    routing: Literal["replay", "recompute"] = Field(
+        default="replay",
+        description="Mixtures of experts whose rollouts recorded their routing (sampler.record_routing): 'replay' "
+        "runs each token on the experts the sampler chose (the gate weights recomputed, so the router still "
+        "learns); 'recompute' lets the learner's router choose again.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adapters.")
     weight_transport: Literal["auto", "nccl", "cuda_ipc", "object_store"] = Field(
         default="auto",

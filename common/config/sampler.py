@@ -117,6 +117,11 @@ class SamplerConfig(Section):
         description="With a cache, run the full forward again (and rebuild the cache) every this many steps "
         "inside a block; None: only at the block's first step. Recorded with the trajectory.",
     )
+    record_routing: bool = Field(
+        default=False,
+        description="Mixture-of-experts families (LLaDA2): record every token's chosen experts per MoE layer in "
+        "the forwards that scored each step (the step's block, and each finished block's final routing), so the "
+        "learner can replay them (learner.routing: replay). Block-causal families only (block_grid: sequence).")
     compile_forward: Literal["none", "default", "reduce-overhead"] = Field(
         default="none",
         description="torch.compile the model's hidden-state forward ('reduce-overhead' adds CUDA graphs, "
@@ -164,6 +169,8 @@ class SamplerConfig(Section):
         if self.open_block == "first_position" and (self.block_grid != "completion" or self.steps_per_block < 2):
             raise ValueError("open_block: first_position needs block_grid completion and at least 2 steps per block "
                              "(the first commits one position, the others the rest)")
+        if self.record_routing and self.block_grid != "sequence":
+            raise ValueError("record_routing is for block-causal mixtures of experts; set block_grid: sequence")
         if self.stop_after_eos and self.stop_on_eos_block:
             raise ValueError("stop_after_eos and stop_on_eos_block are two stopping rules; set one")
         if self.remasking == "origin" and (self.transfer != "timestep" or self.threshold is not None):

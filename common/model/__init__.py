@@ -1,4 +1,4 @@
-"""Model families behind one interface (``common.model.family``): LLaDA, Dream and SDAR, their configs,
+"""Model families behind one interface (``common.model.family``): LLaDA, Dream, SDAR and LLaDA2 MoE, their configs,
 checkpoint I/O and presets.
 
 Importing this package registers every family with transformers' Auto classes under its public
@@ -12,6 +12,7 @@ from common.model.family import FAMILIES, ModelFamily, family_for_type, family_o
 from common.model.io import CheckpointError, build_model, load_pretrained, read_config, save_pretrained, to_dtype
 from common.model.llada.configuration import LLaDAConfig
 from common.model.llada.modeling import LLaDAModelLM, LLaDAOutput
+from common.model.llada2.modeling import LLaDA2MoeConfig, LLaDA2MoeModelLM, RoutingTape
 from common.model.presets import PRESETS, preset_config
 from common.model.sdar.modeling import SDARConfig, SDARForCausalLM
 
@@ -45,6 +46,19 @@ register(ModelFamily(
     mask_token="<MASK>", eot_token="<|im_end|>",
     decoding=dict(remasking="low_confidence", transfer="linear", block_grid="sequence", position_ids="packed"),
 ))
+register(ModelFamily(
+    name="llada2", model_type="llada2_moe", config_class=LLaDA2MoeConfig, model_class=LLaDA2MoeModelLM,
+    public_repo="inclusionAI/LLaDA2.0-mini",
+    auto_map={"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig", "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+              "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+    architectures=("LLaDA2MoeModelLM",), logit_shift=0, attention="block_causal",
+    # every block has these (dense and MoE layers alike); experts are adapted by naming them explicitly
+    lora_targets=("attention.query_key_value", "attention.dense"),
+    mask_token="<|mask|>", eot_token="<|role_end|>", routed=True,
+    # the public generate: blocks of 32 from position 0, 32 steps a block, threshold 0.95 over the linear schedule
+    decoding=dict(remasking="low_confidence", transfer="linear", block_grid="sequence", position_ids="packed",
+                  threshold=0.95, threshold_floor="schedule", stop_after_eos=True),
+))
 
 for _family in FAMILIES.values():
     AutoConfig.register(_family.model_type, _family.config_class, exist_ok=True)
@@ -52,7 +66,8 @@ for _family in FAMILIES.values():
         _auto.register(_family.config_class, _family.model_class, exist_ok=True)
 
 __all__ = [
-    "FAMILIES", "PRESETS", "CheckpointError", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM",
+    "FAMILIES", "PRESETS", "CheckpointError", "DreamConfig", "DreamModel", "LLaDA2MoeConfig", "LLaDA2MoeModelLM",
+    "LLaDAConfig", "LLaDAModelLM", "RoutingTape",
     "LLaDAOutput", "ModelFamily", "SDARConfig", "SDARForCausalLM", "build_model", "family_for_type", "family_of",
     "load_pretrained", "preset_config", "read_config", "register", "save_pretrained", "to_dtype",
 ]

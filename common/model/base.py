@@ -69,6 +69,7 @@ class DiffusionLM(PreTrainedModel):
     head_dim: int
     n_kv_heads: int
     rope_theta: float
+    rope_dim: int | None = None  # features of a head that RoPE rotates (partial rotary, LLaDA2); None: all
 
     def attention_bias(self, attention_mask_BL, position_ids_BQ, key_position_ids_BL):
         """Bool [B, 1, Q|1, L] of the keys each query reads (``key_position_ids_BL``: the keys' positions, None
@@ -101,7 +102,7 @@ class DiffusionLM(PreTrainedModel):
         x = self.embed(input_ids)
         if position_ids is None:
             position_ids = query_idx if kv_cache is not None else torch.arange(L, device=input_ids.device).expand(B, L)
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.rope_dim or self.head_dim, self.rope_theta)
         attn_bias = self.attention_bias(attention_mask, position_ids, key_position_ids)
         query = cached_query(kv_cache, query_idx, query_keep, self.n_kv_heads, self.head_dim)
         x, kv = run_blocks(self.blocks, x, cos, sin, attn_bias, kv_cache=kv_cache, query=query, return_kv=return_kv,

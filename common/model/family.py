@@ -29,6 +29,7 @@ class ModelFamily:
     eot_token: str | None  # end-of-turn token's text (LLaDA <|eot_id|>, Qwen <|im_end|>)
     decoding: dict = field(default_factory=dict)  # sampler settings of the public decoder, for presets/docs
     tokenizer_class: str | None = None  # transformers class for a tokenizer whose public class is remote code
+    routed: bool = False  # a mixture of experts: the sampler can record its routing (``model.routing``/``replaying``)
 
     def block_size(self, config) -> int | None:
         """Block length of block-causal attention (None for bidirectional families)."""

@@ -170,7 +170,10 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype = "float32", devi
     for file, keys in by_file.items():
         with _open(file, str(torch.device(device))) as f:
             for key in keys:
-                state[key] = f.get_tensor(key).to(target)
+                tensor = f.get_tensor(key).to(target)
+                # a tensor read at the file's byte offset can be misaligned, and CPU matmul kernels then round
+                # differently: a loaded model would not compute bit for bit what the saved one did
+                state[key] = tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 

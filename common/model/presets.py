@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from common.model.dream.modeling import DreamConfig
 from common.model.llada.configuration import LLaDAConfig
+from common.model.llada2.modeling import LLaDA2MoeConfig
 from common.model.sdar.modeling import SDARConfig
 
 # The tiny presets share the built-in character tokenizer's ids: pad 0, bos 1, eos 2, mask 3, eot 4.
@@ -37,6 +38,20 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                    num_key_value_heads=8, head_dim=128, vocab_size=151936,
                                    max_position_embeddings=32768, rope_theta=1e6, block_size=4, mask_token_id=151669,
                                    bos_token_id=151643, eos_token_id=151643, pad_token_id=151643)),
+    # 8 experts in 4 groups (2 kept), 2 per token, one shared; a dense first layer; partial rotary; block 4.
+    "tiny-llada2": (LLaDA2MoeConfig, dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=512,
+                                          rope_theta=10000.0, num_experts=8, num_experts_per_tok=2, n_group=4,
+                                          topk_group=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                                          block_size=4, **_CHAR_IDS)),
+    # ~1.7M parameters (0.6M active a token): the CPU Countdown base; 8 experts in 4 groups, 2 a token, one shared.
+    "small-llada2": (LLaDA2MoeConfig, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=101,
+                                           max_position_embeddings=512, rope_theta=10000.0, num_experts=8,
+                                           num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=128,
+                                           first_k_dense_replace=1, block_size=4, **_CHAR_IDS)),
+    # LLaDA2.0-mini's config.json shape (16B total, 256 experts, 8 active).
+    "llada2-mini": (LLaDA2MoeConfig, dict(block_size=32)),
 }
 
 
