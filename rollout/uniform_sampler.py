@@ -16,9 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import DynamicCache
-
-from common.model.dgemma.modeling import UniformDecoding, decoder_logits, temperature
+from common.model.dgemma.modeling import EncoderCache, UniformDecoding, decoder_logits, temperature
 from common.model.dgemma.record import CanvasRecord
 
 
@@ -39,33 +37,22 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
     device, C = prompt_ids.device, model.config.canvas_length
     V = model.config.text_config.vocab_size
     K = math.ceil(d.max_new_tokens / C)
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    attention_mask = torch.ones(B, P, dtype=torch.bool, device=device)
-    decoder_mask = torch.nn.functional.pad(attention_mask, (0, C), value=True)
-    enc_pos = torch.arange(0, P, dtype=torch.int32, device=device)[None]
-    dec_pos = torch.arange(P, P + C, dtype=torch.int32, device=device)[None]
+    ctx = EncoderCache(model, B, P, device)
     seq = prompt_ids.clone()
     rec = CanvasRecord.empty(B, K, d.steps, C, device)
     finished_seq = torch.zeros(B, dtype=torch.bool, device=device)
     for k in range(K):
         # --- encoder: the prompt, then each finished canvas, into the cache
-        new_ids = (seq if k == 0 else seq[:, -C:]).clone(memory_format=torch.contiguous_format)
-        enc_mask = model.model.encoder.create_masks_for_generate(
-            config=model.config, inputs_embeds=torch.empty(B, new_ids.shape[1], 0, dtype=model.dtype, device=device),
-            attention_mask=attention_mask, cache=cache, position_ids=enc_pos)
-        cache = model.model.encoder(input_ids=new_ids, attention_mask=enc_mask, cache=cache,
-                                    position_ids=enc_pos).cache
+        mask_mapping, dec_pos = ctx.read(seq if k == 0 else seq[:, -C:])
         # --- denoising loop
         canvas = torch.randint(0, V, (B, C), device=device)
-        mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache, decoder_attention_mask=decoder_mask)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         history = torch.full((d.stability_threshold, B, C), -1, dtype=torch.long, device=device)
         argmax, sc = canvas, None
         for s in range(d.steps):
             rec.canvas[:, k, s] = canvas
             rec.active[:, k, s] = ~done & ~finished_seq
-            logits = decoder_logits(model, canvas, sc, cache, mask_mapping, dec_pos, temperature(d.steps - s, d))
+            logits = decoder_logits(model, canvas, sc, ctx.cache, mask_mapping, dec_pos, temperature(d.steps - s, d))
             draws = torch.multinomial(torch.softmax(logits, -1, dtype=torch.float32).view(-1, V), 1).view(B, C)
             new_argmax = logits.argmax(-1)
             accepted = accept(logits, d.entropy_bound)
@@ -98,9 +85,6 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
         rec.canvases = k + 1
         if finished_seq.all():
             break
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, C), value=True)
-        decoder_mask = torch.nn.functional.pad(decoder_mask, (0, C), value=True)
-        enc_pos, dec_pos = dec_pos, dec_pos + C
     rec.sequences = seq
     return rec
 

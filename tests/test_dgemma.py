@@ -9,6 +9,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 
 import common.model as M
 from common.model.dgemma.modeling import UniformDecoding
+from common.model.dgemma.score import step_logps
+from learner.losses.uniform_agrpo import uniform_agrpo_loss
 from rollout.uniform_sampler import generate_uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +19,17 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def model():
-    return M.build_model(M.preset_config("tiny-dgemma"), seed=0).eval()
+    """The tiny preset with its final norm scaled up: peaked distributions, so canvases turn stable and stop."""
+    model = M.build_model(M.preset_config("tiny-dgemma"), seed=0).eval()
+    with torch.no_grad():
+        model.model.decoder.norm.weight.mul_(12)
+    return model
+
+
+def _stopped_early(rec) -> bool:
+    """Some row denoised a canvas and stopped before its last step."""
+    active = rec.active[:, :rec.canvases]
+    return bool((active[..., 0] & ~active[..., -1]).any())
 
 
 def _public(model, prompt, d: UniformDecoding, seed: int, eos):
@@ -48,5 +60,22 @@ def test_the_sampler_reproduces_transformers_generate_token_for_token(model, cas
     rec = generate_uniform(model, prompt, d, eos_token_id=eos, pad_token_id=PAD)
     assert torch.equal(rec.sequences, public)
     assert rec.canvases >= 2 and (public == PAD).any()  # several canvases, and a row ended at its EOS
-    if d.confidence_threshold > 1:  # some row stopped denoising early in some canvas
-        assert not rec.active[:, :rec.canvases, -1].all()
+    assert _stopped_early(rec) == (d.confidence_threshold > 1)
+
+
+def test_fresh_rollouts_rescore_with_ratio_one_and_the_loss_backpropagates(model):
+    d = CASES[0]["d"]
+    prompt = torch.randint(5, 101, (3, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    rec = generate_uniform(model, prompt, d, eos_token_id=None, pad_token_id=PAD)
+    assert rec.canvases == 3 and _stopped_early(rec)
+    for exact in (True, False):
+        with torch.no_grad():
+            logp = step_logps(model, prompt, rec, d, exact=exact)
+        torch.testing.assert_close(logp, rec.logp * rec.active, rtol=0, atol=1e-5)
+    model.zero_grad()
+    loss, metrics = uniform_agrpo_loss(model, prompt, rec, d, torch.tensor([1.0, -0.5, 0.25]), total_samples=3)
+    assert abs(metrics["ratio_mean"] - 1) < 1e-5 and metrics["clipped_frac"] == 0
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.decoder.self_conditioning.gate_proj.weight.grad.abs().sum() > 0

@@ -72,6 +72,40 @@ def temperature(remaining: int, d: UniformDecoding) -> torch.Tensor:
     return d.t_min + ((d.t_max - d.t_min) * (torch.tensor(remaining, dtype=torch.int32) / d.steps))
 
 
+class EncoderCache:
+    """The encoder's KV cache over the prompt and the finished canvases, read the way the public ``generate``
+    reads it (prompt prefilled, then one canvas at a time), so the decoder sees bitwise the sampler's keys."""
+
+    def __init__(self, model, batch: int, prompt_len: int, device):
+        from transformers import DynamicCache
+
+        self.model, self.C = model, model.config.canvas_length
+        self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        self.keys = torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
+        self.position_ids = torch.arange(0, prompt_len, dtype=torch.int32, device=device)[None]
+
+    def read(self, new_ids_BL: torch.Tensor):
+        """Append ``new_ids_BL`` (the prompt, then each canvas) to the cache; returns the next canvas's decoder
+        mask mapping and position ids [1, C]."""
+        B, L = new_ids_BL.shape
+        if self.cache.get_seq_length() > 0:
+            self.keys = torch.nn.functional.pad(self.keys, (0, L), value=True)
+        encoder = self.model.model.encoder
+        empty = torch.empty(B, L, 0, dtype=self.model.dtype, device=new_ids_BL.device)
+        mask = encoder.create_masks_for_generate(config=self.model.config, inputs_embeds=empty,
+                                                 attention_mask=self.keys, cache=self.cache,
+                                                 position_ids=self.position_ids)
+        encoder(input_ids=new_ids_BL.clone(memory_format=torch.contiguous_format), attention_mask=mask,
+                cache=self.cache, position_ids=self.position_ids)
+        start = int(self.position_ids[0, -1]) + 1
+        self.position_ids = torch.arange(start, start + self.C, dtype=torch.int32, device=new_ids_BL.device)[None]
+        decoder_keys = torch.nn.functional.pad(self.keys, (0, self.C), value=True)
+        canvas_shape = torch.empty(B, self.C, 1, dtype=torch.long, device=new_ids_BL.device)
+        mapping = self.model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=self.model.config, inputs_embeds=canvas_shape, cache=self.cache, decoder_attention_mask=decoder_keys)
+        return mapping, self.position_ids
+
+
 def decoder_logits(model, canvas_BC, sc_logits_BCV, cache, mask_mapping, position_ids_BC, temp: torch.Tensor):
     """Temperature-scaled float32 logits [B, C, V] of one denoising step: the decoder on ``canvas_BC`` over the
     encoder ``cache``, self-conditioned on ``sc_logits_BCV`` (None at a canvas's first step)."""
