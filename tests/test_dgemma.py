@@ -79,3 +79,18 @@ def test_fresh_rollouts_rescore_with_ratio_one_and_the_loss_backpropagates(model
     loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.model.decoder.self_conditioning.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_family_is_registered_text_only_and_round_trips_through_its_loader(tmp_path, model):
+    assert M.family_for_type("diffusion_gemma").name == "dgemma"
+    assert not hasattr(model.model.encoder, "vision_tower")  # neither built nor loaded
+    # the encoder's layers are the decoder's weights (transformers ties them): one set of parameters to train
+    enc, dec = model.model.encoder.language_model.layers[0], model.model.decoder.layers[0]
+    assert enc.self_attn.q_proj.weight is dec.self_attn.q_proj.weight and enc.experts.down_proj is dec.experts.down_proj
+    M.save_pretrained(model, tmp_path)
+    loaded = M.load_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name in M.family_of(model).lora_targets:  # every default LoRA target is a linear in every decoder layer
+        assert all(isinstance(layer.get_submodule(name), torch.nn.Linear) for layer in model.blocks), name

@@ -56,7 +56,7 @@ _DGEMMA = ModelFamily(
     # v_proj is absent on the full-attention layers (values are the keys there); the experts are 3-D tensors
     lora_targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                   "mlp.down_proj"),
-    mask_token=None, eot_token=None, decoding=dict(sampler="uniform"),
+    mask_token=None, eot_token=None, decoding=dict(sampler="uniform"), native=True,
 )
 
 for _family in FAMILIES.values():

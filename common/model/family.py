@@ -29,6 +29,7 @@ class ModelFamily:
     eot_token: str | None  # end-of-turn token's text (LLaDA <|eot_id|>, Qwen <|im_end|>)
     decoding: dict = field(default_factory=dict)  # sampler settings of the public decoder, for presets/docs
     tokenizer_class: str | None = None  # transformers class for a tokenizer whose public class is remote code
+    native: bool = False  # transformers' own model class (DiffusionGemma): its loader reads and writes checkpoints
 
     def block_size(self, config) -> int | None:
         """Block length of block-causal attention (None for bidirectional families)."""
