@@ -3,6 +3,7 @@ tokens), and the learner's cost of the exact self-conditioned score against the 
 
     python -m benchmarks.bench_dgemma --preset tiny-dgemma --out benchmarks/results/dgemma_cpu.md
     python -m benchmarks.bench_dgemma --preset dgemma-26b-a4b --dtype bfloat16 --batches 1 8 --out $OUT/dgemma.md
+    python -m benchmarks.bench_dgemma --preset dgemma-26b-a4b --plan   # parameter counts and memory rows, no run
 
 Random weights; every row's canvas runs all its steps unless the model stops it (confidence threshold as given).
 """
@@ -22,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--learner-batch", type=int, default=2, help="rows scored in the learner section (0: skip it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--plan", action="store_true", help="print the parameter counts and memory plan rows and stop")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -31,6 +33,36 @@ def _sync(device):
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def memory_plan(preset: str) -> str:
+    """Parameter counts of the text model (built on meta) and the bytes a rollout GPU and a learner rank hold."""
+    import torch
+
+    import common.model as M
+
+    config = M.preset_config(preset)
+    with torch.device("meta"):
+        model = M.family_of(config).model_class(config)
+    t = config.text_config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - experts + experts * t.top_k_experts // t.num_experts
+    lora = sum(model.blocks[0].get_submodule(n).weight.numel() for n in M.family_of(model).lora_targets)
+    gb = 1e9
+    rows = [f"# Memory plan, preset {preset} (text only; {t.num_hidden_layers} layers, {t.num_experts} experts, "
+            f"top {t.top_k_experts})", "",
+            "| quantity | value |", "|---|---:|",
+            f"| parameters | {total / 1e9:.2f} B |", f"| of which experts | {experts / 1e9:.2f} B |",
+            f"| active per token (shared + {t.top_k_experts} experts) | {active / 1e9:.2f} B |",
+            f"| rollout GPU: weights in bf16 | {2 * total / gb:.1f} GB |",
+            f"| learner, full fine-tune: fp32 master + 2 AdamW moments + bf16 grads, per rank of W | "
+            f"{14 * total / gb:.0f} GB / W |",
+            f"| learner, frozen bf16 base sharded over W | {2 * total / gb:.1f} GB / W |",
+            f"| decoder logits of one step, canvas {config.canvas_length}, fp32 | "
+            f"{4 * config.canvas_length * t.vocab_size / gb:.2f} GB per row |",
+            f"| LoRA-targetable linear weights per layer (defaults) | {lora / 1e6:.1f} M |"]
+    return "\n".join(rows) + "\n"
 
 
 def main(argv=None) -> None:
@@ -43,6 +75,8 @@ def main(argv=None) -> None:
     from common.model.dgemma.score import acting_steps, step_logps
     from rollout.uniform_sampler import generate_uniform
 
+    if args.plan:
+        return print(memory_plan(args.preset))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
