@@ -11,6 +11,7 @@ import common.model as M
 from common.model.dgemma.modeling import UniformDecoding
 from common.model.dgemma.score import step_logps
 from learner.losses.uniform_agrpo import uniform_agrpo_loss
+from learner.uniform_sft import uniform_sft_loss
 from rollout.uniform_sampler import generate_uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,3 +95,26 @@ def test_the_family_is_registered_text_only_and_round_trips_through_its_loader(t
         assert torch.equal(a, b), name
     for name in M.family_of(model).lora_targets:  # every default LoRA target is a linear in every decoder layer
         assert all(isinstance(layer.get_submodule(name), torch.nn.Linear) for layer in model.blocks), name
+
+
+def test_the_uniform_noise_sft_objective_trains_the_model_toward_its_completions():
+    model = M.build_model(M.preset_config("tiny-dgemma"), seed=0)
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    completion = torch.tensor([[20, 21, 22, 23, 30, 31, 32, 2], [40, 41, 42, 43, 50, 51, 2, 0]])
+
+    def held_out():  # the same corruptions before and after: canvases, noise rates and self-conditioning draws
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return sum(float(uniform_sft_loss(model, prompt, completion, g)) for _ in range(8)) / 8
+
+    before = held_out()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        loss = uniform_sft_loss(model, prompt, completion, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out() < 0.6 * before
+    with pytest.raises(ValueError, match="multiple of the model's canvas_length 4"):
+        uniform_sft_loss(model, prompt, completion[:, :6], gen)
