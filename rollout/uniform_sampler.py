@@ -29,10 +29,12 @@ def accept(logits_BCV: torch.Tensor, entropy_bound: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_token_id: int | None = None,
+def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_token_id: int | list[int] | None = None,
                      pad_token_id: int | None = None) -> CanvasRecord:
     """Decode ``prompt_ids`` [B, P] (no padding) as ``model.generate`` does with these settings; the record holds
-    its ``sequences`` and what the learner needs to rebuild every step."""
+    its ``sequences`` and what the learner needs to rebuild every step. A canvas holding an EOS (any of them)
+    ends its row; with ``pad_token_id`` what follows it is padding."""
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=prompt_ids.device).reshape(-1)
     B, P = prompt_ids.shape
     device, C = prompt_ids.device, model.config.canvas_length
     V = model.config.text_config.vocab_size
@@ -77,10 +79,10 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
         # --- append the argmax canvas; rows past an EOS become padding
         seq = torch.cat([seq, argmax], -1)
         was_finished = finished_seq
-        finished_seq = finished_seq | _has_eos(seq[:, -C:], eos_token_id)
+        finished_seq = finished_seq | _has_eos(seq[:, -C:], eos)
         if pad_token_id is not None and finished_seq.any():
             seq[was_finished, -C:] = pad_token_id
-            after_eos = _after_first_eos(seq[:, -C:], eos_token_id)
+            after_eos = _after_first_eos(seq[:, -C:], eos)
             seq[:, -C:][after_eos] = pad_token_id
         rec.canvases = k + 1
         if finished_seq.all():
@@ -89,15 +91,16 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
     return rec
 
 
-def _has_eos(tokens_BC: torch.Tensor, eos: int | None) -> torch.Tensor:
+def _has_eos(tokens_BC: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
     if eos is None:
         return torch.zeros(tokens_BC.shape[0], dtype=torch.bool, device=tokens_BC.device)
-    return (tokens_BC == eos).any(-1)
+    return torch.isin(tokens_BC, eos).any(-1)
 
 
-def _after_first_eos(tokens_BC: torch.Tensor, eos: int | None) -> torch.Tensor:
+def _after_first_eos(tokens_BC: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
+    """Bool [B, C]: positions after a row's first EOS (the public ``_finalize_canvas`` pads them)."""
     if eos is None:
         return torch.zeros_like(tokens_BC, dtype=torch.bool)
-    is_eos = tokens_BC == eos
+    is_eos = torch.isin(tokens_BC, eos)
     seen = is_eos.cumsum(-1)
     return (seen > 0) & ~((seen == 1) & is_eos)

@@ -55,7 +55,7 @@ def test_the_sampler_reproduces_transformers_generate_token_for_token(model, cas
     d, seed = CASES[case]["d"], CASES[case]["seed"]
     prompt = torch.randint(5, 101, (3, 5), generator=torch.Generator().manual_seed(seed))
     first = _public(model, prompt, d, seed, eos=None)
-    eos = int(first[0, 5 + model.config.canvas_length + 1])  # a token the first row writes in its second canvas
+    eos = [int(first[0, 5 + model.config.canvas_length + 1]), 2]  # two EOS ids: one a token the first row writes in its second canvas
     public = _public(model, prompt, d, seed, eos)
     torch.manual_seed(seed)
     rec = generate_uniform(model, prompt, d, eos_token_id=eos, pad_token_id=PAD)
