@@ -30,18 +30,21 @@ def accept(logits_BCV: torch.Tensor, entropy_bound: float) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_token_id: int | list[int] | None = None,
-                     pad_token_id: int | None = None) -> CanvasRecord:
-    """Decode ``prompt_ids`` [B, P] (no padding) as ``model.generate`` does with these settings; the record holds
-    its ``sequences`` and what the learner needs to rebuild every step. A canvas holding an EOS (any of them)
+                     pad_token_id: int | None = None, prompt_mask: torch.Tensor | None = None) -> CanvasRecord:
+    """Decode ``prompt_ids`` [B, P] (``prompt_mask``: 0 on left padding) as ``model.generate`` does with these
+    settings and that ``attention_mask``; the record holds its ``sequences`` and what the learner needs to
+    rebuild every step. A canvas holding an EOS (any of them)
     ends its row; with ``pad_token_id`` what follows it is padding."""
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=prompt_ids.device).reshape(-1)
     B, P = prompt_ids.shape
     device, C = prompt_ids.device, model.config.canvas_length
     V = model.config.text_config.vocab_size
     K = math.ceil(d.max_new_tokens / C)
-    ctx = EncoderCache(model, B, P, device)
+    prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
+    ctx = EncoderCache(model, prompt_mask)
     seq = prompt_ids.clone()
     rec = CanvasRecord.empty(B, K, d.steps, C, device)
+    rec.prompt_mask = prompt_mask
     finished_seq = torch.zeros(B, dtype=torch.bool, device=device)
     for k in range(K):
         # --- encoder: the prompt, then each finished canvas, into the cache

@@ -33,9 +33,9 @@ def _stopped_early(rec) -> bool:
     return bool((active[..., 0] & ~active[..., -1]).any())
 
 
-def _public(model, prompt, d: UniformDecoding, seed: int, eos):
+def _public(model, prompt, d: UniformDecoding, seed: int, eos, mask=None):
     torch.manual_seed(seed)
-    return model.generate(prompt, max_new_tokens=d.max_new_tokens, max_denoising_steps=d.steps, t_min=d.t_min,
+    return model.generate(prompt, attention_mask=mask, max_new_tokens=d.max_new_tokens, max_denoising_steps=d.steps, t_min=d.t_min,
                           t_max=d.t_max, sampler_config=EntropyBoundSamplerConfig(entropy_bound=d.entropy_bound),
                           stability_threshold=d.stability_threshold, confidence_threshold=d.confidence_threshold,
                           eos_token_id=eos, pad_token_id=PAD).sequences
@@ -54,11 +54,15 @@ CASES = [
 def test_the_sampler_reproduces_transformers_generate_token_for_token(model, case):
     d, seed = CASES[case]["d"], CASES[case]["seed"]
     prompt = torch.randint(5, 101, (3, 5), generator=torch.Generator().manual_seed(seed))
-    first = _public(model, prompt, d, seed, eos=None)
-    eos = [int(first[0, 5 + model.config.canvas_length + 1]), 2]  # two EOS ids: one a token the first row writes in its second canvas
-    public = _public(model, prompt, d, seed, eos)
+    mask = torch.ones_like(prompt)
+    if case == 1:  # left-padded prompts, as a batch of different lengths arrives
+        mask[0, :2] = mask[1, :1] = 0
+        prompt = prompt.masked_fill(mask == 0, PAD)
+    first = _public(model, prompt, d, seed, eos=None, mask=mask)
+    eos = [int(first[0, 5 + model.config.canvas_length + 1]), 2]  # two EOS ids: one a token row 0 writes in canvas 2
+    public = _public(model, prompt, d, seed, eos, mask=mask)
     torch.manual_seed(seed)
-    rec = generate_uniform(model, prompt, d, eos_token_id=eos, pad_token_id=PAD)
+    rec = generate_uniform(model, prompt, d, eos_token_id=eos, pad_token_id=PAD, prompt_mask=mask)
     assert torch.equal(rec.sequences, public)
     assert rec.canvases >= 2 and (public == PAD).any()  # several canvases, and a row ended at its EOS
     assert _stopped_early(rec) == (d.confidence_threshold > 1)
@@ -67,8 +71,11 @@ def test_the_sampler_reproduces_transformers_generate_token_for_token(model, cas
 def test_fresh_rollouts_rescore_with_ratio_one_and_the_loss_backpropagates(model):
     d = CASES[0]["d"]
     prompt = torch.randint(5, 101, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[2, :3] = 0  # one left-padded row
     torch.manual_seed(0)
-    rec = generate_uniform(model, prompt, d, eos_token_id=None, pad_token_id=PAD)
+    rec = generate_uniform(model, prompt.masked_fill(mask == 0, PAD), d, pad_token_id=PAD, prompt_mask=mask)
+    prompt = rec.sequences[:, :5]
     assert rec.canvases == 3 and _stopped_early(rec)
     for exact in (True, False):
         with torch.no_grad():

@@ -76,13 +76,15 @@ class EncoderCache:
     """The encoder's KV cache over the prompt and the finished canvases, read the way the public ``generate``
     reads it (prompt prefilled, then one canvas at a time), so the decoder sees bitwise the sampler's keys."""
 
-    def __init__(self, model, batch: int, prompt_len: int, device):
+    def __init__(self, model, prompt_mask_BP: torch.Tensor):
+        """``prompt_mask_BP``: the real (1) and padding (0) prompt tokens; positions count columns, as ``generate``'s do."""
         from transformers import DynamicCache
 
         self.model, self.C = model, model.config.canvas_length
         self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        self.keys = torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
-        self.position_ids = torch.arange(0, prompt_len, dtype=torch.int32, device=device)[None]
+        self.keys = prompt_mask_BP.bool()
+        P = prompt_mask_BP.shape[1]
+        self.position_ids = torch.arange(0, P, dtype=torch.int32, device=prompt_mask_BP.device)[None]
 
     def read(self, new_ids_BL: torch.Tensor):
         """Append ``new_ids_BL`` (the prompt, then each canvas) to the cache; returns the next canvas's decoder

@@ -22,6 +22,7 @@ class CanvasRecord:
     active: torch.Tensor  # bool [B, K, S]: the row was still denoising (not stopped, no EOS in an earlier canvas)
     logp: torch.Tensor  # float [B, K, S]: log-prob of the accepted draws under the scaled logits
     sequences: torch.Tensor | None = None  # long [B, P + canvases * C]: the prompt and the argmax canvases
+    prompt_mask: torch.Tensor | None = None  # bool [B, P]: real prompt tokens (0: left padding); None: all real
     canvases: int = 0  # canvases decoded (K or fewer when every row ended)
 
     @classmethod

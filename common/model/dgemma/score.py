@@ -27,9 +27,9 @@ def step_logps(model, prompt_ids: torch.Tensor, rec: CanvasRecord, d: UniformDec
     """Float [B, K, S]: log pi(action | state) of the ``scored`` steps (default: the active ones), zero elsewhere.
     Steps before the last scored step of a canvas run without gradient unless ``exact`` needs it."""
     scored = rec.active if scored is None else scored & rec.active
-    B, P = prompt_ids.shape
-    C = model.config.canvas_length
-    ctx = EncoderCache(model, B, P, prompt_ids.device)
+    P, C = prompt_ids.shape[1], model.config.canvas_length
+    mask = rec.prompt_mask if rec.prompt_mask is not None else torch.ones_like(prompt_ids, dtype=torch.bool)
+    ctx = EncoderCache(model, mask)
     out = torch.zeros(rec.logp.shape, device=prompt_ids.device)
     for k in range(rec.canvases):
         mask_mapping, pos = ctx.read(rec.sequences[:, :P] if k == 0 else rec.sequences[:, P + (k - 1) * C:P + k * C])
