@@ -125,3 +125,26 @@ def test_the_uniform_noise_sft_objective_trains_the_model_toward_its_completions
     assert held_out() < 0.6 * before
     with pytest.raises(ValueError, match="multiple of the model's canvas_length 4"):
         uniform_sft_loss(model, prompt, completion[:, :6], gen)
+
+
+def test_agrpo_on_uniform_canvases_raises_the_reward_of_the_argmax_output():
+    """A toy task: the reward is the fraction of output tokens in the lower half of the vocabulary; a group of
+    16 rollouts of one prompt, group-relative advantages, AdamW. The wrong sign or a broken score would not
+    move it from its starting 0.5."""
+    model = M.build_model(M.preset_config("tiny-dgemma"), seed=0)
+    with torch.no_grad():
+        model.model.decoder.norm.weight.mul_(4)
+    d = UniformDecoding(max_new_tokens=8, steps=6, entropy_bound=1.0, confidence_threshold=0.5)
+    prompt = torch.tensor([[5, 6, 7, 8, 9]]).expand(16, -1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rewards = []
+    for step in range(8):
+        torch.manual_seed(step)
+        rec = generate_uniform(model, prompt, d)
+        reward = (rec.sequences[:, 5:] < 50).float().mean(-1)
+        rewards.append(float(reward.mean()))
+        loss, _ = uniform_agrpo_loss(model, prompt, rec, d, reward - reward.mean(), total_samples=len(reward))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert rewards[0] < 0.7 and min(rewards[-3:]) > 0.9, rewards
