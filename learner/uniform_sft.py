@@ -14,8 +14,9 @@ import torch
 
 
 def uniform_sft_loss(model, prompt_ids_BP: torch.Tensor, completion_ids_BG: torch.Tensor,
-                     gen: torch.Generator) -> torch.Tensor:
-    """Mean cross-entropy of one randomly chosen canvas (``G`` must be a multiple of the canvas length)."""
+                     gen: torch.Generator, prompt_mask_BP: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of one randomly chosen canvas (``G`` must be a multiple of the canvas length);
+    ``prompt_mask_BP`` (0 on left padding) hides padding from the encoder and decoder, as in decoding."""
     B, G = completion_ids_BG.shape
     C, V = model.config.canvas_length, model.config.text_config.vocab_size
     if G % C:
@@ -28,10 +29,14 @@ def uniform_sft_loss(model, prompt_ids_BP: torch.Tensor, completion_ids_BG: torc
     noise_BC = torch.randint(V, (B, C), generator=gen).to(device)
     noisy_BC = torch.where(torch.rand(B, C, generator=gen).to(device) < t_B, noise_BC, target_BC)
     self_cond_B = (torch.rand(B, generator=gen) < 0.5).to(device)
+    keys = {}
+    if prompt_mask_BP is not None:
+        enc_BL = torch.cat([prompt_mask_BP.bool(), torch.ones_like(prefix_BL[:, prompt_ids_BP.shape[1]:], dtype=torch.bool)], 1)
+        keys = dict(attention_mask=enc_BL, decoder_attention_mask=torch.nn.functional.pad(enc_BL, (0, C), value=True))
     sc_logits = None
     if self_cond_B.any():
         with torch.no_grad():
-            sc_logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC).logits
+            sc_logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC, **keys).logits
     logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC, self_conditioning_logits=sc_logits,
-                   self_conditioning_mask=self_cond_B if sc_logits is not None else None).logits
+                   self_conditioning_mask=self_cond_B if sc_logits is not None else None, **keys).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), target_BC.reshape(-1))
