@@ -31,7 +31,8 @@ def uniform_sft_loss(model, prompt_ids_BP: torch.Tensor, completion_ids_BG: torc
     self_cond_B = (torch.rand(B, generator=gen) < 0.5).to(device)
     keys = {}
     if prompt_mask_BP is not None:
-        enc_BL = torch.cat([prompt_mask_BP.bool(), torch.ones_like(prefix_BL[:, prompt_ids_BP.shape[1]:], dtype=torch.bool)], 1)
+        clean_BL = torch.ones_like(prefix_BL[:, prompt_ids_BP.shape[1]:], dtype=torch.bool)
+        enc_BL = torch.cat([prompt_mask_BP.bool(), clean_BL], 1)
         keys = dict(attention_mask=enc_BL, decoder_attention_mask=torch.nn.functional.pad(enc_BL, (0, C), value=True))
     sc_logits = None
     if self_cond_B.any():

@@ -25,7 +25,7 @@ class ModelFamily:
     logit_shift: int  # 0: logits at column i score token i; 1: they sit at column i - 1 (Dream)
     attention: Literal["bidirectional", "block_causal", "encoder_decoder"]
     lora_targets: tuple[str, ...]  # linears inside a block (dotted paths) that LoRA adapts by default
-    mask_token: str | None  # the mask token's text in the real tokenizer (its id also sits in config.json); None: uniform noise
+    mask_token: str | None  # the mask token's text in the real tokenizer (its id also in config.json); None: no mask
     eot_token: str | None  # end-of-turn token's text (LLaDA <|eot_id|>, Qwen <|im_end|>)
     decoding: dict = field(default_factory=dict)  # sampler settings of the public decoder, for presets/docs
     tokenizer_class: str | None = None  # transformers class for a tokenizer whose public class is remote code

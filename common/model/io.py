@@ -197,7 +197,7 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = DEFAULT
         raise ValueError("checkpoints are written as safetensors only (safe_serialization=False is not supported)")
     if family_of(model).native:
         if dtype is not None:
-            raise ValueError(f"{family_of(model).name}: save in the model's dtype (transformers writes it); dtype= is not supported")
+            raise ValueError(f"{family_of(model).name}: cast the model first; transformers writes it in its own dtype")
         model.save_pretrained(str(directory), max_shard_size=max_shard_size, state_dict=state_dict,
                               is_main_process=is_main_process)
         return directory

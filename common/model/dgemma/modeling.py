@@ -77,7 +77,7 @@ class EncoderCache:
     reads it (prompt prefilled, then one canvas at a time), so the decoder sees bitwise the sampler's keys."""
 
     def __init__(self, model, prompt_mask_BP: torch.Tensor):
-        """``prompt_mask_BP``: the real (1) and padding (0) prompt tokens; positions count columns, as ``generate``'s do."""
+        """``prompt_mask_BP``: real (1) and padding (0) prompt tokens; positions count columns, as ``generate``'s."""
         from transformers import DynamicCache
 
         self.model, self.C = model, model.config.canvas_length
