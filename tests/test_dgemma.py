@@ -37,7 +37,8 @@ def _public(model, prompt, d: UniformDecoding, seed: int, eos, mask=None):
     torch.manual_seed(seed)
     return model.generate(prompt, attention_mask=mask, max_new_tokens=d.max_new_tokens, max_denoising_steps=d.steps,
                           t_min=d.t_min, t_max=d.t_max,
-                          sampler_config=EntropyBoundSamplerConfig(entropy_bound=d.entropy_bound), stability_threshold=d.stability_threshold, confidence_threshold=d.confidence_threshold,
+                          sampler_config=EntropyBoundSamplerConfig(entropy_bound=d.entropy_bound),
+                          stability_threshold=d.stability_threshold, confidence_threshold=d.confidence_threshold,
                           eos_token_id=eos, pad_token_id=PAD).sequences
 
 
