@@ -2,7 +2,9 @@
 SFT with the family's uniform-noise objective on the solver's completions, then AGRPO on uniform canvases
 (exact self-conditioned score) with the task's reward, held-out accuracy before and after each phase.
 
-    python -m benchmarks.dgemma_countdown --sft-steps 600 --rl-steps 30 --out benchmarks/results/dgemma_countdown.md
+    python -m benchmarks.dgemma_countdown --sft-steps 1500 --rl-steps 300 --eval-size 256 \
+        --save-base checkpoints/tiny-countdown-dgemma-base --out benchmarks/results/dgemma_countdown.md
+    python -m benchmarks.dgemma_countdown --base checkpoints/tiny-countdown-dgemma-base --rl-steps 300   # RL only
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--eval-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--base", default=None, help="start RL from this saved base (skips SFT)")
+    p.add_argument("--save-base", default=None, help="save the SFT model here")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -40,7 +44,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     tok, task = CharTokenizer(), get_task(TaskConfig(name="countdown", prompt_style="compact", seed=1))
-    model = M.build_model(M.preset_config("tiny-dgemma"), seed=0)
+    model = M.load_pretrained(args.base) if args.base else M.build_model(M.preset_config("tiny-dgemma"), seed=0)
     G = 16  # 4 canvases of 4
     d = UniformDecoding(max_new_tokens=G, steps=8, entropy_bound=1.0, confidence_threshold=0.05)
     lines = [f"# Tiny DiffusionGemma on Countdown-3 ({sum(p.numel() for p in model.parameters())} parameters, "
@@ -66,11 +70,13 @@ def main(argv=None) -> None:
         print(lines[-1], flush=True)
 
     # --- SFT with the uniform-noise objective
-    evaluate("random init", 0, 0)
     stream, gen = task.train_items(1), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     t0 = time.time()
-    for step in range(args.sft_steps):
+    sft_steps = 0 if args.base else args.sft_steps
+    if sft_steps:
+        evaluate("random init", 0, 0)
+    for step in range(sft_steps):
         items = list(itertools.islice(stream, args.sft_batch))
         comps = [tok.encode(task.reference_completion(it)) + [tok.eos_id] for it in items]
         keep = [i for i, c in enumerate(comps) if len(c) <= G]
@@ -81,7 +87,9 @@ def main(argv=None) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    evaluate("SFT (uniform noise)", args.sft_steps, time.time() - t0)
+    evaluate(f"base {args.base}" if args.base else "SFT (uniform noise)", sft_steps, time.time() - t0)
+    if args.save_base:
+        M.save_pretrained(model, args.save_base)
     # --- AGRPO on uniform canvases
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     t0 = time.time()
