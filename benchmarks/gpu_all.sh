@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_all.sh smoke     # 3 RL steps, 1b preset in bf16: learner GPU + rollout GPU over nccl
 #   bash benchmarks/gpu_all.sh families  # our sampler at Dream-7B's and SDAR-8B's shapes (their own decoding)
 #   bash benchmarks/gpu_all.sh llada2    # LLaDA2.0-mini's shape: our sampler, and the routing drift replay/recompute
+#   bash benchmarks/gpu_all.sh dgemma    # DiffusionGemma-26B-A4B's shape: our sampler beside transformers' generate
 # On the lent device machine: source .devicepkgs/activate.sh first (ray, pydantic). Results go to $OUT
 # (default /tmp/unmask-gpu): markdown + JSON per benchmark and one log; a short table prints last.
 set -uo pipefail
@@ -79,6 +80,14 @@ elif [ "$stage" = llada2 ]; then
     --temperatures 0 --compile-modes --out "$OUT/sampler_llada2.md" 2>&1 | tee -a "$log"
   timeout 240 python3 -m benchmarks.bench_routing --out "$OUT" 2>&1 | tee -a "$log"
   echo "=== summary"; grep "|" "$OUT/sampler_llada2.md" "$OUT/bench_routing.md"
+elif [ "$stage" = dgemma ]; then
+  # tok/s at batch 1 and 8, prompt 64, 256 new tokens (one canvas), the public defaults (48 steps, entropy bound 0.1,
+  # early stop), random bf16 weights at google/diffusiongemma-26B-A4B-it's text shape (50.5 GB): transformers'
+  # generate and ours, same seed (the last column checks the tokens). No learner rows: full-parameter gradients of
+  # the 25.3B text weights do not fit one GPU beside them (the learner needs FSDP2 over several, or LoRA).
+  timeout 560 python3 -m benchmarks.bench_dgemma --preset dgemma-26b-a4b --dtype bfloat16 --batches 1 8 \
+    --learner-batch 0 --out "$OUT/dgemma.md" 2>&1 | tee -a "$log"
+  echo "=== summary"; grep "|" "$OUT/dgemma.md"
 else
-  echo "unknown stage $stage (core | sampler | cache | smoke | families | llada2)"; exit 2
+  echo "unknown stage $stage (core | sampler | cache | smoke | families | llada2 | dgemma)"; exit 2
 fi

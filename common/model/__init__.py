@@ -7,6 +7,7 @@ Importing this package registers every family with transformers' Auto classes un
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
+from common.model.dgemma.modeling import DiffusionGemmaTextForBlockDiffusion
 from common.model.dream.modeling import DreamConfig, DreamModel
 from common.model.family import FAMILIES, ModelFamily, family_for_type, family_of, register
 from common.model.io import CheckpointError, build_model, load_pretrained, read_config, save_pretrained, to_dtype
@@ -60,10 +61,24 @@ register(ModelFamily(
                   threshold=0.95, threshold_floor="schedule", stop_after_eos=True),
 ))
 
+# DiffusionGemma is transformers' own model (its Auto classes already know it): registered after the loop below,
+# so AutoModel keeps transformers' class; ours only leaves the vision tower out.
+_DGEMMA = ModelFamily(
+    name="dgemma", model_type="diffusion_gemma", config_class=DiffusionGemmaTextForBlockDiffusion.config_class,
+    model_class=DiffusionGemmaTextForBlockDiffusion, public_repo="google/diffusiongemma-26B-A4B-it", auto_map={},
+    architectures=("DiffusionGemmaForBlockDiffusion",), logit_shift=0, attention="encoder_decoder",
+    # v_proj is absent on the full-attention layers (values are the keys there); the experts are 3-D tensors
+    lora_targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                  "mlp.down_proj"),
+    mask_token=None, eot_token=None, decoding=dict(sampler="uniform"), native=True,
+)
+
 for _family in FAMILIES.values():
     AutoConfig.register(_family.model_type, _family.config_class, exist_ok=True)
     for _auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
         _auto.register(_family.config_class, _family.model_class, exist_ok=True)
+
+register(_DGEMMA)
 
 __all__ = [
     "FAMILIES", "PRESETS", "CheckpointError", "DreamConfig", "DreamModel", "LLaDA2MoeConfig", "LLaDA2MoeModelLM",

@@ -23,13 +23,14 @@ class ModelFamily:
     auto_map: dict[str, str]  # the public config.json's auto_map (module.Class), re-prefixed on export
     architectures: tuple[str, ...]
     logit_shift: int  # 0: logits at column i score token i; 1: they sit at column i - 1 (Dream)
-    attention: Literal["bidirectional", "block_causal"]
+    attention: Literal["bidirectional", "block_causal", "encoder_decoder"]
     lora_targets: tuple[str, ...]  # linears inside a block (dotted paths) that LoRA adapts by default
-    mask_token: str  # the mask token's text in the real tokenizer (its id also sits in config.json)
+    mask_token: str | None  # the mask token's text in the real tokenizer (its id also in config.json); None: no mask
     eot_token: str | None  # end-of-turn token's text (LLaDA <|eot_id|>, Qwen <|im_end|>)
     decoding: dict = field(default_factory=dict)  # sampler settings of the public decoder, for presets/docs
     tokenizer_class: str | None = None  # transformers class for a tokenizer whose public class is remote code
     routed: bool = False  # a mixture of experts: the sampler can record its routing (``model.routing``/``replaying``)
+    native: bool = False  # transformers' own model class (DiffusionGemma): its loader reads and writes checkpoints
 
     def block_size(self, config) -> int | None:
         """Block length of block-causal attention (None for bidirectional families)."""

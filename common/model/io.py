@@ -149,6 +149,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype = "float32", devi
     """
     directory = Path(path)
     config = config if config is not None else read_config(directory)
+    if family_of(config).native:  # tied encoder/decoder weights and the skipped vision tower: transformers' loader
+        model = family_of(config).model_class.from_pretrained(directory, config=config, dtype=to_dtype(dtype))
+        return model.to(device).eval()
     with torch.device("meta"):
         model = family_of(config).model_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -195,6 +198,12 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = DEFAULT
     directory = Path(path)
     if not safe_serialization:
         raise ValueError("checkpoints are written as safetensors only (safe_serialization=False is not supported)")
+    if family_of(model).native:
+        if dtype is not None:
+            raise ValueError(f"{family_of(model).name}: cast the model first; transformers writes it in its own dtype")
+        model.save_pretrained(str(directory), max_shard_size=max_shard_size, state_dict=state_dict,
+                              is_main_process=is_main_process)
+        return directory
     if not is_main_process:
         return directory
     directory.mkdir(parents=True, exist_ok=True)

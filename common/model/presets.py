@@ -1,6 +1,7 @@
 """Architecture presets of every family: ~1M-parameter CPU models up to the public checkpoints' exact shapes."""
 from __future__ import annotations
 
+from common.model.dgemma.modeling import dgemma_config
 from common.model.dream.modeling import DreamConfig
 from common.model.llada.configuration import LLaDAConfig
 from common.model.llada2.modeling import LLaDA2MoeConfig
@@ -52,6 +53,19 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                            first_k_dense_replace=1, block_size=4, **_CHAR_IDS)),
     # LLaDA2.0-mini's config.json shape (16B total, 256 experts, 8 active).
     "llada2-mini": (LLaDA2MoeConfig, dict(block_size=32)),
+    # DiffusionGemma: one sliding + one full layer, 4 experts (2 active), canvas 4; the character tokenizer's ids
+    "tiny-dgemma": (dgemma_config, dict(
+        canvas_length=4, vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32, num_global_key_value_heads=1,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=32, sliding_window=16, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # google/diffusiongemma-26B-A4B-it's config.json shape (text_config; the vision tower is not built)
+    "dgemma-26b-a4b": (dgemma_config, dict(
+        canvas_length=256, vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
+        num_experts=128, top_k_experts=8, moe_intermediate_size=704, sliding_window=1024,
+        max_position_embeddings=262144, use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=2,
+        eos_token_id=1)),
 }
 
 
