@@ -266,10 +266,16 @@ class Controller:
         self.metrics.log(record)
         self.ray_metrics.record("learner_step_seconds", float(out.get("step_time_s", 0.0)))
         waiting = f" (+{len(self.pool.pending)} waiting)" if self.pool.pending else ""
-        log.info("step %d/%d | reward %.3f | acc %.3f | no-signal groups %3.0f%% | loss %+.4f | staleness %.1f | "
-                 "workers %d%s | ETA %s", self.state.step, self.cfg.run.total_steps, info["reward"], info["accuracy"],
-                 100 * info["no_signal_groups"], out.get("loss", float("nan")), info["staleness"], self.pool.size,
-                 waiting, _fmt_eta(eta))
+        lag = f"staleness {info['staleness']:.1f}"
+        if out.get("policy_lag_max"):  # stale groups trained: how far behind, and their importance weights
+            lag += f" (max {out['policy_lag_max']:.0f})"
+            if "is_weight_mean" in out:
+                lag += (f" w {out['is_weight_mean']:.2f}±{out['is_weight_std']:.2f} "
+                        f"({100 * out['is_truncated_share']:.0f}% cut)")
+        log.info("step %d/%d | reward %.3f | acc %.3f | no-signal groups %3.0f%% | loss %+.4f | %s | workers %d%s | "
+                 "ETA %s", self.state.step, self.cfg.run.total_steps, info["reward"], info["accuracy"],
+                 100 * info["no_signal_groups"], out.get("loss", float("nan")), lag, self.pool.size, waiting,
+                 _fmt_eta(eta))
 
     def _periodic(self) -> None:
         from driver import checkpoints

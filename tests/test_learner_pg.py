@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from common.config import (
-    AgrpoConfig, AtpoConfig, CoupledGrpoConfig, EspoConfig, LearnerConfig, ModelConfig, SpgConfig, Wd1Config,
+    AgrpoConfig, AtpoConfig, CoupledGrpoConfig, EspoConfig, JustGrpoConfig, LearnerConfig, ModelConfig, SpgConfig,
+    TraceRLConfig, Wd1Config,
 )
 from learner.losses import build_loss
 from learner.worker import LearnerRank
@@ -19,7 +20,8 @@ CONFIGS = {"agrpo": AgrpoConfig(k_steps=3, beta_kl=0.05), "atpo": AtpoConfig(k_s
 # The field's surrogates with their public defaults (KL on where they have one), two inner epochs each so the
 # old values cached at the first visit meet an updated policy.
 SURROGATES = {"wd1": Wd1Config(inner_epochs=2), "coupled_grpo": CoupledGrpoConfig(), "spg": SpgConfig(inner_epochs=2),
-              "espo": EspoConfig(num_mc=2)}
+              "espo": EspoConfig(num_mc=2), "tracerl": TraceRLConfig(inner_epochs=2),
+              "justgrpo": JustGrpoConfig(inner_epochs=2)}
 
 
 def loss_factory(name, **overrides):
@@ -37,6 +39,15 @@ def batches():
 
     model = build_model(preset_config("tiny"), seed=1)  # not the learner's weights: ratios differ from 1
     return [rollout(model, B=5, G=8, steps=8, block=4, seed=s) for s in range(2)]
+
+
+@pytest.fixture(scope="module")
+def sequential_batches():
+    """JustGRPO's decoding: one token a step, left to right."""
+    from common.model import build_model, preset_config
+
+    model = build_model(preset_config("tiny"), seed=1)
+    return [rollout(model, B=5, G=8, steps=8, block=8, seed=s, remasking="sequential") for s in range(2)]
 
 
 
@@ -69,7 +80,8 @@ def test_one_and_three_micro_batches_give_the_same_step(local_group, batches, na
 
 
 @pytest.mark.parametrize("name", sorted(SURROGATES))
-def test_surrogates_give_the_same_steps_with_one_and_three_micro_batches(local_group, batches, name):
+def test_surrogates_give_the_same_steps_with_one_and_three_micro_batches(local_group, batches, sequential_batches, name):
+    batches = sequential_batches if name == "justgrpo" else batches
     factory = functools.partial(build_loss, SURROGATES[name], mask_id=MASK, pad_id=PAD, eos_id=EOS)
     whole = local_rank(learner_cfg(micro_batch_tokens=100 * SEQ), factory)
     split = local_rank(learner_cfg(micro_batch_tokens=2 * SEQ), factory)

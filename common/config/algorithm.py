@@ -33,7 +33,32 @@ class _PolicyGradient(_Estimator):
     )
 
 
-class _Stepwise(_PolicyGradient):
+class _Decoupled(_PolicyGradient):
+    """The off-policy correction of the estimators that score per-draw ratios at rebuilt steps (agrpo, atpo,
+    justgrpo)."""
+
+    correction: Literal["none", "decoupled"] = Field(
+        default="none",
+        description="Off-policy correction of groups sampled by an older policy (queue.max_staleness > 0): none = "
+        "the PPO ratio against the behaviour log-probs both corrects and clips; decoupled = clip against the "
+        "proximal policy (the learner's at the step's start) and weight each draw by pi_prox/pi_behav truncated at "
+        "is_weight_cap (AReaL's decoupled PPO; docs/ALGORITHMS.md). Groups with lag 0 train the same either way.",
+    )
+    is_weight_cap: float = Field(
+        default=2.0, ge=1.0,
+        description="Truncation of the decoupled importance weights pi_prox/pi_behav (also the threshold of the "
+        "is_truncated_share metric under correction none).",
+    )
+
+    @model_validator(mode="after")
+    def _one_epoch_for_decoupled(self) -> "_Decoupled":
+        if self.correction == "decoupled" and self.inner_epochs != 1:
+            raise ValueError("correction 'decoupled' takes the proximal log-probs from inner epoch 0's forward: set "
+                             "inner_epochs 1 (later epochs' steps would need a pass of their own at the old weights)")
+        return self
+
+
+class _Stepwise(_Decoupled):
     """Options of the estimators that score the sampler's actions at k denoising steps (agrpo, atpo)."""
 
     k_steps: int = Field(default=4, ge=1, description="Denoising steps per trajectory.")
@@ -56,25 +81,6 @@ class _Stepwise(_PolicyGradient):
         "non-EOS token (AGRPO's release); non_eos = only steps that drew a non-EOS token; all = every step that "
         "drew a token (the only exact choice: the others drop the EOS-only steps' terms).",
     )
-    correction: Literal["none", "decoupled"] = Field(
-        default="none",
-        description="Off-policy correction of groups sampled by an older policy (queue.max_staleness > 0): none = "
-        "the PPO ratio against the behaviour log-probs both corrects and clips; decoupled = clip against the "
-        "proximal policy (the learner's at the step's start) and weight each draw by pi_prox/pi_behav truncated at "
-        "is_weight_cap (AReaL's decoupled PPO; docs/ALGORITHMS.md). Groups with lag 0 train the same either way.",
-    )
-    is_weight_cap: float = Field(
-        default=2.0, ge=1.0,
-        description="Truncation of the decoupled importance weights pi_prox/pi_behav (also the threshold of the "
-        "is_truncated_share metric under correction none).",
-    )
-
-    @model_validator(mode="after")
-    def _one_epoch_for_decoupled(self) -> "_Stepwise":
-        if self.correction == "decoupled" and self.inner_epochs != 1:
-            raise ValueError("correction 'decoupled' takes the proximal log-probs from inner epoch 0's forward: set "
-                             "inner_epochs 1 (later epochs' steps would need a pass of their own at the old weights)")
-        return self
 
 
 class AgrpoConfig(_Stepwise):
@@ -278,7 +284,7 @@ class TraceRLConfig(_PolicyGradient):
         description="Padding tokens (after the first EOS) kept in the loss: the first post_num of them; None keeps all.")
 
 
-class JustGrpoConfig(_PolicyGradient):
+class JustGrpoConfig(_Decoupled):
     """JustGRPO (LeapLabTHU/JustGRPO `grpo.py`): GRPO on left-to-right decoding, one token a step, with each
     token's exact autoregressive likelihood; needs ``sampler.remasking: sequential`` and steps = gen_length."""
 
