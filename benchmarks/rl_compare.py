@@ -42,6 +42,11 @@ METHODS = {
     "diffu_grpo": ["algorithm={name: diffu_grpo}"],
     # control: under low-confidence remasking scores only the committed draws (biased, low variance)
     "agrpo_committed": ["algorithm.name=agrpo", "algorithm.draws=committed"],
+    # the field's sequence-likelihood surrogates, each with its public code's defaults (common/config/algorithm.py)
+    "wd1": ["algorithm={name: wd1}"],
+    "coupled_grpo": ["algorithm={name: coupled_grpo}"],
+    "spg": ["algorithm={name: spg}"],
+    "espo": ["algorithm={name: espo}"],
     # TraceRL: every step of the trajectory, committed tokens (rl_sdar.py's defaults: exact where committed-only is)
     "tracerl": ["algorithm={name: tracerl}"],
     "tracerl_llada": ["algorithm={name: tracerl, variant: llada, shrink: 8}"],  # rl_llada.yaml: a surrogate
