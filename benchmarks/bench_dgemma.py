@@ -72,7 +72,7 @@ def main(argv=None) -> None:
 
     import common.model as M
     from common.model.dgemma.modeling import UniformDecoding
-    from common.model.dgemma.score import acting_steps, step_logps
+    from learner.canvas_steps import acting_steps, step_logps
     from rollout.uniform_sampler import generate_uniform
 
     if args.plan:

@@ -9,7 +9,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 
 import common.model as M
 from common.model.dgemma.modeling import UniformDecoding
-from common.model.dgemma.score import step_logps
+from learner.canvas_steps import step_logps
 from learner.losses.uniform_agrpo import uniform_agrpo_loss
 from learner.uniform_sft import uniform_sft_loss
 from rollout.uniform_sampler import generate_uniform

@@ -19,7 +19,7 @@ import torch
 import common.model as M
 from common.model.dgemma.modeling import UniformDecoding, dgemma_config
 from common.model.dgemma.record import CanvasRecord
-from common.model.dgemma.score import step_logps
+from learner.canvas_steps import step_logps
 from learner.losses.uniform_agrpo import uniform_agrpo_loss
 from rollout.uniform_sampler import generate_uniform
 

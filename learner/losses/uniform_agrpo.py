@@ -1,6 +1,6 @@
 """AGRPO on uniform-noise canvases (DiffusionGemma): the clipped-ratio policy gradient on every acting step of
 the real trajectory, each row's steps averaged (weight 1/T_i, as AGRPO's release), rows averaged over the
-global batch. The score is ``common.model.dgemma.score.step_logps``: exact (the self-conditioning chain with
+global batch. The score is ``learner.canvas_steps.step_logps``: exact (the self-conditioning chain with
 its gradient) or the stop-gradient surrogate; definitions and the measured bias: docs/ALGORITHMS.md.
 
 Letters: B rows, K canvases, S steps per canvas.
@@ -11,7 +11,7 @@ import torch
 
 from common.model.dgemma.modeling import UniformDecoding
 from common.model.dgemma.record import CanvasRecord
-from common.model.dgemma.score import acting_steps, step_logps
+from learner.canvas_steps import acting_steps, step_logps
 from learner.losses.base import clipped_pg
 
 
