@@ -607,7 +607,7 @@ def test_dream_block_variant_rollouts_are_rebuilt_exactly(cache):
         assert float(_ratios(model, traj).abs().max()) < 1e-4
 
 
-def test_a_learner_step_on_llada2_reads_its_routing_setting_and_reports_the_expert_load():
+def test_a_learner_step_on_llada2_reads_its_routing_setting_and_reports_the_expert_load(local_group):
     """learner.routing picks the experts the step's forwards run (the recorded ones, or the router's), and the
     step reports each expert's share of the routed slots."""
     import functools
