@@ -241,7 +241,7 @@ def report(out: Path, soak: dict, checks: dict) -> bool:
           and checks["groups_produced"] <= checks["groups_spilled"]
           and all(f["injected"] for f in soak["faults"]) and within)
     lines = [
-        "# Chaos soak", "", f"`{soak['command']}` ({soak['machine']})", "",
+        "# Chaos soak", "", f"`{soak['command']}` ({soak['machine']}, commit {soak.get('commit', '?')})", "",
         f"Wall {soak['wall_s'] / 60:.1f} min, {checks['steps']} learner steps, exit code {soak['exit_code']}; "
         f"{len(soak['faults'])} faults injected, {sum(f.get('injected', False) for f in soak['faults'])} hit a "
         f"live target and the run stepped again after each. **{'PASS' if ok else 'FAIL'}**.", "",
@@ -288,6 +288,8 @@ def main(argv=None) -> int:
         shutil.copy(soak.run_dir / "metrics.jsonl", args.out / "metrics.jsonl")
         record = {"command": "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv),
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": args.seed,
+                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                           text=True).stdout.strip(),
                   "wall_s": soak.wall_s, "exit_code": soak.exit_code, "faults": soak.faults,
                   "driver_resumes_at_steps": soak.drivers}
         return 0 if report(args.out, record, checks) else 1
