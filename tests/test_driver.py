@@ -215,8 +215,8 @@ def test_pool_follows_nodes_joining_and_leaving(tmp_path):
 
 def _ask_for_an_unplaceable_worker(root: Path, seen: list, stop: threading.Event) -> None:
     """After the first step ask for 3 workers on 2 CPUs (the learner holds 1, each worker 0.5): two are
-    placed, the third cannot be. Once three steps have gone on beside it, `unmask stop` (counted in steps, not
-    seconds: on a loaded machine 12 s held fewer than three)."""
+    placed, the third cannot be. Once it has waited 12 s (it is reported after 10) and three steps have gone on
+    beside it, `unmask stop` (steps counted too: on a loaded machine 12 s held fewer than three)."""
     from driver.cli import main
 
     while not stop.is_set() and len(seen) < 2:
@@ -225,7 +225,8 @@ def _ask_for_an_unplaceable_worker(root: Path, seen: list, stop: threading.Event
         if not seen and steps:
             main(["scale", str(runs[0].parent), "--rollout-workers", "3"])
             seen.append(("up", steps[-1]["step"], time.monotonic()))
-        elif seen and sum(r.get("rollout_workers_waiting") == 1 for r in steps) >= 3:
+        elif (seen and time.monotonic() - seen[0][2] > 12
+              and sum(r.get("rollout_workers_waiting") == 1 for r in steps) >= 3):
             main(["stop", str(runs[0].parent)])
             seen.append(("stopped", steps[-1]["step"], time.monotonic()))
         time.sleep(0.2)
