@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from common.model import io
-from common.model.layers import KVCache, cached_query, key_mask, rope_cos_sin, run_blocks
+from common.model.layers import KVCache, RMSNorm, cached_query, key_mask, rope_cos_sin, run_blocks
 
 
 @dataclass
@@ -45,6 +45,17 @@ class DiffusionLM(PreTrainedModel):
     def save_pretrained(self, save_directory, **kwargs):
         """Write the family's public checkpoint layout (``common.model.save_pretrained``)."""
         return io.save_pretrained(self, save_directory, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random init of a preset: normal(initializer_range) weights, zero biases, unit norms (families with
+        modules of their own extend it)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (trades compute for activation memory)."""

@@ -134,15 +134,6 @@ class QwenStyleLM(DiffusionLM):
         self.head_dim, self.n_kv_heads, self.rope_theta = config.head_dim, config.num_key_value_heads, config.rope_theta
         self.post_init()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers

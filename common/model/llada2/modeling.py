@@ -248,16 +248,11 @@ class LLaDA2MoeModelLM(DiffusionLM):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, LLaDA2Gate):
-            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, LLaDA2Gate):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
             nn.init.zeros_(module.expert_bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        else:
+            super()._init_weights(module)
 
     @property
     def blocks(self) -> nn.ModuleList:
