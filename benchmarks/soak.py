@@ -2,6 +2,8 @@
 table hit it at random times; at the end, nothing lost, nothing trained twice.
 
     python -m benchmarks.soak --minutes 30 --seed 0 --out benchmarks/results/soak
+    python -m benchmarks.soak --minutes 30 --no-faults --run-seed 1 --out benchmarks/results/soak/reference/seed1
+    python -m benchmarks.soak --report-only --out benchmarks/results/soak   # the soak's report against the references
 
 The cluster (tests/local_cluster.py): the driver's node (head, the replay queue), a learner node and two
 rollout nodes; the run is the default preset (`tiny_countdown`, synchronous AGRPO) as the long run of
@@ -20,8 +22,16 @@ for a first checkpoint). After ``--minutes`` the run is ended with `unmask stop`
 directory alone: every prompt position trained exactly once in the weights' history (steps rolled back by a
 rebuild or a resume dropped), the final run state's done set equal to what was trained plus what was settled
 untrained, no group id twice and every group whole in the spills of every driver, steps without gap, and
-the held-out curve against the fault-free long run and the 16-seed spread at step 20. Writes report.md and
-report.json to ``--out``; exit 1 when a check fails.
+the held-out curve against fault-free runs. Writes report.md and report.json to ``--out``; exit 1 when a check
+fails.
+
+The fault-free reference (fixed 2026-12-06 before any reference run; the soak itself ran with run seed 0,
+whose fault-free start it shares, so the references use other run seeds): the same tool with ``--no-faults``
+on the same cluster and settings for the same 30 minutes, run seeds 1, 2 and 3, in ``--out``/reference/seed*/.
+At every held-out step evaluated by the soak and by all references (m steps; step 0, the shared base, left
+out), the soak must lie within the simultaneous 95% prediction interval of one more run: the references'
+mean ± t(1 - 0.025/m, df) x s x sqrt(1 + 1/n) (Bonferroni over the m steps), s the within-step standard
+deviation pooled over the steps (n references, df = m x (n - 1)).
 """
 from __future__ import annotations
 
@@ -50,11 +60,6 @@ RUN = ["run.name=soak", "run.total_steps=480", "run.eval_every=20", "run.eval_sa
        "learner.checkpoint_every=5", "learner.resources={learner: 1}", "rollout.resources={rollout: 1}",
        "rollout.follow_cluster=true", "rollout.max_workers=2", "rollout.num_cpus_per_worker=1",
        "learner.num_cpus_per_rank=1"]
-# The fault-free reference, same preset and settings: the long run's held-out accuracy (docs/RESULTS.md,
-# "Long runs", countdown-480), and the per-seed accuracy at step 20 of the 16 AGRPO seeds of the equal-budget
-# comparison (docs/results/countdown/results.json, read at run time).
-LONG_RUN = {0: 10.9, 20: 21.1, 40: 23.4, 60: 22.3, 80: 22.7, 100: 22.3, 120: 21.5, 140: 18.4, 160: 19.1,
-            180: 18.0, 200: 18.0, 240: 17.6, 280: 19.1, 320: 21.9}
 
 
 def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
@@ -93,7 +98,8 @@ class Soak:
         self.drivers: list[int] = []
 
     def start(self) -> None:
-        sets = [a for s in [f"run.root={self.root}", *RUN] for a in ("--set", s)]
+        seed = [f"run.seed={self.args.run_seed}", f"task.seed={self.args.run_seed}"]
+        sets = [a for s in [f"run.root={self.root}", *RUN, *seed] for a in ("--set", s)]
         self.driver = _cli(["train", *sets], self.env, stdout=self.log, stderr=subprocess.STDOUT)
         while not list(self.root.glob("soak-*/metrics.jsonl")):
             self._check_driver()
@@ -144,7 +150,7 @@ class Soak:
         while True:
             gap = min(300.0, max(60.0, self.rng.expovariate(1.0 / self.args.mean_gap_s)))
             kind = self.rng.choice(KINDS)
-            if time.time() + gap - self.t0 > self.args.minutes * 60:
+            if self.args.no_faults or time.time() + gap - self.t0 > self.args.minutes * 60:
                 break
             deadline = time.time() + gap
             while time.time() < deadline:
@@ -157,7 +163,7 @@ class Soak:
             self.faults.append(self.inject(kind))
             print(f"[{self.faults[-1]['t_s']:5d} s] {kind} at step {self.faults[-1]['step']}: "
                   f"recovered in {self.faults[-1].get('recovered_in_s')} s", flush=True)
-        while time.time() - self.t0 < self.args.minutes * 60:
+        while time.time() - self.t0 < self.args.minutes * 60:  # (all of it with --no-faults)
             self._check_driver()
             time.sleep(1)
         subprocess.run([sys.executable, "-m", "driver", "stop", str(self.run_dir)], cwd=REPO, env=self.env, check=True)
@@ -216,51 +222,70 @@ def check(run_dir: Path, group_size: int) -> dict:
     }
 
 
-def seed_spread_at_20() -> list[float]:
-    results = json.loads((REPO / "docs/results/countdown/results.json").read_text())
-    return sorted(100 * dict(map(tuple, r["curve"]))[20] for r in results["runs"] if r["method"] == "agrpo")
+def reference_runs(out: Path) -> list[dict[int, float]]:
+    """Held-out accuracy per step of each fault-free reference run under ``out``/reference/seed*/."""
+    return [{int(k): v for k, v in json.loads(p.read_text())["checks"]["held_out"].items()}
+            for p in sorted((out / "reference").glob("seed*/report.json"))]
 
 
-def prediction_half_width(values: list[float]) -> float:
-    """Half-width of the 95% prediction interval of one more run, from the seeds' spread."""
+def reference_band(curves: list[dict[int, float]], steps: list[int]) -> tuple[dict[int, float], float]:
+    """(mean per step, half-width): the simultaneous 95% prediction interval of one more run at every step,
+    Bonferroni over ``steps``, the standard deviation pooled over them (see the module's docstring)."""
     import statistics
 
     from scipy import stats
 
-    return stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) * (1 + 1 / len(values)) ** 0.5
+    n = len(curves)
+    means = {s: statistics.mean(c[s] for c in curves) for s in steps}
+    pooled = statistics.mean(statistics.variance([c[s] for c in curves]) for s in steps) ** 0.5
+    quantile = 1 - 0.025 / len(steps)
+    return means, stats.t.ppf(quantile, len(steps) * (n - 1)) * pooled * (1 + 1 / n) ** 0.5
 
 
 def report(out: Path, soak: dict, checks: dict) -> bool:
-    spread = seed_spread_at_20()
-    width = prediction_half_width(spread)
-    curve = [(s, a, LONG_RUN.get(s)) for s, a in sorted(checks["held_out"].items()) if s in LONG_RUN]
-    within = all(abs(a - ref) <= width for s, a, ref in curve)
+    faulty = bool(soak.get("faults")) or not soak.get("no_faults", False)
+    curves = reference_runs(out) if faulty else []
+    steps = sorted(s for s in checks["held_out"] if s > 0 and all(s in c for c in curves))
+    compared = faulty and len(curves) >= 2 and bool(steps)
+    means, width = reference_band(curves, steps) if compared else ({}, 0.0)
+    within = compared and all(abs(checks["held_out"][s] - means[s]) <= width for s in steps)
     ok = (soak["exit_code"] == 0 and checks["prompts_trained_twice"] == 0 and checks["group_ids_repeated"] == 0
           and checks["done_not_trained_nor_settled"] == 0 and checks["trained_not_done"] == 0
           and checks["groups_whole"] and checks["steps_without_gap"]
           and checks["groups_produced"] <= checks["groups_spilled"]
-          and all(f["injected"] for f in soak["faults"]) and within)
+          and all(f["injected"] for f in soak["faults"]) and (within or not faulty))
+    if not faulty:
+        held_out = ["Fault-free reference run: held-out accuracy (%, greedy, 16 steps, all 256 items)", "",
+                    "| step | accuracy |", "|---|---|", *[f"| {s} | {a:.1f} |" for s, a in sorted(checks["held_out"].items())]]
+    elif not compared:
+        held_out = [f"Held-out accuracy not compared: {len(curves)} fault-free reference run(s) under "
+                    f"{out / 'reference'} (at least 2 needed; `--no-faults --run-seed N`). **FAIL** until they exist."]
+    else:
+        held_out = [
+            f"Held-out accuracy (%, greedy, 16 steps, all 256 items) against {len(curves)} fault-free runs of the same "
+            f"tool, cluster and settings (`--no-faults`, run seeds in reference/). Tolerance: the simultaneous 95% "
+            f"prediction interval of one more run at all {len(steps)} steps (Bonferroni; spread pooled over the "
+            f"steps), ±{width:.1f} points around their mean; "
+            f"{'every' if within else 'NOT every'} step is within it. Evaluations a fault cut short (not compared): "
+            f"{checks['held_out_partial'] or 'none'}.", "",
+            "| step | soak | fault-free mean | fault-free runs | difference |", "|---|---|---|---|---|",
+            *[f"| {s} | {checks['held_out'][s]:.1f} | {means[s]:.1f} | {', '.join(f'{c[s]:.1f}' for c in curves)} | "
+              f"{checks['held_out'][s] - means[s]:+.1f} |" for s in steps]]
     lines = [
-        "# Chaos soak", "", f"`{soak['command']}` ({soak['machine']}, commit {soak.get('commit', '?')})", "",
+        "# Chaos soak" if faulty else "# Soak reference (no faults)", "",
+        f"`{soak['command']}` ({soak['machine']}, commit {soak.get('commit', '?')})", "",
         f"Wall {soak['wall_s'] / 60:.1f} min, {checks['steps']} learner steps, exit code {soak['exit_code']}; "
         f"{len(soak['faults'])} faults injected, {sum(f.get('injected', False) for f in soak['faults'])} hit a "
         f"live target and the run stepped again after each. **{'PASS' if ok else 'FAIL'}**.", "",
-        "| t (s) | fault | at step | recovered in (s) |", "|---|---|---|---|",
-        *[f"| {f['t_s']} | {f['kind']} | {f['step']} | {f.get('recovered_in_s', 'not injected')} |"
-          for f in soak["faults"]], "",
+        *(["| t (s) | fault | at step | recovered in (s) |", "|---|---|---|---|",
+           *[f"| {f['t_s']} | {f['kind']} | {f['step']} | {f.get('recovered_in_s', 'not injected')} |"
+             for f in soak["faults"]], ""] if faulty else []),
         "| check | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in checks.items() if not k.startswith("held_out")], "",
-        f"Held-out accuracy (%, greedy, 16 steps, all 256 items) against the fault-free long run (same preset and "
-        f"settings, seed 0). Tolerance: the 95% prediction interval of one more run from the 16 AGRPO seeds at "
-        f"step 20 (they span {spread[0]:.1f}-{spread[-1]:.1f}), ±{width:.1f} points; "
-        f"{'every' if within else 'NOT every'} step is within it. Evaluations a fault cut short (not compared): "
-        f"{checks['held_out_partial'] or 'none'}.", "",
-        "| step | soak | fault-free | difference |", "|---|---|---|---|",
-        *[f"| {s} | {a:.1f} | {ref:.1f} | {a - ref:+.1f} |" for s, a, ref in curve],
+        *held_out,
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps({**soak, "checks": checks, "seed_spread_20": spread, "pass": ok},
-                                                indent=1))
+    (out / "report.json").write_text(json.dumps({**soak, "checks": checks, "pass": ok}, indent=1))
     print("\n".join(lines))
     return ok
 
@@ -270,9 +295,19 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0, help="draws the faults' times and kinds")
     p.add_argument("--mean-gap-s", type=float, default=150.0)
+    p.add_argument("--no-faults", action="store_true", help="a fault-free reference run (same cluster and settings)")
+    p.add_argument("--run-seed", type=int, default=0, help="the run's own seed (run.seed and task.seed)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite --out's report from its report.json (e.g. once the reference runs exist)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        record = json.loads((args.out / "report.json").read_text())
+        checks = record.pop("checks")
+        checks["held_out"] = {int(k): v for k, v in checks["held_out"].items()}
+        record = {k: v for k, v in record.items() if k not in ("pass", "seed_spread_20")}
+        return 0 if report(args.out, record, checks) else 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed soak still stops its cluster
     import platform
 
@@ -288,6 +323,7 @@ def main(argv=None) -> int:
         shutil.copy(soak.run_dir / "metrics.jsonl", args.out / "metrics.jsonl")
         record = {"command": "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv),
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": args.seed,
+                  "run_seed": args.run_seed, "no_faults": args.no_faults,
                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                            text=True).stdout.strip(),
                   "wall_s": soak.wall_s, "exit_code": soak.exit_code, "faults": soak.faults,
