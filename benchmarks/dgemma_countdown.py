@@ -90,6 +90,7 @@ def main(argv=None) -> None:
     evaluate(f"base {args.base}" if args.base else "SFT (uniform noise)", sft_steps, time.time() - t0)
     if args.save_base:
         M.save_pretrained(model, args.save_base)
+        tok.save(args.save_base)  # `unmask train` reads the tokenizer beside the weights
     # --- AGRPO on uniform canvases
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     t0 = time.time()

@@ -25,6 +25,11 @@ Column notes:
   (prompt, then completion) experts once its block was finished, R per column, layer-major, -1 where never
   recorded (the last block); ``routing_step`` the step's block columns in the forward that scored it, T x K x R.
   The learner replays them (``learner.routing: replay``) or lets the router choose again (``recompute``).
+- Canvases (v6, uniform-noise decoding: DiffusionGemma; empty lists otherwise): ``canvas_shape`` [K canvases,
+  S steps a canvas, C canvas length]; per step ``canvas_active`` (the row was still denoising) and
+  ``canvas_logp`` (behaviour log-prob of the accepted draws), K x S; per step and position ``canvas_tokens``
+  (what the decoder read), ``canvas_draws`` and ``canvas_accepted``, K x S x C; ``canvas_t_range`` the
+  temperature schedule's [t_min, t_max]. The per-step columns above then hold the K x S canvas steps.
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 5  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
-# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts
+SCHEMA_VERSION = 6  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
+# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts; v6: uniform-noise canvases
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -89,6 +94,13 @@ SCHEMA = pa.schema(
         pa.field("routing_width", _i32, nullable=False),
         pa.field("routing_settled", pa.list_(pa.int16()), nullable=False),
         pa.field("routing_step", pa.list_(pa.int16()), nullable=False),
+        pa.field("canvas_shape", pa.list_(_i32), nullable=False),
+        pa.field("canvas_active", pa.list_(pa.bool_()), nullable=False),
+        pa.field("canvas_logp", pa.list_(_f32), nullable=False),
+        pa.field("canvas_tokens", pa.list_(_i32), nullable=False),
+        pa.field("canvas_draws", pa.list_(_i32), nullable=False),
+        pa.field("canvas_accepted", pa.list_(pa.bool_()), nullable=False),
+        pa.field("canvas_t_range", pa.list_(_f32), nullable=False),
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -164,6 +176,27 @@ def _routing_columns(traj: Trajectory) -> dict[str, pa.Array]:
             "routing_step": _fixed_list(step_BTKR.numpy().astype(np.int16).reshape(B, -1), pa.int16())}
 
 
+CANVAS = {"canvas_active": ("active_BKS", pa.bool_()), "canvas_logp": ("step_logp_BKS", _f32),
+          "canvas_tokens": ("canvas_BKSC", _i32), "canvas_draws": ("draws_BKSC", _i32),
+          "canvas_accepted": ("accepted_BKSC", pa.bool_())}
+
+
+def _canvas_columns(traj: Trajectory) -> dict[str, pa.Array]:
+    """A uniform-noise rollout's record (``rollout.uniform_sampler.canvas_trajectory``), or empty lists."""
+    B = len(traj)
+    if "canvas_BKSC" not in traj.extras:
+        empty = pa.array([[]] * B, pa.list_(_i32))
+        return {"canvas_shape": empty, **{name: pa.array([[]] * B, pa.list_(t)) for name, (_, t) in CANVAS.items()},
+                "canvas_t_range": pa.array([[]] * B, pa.list_(_f32))}
+    shape = np.asarray(traj.extras["canvas_BKSC"].shape[1:], dtype=np.int32)
+    columns = {"canvas_shape": _fixed_list(np.tile(shape, (B, 1)), _i32)}
+    for name, (key, arrow_type) in CANVAS.items():
+        value = traj.extras[key].cpu()
+        columns[name] = _fixed_list(value.numpy().reshape(B, -1).astype(arrow_type.to_pandas_dtype()), arrow_type)
+    t_range = np.tile(np.asarray(traj.extras["canvas_t_range"], dtype=np.float32), (B, 1))
+    return {**columns, "canvas_t_range": _fixed_list(t_range, _f32)}
+
+
 def _real_columns(traj: Trajectory) -> np.ndarray:
     """[B, P + G] bool: the real (non-padding) columns of the sampler's sequence."""
     B, G = traj.completion_ids_BG.shape
@@ -228,6 +261,7 @@ def group_to_record_batch(
         "block_grid": pa.array([traj.block_grid] * B, pa.string()),
         "open_block": pa.array([str(traj.extras.get("open_block", "schedule"))] * B, pa.string()),
         **_routing_columns(traj),
+        **_canvas_columns(traj),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -333,9 +367,30 @@ def validate_group(rb: pa.RecordBatch) -> None:
     want = width * step_len[0] * rb.column("block_length").to_numpy()
     if not np.array_equal(_lengths(rb.column("routing_step")), want):
         raise ValueError("routing_step must hold T x block_length x routing_width entries per row (none unrecorded)")
+    _validate_canvases(rb, step_len[0])
     steps = rb.column("unmask_step").flatten().to_numpy()
     if steps.size and (steps.min() < 0 or steps.max() >= step_len[0]):
         raise ValueError(f"unmask_step values must lie in [0, T={step_len[0]})")
+
+
+def _validate_canvases(rb: pa.RecordBatch, T: int) -> None:
+    shape_len = _lengths(rb.column("canvas_shape"))
+    if not shape_len.any():
+        if any(_lengths(rb.column(name)).any() for name in [*CANVAS, "canvas_t_range"]):
+            raise ValueError("canvas columns without a canvas_shape; fill canvas_shape [K, S, C] or none of them")
+        return
+    if (shape_len != 3).any():
+        raise ValueError("canvas_shape must hold [K, S, C] on every row of a canvas rollout")
+    shapes = rb.column("canvas_shape").flatten().to_numpy().reshape(-1, 3)
+    if (shapes != shapes[0]).any():
+        raise ValueError("canvas_shape must be the same on every row of a group")
+    K, S, C = (int(x) for x in shapes[0])
+    if T != K * S:
+        raise ValueError(f"a canvas rollout has K x S = {K * S} steps, but its step columns hold {T}")
+    for name, want in [("canvas_active", K * S), ("canvas_logp", K * S), ("canvas_tokens", K * S * C),
+                       ("canvas_draws", K * S * C), ("canvas_accepted", K * S * C), ("canvas_t_range", 2)]:
+        if (_lengths(rb.column(name)) != want).any():
+            raise ValueError(f"{name} must hold {want} entries per row (canvas_shape {[K, S, C]})")
 
 
 # --- reading (learner side)
@@ -490,6 +545,7 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
             "cache_refresh": int(_uniform_scalar(table, "cache_refresh")) or None,
             "open_block": str(_uniform_scalar(table, "open_block")),
             **_routing(table, B, prompt_ids_BP.shape[1] + G, T, block_length),
+            **_canvases(table, B),
         },
     )
 
@@ -504,3 +560,23 @@ def _routing(table: pa.Table, B: int, L: int, T: int, K: int) -> dict[str, "torc
     settled, _ = _left_pad(_column(table, "routing_settled"), -1)  # padding columns lead, R entries each
     return {"routing_settled_BLR": _tensor(settled.reshape(B, L, R), torch.int16),
             "routing_step_BTKR": _tensor(_uniform_list(table, "routing_step", B).reshape(B, T, K, R), torch.int16)}
+
+
+def _canvases(table: pa.Table, B: int) -> dict:
+    """A canvas rollout's record as ``rollout.uniform_sampler.canvas_trajectory`` made it, or nothing."""
+    import torch
+
+    if not _lengths(_column(table, "canvas_shape")).any():
+        return {}
+    shape = tuple(int(x) for x in _uniform_list(table, "canvas_shape", B)[0])
+    dtypes = {"active_BKS": torch.bool, "step_logp_BKS": torch.float32, "canvas_BKSC": torch.int64,
+              "draws_BKSC": torch.int64, "accepted_BKSC": torch.bool}
+    out = {}
+    for name, (key, _) in CANVAS.items():
+        dims = shape[:2] if key.endswith("_BKS") else shape
+        out[key] = _tensor(_uniform_list(table, name, B).reshape(B, *dims), dtypes[key])
+    t_range = _uniform_list(table, "canvas_t_range", B)
+    if (t_range != t_range[:1]).any():
+        raise ValueError("canvas_t_range differs across rows; one learner batch must use one sampler setting")
+    out["canvas_t_range"] = (float(t_range[0, 0]), float(t_range[0, 1]))
+    return out

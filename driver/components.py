@@ -17,11 +17,17 @@ PLACEMENT_TIMEOUT_S = 120.0  # at start, how long the first rollout workers may 
 
 def build_learner(cfg: UnmaskConfig, tokenizer, transport: str):
     """The learner group with the run's loss, reference model (``beta_kl > 0``) and seed."""
+    from common.model import family_of
+    from common.policy import policy_config
     from learner.group import LearnerGroup
     from learner.losses import build_loss
 
+    canvases = family_of(policy_config(cfg.model)).attention == "encoder_decoder"
+    if canvases and cfg.learner.num_ranks > 1:
+        raise RunError("a DiffusionGemma policy trains on one learner rank for now (its tied encoder/decoder is not "
+                       "sharded yet): set learner.num_ranks=1")
     loss_factory = functools.partial(build_loss, cfg.algorithm, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id,
-                                     eos_id=tokenizer.eos_id)
+                                     eos_id=tokenizer.eos_id, canvases=canvases)
     learner = LearnerGroup(cfg.learner, cfg.model, loss_factory=loss_factory, seed=cfg.run.seed,
                            ref_model=cfg.algorithm.beta_kl > 0)
     log.info("learner group: %d rank(s), algorithm %s, weight transport %s%s", cfg.learner.num_ranks,

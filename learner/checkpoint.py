@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from common.model import CheckpointError, family_of, save_pretrained
+from common.model import CheckpointError, family_of, save_pretrained, to_dtype
 
 META_FILE = "unmask_checkpoint.json"
 STEP_PREFIX = "step_"
@@ -161,4 +161,7 @@ def export_hf(state: dict[str, torch.Tensor], config, directory: str | Path, dty
     with torch.device("meta"):
         model = family_of(config).model_class(config)
     model.load_state_dict(state, assign=True, strict=True)
+    if family_of(config).native:  # transformers' class: tie what its config ties again, cast, write its own way
+        model.tie_weights()
+        return save_pretrained(model.to(to_dtype(dtype)), directory)
     return save_pretrained(model, directory, dtype=dtype)

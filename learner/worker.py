@@ -102,6 +102,7 @@ class LearnerRank:
         # stored in the compute dtype (an fp32 copy of LLaDA-8B's base would be 32 GB for nothing).
         base_dtype = to_dtype(self.cfg.param_dtype) if self.cfg.lora.enabled else torch.float32
         full_state = self._rank0_state(base_dtype)
+        self._buffers = self._rank0_buffers()
         mp = MixedPrecisionPolicy(param_dtype=to_dtype(self.cfg.param_dtype), reduce_dtype=to_dtype(self.cfg.reduce_dtype))
 
         model = build_model(policy_config(self.model_cfg), dtype=base_dtype, device="meta")
@@ -155,27 +156,43 @@ class LearnerRank:
             return None
         torch.manual_seed(self.seed)
         full, _ = load_policy(self.model_cfg)
+        persistent = full.state_dict().keys()  # the others keep their own dtype (not the cast below)
+        self._full_buffers = {n: b.clone() for n, b in full.named_buffers() if n not in persistent}
         full = full.to(base_dtype)
         if self.cfg.lora.enabled:  # adapters in fp32
             apply_lora(full, self.cfg.lora)
         return full.state_dict()
+
+    def _rank0_buffers(self) -> dict[str, torch.Tensor]:
+        """Every rank's copy of rank 0's non-persistent buffers (rotary frequencies, embedding scales): a state
+        dict leaves them out, and a model built on the meta device holds garbage there after ``to_empty``."""
+        buffers = [getattr(self, "_full_buffers", None)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(buffers, src=0)
+        return buffers[0] or {}
 
     def _sharded(self, model: torch.nn.Module, state: dict | None, mesh, mp) -> torch.nn.Module:
         """fully_shard per block and at the root, then fill every rank's shards from rank 0's ``state``."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+        if family_of(model).attention != "encoder_decoder":  # DiffusionGemma's encoder and decoder layers share
+            for block in model.blocks:  # their parameters: one root unit holds both (FSDP2 shards shared ones once)
+                fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         model.to_empty(device=self.device)
         # (a copy: set_model_state_dict writes the local shards back into the dict it is given)
         set_model_state_dict(model, dict(state or {}),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in self._buffers:
+                    buffer.copy_(self._buffers[name].to(buffer.dtype))
         # Losses call hidden_states + vocab_logits directly (to project only the rows they need), so those
-        # methods need FSDP's unshard/reshard hooks just like forward.
-        register_fsdp_forward_method(model, "hidden_states")
-        register_fsdp_forward_method(model, "vocab_logits")
+        # methods need FSDP's unshard/reshard hooks just like forward (and DiffusionGemma's encode).
+        for method in ("hidden_states", "vocab_logits", "encode"):  # encode: DiffusionGemma's encoder
+            if hasattr(model, method):
+                register_fsdp_forward_method(model, method)
         return model
 
     # --- step

@@ -81,10 +81,16 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompt_rows: list[list[int]], seed: int, sampler_cfg: SamplerConfig | None = None):
+        from common.model import family_of
         from rollout.sampler import generate
 
-        ids, mask = pad_rows(prompt_rows, self.tokenizer.pad_id)
         tok = self.tokenizer
+        if family_of(self.model).attention == "encoder_decoder":  # uniform-noise canvases (DiffusionGemma)
+            from rollout.uniform_sampler import generate_canvases
+
+            return generate_canvases(self.model, prompt_rows, sampler_cfg or self.sampler_cfg, eos_id=tok.eos_id,
+                                     pad_id=tok.pad_id, seed=seed)
+        ids, mask = pad_rows(prompt_rows, tok.pad_id)
         return generate(self.model, ids.to(self.device), mask.to(self.device), sampler_cfg or self.sampler_cfg,
                         mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id, pad_id=tok.pad_id, seed=seed)
 

@@ -18,11 +18,11 @@ import math
 import torch
 from common.model.dgemma.modeling import EncoderCache, UniformDecoding, decoder_logits, temperature
 from common.model.dgemma.record import CanvasRecord
+from common.trajectory import Trajectory
 
 
-def accept(logits_BCV: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+def accept(entropy_BC: torch.Tensor, entropy_bound: float) -> torch.Tensor:
     """Bool [B, C]: the positions the entropy bound accepts (lowest entropies first, while sum - max <= bound)."""
-    entropy_BC = torch.distributions.Categorical(logits=logits_BCV).entropy()
     sorted_BC, order_BC = torch.sort(entropy_BC, dim=-1, descending=False)
     keep_BC = torch.cumsum(sorted_BC, dim=-1) - sorted_BC <= entropy_bound
     return torch.scatter(torch.zeros_like(keep_BC), -1, order_BC, keep_BC)
@@ -60,7 +60,9 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
             logits = decoder_logits(model, canvas, sc, ctx.cache, mask_mapping, dec_pos, temperature(d.steps - s, d))
             draws = torch.multinomial(torch.softmax(logits, -1, dtype=torch.float32).view(-1, V), 1).view(B, C)
             new_argmax = logits.argmax(-1)
-            accepted = accept(logits, d.entropy_bound)
+            entropy_BC = torch.distributions.Categorical(logits=logits).entropy()
+            accepted = accept(entropy_BC, d.entropy_bound)
+            rec.entropy[:, k, s] = entropy_BC.mean(-1)
             noise = torch.randint(0, V, (B, C), device=device)
             new_canvas = torch.where(accepted, draws, noise)  # the rest is renoised
             rec.draws[:, k, s], rec.accepted[:, k, s] = draws, accepted
@@ -107,3 +109,63 @@ def _after_first_eos(tokens_BC: torch.Tensor, eos: torch.Tensor | None) -> torch
     is_eos = torch.isin(tokens_BC, eos)
     seen = is_eos.cumsum(-1)
     return (seen > 0) & ~((seen == 1) & is_eos)
+
+
+def decoding_of(sampler_cfg) -> UniformDecoding:
+    """The ``sampler:`` section as the public decoder's settings: ``gen_length`` new tokens, canvases of
+    ``block_length`` (the model's canvas_length), ``steps_per_block`` steps a canvas, the rest from ``uniform``."""
+    u = sampler_cfg.uniform
+    return UniformDecoding(max_new_tokens=sampler_cfg.gen_length, steps=sampler_cfg.steps_per_block, t_min=u.t_min,
+                           t_max=u.t_max, entropy_bound=u.entropy_bound, stability_threshold=u.stability_threshold,
+                           confidence_threshold=u.confidence_threshold)
+
+
+@torch.no_grad()
+def generate_canvases(model, prompt_rows: list[list[int]], sampler_cfg, *, eos_id: int | None, pad_id: int,
+                      seed: int) -> Trajectory:
+    """``prompt_rows`` decoded as ``generate_uniform`` does, in buckets of equal prompt length, as one
+    ``Trajectory`` in row order. No row is padded: the public decoder counts positions by column, so left
+    padding would change a row's logits and the learner, which batches rows from other calls, could not
+    rebuild them. Bucket of length n is seeded ``seed`` and n (the global RNG, as ``generate`` draws)."""
+    d = decoding_of(sampler_cfg)
+    C = model.config.canvas_length
+    K, S = -(-d.max_new_tokens // C), d.steps
+    device = next(model.parameters()).device
+    B = len(prompt_rows)
+    G = K * C
+    completion = torch.full((B, G), pad_id, dtype=torch.long)
+    rec = CanvasRecord.empty(B, K, S, C, "cpu")
+    for n in sorted({len(r) for r in prompt_rows}):
+        rows = [i for i, r in enumerate(prompt_rows) if len(r) == n]
+        torch.manual_seed((seed * 1_000_003 + n) % (1 << 62))
+        ids = torch.tensor([prompt_rows[i] for i in rows], dtype=torch.long, device=device)
+        part = generate_uniform(model, ids, d, eos_token_id=eos_id, pad_token_id=pad_id)
+        out = part.sequences[:, n:].cpu()
+        completion[rows, :out.shape[1]] = out
+        for name in ("canvas", "draws", "accepted", "active", "logp", "entropy"):
+            getattr(rec, name)[rows] = getattr(part, name).cpu()
+    return canvas_trajectory(prompt_rows, completion, rec, d, pad_id)
+
+
+def canvas_trajectory(prompt_rows: list[list[int]], completion_BG: torch.Tensor, rec: CanvasRecord,
+                      d: UniformDecoding, pad_id: int) -> Trajectory:
+    """The common ``Trajectory`` of canvas rollouts: the steps are the K x S canvas steps (T = K x S; per-step
+    mean entropy and accepted count), each token's step is its canvas's last active step, and the record the
+    learner rebuilds travels in ``extras`` (the ``canvas_*`` columns of ``common.schema``)."""
+    from rollout.actor import pad_rows
+
+    B, K, S, C = rec.canvas.shape
+    prompt_ids, prompt_mask = pad_rows(prompt_rows, pad_id)
+    steps_BKS = torch.arange(S).expand(B, K, S)
+    last_BK = torch.where(rec.active, steps_BKS, -1).amax(-1).clamp(min=0) + torch.arange(K) * S
+    zeros = torch.zeros(B, K * C)
+    return Trajectory(
+        prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask.bool(), completion_ids_BG=completion_BG,
+        unmask_step_BG=last_BK.repeat_interleave(C, dim=1), logp_BG=zeros, entropy_BG=zeros.clone(),
+        margin_BG=zeros.clone(), cutoff_BG=torch.full((B, K * C), float("-inf")),
+        step_entropy_BT=(rec.entropy * rec.active).reshape(B, K * S).float(),
+        step_margin_BT=torch.zeros(B, K * S),
+        step_committed_BT=(rec.accepted.sum(-1) * rec.active).reshape(B, K * S).long(),
+        temperature=d.t_max, block_length=C, commit_reads_draws=False,
+        extras={"canvas_BKSC": rec.canvas, "draws_BKSC": rec.draws, "accepted_BKSC": rec.accepted,
+                "active_BKS": rec.active, "step_logp_BKS": rec.logp.float(), "canvas_t_range": (d.t_min, d.t_max)})

@@ -92,6 +92,12 @@ class AgrpoConfig(_Stepwise):
         description="uniform: i.i.d. uniform steps; stratified: one per equal stratum (lower variance); "
         "entropy: importance sampling proportional to summed entropy, reweighted to stay unbiased.",
     )
+    canvas_score: Literal["exact", "stop_gradient"] = Field(
+        default="exact",
+        description="Uniform-noise canvases (DiffusionGemma), where every acting step is scored (k_steps and "
+        "step_sampling do not apply): 'exact' carries the gradient through the self-conditioning logits of earlier "
+        "steps (the policy gradient); 'stop_gradient' detaches them (a biased surrogate, cheaper: docs/ALGORITHMS.md).",
+    )
 
 
 class AtpoConfig(_Stepwise):

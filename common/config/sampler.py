@@ -1,5 +1,5 @@
 """`sampler:` section: iterative unmasking as each family's public decoder does it (LLaDA's semi-autoregressive
-blocks, Dream's timestep schedule, SDAR's block diffusion)."""
+blocks, Dream's timestep schedule, SDAR's block diffusion), and DiffusionGemma's uniform-noise canvases."""
 from __future__ import annotations
 
 from typing import Literal
@@ -17,6 +17,23 @@ def block_rounds(gen_length: int, block_length: int, grid: str) -> int:
     if grid == "completion":
         return gen_length // block_length
     return -(-(gen_length + block_length - 1) // block_length)
+
+
+class UniformConfig(Section):
+    """DiffusionGemma's canvas decoding (``DiffusionGemmaGenerationConfig``'s defaults): the canvas is
+    ``block_length`` tokens (the model's ``canvas_length``), ``steps_per_block`` the most denoising steps of a
+    canvas, ``gen_length`` the new tokens (whole canvases). The rest is here."""
+
+    t_min: float = Field(default=0.4, gt=0.0, description="Temperature at a canvas's last step (linear schedule).")
+    t_max: float = Field(default=0.8, gt=0.0, description="Temperature at a canvas's first step.")
+    entropy_bound: float = Field(
+        default=0.1, ge=0.0,
+        description="Accept the lowest-entropy positions while their summed entropy minus the largest stays "
+        "within this; the rest are renoised with uniform tokens.")
+    stability_threshold: int = Field(
+        default=1, ge=0, description="A canvas stops once its argmax repeated this many steps ...")
+    confidence_threshold: float = Field(
+        default=0.005, ge=0.0, description="... and its mean entropy is below this.")
 
 
 class SamplerConfig(Section):
@@ -130,6 +147,9 @@ class SamplerConfig(Section):
     kernel: Literal["auto", "triton", "torch"] = Field(
         default="auto", description="Fused sampling kernel: Triton on CUDA, the pure-torch reference elsewhere."
     )
+    uniform: UniformConfig = Field(
+        default_factory=UniformConfig,
+        description="Uniform-noise canvas decoding (DiffusionGemma); the masked families ignore it.")
 
     @property
     def num_blocks(self) -> int:

@@ -39,14 +39,18 @@ class ModelFamily:
     def check_sampler(self, sampler, config) -> None:
         """Refuse, in one line, a decoding this family's attention cannot run as the policy it claims to be."""
         size = self.block_size(config)
-        if size is not None:
+        if self.attention == "encoder_decoder":  # uniform-noise canvases: a block is the model's canvas
+            if sampler.block_length != config.canvas_length:
+                raise ValueError(f"{self.name} decodes canvases of canvas_length {config.canvas_length}: set "
+                                 f"sampler.block_length={config.canvas_length} (sampler.steps = steps a canvas x canvases)")
+        elif size is not None:
             wanted = {"block_grid": "sequence", "block_length": size, "position_ids": "packed"}
             wrong = {k: v for k, v in wanted.items() if getattr(sampler, k) != v}
             if wrong:
                 sets = " ".join(f"sampler.{k}={v}" for k, v in wanted.items())
                 raise ValueError(f"{self.name} decodes block by block on its attention's grid (block_size {size}, "
                                  f"counted from each prompt's first token): set {sets}")
-        elif sampler.block_grid != "completion":
+        if size is None and sampler.block_grid != "completion":
             raise ValueError(f"sampler.block_grid=sequence is for block-causal models; {self.name} attends "
                              "bidirectionally: set sampler.block_grid=completion")
 

@@ -17,6 +17,7 @@ from learner.losses.espo import EspoLoss
 from learner.losses.justgrpo import JustGrpoLoss
 from learner.losses.spg import SpgLoss
 from learner.losses.tracerl import TraceRLLoss
+from learner.losses.uniform_agrpo import UniformAgrpoLoss
 from learner.losses.wd1 import Wd1Loss
 
 LOSSES: dict[str, type[PolicyLoss]] = {
@@ -32,16 +33,27 @@ LOSSES: dict[str, type[PolicyLoss]] = {
 }
 
 
-def build_loss(cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None) -> PolicyLoss:
+# Uniform-noise canvases (DiffusionGemma) have no mask token: their estimators, by algorithm name.
+CANVAS_LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": UniformAgrpoLoss}
+
+
+def build_loss(cfg, *, mask_id: int | None, pad_id: int, eos_id: int | None = None,
+               canvases: bool = False) -> PolicyLoss:
     """The loss for an ``algorithm:`` variant (``common.config.algorithm``). ``eos_id`` defines the eligible
-    steps (those committing a non-EOS token) and d1's completion mask; None treats EOS like any token."""
+    steps (those committing a non-EOS token) and d1's completion mask; None treats EOS like any token.
+    ``canvases``: the policy decodes uniform-noise canvases (DiffusionGemma)."""
+    if canvases:
+        if cfg.name not in CANVAS_LOSSES:
+            raise ValueError(f"algorithm.name={cfg.name} has no form for uniform-noise canvases (DiffusionGemma) yet; "
+                             f"choose one of {sorted(CANVAS_LOSSES)}")
+        return CANVAS_LOSSES[cfg.name](cfg, mask_id=-1, pad_id=pad_id, eos_id=eos_id)
     if cfg.name not in LOSSES:
         raise ValueError(f"unknown algorithm {cfg.name!r}; choose one of {sorted(LOSSES)}")
     return LOSSES[cfg.name](cfg, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id)
 
 
 __all__ = [
-    "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "Wd1Loss",
+    "CANVAS_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "Wd1Loss",
     "build_loss",
     "select_rows",
 ]

@@ -3,7 +3,7 @@ the real trajectory, each row's steps averaged (weight 1/T_i, as AGRPO's release
 global batch. The score is ``learner.canvas_steps.step_logps``: exact (the self-conditioning chain with
 its gradient) or the stop-gradient surrogate; definitions and the measured bias: docs/ALGORITHMS.md.
 
-Letters: B rows, K canvases, S steps per canvas.
+Letters: B samples, K canvases, S steps per canvas, C canvas length.
 """
 from __future__ import annotations
 
@@ -11,21 +11,79 @@ import torch
 
 from common.model.dgemma.modeling import UniformDecoding
 from common.model.dgemma.record import CanvasRecord
+from common.trajectory import Trajectory
 from learner.canvas_steps import acting_steps, step_logps
-from learner.losses.base import clipped_pg
+from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, per_sample_extra
+
+
+def _terms(model, prompt_ids_BP, rec: CanvasRecord, d: UniformDecoding, advantages_B, exact: bool, clip_low: float,
+           clip_high: float):
+    """Per-row loss (mean over its acting steps) and the scored steps' ratio, low- and high-clipped flags."""
+    scored_BKS = acting_steps(rec)
+    logp_BKS = step_logps(model, prompt_ids_BP, rec, d, exact=exact, scored=scored_BKS)
+    adv_BKS = advantages_B.float()[:, None, None].expand_as(logp_BKS)
+    loss_BKS, ratio_BKS, low, high = clipped_pg(logp_BKS, rec.logp, adv_BKS, clip_low, clip_high)
+    per_row_B = (loss_BKS * scored_BKS).sum((1, 2)) / scored_BKS.sum((1, 2)).clamp(min=1)
+    return per_row_B, ratio_BKS[scored_BKS], low[scored_BKS], high[scored_BKS]
 
 
 def uniform_agrpo_loss(model, prompt_ids_BP: torch.Tensor, rec: CanvasRecord, d: UniformDecoding,
                        advantages_B: torch.Tensor, *, total_samples: int, exact: bool = True,
                        clip_low: float = 0.2, clip_high: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of these rows (already divided by ``total_samples``) and its ratio statistics."""
-    scored_BKS = acting_steps(rec)
-    logp_BKS = step_logps(model, prompt_ids_BP, rec, d, exact=exact, scored=scored_BKS)
-    adv_BKS = advantages_B.float()[:, None, None].expand_as(logp_BKS)
-    loss_BKS, ratio_BKS, low, high = clipped_pg(logp_BKS, rec.logp, adv_BKS, clip_low, clip_high)
-    per_row_B = (loss_BKS * scored_BKS).sum((1, 2)) / scored_BKS.sum((1, 2)).clamp(min=1)
-    n = scored_BKS.sum().clamp(min=1)
-    metrics = {"ratio_mean": float((ratio_BKS * scored_BKS).sum() / n),
-               "ratio_max_dev": float(((ratio_BKS - 1).abs() * scored_BKS).max()),
-               "clipped_frac": float(((low | high) & scored_BKS).sum() / n)}
+    per_row_B, ratio_N, low_N, high_N = _terms(model, prompt_ids_BP, rec, d, advantages_B, exact, clip_low, clip_high)
+    metrics = {"ratio_mean": float(ratio_N.mean()) if ratio_N.numel() else 1.0,
+               "ratio_max_dev": float((ratio_N - 1).abs().max()) if ratio_N.numel() else 0.0,
+               "clipped_frac": float((low_N | high_N).float().mean()) if ratio_N.numel() else 0.0}
     return per_row_B.sum() / total_samples, metrics
+
+
+def canvas_record(micro: Trajectory, rows: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, CanvasRecord]:
+    """The unpadded prompts [b, prompt_len] and the ``CanvasRecord`` of ``rows`` of a canvas batch (the sampler
+    decoded each prompt without padding: ``rollout.uniform_sampler.generate_canvases``)."""
+    prompt = micro.prompt_ids_BP[rows, micro.prompt_ids_BP.shape[1] - prompt_len:]
+    active = per_sample_extra(micro, "active_BKS")[rows]
+    return prompt, CanvasRecord(
+        canvas=micro.extras["canvas_BKSC"][rows], draws=micro.extras["draws_BKSC"][rows],
+        accepted=micro.extras["accepted_BKSC"][rows], active=active, logp=micro.extras["step_logp_BKS"][rows],
+        sequences=torch.cat([prompt, micro.completion_ids_BG[rows]], 1), prompt_mask=None,
+        canvases=int(active.any(-1).any(0).nonzero().max()) + 1 if active.any() else 0)
+
+
+class UniformAgrpoLoss(PolicyLoss):
+    """``uniform_agrpo_loss`` behind the learner's interface: ``prepare`` adds group advantages, ``backward``
+    rebuilds each prompt length's rows (one encoder cache each) and backpropagates their share."""
+
+    def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
+        if "canvas_BKSC" not in batch.extras:
+            raise ValueError("algorithm on canvases got a batch without a canvas record: the rollouts were not made "
+                             "by the uniform-noise sampler (a DiffusionGemma policy)")
+        batch.extras["advantages_B"] = self._advantages(batch)
+        return batch
+
+    def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
+                 before_backward=None) -> dict[str, float]:
+        t_min, t_max = micro.extras["canvas_t_range"]
+        S = micro.extras["canvas_BKSC"].shape[2]
+        d = UniformDecoding(steps=S, t_min=t_min, t_max=t_max)
+        advantages_B = per_sample_extra(micro, "advantages_B")
+        lengths_B = micro.prompt_mask_BP.sum(1)
+        m = MetricSums()
+        loss_total = 0.0
+        ratios, lows, highs = [], [], []
+        buckets = sorted(set(lengths_B.tolist()))
+        for i, n in enumerate(buckets):
+            rows = (lengths_B == n).nonzero()[:, 0]
+            prompt, rec = canvas_record(micro, rows, n)
+            per_row, ratio_N, low_N, high_N = _terms(model, prompt, rec, d, advantages_B[rows], self.cfg.canvas_score == "exact",
+                                                     self.clip_low, self.clip_high)
+            loss = per_row.sum() / total_samples
+            if before_backward is not None:
+                before_backward(i == len(buckets) - 1)
+            loss.backward()
+            loss_total += float(loss.detach())
+            ratios.append(ratio_N), lows.append(low_N), highs.append(high_N)
+        m.add("loss", loss_total)
+        m.add("samples", len(micro))
+        m.token_stats(torch.cat(ratios), torch.cat(lows), torch.cat(highs))
+        return m.result()

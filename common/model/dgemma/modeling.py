@@ -60,6 +60,18 @@ class DiffusionGemmaTextForBlockDiffusion(hf.DiffusionGemmaForBlockDiffusion):
         self.final_logit_softcapping = config.text_config.final_logit_softcapping
         self.post_init()
 
+    def encode(self, **kwargs):
+        """The encoder's forward (the prompt or a finished canvas into the KV cache), as a method of the model
+        itself so that FSDP2 unshards the parameters around it as around ``forward``."""
+        return self.model.encoder(**kwargs)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """The families' switch, on transformers' own gradient checkpointing."""
+        if enabled:
+            self.gradient_checkpointing_enable()
+        else:
+            self.gradient_checkpointing_disable()
+
     @property
     def blocks(self) -> torch.nn.ModuleList:
         """The decoder's layers (the encoder's share their weights): FSDP2 shards each."""
@@ -97,8 +109,8 @@ class EncoderCache:
         mask = encoder.create_masks_for_generate(config=self.model.config, inputs_embeds=empty,
                                                  attention_mask=self.keys, cache=self.cache,
                                                  position_ids=self.position_ids)
-        encoder(input_ids=new_ids_BL.clone(memory_format=torch.contiguous_format), attention_mask=mask,
-                cache=self.cache, position_ids=self.position_ids)
+        self.model.encode(input_ids=new_ids_BL.clone(memory_format=torch.contiguous_format), attention_mask=mask,
+                          cache=self.cache, position_ids=self.position_ids)
         start = int(self.position_ids[0, -1]) + 1
         self.position_ids = torch.arange(start, start + self.C, dtype=torch.int32, device=new_ids_BL.device)[None]
         decoder_keys = torch.nn.functional.pad(self.keys, (0, self.C), value=True)

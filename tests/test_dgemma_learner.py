@@ -1,0 +1,140 @@
+"""DiffusionGemma through the run's machinery: the actor's unpadded canvas decoding, the Arrow record (schema
+v6 canvas columns) and the learner's loss on batches that mix prompt lengths and calls, with ratio 1.
+
+Letters: B rows, K canvases, S steps, C canvas length.
+"""
+import functools
+
+import pyarrow as pa
+import pytest
+import torch
+
+import common.model as M
+from common.config import AgrpoConfig, LearnerConfig, ModelConfig, SamplerConfig, SpgConfig
+from common.schema import group_to_record_batch, table_to_trajectory, validate_group
+from common.tokenizers import CharTokenizer
+from learner.losses import build_loss
+from learner.losses.uniform_agrpo import uniform_agrpo_loss
+from rollout.uniform_sampler import decoding_of, generate_canvases, generate_uniform
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PAD, EOS = 0, 2
+SAMPLER = SamplerConfig(gen_length=12, block_length=4, steps=18, uniform=dict(entropy_bound=6.0, confidence_threshold=5.0))
+GROUP = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny preset with peaked distributions (canvases turn stable and stop early)."""
+    model = M.build_model(M.preset_config("tiny-dgemma"), seed=0).eval()
+    with torch.no_grad():
+        model.model.decoder.norm.weight.mul_(12)
+    return model
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    """Three prompts of lengths 5, 7 and 6, each repeated for a group."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 101, (n,), generator=g).tolist() for n in (5, 7, 6) for _ in range(GROUP)]
+
+
+def _table(model, calls=(0, 1)) -> pa.Table:
+    """Two actor calls' groups through the wire format, as the replay queue hands them to the learner."""
+    batches = []
+    for call in calls:
+        rows = _prompts(call)
+        traj = generate_canvases(model, rows, SAMPLER, eos_id=EOS, pad_id=PAD, seed=call)
+        for g in range(len(rows) // GROUP):
+            sl = slice(g * GROUP, (g + 1) * GROUP)
+            rewards = torch.rand(GROUP, generator=torch.Generator().manual_seed(10 * call + g)).tolist()
+            batches.append(group_to_record_batch(
+                traj.select(sl), group_id=f"c{call}:{g}", task="t", worker_id="w", policy_version=0,
+                rewards=rewards, correct=[r > 0.5 for r in rewards], components={},
+                timings={"gen_seconds": 0.0, "reward_seconds": 0.0}))
+    return pa.Table.from_batches(batches)
+
+
+def test_rows_decode_unpadded_by_prompt_length_as_generate_does(model):
+    rows = _prompts(0)
+    traj = generate_canvases(model, rows, SAMPLER, eos_id=EOS, pad_id=PAD, seed=4)
+    d = decoding_of(SAMPLER)
+    for n in (5, 6, 7):  # each length is one unpadded batch, seeded by the call's seed and the length
+        idx = [i for i, r in enumerate(rows) if len(r) == n]
+        torch.manual_seed(4 * 1_000_003 + n)
+        rec = generate_uniform(model, torch.tensor([rows[i] for i in idx]), d, eos_token_id=EOS, pad_token_id=PAD)
+        got = traj.completion_ids_BG[idx, :rec.sequences.shape[1] - n]
+        assert torch.equal(got, rec.sequences[:, n:])
+        assert torch.equal(traj.extras["step_logp_BKS"][idx], rec.logp)
+    assert (traj.completion_ids_BG == PAD).any() and traj.num_steps == 3 * 6  # K x S steps; some rows ended
+
+
+def test_the_canvas_record_round_trips_through_arrow_and_a_wrong_length_fails(model):
+    traj = generate_canvases(model, _prompts(0)[:GROUP], SAMPLER, eos_id=EOS, pad_id=PAD, seed=0)
+    table = _table(model, calls=(0,)).slice(0, GROUP)
+    back = table_to_trajectory(table, PAD)
+    for key in ("canvas_BKSC", "draws_BKSC", "accepted_BKSC", "active_BKS", "step_logp_BKS"):
+        assert torch.equal(back.extras[key], traj.extras[key]), key
+    assert back.extras["canvas_t_range"] == pytest.approx((0.4, 0.8))
+    rb = table.to_batches()[0]
+    i = rb.schema.get_field_index("canvas_logp")
+    short = rb.set_column(i, rb.schema.field(i),
+                          pa.array([r[:-1] for r in rb.column("canvas_logp").to_pylist()], pa.list_(pa.float32())))
+    with pytest.raises(ValueError, match="canvas_logp must hold 18 entries"):
+        validate_group(short)
+
+
+def test_the_learner_loss_on_a_mixed_batch_is_the_per_prompt_loss_with_ratio_one(model):
+    """Rows of three prompt lengths from two calls, left-padded together by the learner: the loss strips the
+    padding per length, so its gradient equals the sum of each unpadded bucket's, and the ratio is 1."""
+    batch = table_to_trajectory(_table(model), PAD)
+    loss = build_loss(AgrpoConfig(), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    batch = loss.prepare(batch, seed=0)
+    model.zero_grad()
+    metrics = loss.backward(model, batch, total_samples=len(batch))
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert metrics["abs_log_ratio_sum"] < 1e-4 * metrics["tokens"] and metrics["tokens"] > 0
+    assert metrics["ratio_sum"] == pytest.approx(metrics["tokens"], rel=1e-6)
+
+    from learner.losses.uniform_agrpo import canvas_record
+
+    model.zero_grad()
+    lengths = batch.prompt_mask_BP.sum(1)
+    d = decoding_of(SAMPLER)
+    total = 0.0
+    for n in (5, 6, 7):
+        rows = (lengths == n).nonzero()[:, 0]
+        prompt, rec = canvas_record(batch, rows, n)
+        assert not (prompt == PAD).any()
+        part, _ = uniform_agrpo_loss(model, prompt, rec, d, batch.extras["advantages_B"][rows], total_samples=len(batch))
+        part.backward()
+        total += float(part.detach())
+    assert metrics["loss"] == pytest.approx(total, abs=1e-6)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in got.values())
+
+
+def test_the_learner_rank_steps_on_canvases_with_ratio_one_and_micro_batch_invariance(model, local_group, tmp_path):
+    from learner.worker import LearnerRank
+
+    M.save_pretrained(model, tmp_path)
+    CharTokenizer().save(tmp_path)
+    batch = table_to_trajectory(_table(model), PAD)
+    factory = functools.partial(build_loss, AgrpoConfig(), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    steps = []
+    for tokens in (1 << 20, 20):  # one micro-batch; then one row a micro-batch
+        rank = LearnerRank(LearnerConfig(lr=1e-3, micro_batch_tokens=tokens), ModelConfig(path=str(tmp_path)),
+                           rank=0, world_size=1, loss_factory=factory, seed=0)
+        rank.setup("127.0.0.1", 0)
+        steps.append((rank.step(batch, step_seed=0), rank.state_dict_for_sync()))
+    (one, state_one), (many, state_many) = steps
+    assert many["micro_batches"] == len(batch) and one["micro_batches"] == 1
+    assert one["abs_log_ratio_sum"] < 1e-4 * one["scored_tokens"]  # the learner's own weights rebuild the rollouts
+    assert one["grad_norm"] > 0 and one["grad_norm"] == pytest.approx(many["grad_norm"], rel=1e-5)
+    for name in state_one:
+        torch.testing.assert_close(state_one[name], state_many[name], atol=3e-5, rtol=0, msg=name)
+
+
+def test_estimators_without_a_canvas_form_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"algorithm.name=spg has no form for uniform-noise canvases .*\['agrpo'\]"):
+        build_loss(SpgConfig(), mask_id=-1, pad_id=PAD, canvases=True)
