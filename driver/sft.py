@@ -1,6 +1,7 @@
 """`unmask sft`: masked-diffusion supervised training of a base model on solver-made completions.
 
-Same learner group as RL, with the masked-diffusion SFT loss (learner/sft.py). The completion is padded with EOS to
+Same learner group as RL, with the masked-diffusion SFT loss (learner/sft.py; DiffusionGemma's uniform-noise
+objective for that family, learner/uniform_sft.py). The completion is padded with EOS to
 ``sampler.gen_length`` (as LLaDA's SFT does), so the model learns to end its answer.
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ def sft(cfg: UnmaskConfig) -> int:
     from common.metrics import MetricsLog
     from common.tasks import get_task
     from common.tokenizers import CharTokenizer, load_tokenizer
-    from common.policy import resolve_path
+    from common.model import family_of
+    from common.policy import policy_config, resolve_path
     from driver.evaluate import evaluate_checkpoint
     from driver.runtime import RunError, connect_ray, new_run_dir, setup_logging
     from learner.group import LearnerGroup
@@ -84,11 +86,12 @@ def sft(cfg: UnmaskConfig) -> int:
     trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))
     metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[trackers])
     connect_ray(cfg.run.ray_address)
+    canvases = family_of(policy_config(cfg.model)).attention == "encoder_decoder"
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
                            loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps,
                                                           position_ids=cfg.sampler.position_ids,
                                                           block_grid=cfg.sampler.block_grid,
-                                                          block_length=cfg.sampler.block_length))
+                                                          block_length=cfg.sampler.block_length, canvases=canvases))
     out = Path(cfg.sft.output).resolve() if cfg.sft.output else run_dir / "model"
     log.info("SFT: %d steps x %d examples, lr %g, run dir %s", cfg.sft.steps, cfg.sft.batch_size, cfg.learner.lr, run_dir)
     t0, skipped = time.time(), 0

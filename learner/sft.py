@@ -87,8 +87,13 @@ class MaskedDiffusionSFT:
 
 
 def build_sft_loss(*, mask_id: int, eps: float = 1e-3, position_ids: str = "absolute", block_grid: str = "completion",
-                   block_length: int = 0) -> MaskedDiffusionSFT:
+                   block_length: int = 0, canvases: bool = False):
     """The SFT loss object (a ``loss_factory`` for ``LearnerGroup`` can return this); the sampler's position and
-    block-grid settings, so training sees the states decoding will."""
+    block-grid settings, so training sees the states decoding will. ``canvases``: a uniform-noise family
+    (DiffusionGemma), trained with its own objective (``learner.uniform_sft``)."""
+    if canvases:
+        from learner.uniform_sft import UniformNoiseSFT
+
+        return UniformNoiseSFT()
     return MaskedDiffusionSFT(mask_id=mask_id, eps=eps, position_ids=position_ids, block_grid=block_grid,
                               block_length=block_length)

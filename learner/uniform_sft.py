@@ -41,3 +41,29 @@ def uniform_sft_loss(model, prompt_ids_BP: torch.Tensor, completion_ids_BG: torc
     logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC, self_conditioning_logits=sc_logits,
                    self_conditioning_mask=self_cond_B if sc_logits is not None else None, **keys).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), target_BC.reshape(-1))
+
+
+class UniformNoiseSFT:
+    """``uniform_sft_loss`` behind the learner's interface (``unmask sft`` of a DiffusionGemma base). Rows are
+    trained unpadded, in buckets of equal prompt length, as the sampler decodes them (positions count columns);
+    each bucket draws its canvas, noise and self-conditioning from the step seed and its prompt length."""
+
+    def prepare(self, batch, *, seed: int, epoch: int = 0):
+        batch.extras["sft_seed"] = int(seed)
+        return batch
+
+    def backward(self, model, micro, *, total_samples: int, ref_model=None, before_backward=None) -> dict[str, float]:
+        device = next(model.parameters()).device
+        lengths_B = micro.prompt_mask_BP.sum(1)
+        buckets = sorted(set(lengths_B.tolist()))
+        total = 0.0
+        for i, n in enumerate(buckets):
+            rows = (lengths_B == n).nonzero()[:, 0]
+            prompt = micro.prompt_ids_BP[rows, micro.prompt_ids_BP.shape[1] - n:].to(device)
+            gen = torch.Generator().manual_seed(micro.extras["sft_seed"] * 1_000_003 + n)
+            loss = uniform_sft_loss(model, prompt, micro.completion_ids_BG[rows].to(device), gen) * len(rows) / total_samples
+            if before_backward is not None:
+                before_backward(i == len(buckets) - 1)
+            loss.backward()
+            total += float(loss.detach())
+        return {"loss": total, "samples": float(len(micro))}

@@ -18,10 +18,10 @@ class ModelConfig(Section):
         "Relative paths resolve against the repository root. None builds `preset` with random weights.",
     )
     preset: Literal["tiny", "100m", "1b", "llada-8b", "tiny-dream", "tiny-sdar", "dream-7b", "sdar-8b",
-                    "sdar-1.7b", "tiny-llada2", "small-llada2", "llada2-mini"] | None = Field(
+                    "sdar-1.7b", "tiny-llada2", "small-llada2", "llada2-mini", "tiny-dgemma", "dgemma-26b-a4b"] | None = Field(
         default=None, description="Architecture preset used when `path` is None (random init): LLaDA's (tiny .. "
         "llada-8b), Dream's (tiny-dream, dream-7b), SDAR's (tiny-sdar, sdar-1.7b, sdar-8b) or LLaDA2 MoE's "
-        "(tiny-llada2, small-llada2, llada2-mini).")
+        "(tiny-llada2, small-llada2, llada2-mini) or DiffusionGemma's (tiny-dgemma, dgemma-26b-a4b).")
     vocab_size: int | None = Field(
         default=None, ge=8, description="Override the preset's vocabulary size (e.g. to a tokenizer's size)."
     )
