@@ -50,17 +50,26 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     count = 0
+    twins = getattr(model, "tied_blocks", None)  # DiffusionGemma: encoder layers holding the decoder's weights
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         found = 0
-        for block in model.blocks:  # a mixture of experts has some linears only in its dense or its MoE layers
+        for i, block in enumerate(model.blocks):  # a mixture of experts has some linears only in its dense or MoE layers
             try:
                 parent = block.get_submodule(parent_name)
             except AttributeError:
                 continue
             base = getattr(parent, leaf, None)
             if isinstance(base, nn.Linear):
-                setattr(parent, leaf, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+                adapter = LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout)
+                setattr(parent, leaf, adapter)
+                if twins is not None:  # the twin shares the adapter's parameters, as it shares the base weight
+                    twin, twin_base = twins[i].get_submodule(parent_name), getattr(twins[i].get_submodule(parent_name), leaf)
+                    if twin_base.weight is not base.weight:
+                        raise ValueError(f"{name} of block {i} is not tied to its encoder twin; LoRA would split them")
+                    twin_adapter = LoraLinear(twin_base, cfg.r, cfg.alpha, cfg.dropout)
+                    twin_adapter.lora_A, twin_adapter.lora_B, twin_adapter.dropout = adapter.lora_A, adapter.lora_B, adapter.dropout
+                    setattr(twin, leaf, twin_adapter)
                 found += 1
         if not found:
             raise ValueError(f"learner.lora.target_modules: {name!r} is not a linear layer of a {family.name} "

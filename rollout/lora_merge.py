@@ -20,7 +20,7 @@ class AdapterMerge:
     """Holds ``W0`` of every adapted layer and receive buffers for the adapters; ``apply`` merges."""
 
     def __init__(self, model: torch.nn.Module, layout: tuple[TensorMeta, ...], scales: dict[str, float]):
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # tied layers: every name (one tensor)
         missing = [p for p in scales if f"{p}.weight" not in params]
         if missing:
             raise ValueError(f"adapter sync: the rollout model has no layer {missing[0]!r} "
@@ -40,7 +40,7 @@ class AdapterMerge:
     @torch.no_grad()
     def apply(self, model: torch.nn.Module) -> None:
         """Write ``W0 + scale * B @ A`` (the adapters now in ``buffers``) into every adapted layer."""
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         for prefix, scale in self.scales.items():
             weight = params[f"{prefix}.weight"]
             delta = self.buffers[f"{prefix}.lora_B"].float() @ self.buffers[f"{prefix}.lora_A"].float()

@@ -138,3 +138,36 @@ def test_the_learner_rank_steps_on_canvases_with_ratio_one_and_micro_batch_invar
 def test_estimators_without_a_canvas_form_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"algorithm.name=spg has no form for uniform-noise canvases .*\['agrpo'\]"):
         build_loss(SpgConfig(), mask_id=-1, pad_id=PAD, canvases=True)
+
+
+def test_lora_adapts_the_tied_encoder_and_decoder_alike_and_syncs_with_ratio_one(model, local_group, tmp_path):
+    """One adapter serves a decoder layer and its encoder twin (they hold the same weights): after a LoRA step
+    the merged sync writes the same tensor under both names, a model loaded with it decodes rollouts the LoRA
+    learner rescores with ratio 1, and the adapter-only merge of a rollout actor gives the same weights."""
+    from learner.worker import LearnerRank
+    from rollout.lora_merge import AdapterMerge
+
+    M.save_pretrained(model, tmp_path)
+    CharTokenizer().save(tmp_path)
+    cfg = LearnerConfig(lr=1e-2, param_dtype="float32", lora=dict(enabled=True, r=4, alpha=8.0))
+    factory = functools.partial(build_loss, AgrpoConfig(), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    rank = LearnerRank(cfg, ModelConfig(path=str(tmp_path)), rank=0, world_size=1, loss_factory=factory, seed=0)
+    rank.setup("127.0.0.1", 0)
+    rank.step(table_to_trajectory(_table(model), PAD), step_seed=0)
+    state = rank.state_dict_for_sync()
+    enc, dec = "model.encoder.language_model.layers.1.self_attn.q_proj.weight", "model.decoder.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(state[enc], state[dec]) and not torch.equal(state[dec], model.state_dict()[dec])
+    synced = M.load_pretrained(tmp_path).eval()
+    synced.load_state_dict(state)
+    metrics = rank.step(table_to_trajectory(_table(synced, calls=(2,)), PAD), step_seed=1)
+    assert metrics["abs_log_ratio_sum"] < 1e-4 * metrics["scored_tokens"] and metrics["scored_tokens"] > 0
+    adapters = {n: t for n, t in rank.sync_tensors(adapters=True)}
+    layout, _ = rank.sync_layout(adapters=True)
+    merged = M.load_pretrained(tmp_path).eval()
+    merge = AdapterMerge(merged, layout, rank.lora_scales)
+    for name, tensor in adapters.items():
+        merge.buffers[name].copy_(tensor)
+    merge.apply(merged)
+    after = rank.state_dict_for_sync()
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, after[name], rtol=0, atol=1e-6, msg=name)

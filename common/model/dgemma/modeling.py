@@ -68,14 +68,21 @@ class DiffusionGemmaTextForBlockDiffusion(hf.DiffusionGemmaForBlockDiffusion):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """The families' switch, on transformers' own gradient checkpointing."""
         if enabled:
-            self.gradient_checkpointing_enable()
+            self.activation_checkpointing_enable()
         else:
-            self.gradient_checkpointing_disable()
+            self.activation_checkpointing_disable()
 
     @property
     def blocks(self) -> torch.nn.ModuleList:
-        """The decoder's layers (the encoder's share their weights): FSDP2 shards each."""
+        """The decoder's layers (LoRA adapts them; the learner shards the model as one unit, since the encoder's
+        layers share these weights)."""
         return self.model.decoder.layers
+
+    @property
+    def tied_blocks(self) -> torch.nn.ModuleList:
+        """The encoder's layers, parallel to ``blocks`` and holding the same parameters: an adapter put into a
+        decoder layer goes into its encoder twin too (``learner.lora.apply_lora``)."""
+        return self.model.encoder.language_model.layers
 
 
 def temperature(remaining: int, d: UniformDecoding) -> torch.Tensor:
