@@ -171,3 +171,19 @@ def test_lora_adapts_the_tied_encoder_and_decoder_alike_and_syncs_with_ratio_one
     after = rank.state_dict_for_sync()
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, after[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_rollout_generator_decodes_a_dgemma_checkpoint_as_canvases(model, tmp_path):
+    """The actor's ``Generator`` picks the canvas sampler by the checkpoint's family, for rollouts and held-out."""
+    from common.config import TaskConfig
+    from rollout.actor import Generator
+
+    M.save_pretrained(model, tmp_path)
+    CharTokenizer().save(tmp_path)
+    gen = Generator(ModelConfig(path=str(tmp_path)), SAMPLER, TaskConfig(name="countdown", prompt_style="compact"),
+                    device="cpu")
+    items = gen.task.eval_items(3)
+    traj = gen.generate(gen.encode_prompts(items), seed=0)
+    assert traj.extras["canvas_BKSC"].shape == (3, 3, 6, 4) and traj.completion_ids_BG.shape == (3, 12)
+    texts, rewards = gen.evaluate(items, SAMPLER, token_budget=1 << 20)
+    assert len(texts) == len(rewards) == 3
