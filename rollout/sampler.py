@@ -327,7 +327,7 @@ class _Decoder:
             discard_ids_BGS=rec.discard_ids_BGS[:, :G, :-1].contiguous(),
             discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
             discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
-            commit_reads_draws=config.remasking == "low_confidence" or config.threshold is not None or bool(self.demoted),
+            commit_reads_draws=commit_reads_draws(config) or bool(self.demoted),
             block_grid=config.block_grid,
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
                     "cache": config.cache, "cache_refresh": config.cache_refresh, "open_block": config.open_block,
@@ -383,6 +383,13 @@ def _robust_cutoff(logits_NV: torch.Tensor, cutoff_N: torch.Tensor | None) -> to
     return torch.where(torch.isneginf(below_N), below_N, (cutoff_N + below_N) * 0.5)
 
 
+def commit_reads_draws(config: SamplerConfig) -> bool:
+    """Whether the commit rule looks at the drawn tokens (then the draws are the action and the exact score
+    needs the discarded ones too): low_confidence ranks them, a threshold compares the drawn token's
+    confidence, except under top_prob, whose order and threshold read the distribution only."""
+    return config.remasking == "low_confidence" or (config.threshold is not None and config.remasking != "top_prob")
+
+
 def _remask_score(remasking: str, stats, seed: int, row_ids_N: torch.Tensor, pos_N: torch.Tensor,
                   logits_NV: torch.Tensor) -> torch.Tensor:
     """Higher is committed first."""
@@ -420,8 +427,10 @@ def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed
     order_BR = torch.argsort(score_BR, dim=1, descending=True, stable=True)
     rank_BR = torch.empty_like(order_BR).scatter_(1, order_BR, torch.arange(R, device=order_BR.device).expand(B, R))
     commit_BR = valid_BR & (rank_BR < (n_B if isinstance(n_B, int) else n_B[:, None]))
-    if config.threshold is not None:
-        commit_BR |= valid_BR & (stats.confidence_N.view(B, R) > config.threshold)
+    if config.threshold is not None:  # on the remasking's own statistic under top_prob (so it reads no draw)
+        above_N = _remask_score("top_prob", stats, seed, row_ids_N, None, logits_NV) if config.remasking == "top_prob" \
+            else stats.confidence_N
+        commit_BR |= valid_BR & (above_N.view(B, R) > config.threshold)
     return commit_BR
 
 

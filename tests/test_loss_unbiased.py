@@ -61,7 +61,12 @@ def _grid(model) -> str:
 
 
 def _rule_reads_draws(rule, threshold):
-    return rule == "low_confidence" or threshold is not None
+    return rule == "low_confidence" or (threshold is not None and rule != "top_prob")
+
+
+def _remasking(rule):
+    """The sampler's remasking of a case's rule (the threshold cases name their order)."""
+    return {"threshold": "low_confidence", "top_prob_threshold": "top_prob"}.get(rule, rule)
 
 
 def _choose(rule, n, masked, conf, margin, threshold, top=None):
@@ -75,8 +80,9 @@ def _choose(rule, n, masked, conf, margin, threshold, top=None):
     score = {j: {"low_confidence": conf, "margin": margin, "top_prob": top}[rule][j] for j in masked}
     order = sorted(masked, key=lambda j: -score[j])  # sorted() is stable: ties go to the lower position
     chosen = set(order[:n])
-    if threshold is not None:
-        chosen |= {j for j in masked if conf[j] > threshold}
+    if threshold is not None:  # the drawn token's confidence; under top_prob the distribution's top probability
+        above = top if rule == "top_prob" else conf
+        chosen |= {j for j in masked if above[j] > threshold}
     return [(chosen, 1.0)]
 
 
@@ -208,7 +214,9 @@ CASES = [  # (rule, G, steps, temperature, threshold, top_k)
     ("low_confidence", 2, 2, 0.7, None, 3),
     ("margin", 2, 2, 0.7, None, None),
     ("threshold", 2, 2, 1.0, 0.3, None),
+    ("top_prob_threshold", 2, 2, 1.0, 0.3, None),  # LLaDA2's threshold decoding, reading the distribution only
 ]
+EXACT_COMMITTED = ("random", "margin", "top_prob", "top_prob_threshold")  # rules that read no draw
 
 
 def _rel(a, b):
@@ -222,13 +230,13 @@ def tiny():
 
 @pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
 def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperature, threshold, top_k):
-    remasking = "low_confidence" if rule == "threshold" else rule
+    remasking = _remasking(rule)
     exact_D, est_D, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, "all", top_k)
     assert exact_D.norm() > 0
     assert _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
     exact_c, est_c, _ = exact_and_estimated(tiny, G, steps, remasking, temperature, threshold, "committed", top_k)
     off = _rel(est_c, exact_c)
-    if rule in ("random", "margin", "top_prob"):  # the rule ignores the draws: committed tokens are the exact score
+    if rule in EXACT_COMMITTED:  # the rule ignores the draws: committed tokens are the exact score
         assert off < 1e-4, off
     else:  # it ranks the draws: leaving the discarded ones out is biased
         assert off > 0.01, off
@@ -243,12 +251,12 @@ def test_every_family_scores_its_actions_exactly(preset, rule, G, steps, tempera
     ignores the draws."""
     block = next(k for k in range(G, len(PROMPT) + 1) if len(PROMPT) % k == 0) if preset != "tiny-dream" else None
     model = _tiny(preset=preset, block_size=block)
-    remasking = "low_confidence" if rule == "threshold" else rule
+    remasking = _remasking(rule)
     exact_D, est_D, _ = exact_and_estimated(model, G, steps, remasking, temperature, threshold, "all", top_k)
     assert exact_D.norm() > 0 and _rel(est_D, exact_D) < 1e-4, _rel(est_D, exact_D)
     exact_c, est_c, _ = exact_and_estimated(model, G, steps, remasking, temperature, threshold, "committed", top_k)
     off = _rel(est_c, exact_c)
-    assert off < 1e-4 if rule in ("random", "margin", "top_prob") else off > 0.01, off
+    assert off < 1e-4 if rule in EXACT_COMMITTED else off > 0.01, off
 
 
 @pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
@@ -259,7 +267,7 @@ def test_the_sampler_makes_the_enumerated_trajectories_at_their_probabilities(ti
     from common.config.sampler import SamplerConfig
     from rollout.sampler import generate
 
-    remasking = "low_confidence" if rule == "threshold" else rule
+    remasking = _remasking(rule)
     with torch.no_grad():
         leaves = enumerate_trajectories(tiny, G, steps, remasking, temperature, threshold, top_k)
     S = steps - 1

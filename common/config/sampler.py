@@ -86,7 +86,9 @@ class SamplerConfig(Section):
         gt=0.0,
         le=1.0,
         description="Confidence-threshold parallel decoding: commit every masked token of the block whose "
-        "confidence exceeds this (at least one per step) instead of the fixed schedule.",
+        "confidence exceeds this (at least one per step) instead of the fixed schedule. The confidence is the drawn "
+        "token's probability, or under remasking: top_prob the distribution's top probability (the same at "
+        "temperature 0; it reads no draw, so the committed draws stay the exact score).",
     )
     threshold_floor: Literal["remaining", "schedule"] = Field(
         default="remaining",
