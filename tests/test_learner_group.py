@@ -202,6 +202,37 @@ def test_one_and_two_ranks_give_the_same_step(local_group, two_ranks):
 
 
 @pytest.mark.ray
+def test_a_mixture_of_experts_takes_the_same_step_on_one_and_two_ranks(local_group, two_ranks):
+    """LLaDA2's MoE under FSDP2 on two gloo ranks (each MoE block, its experts included, sharded across both),
+    its routing replayed from the rollout: the same step, expert load and weights as one rank."""
+    import dataclasses
+
+    from common.config import AgrpoConfig
+    from learner.group import LearnerGroup
+    from learner.losses import build_loss
+    from tests import test_families as fam
+
+    _, traj = fam._routed_rollout("none")
+    traj = dataclasses.replace(traj, rewards_B=torch.tensor([1.0, 0.0, 0.5]), group_B=torch.zeros(3, dtype=torch.long))
+    factory = functools.partial(build_loss, AgrpoConfig(k_steps=2), mask_id=fam.MASK, pad_id=fam.PAD, eos_id=fam.EOS)
+    moe = ModelConfig(preset="tiny-llada2")
+    one = LearnerRank(learner_cfg(), moe, rank=0, world_size=1, loss_factory=factory, seed=0)
+    one.setup("127.0.0.1", 0)
+    two = LearnerGroup(learner_cfg(num_ranks=2), moe, loss_factory=factory, seed=0)
+    try:
+        a, b = one.step(traj, step_seed=0), two.step(traj, step_seed=0)
+        sb = two.state_dict_for_sync()
+    finally:
+        two.shutdown()
+    assert a["loss"] == fp32_approx(b["loss"]) and a["grad_norm"] == fp32_approx(b["grad_norm"])
+    assert a["ratio_sum"] == fp32_approx(b["ratio_sum"]) and a["grad_norm"] > 0
+    assert all(a[f"expert_share/{e}"] == fp32_approx(b[f"expert_share/{e}"]) for e in range(8))
+    sa = one.state_dict_for_sync()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=PARAM_ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.ray
 def test_hf_export_gives_identical_logits(two_ranks, tmp_path):
     two = two_ranks
     path = two.export_hf(str(tmp_path / "hf"))

@@ -201,7 +201,9 @@ class LLaDA2SparseMoe(nn.Module):
         counts_E = torch.bincount(flat, minlength=len(self.experts))
         self.routed_E = counts_E.detach() if self.routed_E is None else self.routed_E + counts_E.detach()
         chunks = x_ND[order // K].split(counts_E.tolist())
-        out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if len(chunk)])
+        # every expert runs, an idle one on zero rows: its weights then get a (zero) gradient on every rank, so
+        # FSDP2 reduce-scatters the same tensors everywhere (an expert idle on one rank only would not match up)
+        out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks)])
         y_NKD = out[torch.argsort(order)].view(N, K, D)
         y_ND = (y_NKD.to(w_NK.dtype) * w_NK[..., None]).sum(dim=1).to(h_BLD.dtype)
         return y_ND.view(B, L, D) + self.shared_experts(h_BLD)
