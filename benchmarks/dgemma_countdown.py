@@ -1,9 +1,10 @@
-"""A tiny DiffusionGemma on Countdown-3, end to end without the driver (not wired into `unmask train` yet):
+"""A tiny DiffusionGemma on Countdown-3 in one process, without the driver (the run's way is `unmask sft --config
+sft_tiny_countdown_dgemma` then `unmask train --config tiny_countdown_dgemma`):
 SFT with the family's uniform-noise objective on the solver's completions, then AGRPO on uniform canvases
 (exact self-conditioned score) with the task's reward, held-out accuracy before and after each phase.
 
     python -m benchmarks.dgemma_countdown --sft-steps 1500 --rl-steps 300 --eval-size 256 \
-        --save-base checkpoints/tiny-countdown-dgemma-base --out benchmarks/results/dgemma_countdown.md
+        --save-base /tmp/dgemma-base --out benchmarks/results/dgemma_countdown.md
     python -m benchmarks.dgemma_countdown --base checkpoints/tiny-countdown-dgemma-base --rl-steps 300   # RL only
 """
 from __future__ import annotations
