@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         prompt = torch.randint(3, V, (B, args.prompt), device=device)
         torch.manual_seed(2)
         rec = generate_uniform(model, prompt, d)
-        scored = acting_steps(rec)
+        scored = acting_steps(rec.active)
         lines += ["", f"Learner: {B} rows, {rec.canvases} canvases, {int(scored.sum())} acting steps scored "
                   "(forward + backward of every step's log-prob)", "",
                   "| score | seconds | peak GPU memory (GiB) |", "|---|---:|---:|"]

@@ -15,11 +15,11 @@ from common.model.dgemma.modeling import EncoderCache, UniformDecoding, decoder_
 from common.model.dgemma.record import CanvasRecord
 
 
-def acting_steps(rec: CanvasRecord) -> torch.Tensor:
-    """Bool [B, K, S]: the steps whose action reaches the output. A canvas outputs the argmax of its last
-    step's logits, so that step's draws are discarded: every active step but each canvas's last one."""
-    last = rec.active & ~torch.nn.functional.pad(rec.active[..., 1:], (0, 1), value=False)
-    return rec.active & ~last
+def acting_steps(active_BKS: torch.Tensor) -> torch.Tensor:
+    """Bool [B, K, S]: of a record's active steps, those whose action reaches the output. A canvas outputs the
+    argmax of its last step's logits, so that step's draws are discarded: every active step but each canvas's last."""
+    last = active_BKS & ~torch.nn.functional.pad(active_BKS[..., 1:], (0, 1), value=False)
+    return active_BKS & ~last
 
 
 def step_logps(model, prompt_ids: torch.Tensor, rec: CanvasRecord, d: UniformDecoding, exact: bool = True,

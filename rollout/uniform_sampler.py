@@ -63,6 +63,8 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
             entropy_BC = torch.distributions.Categorical(logits=logits).entropy()
             accepted = accept(entropy_BC, d.entropy_bound)
             rec.entropy[:, k, s] = entropy_BC.mean(-1)
+            top2_BC2 = torch.softmax(logits, -1, dtype=torch.float32).topk(2, -1).values
+            rec.margin[:, k, s] = (top2_BC2[..., 0] - top2_BC2[..., 1]).mean(-1)
             noise = torch.randint(0, V, (B, C), device=device)
             new_canvas = torch.where(accepted, draws, noise)  # the rest is renoised
             rec.draws[:, k, s], rec.accepted[:, k, s] = draws, accepted
@@ -142,7 +144,7 @@ def generate_canvases(model, prompt_rows: list[list[int]], sampler_cfg, *, eos_i
         part = generate_uniform(model, ids, d, eos_token_id=eos_id, pad_token_id=pad_id)
         out = part.sequences[:, n:].cpu()
         completion[rows, :out.shape[1]] = out
-        for name in ("canvas", "draws", "accepted", "active", "logp", "entropy"):
+        for name in ("canvas", "draws", "accepted", "active", "logp", "entropy", "margin"):
             getattr(rec, name)[rows] = getattr(part, name).cpu()
     return canvas_trajectory(prompt_rows, completion, rec, d, pad_id)
 
@@ -150,7 +152,7 @@ def generate_canvases(model, prompt_rows: list[list[int]], sampler_cfg, *, eos_i
 def canvas_trajectory(prompt_rows: list[list[int]], completion_BG: torch.Tensor, rec: CanvasRecord,
                       d: UniformDecoding, pad_id: int) -> Trajectory:
     """The common ``Trajectory`` of canvas rollouts: the steps are the K x S canvas steps (T = K x S; per-step
-    mean entropy and accepted count), each token's step is its canvas's last active step, and the record the
+    mean entropy, mean margin and accepted count), each token's step is its canvas's last active step, and the record the
     learner rebuilds travels in ``extras`` (the ``canvas_*`` columns of ``common.schema``)."""
     from rollout.actor import pad_rows
 
@@ -164,7 +166,7 @@ def canvas_trajectory(prompt_rows: list[list[int]], completion_BG: torch.Tensor,
         unmask_step_BG=last_BK.repeat_interleave(C, dim=1), logp_BG=zeros, entropy_BG=zeros.clone(),
         margin_BG=zeros.clone(), cutoff_BG=torch.full((B, K * C), float("-inf")),
         step_entropy_BT=(rec.entropy * rec.active).reshape(B, K * S).float(),
-        step_margin_BT=torch.zeros(B, K * S),
+        step_margin_BT=(rec.margin * rec.active).reshape(B, K * S).float(),
         step_committed_BT=(rec.accepted.sum(-1) * rec.active).reshape(B, K * S).long(),
         temperature=d.t_max, block_length=C, commit_reads_draws=False,
         extras={"canvas_BKSC": rec.canvas, "draws_BKSC": rec.draws, "accepted_BKSC": rec.accepted,

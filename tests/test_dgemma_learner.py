@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common.model as M
-from common.config import AgrpoConfig, LearnerConfig, ModelConfig, SamplerConfig, SpgConfig
+from common.config import AgrpoConfig, AtpoConfig, LearnerConfig, ModelConfig, SamplerConfig, SpgConfig
 from common.schema import group_to_record_batch, table_to_trajectory, validate_group
 from common.tokenizers import CharTokenizer
 from learner.losses import build_loss
@@ -85,9 +85,10 @@ def test_the_canvas_record_round_trips_through_arrow_and_a_wrong_length_fails(mo
 
 def test_the_learner_loss_on_a_mixed_batch_is_the_per_prompt_loss_with_ratio_one(model):
     """Rows of three prompt lengths from two calls, left-padded together by the learner: the loss strips the
-    padding per length, so its gradient equals the sum of each unpadded bucket's, and the ratio is 1."""
+    padding per length, so its gradient equals the sum of each unpadded bucket's, and the ratio is 1. (k_steps
+    above T: stratified takes every acting step once, AGRPO's exact mean.)"""
     batch = table_to_trajectory(_table(model), PAD)
-    loss = build_loss(AgrpoConfig(), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    loss = build_loss(AgrpoConfig(k_steps=64), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
     batch = loss.prepare(batch, seed=0)
     model.zero_grad()
     metrics = loss.backward(model, batch, total_samples=len(batch))
@@ -120,7 +121,8 @@ def test_the_learner_rank_steps_on_canvases_with_ratio_one_and_micro_batch_invar
     M.save_pretrained(model, tmp_path)
     CharTokenizer().save(tmp_path)
     batch = table_to_trajectory(_table(model), PAD)
-    factory = functools.partial(build_loss, AgrpoConfig(), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    # every acting step (the steps are drawn in prepare, on the whole batch, the same for any split)
+    factory = functools.partial(build_loss, AgrpoConfig(k_steps=64), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
     steps = []
     for tokens in (1 << 20, 20):  # one micro-batch; then one row a micro-batch
         rank = LearnerRank(LearnerConfig(lr=1e-3, micro_batch_tokens=tokens), ModelConfig(path=str(tmp_path)),
@@ -135,8 +137,40 @@ def test_the_learner_rank_steps_on_canvases_with_ratio_one_and_micro_batch_invar
         torch.testing.assert_close(state_one[name], state_many[name], atol=3e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("algo", [AgrpoConfig(k_steps=3, step_sampling="uniform"), AgrpoConfig(k_steps=3),
+                                  AtpoConfig(k_steps=2, selection="sample"), AtpoConfig(k_steps=2, selection="topk")],
+                         ids=["agrpo-uniform", "agrpo-stratified", "atpo-sample", "atpo-topk"])
+def test_k_canvas_steps_weigh_each_acting_step_by_its_mean_share_unless_topk(model, algo):
+    """The selected steps' weights average, over draws, to each acting step's 1/T_i (AGRPO's mean over the steps),
+    within 6 standard errors of the Monte Carlo mean: the k-step estimate is unbiased for every selector but ATPO's
+    top-k, which reallocates by design (deterministic, so its offset is exact)."""
+    from learner.canvas_steps import acting_steps
+
+    batch = table_to_trajectory(_table(model, calls=(0,)), PAD)
+    loss = build_loss(algo, mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    acting = acting_steps(batch.extras["active_BKS"])
+    target = acting / acting.sum((1, 2), keepdim=True)
+    w = torch.stack([loss.prepare(batch, seed=s).extras["step_weights_BKS"] for s in range(400)])
+    assert not (w * ~acting).any()  # only acting steps are ever scored
+    off = (w.mean(0) - target).abs()
+    if algo.name == "atpo" and algo.selection == "topk":
+        assert float(off.max()) > 0.05
+    else:
+        se = w.std(0) / 400 ** 0.5
+        assert bool((off <= 6 * se + 1e-6).all()), float((off / (se + 1e-9)).max())
+
+
+def test_atpo_on_canvases_rescores_fresh_rollouts_with_ratio_one(model):
+    batch = table_to_trajectory(_table(model), PAD)
+    loss = build_loss(AtpoConfig(k_steps=2), mask_id=-1, pad_id=PAD, eos_id=EOS, canvases=True)
+    model.zero_grad()
+    metrics = loss.backward(model, loss.prepare(batch, seed=0), total_samples=len(batch))
+    assert metrics["abs_log_ratio_sum"] < 1e-4 * metrics["tokens"] and 0 < metrics["steps"] <= 2 * len(batch)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 def test_estimators_without_a_canvas_form_are_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"algorithm.name=spg has no form for uniform-noise canvases .*\['agrpo'\]"):
+    with pytest.raises(ValueError, match=r"algorithm.name=spg has no form for uniform-noise canvases .*\['agrpo', 'atpo'\]"):
         build_loss(SpgConfig(), mask_id=-1, pad_id=PAD, canvases=True)
 
 

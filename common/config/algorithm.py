@@ -62,6 +62,12 @@ class _Stepwise(_Decoupled):
     """Options of the estimators that score the sampler's actions at k denoising steps (agrpo, atpo)."""
 
     k_steps: int = Field(default=4, ge=1, description="Denoising steps per trajectory.")
+    canvas_score: Literal["exact", "stop_gradient"] = Field(
+        default="exact",
+        description="Uniform-noise canvases (DiffusionGemma): 'exact' carries the gradient through the "
+        "self-conditioning logits of earlier steps (the policy gradient); 'stop_gradient' detaches them (a biased "
+        "surrogate, cheaper in the backward: docs/ALGORITHMS.md).",
+    )
     draws: Literal["auto", "all", "committed"] = Field(
         default="auto",
         description="Which draws of a step make its action: all = every token drawn at the block's still-masked "
@@ -91,12 +97,6 @@ class AgrpoConfig(_Stepwise):
         default="stratified",
         description="uniform: i.i.d. uniform steps; stratified: one per equal stratum (lower variance); "
         "entropy: importance sampling proportional to summed entropy, reweighted to stay unbiased.",
-    )
-    canvas_score: Literal["exact", "stop_gradient"] = Field(
-        default="exact",
-        description="Uniform-noise canvases (DiffusionGemma), where every acting step is scored (k_steps and "
-        "step_sampling do not apply): 'exact' carries the gradient through the self-conditioning logits of earlier "
-        "steps (the policy gradient); 'stop_gradient' detaches them (a biased surrogate, cheaper: docs/ALGORITHMS.md).",
     )
 
 

@@ -17,7 +17,7 @@ from learner.losses.espo import EspoLoss
 from learner.losses.justgrpo import JustGrpoLoss
 from learner.losses.spg import SpgLoss
 from learner.losses.tracerl import TraceRLLoss
-from learner.losses.uniform_agrpo import UniformAgrpoLoss
+from learner.losses.uniform_agrpo import UniformAgrpoLoss, UniformAtpoLoss
 from learner.losses.wd1 import Wd1Loss
 
 LOSSES: dict[str, type[PolicyLoss]] = {
@@ -34,7 +34,7 @@ LOSSES: dict[str, type[PolicyLoss]] = {
 
 
 # Uniform-noise canvases (DiffusionGemma) have no mask token: their estimators, by algorithm name.
-CANVAS_LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": UniformAgrpoLoss}
+CANVAS_LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": UniformAgrpoLoss, "atpo": UniformAtpoLoss}
 
 
 def build_loss(cfg, *, mask_id: int | None, pad_id: int, eos_id: int | None = None,
@@ -53,7 +53,7 @@ def build_loss(cfg, *, mask_id: int | None, pad_id: int, eos_id: int | None = No
 
 
 __all__ = [
-    "CANVAS_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "Wd1Loss",
+    "CANVAS_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "UniformAtpoLoss", "Wd1Loss",
     "build_loss",
     "select_rows",
 ]

@@ -1,6 +1,6 @@
-"""AGRPO on uniform-noise canvases (DiffusionGemma): the clipped-ratio policy gradient on every acting step of
-the real trajectory, each row's steps averaged (weight 1/T_i, as AGRPO's release), rows averaged over the
-global batch. The score is ``learner.canvas_steps.step_logps``: exact (the self-conditioning chain with
+"""AGRPO and ATPO on uniform-noise canvases (DiffusionGemma): the clipped-ratio policy gradient on the acting
+steps of the real trajectory, each row's steps averaged (weight 1/T_i, as AGRPO's release; k of them drawn,
+or ATPO's confused ones), rows averaged over the global batch. The score is ``learner.canvas_steps.step_logps``: exact (the self-conditioning chain with
 its gradient) or the stop-gradient surrogate; definitions and the measured bias: docs/ALGORITHMS.md.
 
 Letters: B samples, K canvases, S steps per canvas, C canvas length.
@@ -13,18 +13,27 @@ from common.model.dgemma.modeling import UniformDecoding
 from common.model.dgemma.record import CanvasRecord
 from common.trajectory import Trajectory
 from learner.canvas_steps import acting_steps, step_logps
+from learner.losses import steps as step_sel
+from learner.losses.agrpo import _epoch_seed
 from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, per_sample_extra
 
 
 def _terms(model, prompt_ids_BP, rec: CanvasRecord, d: UniformDecoding, advantages_B, exact: bool, clip_low: float,
-           clip_high: float):
-    """Per-row loss (mean over its acting steps) and the scored steps' ratio, low- and high-clipped flags."""
-    scored_BKS = acting_steps(rec)
+           clip_high: float, weights_BKS: torch.Tensor | None = None):
+    """Per-row loss (the ``weights_BKS``-weighted sum over the scored steps; default the mean over the acting steps)
+    and the scored steps' ratio, low- and high-clipped flags."""
+    acting_BKS = acting_steps(rec.active)
+    if weights_BKS is None:
+        weights_BKS = acting_BKS / acting_BKS.sum((1, 2), keepdim=True).clamp(min=1)
+    scored_BKS = weights_BKS > 0
     logp_BKS = step_logps(model, prompt_ids_BP, rec, d, exact=exact, scored=scored_BKS)
     adv_BKS = advantages_B.float()[:, None, None].expand_as(logp_BKS)
     loss_BKS, ratio_BKS, low, high = clipped_pg(logp_BKS, rec.logp, adv_BKS, clip_low, clip_high)
-    per_row_B = (loss_BKS * scored_BKS).sum((1, 2)) / scored_BKS.sum((1, 2)).clamp(min=1)
+    per_row_B = (loss_BKS * weights_BKS).sum((1, 2))
     return per_row_B, ratio_BKS[scored_BKS], low[scored_BKS], high[scored_BKS]
+
+
+
 
 
 def uniform_agrpo_loss(model, prompt_ids_BP: torch.Tensor, rec: CanvasRecord, d: UniformDecoding,
@@ -50,15 +59,29 @@ def canvas_record(micro: Trajectory, rows: torch.Tensor, prompt_len: int) -> tup
         canvases=int(active.any(-1).any(0).nonzero().max()) + 1 if active.any() else 0)
 
 
-class UniformAgrpoLoss(PolicyLoss):
-    """``uniform_agrpo_loss`` behind the learner's interface: ``prepare`` adds group advantages, ``backward``
-    rebuilds each prompt length's rows (one encoder cache each) and backpropagates their share."""
+class UniformStepLoss(PolicyLoss):
+    """AGRPO / ATPO on canvases behind the learner's interface: ``prepare`` adds group advantages and the weighted
+    steps each row is scored at (``select_steps``: the masked families' selectors over the acting steps, T = K x S;
+    weights summing, in expectation, to each acting step's 1/T_i of AGRPO's mean), ``backward`` rebuilds each prompt
+    length's rows (one encoder cache each) and backpropagates their share."""
+
+    def select_steps(self, batch: Trajectory, eligible_BT: torch.Tensor, gen: torch.Generator):
+        raise NotImplementedError
 
     def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
         if "canvas_BKSC" not in batch.extras:
             raise ValueError("algorithm on canvases got a batch without a canvas record: the rollouts were not made "
                              "by the uniform-noise sampler (a DiffusionGemma policy)")
+        B, K, S = batch.extras["active_BKS"].shape
+        eligible_BT = acting_steps(batch.extras["active_BKS"]).reshape(B, K * S).cpu()
+        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        steps_BK, weights_BK = self.select_steps(batch, eligible_BT, gen)
+        if self.cfg.normalize == "step_mean":
+            weights_BK = weights_BK / eligible_BT.sum(1, keepdim=True).clamp(min=1)
+        w_BT = torch.zeros(B, K * S, dtype=torch.float32)
+        w_BT.scatter_add_(1, steps_BK.clamp(min=0), torch.where(steps_BK >= 0, weights_BK, 0.0))
         batch.extras["advantages_B"] = self._advantages(batch)
+        batch.extras["step_weights_BKS"] = w_BT.reshape(B, K, S).to(batch.completion_ids_BG.device)
         return batch
 
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
@@ -67,6 +90,7 @@ class UniformAgrpoLoss(PolicyLoss):
         S = micro.extras["canvas_BKSC"].shape[2]
         d = UniformDecoding(steps=S, t_min=t_min, t_max=t_max)
         advantages_B = per_sample_extra(micro, "advantages_B")
+        weights_BKS = per_sample_extra(micro, "step_weights_BKS")
         lengths_B = micro.prompt_mask_BP.sum(1)
         m = MetricSums()
         loss_total = 0.0
@@ -76,7 +100,7 @@ class UniformAgrpoLoss(PolicyLoss):
             rows = (lengths_B == n).nonzero()[:, 0]
             prompt, rec = canvas_record(micro, rows, n)
             per_row, ratio_N, low_N, high_N = _terms(model, prompt, rec, d, advantages_B[rows], self.cfg.canvas_score == "exact",
-                                                     self.clip_low, self.clip_high)
+                                                     self.clip_low, self.clip_high, weights_BKS[rows])
             loss = per_row.sum() / total_samples
             if before_backward is not None:
                 before_backward(i == len(buckets) - 1)
@@ -85,5 +109,37 @@ class UniformAgrpoLoss(PolicyLoss):
             ratios.append(ratio_N), lows.append(low_N), highs.append(high_N)
         m.add("loss", loss_total)
         m.add("samples", len(micro))
+        m.add("steps", (weights_BKS > 0).sum())
         m.token_stats(torch.cat(ratios), torch.cat(lows), torch.cat(highs))
         return m.result()
+
+
+class UniformAgrpoLoss(UniformStepLoss):
+    """AGRPO's k steps over the acting steps: uniform, stratified (every step once when k >= T_i: the exact
+    mean) or proportional to the step's mean entropy, importance-weighted; unbiased."""
+
+    def select_steps(self, batch, eligible_BT, gen):
+        k = self.cfg.k_steps
+        if self.cfg.step_sampling == "uniform":
+            return step_sel.uniform_steps(eligible_BT, k, gen)
+        if self.cfg.step_sampling == "stratified":
+            return step_sel.stratified_steps(eligible_BT, k, gen)
+        h_BT = batch.step_entropy_BT.detach().cpu().double() * eligible_BT
+        floor_B = 1e-6 * h_BT.sum(1) / eligible_BT.sum(1).clamp(min=1) + 1e-12  # every acting step stays reachable
+        return step_sel.proportional_steps((h_BT + floor_B[:, None]) * eligible_BT, k, gen)
+
+
+class UniformAtpoLoss(UniformStepLoss):
+    """ATPO's budget on the confused canvas steps: its scores from each step's mean entropy and margin (RoEC is
+    0 at a canvas's first step), top-k (biased) or sampled with importance weights (unbiased)."""
+
+    def select_steps(self, batch, eligible_BT, gen):
+        B, K, S = batch.extras["active_BKS"].shape
+        canvas_BT = torch.arange(K).repeat_interleave(S).expand(B, K * S)
+        scores_BT = step_sel.atpo_step_scores(batch.step_entropy_BT, batch.step_margin_BT, canvas_BT, eligible_BT,
+                                              score=self.cfg.score, hybrid_weight=self.cfg.hybrid_weight,
+                                              batch_mix=self.cfg.batch_mix)
+        if self.cfg.selection == "topk":
+            return step_sel.topk_steps(scores_BT, eligible_BT, self.cfg.k_steps)
+        probs_BT = step_sel.score_sampling_probs(scores_BT, eligible_BT, self.cfg.score_floor)
+        return step_sel.proportional_steps(probs_BT, self.cfg.k_steps, gen)

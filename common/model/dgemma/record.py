@@ -22,6 +22,7 @@ class CanvasRecord:
     active: torch.Tensor  # bool [B, K, S]: the row was still denoising (not stopped, no EOS in an earlier canvas)
     logp: torch.Tensor  # float [B, K, S]: log-prob of the accepted draws under the scaled logits
     entropy: torch.Tensor | None = None  # float [B, K, S]: mean entropy of the scaled distributions over the canvas
+    margin: torch.Tensor | None = None  # float [B, K, S]: their mean top1 - top2 probability (ATPO's confidence margin)
     sequences: torch.Tensor | None = None  # long [B, P + canvases * C]: the prompt and the argmax canvases
     prompt_mask: torch.Tensor | None = None  # bool [B, P]: real prompt tokens (0: left padding); None: all real
     canvases: int = 0  # canvases decoded (K or fewer when every row ended)
@@ -32,4 +33,5 @@ class CanvasRecord:
         return cls(canvas=torch.zeros(B, K, S, C, **long), draws=torch.zeros(B, K, S, C, **long),
                    accepted=torch.zeros(B, K, S, C, dtype=torch.bool, device=device),
                    active=torch.zeros(B, K, S, dtype=torch.bool, device=device),
-                   logp=torch.zeros(B, K, S, device=device), entropy=torch.zeros(B, K, S, device=device))
+                   logp=torch.zeros(B, K, S, device=device), entropy=torch.zeros(B, K, S, device=device),
+                   margin=torch.zeros(B, K, S, device=device))
