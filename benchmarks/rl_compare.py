@@ -76,6 +76,7 @@ def load_design(path: Path) -> dict:
         problems += [f"unknown method(s) {unknown}; choose from {sorted(METHODS)}"] if unknown else []
         problems += [f"seeds {shared} are both tuning and evaluation seeds; keep them apart"] if shared else []
         problems += ["lrs must name at least one learning rate"] if not design["lrs"] else []
+        problems += ["several lrs need tuning_seeds to choose among them"] if len(design["lrs"]) > 1 and not design["tuning_seeds"] else []
     if problems:
         raise ValueError(f"design {path}: {'; '.join(problems)}")
     return {**design, "overrides": design.get("overrides", []), "variants": design.get("variants", {}),
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
                     for seed in args.tuning_seeds:
                         if run(method, seed, lr, "tune"):
                             return 1
-                results["chosen_lr"] = chosen_lrs(record_run(out, results, None))
+                results["chosen_lr"] = chosen_lrs(record_run(out, results, None), args.methods)
             for seed in args.seeds:
                 if run(method, seed, results.get("chosen_lr", {}).get(method), "eval"):
                     return 1
@@ -240,9 +241,11 @@ def _key(run: dict) -> tuple:
     return run["method"], run["seed"], run.get("lr"), run.get("phase", "eval")
 
 
-def chosen_lrs(results: dict) -> dict[str, float]:
+def chosen_lrs(results: dict, methods=()) -> dict[str, float]:
     """Each method's lr by its mean final held-out accuracy over the tuning seeds (ties: the lr listed first);
-    only methods whose every tuning run is recorded."""
+    only methods whose every tuning run is recorded. A design with one lr and no tuning seeds runs that lr."""
+    if not results["tuning_seeds"]:
+        return {m: results["lrs"][0] for m in {r["method"] for r in results["runs"]} | set(methods)}
     chosen = {}
     for method in {r["method"] for r in results["runs"]}:
         means = []
