@@ -50,30 +50,44 @@ def evaluate_checkpoint(cfg: UnmaskConfig, steps_list: list[int], out_dir: str |
     return results
 
 
+def _evaluate_round(workers: list, items: list, overrides: dict, label: str, timeout: float):
+    """One spread of ``items`` over ``workers``: (records that came back, workers that answered, items of the
+    workers that failed)."""
+    import ray
+
+    chunks = {w.evaluate.remote(chunk, overrides): (w, chunk)
+              for w, chunk in zip(workers, [items[i::len(workers)] for i in range(len(workers))]) if chunk}
+    done, late = ray.wait(list(chunks), num_returns=len(chunks), timeout=timeout)
+    records, answered, failed = [], [], []
+    for ref in done:
+        try:
+            records += ray.get(ref)
+            answered.append(chunks[ref][0])
+        except ray.exceptions.RayError as e:
+            log.warning("%s: a worker failed (%s)", label, type(e).__name__)
+            failed += chunks[ref][1]
+    if late:
+        log.warning("%s: %d worker(s) did not answer in %.0f s; their items are left out", label, len(late), timeout)
+    return records, answered, failed
+
+
 def evaluate_on_pool(pool, items: list, overrides: dict, label: str = "eval", skip: set[str] = frozenset(),
                      timeout: float = 1800.0) -> dict:
     """Held-out accuracy during a run, the items spread over the pool's active workers (but ``skip``: those
-    not on the current weights). A worker that has not answered within ``timeout`` s (or died) is left out:
-    the accuracy is over the ``n`` items that came back, ``missing`` counts the rest (a warning says so),
-    and an evaluation where no item came back raises ``RunError`` (not an accuracy of 0)."""
-    import ray
-
+    not on the current weights). The items of a worker that failed are decoded once more, spread over the
+    workers that answered; a worker that has not answered within ``timeout`` s is left out. The accuracy is
+    over the ``n`` items that came back, ``missing`` counts the rest (a warning says so), and an evaluation
+    where no item came back raises ``RunError`` (not an accuracy of 0)."""
     from driver.runtime import RunError
 
     workers = [pool.workers[wid] for wid in pool.active() if wid not in skip]
     if not workers:
         raise RunError("no rollout worker is placed and on the current weights to evaluate with")
-    chunks = [items[i::len(workers)] for i in range(len(workers))]
-    refs = [w.evaluate.remote(chunk, overrides) for w, chunk in zip(workers, chunks) if chunk]
-    done, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    records = []
-    for ref in done:
-        try:
-            records += ray.get(ref)
-        except ray.exceptions.RayError as e:
-            log.warning("%s: a worker failed (%s); its items are left out", label, type(e).__name__)
-    if late:
-        log.warning("%s: %d worker(s) did not answer in %.0f s; their items are left out", label, len(late), timeout)
+    records, answered, failed = _evaluate_round(workers, items, overrides, label, timeout)
+    if failed and answered:  # a worker died during it (a fault, a lost node): its items on the others
+        log.warning("%s: %d items of failed workers decoded again on %d worker(s)", label, len(failed), len(answered))
+        more, _, _ = _evaluate_round(answered, failed, overrides, label, timeout)
+        records += more
     missing = len(items) - len(records)
     if not records:
         raise RunError(f"{label}: none of the {len(items)} held-out items came back (every evaluating worker failed "

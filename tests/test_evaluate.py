@@ -70,7 +70,8 @@ def test_unmask_eval_and_rollout_workers_evaluate_through_generator_evaluate(gen
 
 @pytest.mark.ray
 def test_evaluation_during_a_run_counts_its_items_and_fails_loudly_with_none(ray_local, caplog):
-    """Items of a failed worker are left out: n and missing say so (console too); with none back it stops."""
+    """A failed worker's items are decoded again on the workers that answered; items that fail there too are
+    left out: n and missing say so (console too); with none back it stops."""
     import logging
 
     import ray
@@ -80,21 +81,27 @@ def test_evaluation_during_a_run_counts_its_items_and_fails_loudly_with_none(ray
 
     @ray.remote(num_cpus=0)
     class Evaluator:
-        def __init__(self, fails):
-            self.fails = fails
+        def __init__(self, fails_on):
+            self.fails_on = fails_on
 
         def evaluate(self, items, overrides):
-            if self.fails:
+            if set(items) & self.fails_on:
                 raise RuntimeError("out of memory")
-            return [{"id": i, "completion": "", "reward": 0.0, "correct": False} for i in items]
+            return [{"id": i, "completion": "", "reward": 0.0, "correct": i < 3} for i in items]
 
     from driver.evaluate import evaluate_on_pool
 
     pool = RolloutPool(make_worker=None)
-    pool.workers.update(good=Evaluator.remote(False), bad=Evaluator.remote(True))
+    everything = set(range(10))
+    pool.workers.update(good=Evaluator.remote(set()), bad=Evaluator.remote(everything))
     with caplog.at_level(logging.INFO, logger="unmask"):
         res = evaluate_on_pool(pool, list(range(10)), {}, label="held-out", timeout=120)
-    assert (res["n"], res["missing"], res["accuracy"]) == (5, 5, 0.0)  # a real 0.0, over 5 items
+    assert (res["n"], res["missing"], res["accuracy"]) == (10, 0, 0.3)  # bad's 5 items, decoded again on good
+    assert any("5 items of failed workers decoded again on 1 worker(s)" in r.getMessage() for r in caplog.records)
+    pool.workers["good"] = Evaluator.remote({7})  # answers its own share, fails on bad's (item 7 among them)
+    with caplog.at_level(logging.INFO, logger="unmask"):
+        res = evaluate_on_pool(pool, list(range(10)), {}, label="held-out", timeout=120)
+    assert (res["n"], res["missing"], res["accuracy"]) == (5, 5, 0.4)  # a real 0.4 over 5 items, not over 10
     assert any("over 5 of 10 items (5 missing)" in r.getMessage() for r in caplog.records)
     del pool.workers["good"]
     with pytest.raises(RunError, match="none of the 10 held-out items came back"):
