@@ -17,7 +17,8 @@ Column notes:
   position was drawn at and not committed; ``discard_ids`` / ``discard_logp`` hold those draws, position
   by position and step by step within a position (the s-th entry of a position is the s-th step of its
   block); ``discard_cutoff`` is parallel to them, or empty when the sampler cut no support (no
-  top-k/top-p). ``commit_reads_draws``: the commit rule looked at the drawn tokens.
+  top-k/top-p). ``commit_reads_draws``: the commit rule looked at the drawn tokens. ``discard_rb_logp`` (v6):
+  parallel to them or empty, each draw's Rao-Blackwellised behaviour log-prob (``common.rao_blackwell``).
 - ``block_grid`` (v4): where the sampler's blocks started, "completion" (at the completion's first token) or
   "sequence" (every block_length positions from the prompt's first token: block diffusion, SDAR).
 - Routing (v5, mixtures of experts with ``sampler.record_routing``; empty lists and ``routing_width`` 0
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
 SCHEMA_VERSION = 6  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
-# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts; v6: uniform-noise canvases
+# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts; v6: uniform-noise canvases, `discard_rb_logp`
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -88,6 +89,7 @@ SCHEMA = pa.schema(
         pa.field("discard_ids", pa.list_(_i32), nullable=False),
         pa.field("discard_logp", pa.list_(_f32), nullable=False),
         pa.field("discard_cutoff", pa.list_(_f32), nullable=False),
+        pa.field("discard_rb_logp", pa.list_(_f32), nullable=False),
         pa.field("commit_reads_draws", pa.bool_(), nullable=False),
         pa.field("block_grid", pa.string(), nullable=False),
         pa.field("open_block", pa.string(), nullable=False),  # what a block's first step commits: schedule / first_position
@@ -134,7 +136,8 @@ def _discard_columns(traj: Trajectory) -> dict[str, pa.Array]:
         counts_BG = np.zeros((B, G), dtype=np.int16)
         empty = pa.ListArray.from_arrays(pa.array(np.zeros(B + 1, dtype=np.int32)), pa.array([], _i32))
         return {"discard_counts": _fixed_list(counts_BG, pa.int16()), "discard_ids": empty,
-                "discard_logp": empty.cast(pa.list_(_f32)), "discard_cutoff": empty.cast(pa.list_(_f32))}
+                "discard_logp": empty.cast(pa.list_(_f32)), "discard_cutoff": empty.cast(pa.list_(_f32)),
+                "discard_rb_logp": empty.cast(pa.list_(_f32))}
     ids_BGS = traj.discard_ids_BGS.numpy()
     has_BGS = ids_BGS >= 0
     counts_BG = has_BGS.sum(-1)
@@ -146,16 +149,17 @@ def _discard_columns(traj: Trajectory) -> dict[str, pa.Array]:
     def ragged(values_BGS: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
         return pa.ListArray.from_arrays(offsets, pa.array(values_BGS[has_BGS], arrow_type))
 
-    cutoff = traj.discard_cutoff_BGS
-    if cutoff is None:
-        cutoff_col = pa.ListArray.from_arrays(pa.array(np.zeros(B + 1, dtype=np.int32)), pa.array([], _f32))
-    else:
-        cutoff_col = ragged(cutoff.float().numpy(), _f32)
+    def ragged_or_empty(values_BGS) -> pa.ListArray:  # optional columns: parallel to the draws, or empty
+        if values_BGS is None:
+            return pa.ListArray.from_arrays(pa.array(np.zeros(B + 1, dtype=np.int32)), pa.array([], _f32))
+        return ragged(values_BGS.float().numpy(), _f32)
+
     return {
         "discard_counts": _fixed_list(counts_BG.astype(np.int16), pa.int16()),
         "discard_ids": ragged(ids_BGS.astype(np.int32), _i32),
         "discard_logp": ragged(traj.discard_logp_BGS.float().numpy(), _f32),
-        "discard_cutoff": cutoff_col,
+        "discard_cutoff": ragged_or_empty(traj.discard_cutoff_BGS),
+        "discard_rb_logp": ragged_or_empty(traj.discard_rb_logp_BGS),
     }
 
 
@@ -360,9 +364,10 @@ def validate_group(rb: pa.RecordBatch) -> None:
     for name in ("discard_ids", "discard_logp"):
         if not np.array_equal(_lengths(rb.column(name)), n_draws):
             raise ValueError(f"{name} must hold sum(discard_counts) entries per row ({n_draws.tolist()})")
-    cutoff_len = _lengths(rb.column("discard_cutoff"))
-    if cutoff_len.any() and not np.array_equal(cutoff_len, n_draws):
-        raise ValueError("discard_cutoff must be empty or hold one cut-off per discarded draw")
+    for name in ("discard_cutoff", "discard_rb_logp"):
+        optional_len = _lengths(rb.column(name))
+        if optional_len.any() and not np.array_equal(optional_len, n_draws):
+            raise ValueError(f"{name} must be empty or hold one value per discarded draw")
     width = rb.column("routing_width").to_numpy()
     want = width * step_len[0] * rb.column("block_length").to_numpy()
     if not np.array_equal(_lengths(rb.column("routing_step")), want):
@@ -461,17 +466,22 @@ def _discards(table: pa.Table, B: int, G: int, S: int) -> dict[str, "torch.Tenso
     logp_BGS = np.zeros((B, G, S), dtype=np.float32)
     ids_BGS[has_BGS] = _column(table, "discard_ids").flatten().to_numpy(zero_copy_only=False)
     logp_BGS[has_BGS] = _column(table, "discard_logp").flatten().to_numpy(zero_copy_only=False)
-    cutoff_col = _column(table, "discard_cutoff")
-    cutoff_BGS = None
-    if len(cutoff_col.flatten()):
-        if not np.array_equal(_lengths(cutoff_col), _lengths(_column(table, "discard_ids"))):
-            raise ValueError("discard_cutoff must be empty or hold one cut-off per discarded draw in every row")
-        cutoff_BGS = np.full((B, G, S), -np.inf, dtype=np.float32)
-        cutoff_BGS[has_BGS] = cutoff_col.flatten().to_numpy(zero_copy_only=False)
+
+    def optional(name: str, fill: float) -> "torch.Tensor | None":
+        col = _column(table, name)
+        if not len(col.flatten()):
+            return None
+        if not np.array_equal(_lengths(col), _lengths(_column(table, "discard_ids"))):
+            raise ValueError(f"{name} must be empty or hold one value per discarded draw in every row")
+        values_BGS = np.full((B, G, S), fill, dtype=np.float32)
+        values_BGS[has_BGS] = col.flatten().to_numpy(zero_copy_only=False)
+        return torch.from_numpy(values_BGS)
+
     return {
         "discard_ids_BGS": torch.from_numpy(ids_BGS),
         "discard_logp_BGS": torch.from_numpy(logp_BGS),
-        "discard_cutoff_BGS": None if cutoff_BGS is None else torch.from_numpy(cutoff_BGS),
+        "discard_cutoff_BGS": optional("discard_cutoff", -np.inf),
+        "discard_rb_logp_BGS": optional("discard_rb_logp", 0.0),
     }
 
 

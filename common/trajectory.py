@@ -47,6 +47,8 @@ class Trajectory:
     discard_ids_BGS: torch.Tensor | None = None  # int64, -1 where position g drew nothing at slot s
     discard_logp_BGS: torch.Tensor | None = None  # float32 behaviour log-prob of each discarded draw
     discard_cutoff_BGS: torch.Tensor | None = None  # float32 support cut-off of each draw (None: no top-k/top-p)
+    discard_rb_logp_BGS: torch.Tensor | None = None  # float32 behaviour log P~(B) of each discarded draw's
+    # uncommitted set (common.rao_blackwell; None unless the rule is plain low-confidence ranking)
     commit_reads_draws: bool = True  # the commit rule looked at the drawn tokens (the draws are the action)
     block_grid: str = "completion"  # where blocks start: the completion ("completion") or every K positions ("sequence")
     # Filled after generation by the rollout actor:

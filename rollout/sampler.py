@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import torch
 
 from common.config.sampler import SamplerConfig
+from common.rao_blackwell import commit_floor, uncommitted_logp
 from common.model.family import family_of
 from common.step_layout import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
@@ -180,6 +181,9 @@ class _Decoder:
         self.active_B = torch.ones(B, dtype=torch.bool, device=device)
         self.banned = ((eos_id,) if config.logits_eos_inf else ()) + ((mask_id,) if config.ban_mask_token else ())
         self.demoted = tuple(i for i in (eos_id, eot_id) if i is not None) if config.confidence_eos_eot_inf else ()
+        # low-confidence ranking alone: each discarded draw's Rao-Blackwellised score is recorded too
+        self.rao_blackwell = (config.remasking == "low_confidence" and config.threshold is None
+                              and config.remasking_temperature == 0 and not self.demoted)
         self.schedule = transfer_schedule(K, spb)
         self.timesteps = torch.linspace(1, config.eps, spb + 1, device=device)  # Dream's, per block
         # uniform: every row's block starts at the same column and holds K masked positions at its first step
@@ -285,7 +289,12 @@ class _Decoder:
         # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
         x_BL.scatter_(1, col_BR, torch.where(commit_BR, token_BR, block_BK.gather(1, idx_BR)))
         self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
-        self.rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N)
+        rb_N = None
+        if self.rao_blackwell:
+            floor_B, last_B = commit_floor(stats.confidence_N.view(B, width), commit_BR, pos_BR)
+            rb_N = uncommitted_logp(logits_NV, floor_B.repeat_interleave(width), last_B.repeat_interleave(width),
+                                    pos_BR.reshape(-1), config.temperature, cutoff_N)
+        self.rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N, rb_N)
         return kv
 
     def _block_causal_hidden(self, cols_BK, kv, i: int):
@@ -327,6 +336,7 @@ class _Decoder:
             discard_ids_BGS=rec.discard_ids_BGS[:, :G, :-1].contiguous(),
             discard_logp_BGS=rec.discard_logp_BGS[:, :G, :-1].contiguous(),
             discard_cutoff_BGS=None if rec.discard_cutoff_BGS is None else rec.discard_cutoff_BGS[:, :G, :-1].contiguous(),
+            discard_rb_logp_BGS=None if rec.discard_rb_logp_BGS is None else rec.discard_rb_logp_BGS[:, :G, :-1].contiguous(),
             commit_reads_draws=commit_reads_draws(config) or bool(self.demoted),
             block_grid=config.block_grid,
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
@@ -448,6 +458,7 @@ class _Records:
         self.discard_ids_BGS = torch.full((B, G + 1, discard_slots + 1), -1, dtype=torch.long, device=device)
         self.discard_logp_BGS = torch.zeros(B, G + 1, discard_slots + 1, dtype=torch.float32, device=device)
         self.discard_cutoff_BGS: torch.Tensor | None = None  # allocated at the first step with a support cut-off
+        self.discard_rb_logp_BGS: torch.Tensor | None = None  # allocated when the rule allows Rao-Blackwellisation
         self.stats_FBG = torch.zeros(4, B, G + 1, dtype=torch.float32, device=device)
         self.stats_FBG[3] = float("-inf")  # cut-off: the whole vocabulary unless top-k/top-p cut it
         self.step_BG = torch.full((B, G + 1), -1, dtype=torch.long, device=device)
@@ -507,12 +518,17 @@ class _Records:
         return {"routing_settled_BLR": self.routing_settled_BLR[:, :-1].contiguous(),
                 "routing_step_BTKR": self.routing_step_BTKR}
 
-    def write_discarded(self, slot: int, pos_BR, discarded_BR, token_BR, stats, cutoff_N) -> None:
-        """Record the draws of step ``slot`` of the block that were not committed (they stay masked)."""
+    def write_discarded(self, slot: int, pos_BR, discarded_BR, token_BR, stats, cutoff_N, rb_N=None) -> None:
+        """Record the draws of step ``slot`` of the block that were not committed (they stay masked), and with
+        ``rb_N`` their Rao-Blackwellised behaviour log-probs (``common.rao_blackwell``)."""
         B, R = pos_BR.shape
         dest_BR = torch.where(discarded_BR, pos_BR, self.G)
         self.discard_ids_BGS[:, :, slot].scatter_(1, dest_BR, token_BR)
         self.discard_logp_BGS[:, :, slot].scatter_(1, dest_BR, stats.logp_N.float().view(B, R))
+        if rb_N is not None:
+            if self.discard_rb_logp_BGS is None:
+                self.discard_rb_logp_BGS = torch.zeros_like(self.discard_logp_BGS)
+            self.discard_rb_logp_BGS[:, :, slot].scatter_(1, dest_BR, rb_N.float().view(B, R))
         if cutoff_N is not None:
             if self.discard_cutoff_BGS is None:
                 self.discard_cutoff_BGS = torch.full_like(self.discard_logp_BGS, float("-inf"))

@@ -115,12 +115,13 @@ def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None, t
 
     leaves = []
 
-    def walk(t, completion, unmask, discards, logp_rec, disc_logp, cut_rec, disc_cut, logprob):
+    def walk(t, completion, unmask, discards, logp_rec, disc_logp, cut_rec, disc_cut, disc_rb, logprob):
         masked = [j for j in range(G) if completion[j] == MASK]
         if not masked:
             leaves.append(dict(completion=list(completion), unmask=list(unmask), discards=[list(d) for d in discards],
                                logp=list(logp_rec), disc_logp=[list(d) for d in disc_logp], cutoff=list(cut_rec),
-                               disc_cutoff=[list(d) for d in disc_cut], logprob=logprob))
+                               disc_cutoff=[list(d) for d in disc_cut], disc_rb=[list(d) for d in disc_rb],
+                               logprob=logprob))
             return
         logp_tilde, conf, margin, cutoff = dists(completion)
         if threshold is None:
@@ -136,18 +137,24 @@ def enumerate_trajectories(model, G, steps, rule, temperature, threshold=None, t
             top = {j: float(conf[j].max()) for j in masked}  # top_prob: the distribution's, whatever was drawn
             for chosen, p_choice in _choose(rule, n, masked, c, m, threshold, top):
                 comp, um, lr, cr = list(completion), list(unmask), list(logp_rec), list(cut_rec)
-                dis, dl, dc = ([list(d) for d in rec] for rec in (discards, disc_logp, disc_cut))
-                for j in masked:
+                dis, dl, dc, drb = ([list(d) for d in rec] for rec in (discards, disc_logp, disc_cut, disc_rb))
+                floor = min(c[j] for j in chosen)  # the n-th committed draw's confidence, and its position
+                last = max(j for j in chosen if c[j] == floor)
+                for j, sup in zip(masked, support):
                     if j in chosen:
                         comp[j], um[j], lr[j], cr[j] = y[j], t, float(logp_tilde[j, y[j]].detach()), float(cutoff[j])
                     else:
                         dis[j][t], dl[j][t], dc[j][t] = y[j], float(logp_tilde[j, y[j]].detach()), float(cutoff[j])
-                walk(t + 1, comp, um, dis, lr, dl, cr, dc, logprob + lp + math.log(p_choice))
+                        # the tokens that would have left j uncommitted (common.rao_blackwell's set)
+                        stay = [v for v in sup if float(conf[j, v]) < floor or (float(conf[j, v]) == floor and j > last)]
+                        drb[j][t] = float(torch.logsumexp(logp_tilde[j, stay].detach(), 0))
+                walk(t + 1, comp, um, dis, lr, dl, cr, dc, drb, logprob + lp + math.log(p_choice))
 
     S = steps - 1
     slots = max(S, 1)
     walk(0, [MASK] * G, [-1] * G, [[-1] * slots for _ in range(G)], [0.0] * G, [[0.0] * slots for _ in range(G)],
-         [float("-inf")] * G, [[float("-inf")] * slots for _ in range(G)], torch.zeros(()))
+         [float("-inf")] * G, [[float("-inf")] * slots for _ in range(G)], [[0.0] * slots for _ in range(G)],
+         torch.zeros(()))
     return leaves
 
 
@@ -169,6 +176,7 @@ def leaves_batch(leaves, G, steps, temperature, reads_draws, top_k=None, grid="c
         discard_ids_BGS=torch.tensor([leaf["discards"] for leaf in leaves])[:, :, :S],
         discard_logp_BGS=torch.tensor([leaf["disc_logp"] for leaf in leaves])[:, :, :S],
         discard_cutoff_BGS=None if top_k is None else torch.tensor([leaf["disc_cutoff"] for leaf in leaves])[:, :, :S],
+        discard_rb_logp_BGS=torch.tensor([leaf["disc_rb"] for leaf in leaves])[:, :, :S],
         commit_reads_draws=reads_draws, rewards_B=torch.zeros(N), group_B=torch.arange(N),
     )
 
@@ -242,6 +250,14 @@ def test_scoring_every_draw_is_the_exact_gradient(tiny, rule, G, steps, temperat
         assert off > 0.01, off
 
 
+@pytest.mark.parametrize("G,steps,temperature,top_k", [(2, 2, 1.0, None), (3, 2, 0.7, None), (2, 2, 0.7, 3)])
+def test_the_rao_blackwellised_discarded_draws_are_the_exact_gradient(tiny, G, steps, temperature, top_k):
+    """Under low-confidence ranking a discarded draw may be scored by the mass of the tokens that would have left
+    it uncommitted (algorithm.draws=rao_blackwell): still the exact gradient, where committed-only is not."""
+    exact, est, _ = exact_and_estimated(tiny, G, steps, "low_confidence", temperature, None, "rao_blackwell", top_k)
+    assert exact.norm() > 0 and _rel(est, exact) < 1e-4, _rel(est, exact)
+
+
 @pytest.mark.parametrize("preset", ["tiny-dream", "tiny-sdar", "tiny-llada2"])
 @pytest.mark.parametrize("rule,G,steps,temperature,threshold,top_k", CASES, ids=lambda v: str(v))
 def test_every_family_scores_its_actions_exactly(preset, rule, G, steps, temperature, threshold, top_k):
@@ -292,6 +308,10 @@ def test_the_sampler_makes_the_enumerated_trajectories_at_their_probabilities(ti
         if top_k is not None:
             want = torch.tensor([d[:S] for d in leaf["disc_cutoff"]])[has]
             assert torch.allclose(traj.discard_cutoff_BGS[b][has], want, atol=1e-5)
+        if traj.discard_rb_logp_BGS is not None:  # the uncommitted set's mass, as common.rao_blackwell defines it
+            want = torch.tensor([d[:S] for d in leaf["disc_rb"]])[has]
+            assert torch.allclose(traj.discard_rb_logp_BGS[b][has], want, atol=1e-5)
+    assert (traj.discard_rb_logp_BGS is not None) == (remasking == "low_confidence" and threshold is None)
     for key, leaf in index.items():
         p = float(leaf["logprob"].exp())
         f = counts.get(key, 0) / n

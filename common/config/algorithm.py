@@ -68,13 +68,15 @@ class _Stepwise(_Decoupled):
         "self-conditioning logits of earlier steps (the policy gradient); 'stop_gradient' detaches them (a biased "
         "surrogate, cheaper in the backward: docs/ALGORITHMS.md).",
     )
-    draws: Literal["auto", "all", "committed"] = Field(
+    draws: Literal["auto", "all", "committed", "rao_blackwell"] = Field(
         default="auto",
         description="Which draws of a step make its action: all = every token drawn at the block's still-masked "
         "positions, committed or discarded (the exact score function under any commit rule); committed = the "
         "committed tokens only (exact only when the commit rule ignores the draws: random, margin or entropy "
         "remasking without a threshold or EOS demotion; biased otherwise); auto = committed where that is exact "
-        "(lower variance), all elsewhere (the trajectory's commit_reads_draws).",
+        "(lower variance), all elsewhere (the trajectory's commit_reads_draws); rao_blackwell = the committed "
+        "tokens and, for each discarded draw, the mass of the tokens that would have left it uncommitted (exact "
+        "and no noisier than all, for plain low_confidence remasking: common/rao_blackwell.py).",
     )
     normalize: Literal["step_mean", "sum"] = Field(
         default="step_mean",

@@ -35,10 +35,15 @@ class StepRows:
 
 
 def scores_discarded(micro: Trajectory, draws: str) -> bool:
-    """Whether a step's action includes its discarded draws under the ``draws`` option (auto/all/committed)."""
+    """Whether a step's action includes its discarded draws under the ``draws`` option (auto/all/committed/
+    rao_blackwell)."""
     if draws == "committed":
         return False
-    if draws == "all" or micro.commit_reads_draws:
+    if draws == "rao_blackwell" and micro.discard_rb_logp_BGS is None:
+        raise ValueError("algorithm.draws=rao_blackwell needs the sampler's record of it, made only under plain "
+                         "low_confidence remasking (no threshold, remasking_temperature or EOS demotion); set "
+                         "algorithm.draws=auto")
+    if draws in ("all", "rao_blackwell") or micro.commit_reads_draws:
         if micro.discard_ids_BGS is None:
             raise ValueError("the batch has no discarded draws recorded (discard_ids_BGS); regenerate it with the "
                              "current sampler or set algorithm.draws=committed (biased when the commit rule reads draws)")
@@ -46,9 +51,11 @@ def scores_discarded(micro: Trajectory, draws: str) -> bool:
     return False
 
 
-def step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, *, discarded: bool, device) -> StepRows:
+def step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, *, discarded: bool, device,
+              rao_blackwell: bool = False) -> StepRows:
     """The rows of step ``step_B[b]`` of every active sample: its committed (drawn, not filled) tokens, then,
-    with ``discarded``, the draws it made at the block's other still-masked positions."""
+    with ``discarded``, the draws it made at the block's other still-masked positions (with ``rao_blackwell``
+    their behaviour log-prob is that of their uncommitted set, ``common.rao_blackwell``)."""
     step_B, active_B = step_B.to(device), active_B.to(device)
     unmask_BG = micro.unmask_step_BG.to(device)
     commit_BG = (unmask_BG == step_B[:, None]) & active_B[:, None] & sampled_tokens(micro).to(device)
@@ -68,6 +75,7 @@ def step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, *
         cutoff_BGS = micro.discard_cutoff_BGS
         cutoff_D = (torch.full(b_D.shape, float("-inf"), device=device) if cutoff_BGS is None
                     else cutoff_BGS.to(device).gather(2, slot_BG1)[..., 0][b_D, g_D].float())
-        logp_D = micro.discard_logp_BGS.to(device).gather(2, slot_BG1)[..., 0][b_D, g_D].float()
+        behaviour_BGS = micro.discard_rb_logp_BGS if rao_blackwell else micro.discard_logp_BGS
+        logp_D = behaviour_BGS.to(device).gather(2, slot_BG1)[..., 0][b_D, g_D].float()
         parts.append((b_D, g_D, ids_BG[b_D, g_D], logp_D, cutoff_D, torch.zeros_like(b_D, dtype=torch.bool)))
     return StepRows(*(torch.cat(cols) for cols in zip(*parts)))

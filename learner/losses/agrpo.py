@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from learner.step_states import policy_hidden
+from common.rao_blackwell import commit_floor, uncommitted_logp
 from common.trajectory import Trajectory
+from learner.step_states import policy_hidden
 from learner.losses import steps as step_sel
 from learner.losses.actions import scores_discarded, step_rows
 from learner.losses.base import (
@@ -77,10 +78,11 @@ class StepwiseLoss(PolicyLoss):
         device = next(model.parameters()).device
         P = micro.prompt_ids_BP.shape[1]
         discarded = scores_discarded(micro, self.cfg.draws)
+        rao_blackwell = discarded and self.cfg.draws == "rao_blackwell"
         m = MetricSums()
         for j in range(steps_BK.shape[1]):
             step_B, w_B = steps_BK[:, j].to(device), weights_BK[:, j].to(device)
-            rows = step_rows(micro, step_B, w_B > 0, discarded=discarded, device=device)
+            rows = step_rows(micro, step_B, w_B > 0, discarded=discarded, device=device, rao_blackwell=rao_blackwell)
             b_N, g_N = rows.b_N, rows.g_N
             # Project only the rows the step drew: [N, V] instead of [B, L, V] logits.
             # The hidden states the sampler computed at each row's step, its cache rule included (exact).
@@ -118,8 +120,30 @@ class StepwiseLoss(PolicyLoss):
         return m.result()
 
     def _logp(self, model, h_ND, micro, rows):
-        return sampler_logprobs(model.vocab_logits(h_ND), rows.token_N, temperature=micro.temperature,
-                                cutoff_N=rows.cutoff_N, banned_ids=tuple(micro.banned_ids))
+        """log pi of each row's part of the action: its drawn token's, or under draws=rao_blackwell a discarded
+        row's uncommitted set's (read from this step's committed rows of the same sample)."""
+        logits_NV = model.vocab_logits(h_ND)
+        logp_N = sampler_logprobs(logits_NV, rows.token_N, temperature=micro.temperature, cutoff_N=rows.cutoff_N,
+                                  banned_ids=tuple(micro.banned_ids))
+        if self.cfg.draws != "rao_blackwell" or bool(rows.committed_N.all()):
+            return logp_N
+        x_NV = logits_NV.float()
+        if micro.banned_ids:
+            x_NV = x_NV.index_fill(1, torch.tensor(micro.banned_ids, device=x_NV.device), float("-inf"))
+        conf_N = torch.softmax(x_NV.detach(), -1).gather(1, rows.token_N[:, None])[:, 0]
+        # per sample: its committed rows' floor (one "row" per sample, the committed draws its positions)
+        B = int(rows.b_N.max()) + 1
+        conf_BN = torch.full((B, len(conf_N)), float("inf"), device=conf_N.device)
+        pos_BN = torch.full((B, len(conf_N)), -1, dtype=torch.long, device=conf_N.device)
+        cols = torch.arange(len(conf_N), device=conf_N.device)
+        conf_BN[rows.b_N, cols], pos_BN[rows.b_N, cols] = conf_N, rows.g_N
+        commit_BN = torch.zeros_like(conf_BN, dtype=torch.bool)
+        commit_BN[rows.b_N, cols] = rows.committed_N
+        floor_B, last_B = commit_floor(conf_BN, commit_BN, pos_BN)
+        d_N = ~rows.committed_N
+        rb_D = uncommitted_logp(x_NV[d_N], floor_B[rows.b_N[d_N]], last_B[rows.b_N[d_N]], rows.g_N[d_N],
+                                micro.temperature, rows.cutoff_N[d_N])
+        return logp_N.masked_scatter(d_N, rb_D)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
