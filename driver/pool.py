@@ -174,9 +174,13 @@ class RolloutPool:
         self.busy[ref] = Call(worker_id, call_id, items, reserved)
         return ref
 
-    def broadcast(self, update) -> dict:
+    def broadcast(self, update, prefetch: bool = False) -> dict:
         """Queue a weight swap (a ``WeightUpdate``) on every worker; it runs after the worker's current rollout.
-        Returns worker id -> the call's ref."""
+        With ``prefetch`` each worker first copies the update into its double buffer on its weights thread,
+        beside that rollout, so the swap is a device copy. Returns worker id -> the set_weights call's ref."""
+        if prefetch:  # never raises; its result is not waited for
+            for wid in self.active():
+                self.workers[wid].prefetch_weights.options(concurrency_group="weights").remote(update)
         return {wid: self.workers[wid].set_weights.remote(update) for wid in self.active()}
 
     def shutdown(self) -> None:

@@ -1,7 +1,8 @@
 """The weight publisher: brings the rollout pool to the learner's current weights, whatever the transport.
 
 One ``publish()`` per policy version. object_store / cuda_ipc: rank 0 packs the weights once and every
-active worker swaps them in before its next rollout. nccl: rank 0 broadcasts to a group of the active
+active worker swaps them in before its next rollout (with ``rollout.prefetch_weights``, copied into a double
+buffer beside the running rollout first, so the swap itself is a device copy). nccl: rank 0 broadcasts to a group of the active
 workers, received beside running rollouts; the group is rebuilt when the members change, every member is
 pinged on its weights thread first, and a broadcast that fails is retried without the members that left.
 
@@ -24,8 +25,10 @@ PING_TIMEOUT_S = 10.0
 class WeightPublisher:
     """Owns transport state: the nccl group and its members, the workers awaiting weights, the last update."""
 
-    def __init__(self, learner, pool, transport: str, *, sync_timeout_s: float, base_is_shipped: bool):
+    def __init__(self, learner, pool, transport: str, *, sync_timeout_s: float, base_is_shipped: bool,
+                 prefetch: bool = False):
         self.pool, self.transport, self.sync_timeout_s = pool, transport, sync_timeout_s
+        self.prefetch = prefetch and transport != "nccl"  # rollout.prefetch_weights (nccl stages on its own)
         self.base_is_shipped = base_is_shipped  # workers load the checkpoint base themselves
         self.awaiting: set[str] = set()
         self.update = None
@@ -55,7 +58,7 @@ class WeightPublisher:
         if self.transport == "cuda_ipc":  # one shared buffer: receivers of the last version must be done
             self._settle()
         self.update = self.learner.sync_weights()
-        self._pending = self.pool.broadcast(self.update)
+        self._pending = self.pool.broadcast(self.update, prefetch=self.prefetch and self.update.lora_scales is None)
         self.awaiting.clear()  # set_weights runs before any later call on each worker (a late one's too)
         if block:
             self._settle()

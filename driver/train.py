@@ -72,7 +72,8 @@ class Controller:
         self.queue = components.build_queue(cfg, run_dir, state.version)
         self.pool = components.build_pool(cfg, run_dir, state.call_id)
         self.weights = WeightPublisher(self.learner, self.pool, self.transport, sync_timeout_s=cfg.learner.sync_timeout_s,
-                                       base_is_shipped=cfg.model.path is not None)
+                                       base_is_shipped=cfg.model.path is not None,
+                                       prefetch=cfg.rollout.prefetch_weights)
         if self.weights.needed(state.version):
             self.weights.publish(state.version, block=True)
         self.metrics.log(components.placement(self.queue, self.learner, self.pool))

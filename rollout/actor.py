@@ -147,6 +147,7 @@ class RolloutWorker:
         self._group_id = ""
         self._receiving = False
         self._merge = None  # AdapterMerge of adapter-only syncs (LoRA over a checkpoint base)
+        self._prefetch = None  # rollout.weight_sync.PrefetchBuffer, built at the first prefetch
 
     def ready(self) -> dict[str, Any]:
         import ray
@@ -155,20 +156,40 @@ class RolloutWorker:
                 "node": ray.get_runtime_context().get_node_id(), "device": self.gen.device, "version": self.version}
 
     def set_weights(self, update) -> dict[str, float]:
-        """Swap in a new policy version (Ray runs this between rollouts) through its transport's receiver."""
+        """Swap in a new policy version (Ray runs this between rollouts) through its transport's receiver, or
+        from the double buffer when ``prefetch_weights`` already brought this update in."""
         from rollout.weight_sync import build_receiver
 
         if update.transport not in self.receivers:
             self.receivers[update.transport] = build_receiver(update.transport)
         start = time.perf_counter()
         receiver = self.receivers[update.transport]
-        if update.lora_scales is None:
+        if update.lora_scales is None and self._prefetch is not None and self._prefetch.take(self.gen.model, update):
+            self.version = update.version
+        elif update.lora_scales is None:
             self.version = receiver.receive(self.gen.model, update)
         else:  # adapters only: receive A and B, merge them into this actor's own base weights
             merge = self._adapter_merge(update.layout, update.lora_scales)
             self.version = receiver.receive_into(merge.buffers, update)
             merge.apply(self.gen.model)
         return {"version": self.version, "seconds": time.perf_counter() - start}
+
+    def prefetch_weights(self, update) -> dict[str, Any]:
+        """Copy a full-weights update (object_store / cuda_ipc) into the double buffer; runs on the weights thread,
+        beside a rollout, ahead of the same update's ``set_weights``. Never raises: after a failed prefetch
+        ``set_weights`` receives the update itself."""
+        from rollout.weight_sync import PrefetchBuffer
+
+        if self._prefetch is None:
+            self._prefetch = PrefetchBuffer()
+        start = time.perf_counter()
+        try:
+            self._prefetch.fill(self.gen.model, update)
+        except Exception as e:  # noqa: BLE001 - reported; set_weights receives the update itself
+            log.warning("%s: weights prefetch of version %d failed (%s); set_weights will receive them",
+                        self.worker_id, update.version, type(e).__name__)
+            return {"prefetched": False}
+        return {"prefetched": True, "seconds": time.perf_counter() - start}
 
     def _adapter_merge(self, layout, scales):
         """The AdapterMerge for this layout (built once: it copies the base weights of adapted layers)."""

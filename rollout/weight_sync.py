@@ -6,6 +6,7 @@ adapter-only update, then ``AdapterMerge.apply``); it returns the version now lo
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 
@@ -131,6 +132,46 @@ class NcclReceiver(WeightReceiver):
     def close(self) -> None:
         close_group(self._group)
         self._group = None
+
+
+class PrefetchBuffer:
+    """A rollout actor's double buffer for full-weights updates (object_store / cuda_ipc): ``fill`` receives an
+    update into a second copy of the weights (on the actor's weights thread, beside a running rollout);
+    ``take``, between rollouts, copies it into the model if it holds that very update (waiting for a ``fill``
+    still running), else leaves the update to the ordinary receive."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buffers: dict[str, torch.Tensor] | None = None
+        self._key: tuple | None = None
+        self._receivers: dict[str, WeightReceiver] = {}  # its own: receivers keep per-thread state (IPC handles)
+
+    def fill(self, model: torch.nn.Module, update: WeightUpdate) -> None:
+        with self._lock:
+            self._key = None
+            if update.transport not in self._receivers:
+                self._receivers[update.transport] = build_receiver(update.transport)
+            if self._buffers is None:  # one extra copy of the weights, allocated once
+                self._buffers = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+            self._receivers[update.transport].receive_into(self._buffers, update)
+            self._key = _update_key(update)
+
+    def take(self, model: torch.nn.Module, update: WeightUpdate) -> bool:
+        with self._lock:
+            if self._key is None or self._key != _update_key(update):
+                return False
+            with torch.no_grad():
+                for name, target in model.state_dict().items():
+                    target.copy_(self._buffers[name])
+            self._key = None
+            return True
+
+
+def _update_key(update: WeightUpdate) -> tuple:
+    """What identifies one update across calls: its version and payload (an object ref, or a CUDA buffer id: a
+    rebuilt learner resending an older version sends another payload)."""
+    payload = update.payload
+    return update.version, update.transport, payload.hex() if hasattr(payload, "hex") else str(payload[0])
 
 
 def build_receiver(name: str, **kwargs) -> WeightReceiver:

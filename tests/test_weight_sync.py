@@ -53,6 +53,29 @@ def test_object_store_roundtrip_and_versions(ray_local):
 
 
 @pytest.mark.ray
+def test_a_prefetched_update_is_copied_in_and_any_other_is_left_to_the_receiver(ray_local):
+    """The rollout actor's double buffer: filled with version 1 (beside a rollout), ``take`` of that update copies
+    it in; ``take`` of an update it does not hold (another version, or the same version with another payload,
+    as a rebuilt learner sends) changes nothing and says so; each fill is taken once."""
+    from rollout.weight_sync import PrefetchBuffer
+
+    sender, model = ObjectStoreSender(), build_model(preset_config("tiny"), seed=0)
+    states = {s: build_model(preset_config("tiny"), seed=s).state_dict() for s in (1, 2)}
+    u1 = sender.send(states[1].items(), version=1)
+    resent = sender.send(states[1].items(), version=1)  # same version, another object
+    u2 = sender.send(states[2].items(), version=2)
+    buffer = PrefetchBuffer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffer.fill(model, u1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # filling leaves the model alone
+    assert not buffer.take(model, u2) and not buffer.take(model, resent)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert buffer.take(model, u1)
+    assert all(torch.equal(v, states[1][k]) for k, v in model.state_dict().items())
+    assert not buffer.take(model, u1)  # taken: a second set_weights of it receives it itself
+
+
+@pytest.mark.ray
 def test_layout_mismatch_is_one_clear_error(ray_local):
     source = tiny(0)
     other = build_model(preset_config("tiny", n_layers=3), seed=0)

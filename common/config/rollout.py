@@ -26,6 +26,12 @@ class RolloutConfig(Section):
         description="Token budget of one evaluation batch (sequences x (longest prompt + gen_length)): held-out "
         "items are decoded in as many batches as it takes, by rollout workers and by `unmask eval` alike.")
     max_restarts: int = Field(default=3, ge=0, description="Ray restarts of a rollout actor that died.")
+    prefetch_weights: bool = Field(
+        default=True,
+        description="object_store / cuda_ipc weight syncs: each worker copies a new version into a second copy of "
+        "the weights on its weights thread while its current rollout runs, so the swap between rollouts is a device "
+        "copy (the nccl transport always stages so). Costs one more copy of the weights per worker (16 GB for an "
+        "8B model in bf16); false receives between rollouts instead.")
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources per rollout actor (e.g. {rollout: 1}) so the autoscaler adds rollout "
