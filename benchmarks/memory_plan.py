@@ -37,7 +37,8 @@ learner rank (W = learner.num_ranks, FSDP2 per block + root):
 rollout worker (one GPU):
   weights      all parameters in model.dtype
   sync staging adapter-only LoRA sync: a copy of the adapted base weights (model dtype) + fp32 adapter
-               buffers (rollout/lora_merge.py); full-weight nccl sync: one staging copy of the weights
+               buffers (rollout/lora_merge.py); full-weight sync: one staging copy of the weights (nccl, or the
+               object_store / cuda_ipc prefetch of rollout.prefetch_weights)
   activations  the larger of a rollout call (prompts_per_call x group_size sequences, x2 under cfg_scale) and
                an evaluation batch (rollout.eval_batch_tokens), at the longest prompt: the residual stream plus
                one block's transients (4 d_model + 3 mlp_hidden bf16 values per token; an upper bound under GQA,
