@@ -74,6 +74,19 @@ def test_greedy_top_prob_is_llada_low_confidence_token_for_token(model, seed, ge
     assert torch.equal(ours.sequences_BL, ref) and ours.commit_reads_draws is False
 
 
+@pytest.mark.parametrize("threshold,floor", [(0.0105, "remaining"), (0.011, "schedule")])  # the tiny model is near uniform (1/101)
+def test_greedy_top_prob_with_a_threshold_is_the_low_confidence_threshold_rule(model, threshold, floor):
+    """With a confidence threshold too (LLaDA2's decoding), top_prob thresholds the distribution's top
+    probability: at temperature 0 that is the drawn token's, so the two rules commit the same tokens at the same
+    steps; top_prob reads no draw even so."""
+    prompt_BP = _prompts(3, 7, 1)
+    kw = dict(gen_length=16, block_length=8, steps=16, threshold=threshold, threshold_floor=floor)
+    low, top = _run(model, prompt_BP, **kw), _run(model, prompt_BP, remasking="top_prob", **kw)
+    assert torch.equal(low.sequences_BL, top.sequences_BL) and torch.equal(low.unmask_step_BG, top.unmask_step_BG)
+    assert (low.step_committed_BT > 1).any()  # the threshold committed several tokens in some step
+    assert low.commit_reads_draws is True and top.commit_reads_draws is False
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_matches_reference_with_models_of_other_seeds(seed):
     other = build_model(preset_config("tiny"), seed=seed).eval()
