@@ -100,14 +100,16 @@ def run_preset(name: str, prompts: int, seed: int) -> list[dict]:
     out = []
     for k_label, k in (("all steps", T), (f"k={cfg.algorithm.k_steps}", cfg.algorithm.k_steps)):
         moments = {}
-        for draws in ("all", "committed"):
+        for draws in ("all", "committed", "rao_blackwell"):
             algo = AgrpoConfig(**{**cfg.algorithm.model_dump(), "name": "agrpo", "k_steps": k, "draws": draws})
             loss = build_loss(algo, mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id)
             moments[draws] = per_sample_moments(model, loss, traj, seed)
         s_all, s_com = summarise(moments["all"]), summarise(moments["committed"])
+        s_rb = summarise(moments["rao_blackwell"])
         out.append({
             "preset": name, "steps": k_label, "samples": len(traj), "mean_reward": float(traj.rewards_B.mean()),
-            "var_all": s_all["var"], "var_committed": s_com["var"], "mean_sq_all": s_all["mean_sq"],
+            "var_all": s_all["var"], "var_committed": s_com["var"], "var_rb": s_rb["var"],
+            "cos_rb": cosine(moments["all"], moments["rao_blackwell"]), "mean_sq_all": s_all["mean_sq"],
             "mean_sq_committed": s_com["mean_sq"], "cos": cosine(moments["all"], moments["committed"]),
             "discards_per_sample": float((traj.discard_ids_BGS >= 0).sum()) / len(traj),
         })
@@ -179,12 +181,12 @@ def estimator_table(prompts: int, seed: int) -> list[str]:
 
 def enumeration_rows() -> list[dict]:
     """Relative error of each estimator's expectation vs exact grad E[R] (tests/test_loss_unbiased.py)."""
-    from tests.test_loss_unbiased import CASES, _rel, _tiny, exact_and_estimated
+    from tests.test_loss_unbiased import CASES, _rel, _remasking, _tiny, exact_and_estimated
 
     model = _tiny()
     rows = []
     for rule, G, steps, temperature, threshold, top_k in CASES:
-        remasking = "low_confidence" if rule == "threshold" else rule
+        remasking = _remasking(rule)
         label = (rule if threshold is None else f"threshold {threshold}") + ("" if top_k is None else f", top-k {top_k}")
         row = {"rule": label, "G": G, "steps": steps, "T": temperature}
         for draws in ("all", "committed"):
@@ -330,7 +332,8 @@ def draws_report(prompts: int, seed: int) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in enumeration_rows():
         lines.append(f"| {r['rule']} | {r['G']} | {r['steps']} | {r['T']} | {r['trajectories']} | {r['all']:.1e} | {r['committed']:.3f} |")
-    lines += ["", "## Rao-Blackwellised discarded draws, by enumeration only (low-confidence; not in the learner)", "",
+    lines += ["", "## Rao-Blackwellised discarded draws, by enumeration (low-confidence; the learner's "
+              "`algorithm.draws=rao_blackwell`, exact by tests/test_loss_unbiased.py)", "",
               "err = relative error of E[R * score] vs grad E[R]; tr Cov of R * score (no baseline).", "",
               "| G | steps | temperature | head | trajectories | err all | err RB | tr Cov all | tr Cov RB | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -339,16 +342,18 @@ def draws_report(prompts: int, seed: int) -> list[str]:
                      f"{r['err_rb']:.1e} | {r['var_all']:.4g} | {r['var_rb']:.4g} | {r['var_rb'] / r['var_all']:.2f} |")
     lines += ["", "## Per-sample gradient variance on the tiny presets (low-confidence remasking, T = 1)", "",
               "tr Cov = the per-sample gradient's variance summed over parameters; |mean|^2 = squared norm of the "
-              "batch-mean gradient; cos = cosine between the two estimators' mean gradients.", "",
+              "batch-mean gradient; cos = cosine between two estimators' mean gradients (committed and RB against all). "
+              "RB = draws=rao_blackwell in the learner: exact like all.", "",
               "| preset | steps scored | samples | mean reward | discarded draws / sample | tr Cov all | tr Cov committed "
-              "| ratio | \\|mean\\|^2 all | \\|mean\\|^2 committed | cos |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| all / committed | tr Cov RB | RB / all | \\|mean\\|^2 all | \\|mean\\|^2 committed | cos committed | cos RB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in PRESETS:
         for r in run_preset(name, prompts, seed):
             lines.append(f"| {r['preset']} | {r['steps']} | {r['samples']} | {r['mean_reward']:.3f} | "
                          f"{r['discards_per_sample']:.1f} | {r['var_all']:.4g} | {r['var_committed']:.4g} | "
-                         f"{r['var_all'] / r['var_committed'] if r['var_committed'] else float('nan'):.2f} | {r['mean_sq_all']:.4g} | "
-                         f"{r['mean_sq_committed']:.4g} | {r['cos']:.3f} |")
+                         f"{r['var_all'] / r['var_committed'] if r['var_committed'] else float('nan'):.2f} | "
+                         f"{r['var_rb']:.4g} | {r['var_rb'] / r['var_all']:.2f} | {r['mean_sq_all']:.4g} | "
+                         f"{r['mean_sq_committed']:.4g} | {r['cos']:.3f} | {r['cos_rb']:.3f} |")
     return lines
 
 
