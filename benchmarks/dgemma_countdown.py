@@ -40,7 +40,8 @@ def main(argv=None) -> None:
     from common.tokenizers import CharTokenizer
     from learner.losses.uniform_agrpo import uniform_agrpo_loss
     from learner.uniform_sft import uniform_sft_loss
-    from rollout.actor import completion_text, pad_rows
+    from rollout.actor import completion_text
+    from rollout.sampler import pad_rows
     from rollout.uniform_sampler import generate_uniform
 
     torch.set_num_threads(args.threads)

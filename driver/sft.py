@@ -23,7 +23,7 @@ def sft_batch(items: list, task, tokenizer, gen_length: int) -> tuple[Trajectory
     """Prompt + EOS-padded reference completion of each item as a ``Trajectory`` (ids only), and how many
     items were left out because their reference plus its EOS does not fit in ``gen_length`` tokens (a
     truncated reference would teach a wrong answer with no end: a 16-digit Sudoku grid cut to 15)."""
-    from rollout.actor import pad_rows
+    from rollout.sampler import pad_rows
 
     prompts, completions = [], []
     for item in items:

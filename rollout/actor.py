@@ -26,17 +26,6 @@ from common.config import ModelConfig, SamplerConfig, TaskConfig
 log = logging.getLogger("unmask")
 
 
-def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → left-padded ids [B, P] and attention mask [B, P] (``rollout.sampler.left_pad``)."""
-    from rollout.sampler import left_pad
-
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-    ids, mask = left_pad(ids, mask, pad_id)
-    return ids, mask.long()
-
-
 def completion_text(tokenizer, ids: list[int]) -> str:
     """Decode a completion up to its first EOS/EoT (LLaDA fills the tail with EOS)."""
     stops = {tokenizer.eos_id} | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set())
@@ -90,6 +79,8 @@ class Generator:
 
             return generate_canvases(self.model, prompt_rows, sampler_cfg or self.sampler_cfg, eos_id=tok.eos_id,
                                      pad_id=tok.pad_id, seed=seed)
+        from rollout.sampler import pad_rows
+
         ids, mask = pad_rows(prompt_rows, tok.pad_id)
         return generate(self.model, ids.to(self.device), mask.to(self.device), sampler_cfg or self.sampler_cfg,
                         mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id, pad_id=tok.pad_id, seed=seed)

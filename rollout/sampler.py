@@ -59,6 +59,15 @@ def counter_uniform(seed: int, row_ids_N: torch.Tensor, salt: int = _RANDOM_REMA
     return (key >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → left-padded ids [B, P] and attention mask [B, P] (``left_pad``)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    ids, mask = left_pad(ids, mask, pad_id)
+    return ids, mask.long()
+
+
 def left_pad(prompt_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None, pad_id: int):
     """Move every row's real tokens to the right end (order kept); returns (ids filled with pad_id, mask)."""
     if attention_mask_BP is None:

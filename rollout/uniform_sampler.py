@@ -154,7 +154,7 @@ def canvas_trajectory(prompt_rows: list[list[int]], completion_BG: torch.Tensor,
     """The common ``Trajectory`` of canvas rollouts: the steps are the K x S canvas steps (T = K x S; per-step
     mean entropy, mean margin and accepted count), each token's step is its canvas's last active step, and the record the
     learner rebuilds travels in ``extras`` (the ``canvas_*`` columns of ``common.schema``)."""
-    from rollout.actor import pad_rows
+    from rollout.sampler import pad_rows
 
     B, K, S, C = rec.canvas.shape
     prompt_ids, prompt_mask = pad_rows(prompt_rows, pad_id)
