@@ -49,8 +49,9 @@ class UniformNoiseSFT:
     each bucket draws its canvas, noise and self-conditioning from the step seed and its prompt length."""
 
     def prepare(self, batch, *, seed: int, epoch: int = 0):
-        batch.extras["sft_seed"] = int(seed)
-        return batch
+        out = batch.select(slice(None))
+        out.extras = {**batch.extras, "sft_seed": int(seed)}
+        return out
 
     def backward(self, model, micro, *, total_samples: int, ref_model=None, before_backward=None) -> dict[str, float]:
         device = next(model.parameters()).device

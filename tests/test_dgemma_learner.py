@@ -13,6 +13,7 @@ import common.model as M
 from common.config import AgrpoConfig, AtpoConfig, LearnerConfig, ModelConfig, SamplerConfig, SpgConfig
 from common.schema import group_to_record_batch, table_to_trajectory, validate_group
 from common.tokenizers import CharTokenizer
+from common.trajectory import Trajectory
 from learner.losses import build_loss
 from learner.losses.uniform_agrpo import uniform_agrpo_loss
 from rollout.uniform_sampler import decoding_of, generate_canvases, generate_uniform
@@ -221,3 +222,32 @@ def test_the_rollout_generator_decodes_a_dgemma_checkpoint_as_canvases(model, tm
     assert traj.extras["canvas_BKSC"].shape == (3, 3, 6, 4) and traj.completion_ids_BG.shape == (3, 12)
     texts, rewards = gen.evaluate(items, SAMPLER, token_budget=1 << 20)
     assert len(texts) == len(rewards) == 3
+
+
+def test_unmask_sft_trains_canvases_unpadded_by_prompt_length(model):
+    """``unmask sft``'s loss for this family: each prompt length's rows as one unpadded batch, seeded by the
+    step seed and the length; the gradient is the rows-weighted sum of those buckets' uniform-noise losses."""
+    from learner.sft import build_sft_loss
+    from learner.uniform_sft import uniform_sft_loss
+    from rollout.sampler import pad_rows
+
+    rows = _prompts(0)[::GROUP]  # lengths 5, 7, 6
+    completion = torch.randint(5, 101, (len(rows), 8), generator=torch.Generator().manual_seed(1))
+    ids, mask = pad_rows(rows, PAD)
+    zeros = torch.zeros(len(rows), 8)
+    batch = Trajectory(ids, mask.bool(), completion, torch.zeros(len(rows), 8, dtype=torch.long), zeros, zeros, zeros,
+                       zeros, torch.zeros(len(rows), 1), torch.zeros(len(rows), 1), torch.zeros(len(rows), 1, dtype=torch.long))
+    loss = build_sft_loss(mask_id=-1, canvases=True)
+    model.zero_grad()
+    metrics = loss.backward(model, loss.prepare(batch, seed=3), total_samples=len(rows))
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for i, row in enumerate(rows):  # one row per length here
+        part = uniform_sft_loss(model, torch.tensor([row]), completion[i:i + 1],
+                                torch.Generator().manual_seed(3 * 1_000_003 + len(row))) / len(rows)
+        part.backward()
+        total += float(part.detach())
+    assert metrics["loss"] == pytest.approx(total, rel=1e-6) and metrics["samples"] == 3
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -80,9 +80,10 @@ class UniformStepLoss(PolicyLoss):
             weights_BK = weights_BK / eligible_BT.sum(1, keepdim=True).clamp(min=1)
         w_BT = torch.zeros(B, K * S, dtype=torch.float32)
         w_BT.scatter_add_(1, steps_BK.clamp(min=0), torch.where(steps_BK >= 0, weights_BK, 0.0))
-        batch.extras["advantages_B"] = self._advantages(batch)
-        batch.extras["step_weights_BKS"] = w_BT.reshape(B, K, S).to(batch.completion_ids_BG.device)
-        return batch
+        out = batch.select(slice(None))
+        out.extras = {**batch.extras, "advantages_B": self._advantages(batch),
+                      "step_weights_BKS": w_BT.reshape(B, K, S).to(batch.completion_ids_BG.device)}
+        return out
 
     def backward(self, model, micro: Trajectory, *, total_samples: int, ref_model=None,
                  before_backward=None) -> dict[str, float]:
