@@ -187,7 +187,8 @@ def enumeration_rows() -> list[dict]:
     rows = []
     for rule, G, steps, temperature, threshold, top_k in CASES:
         remasking = _remasking(rule)
-        label = (rule if threshold is None else f"threshold {threshold}") + ("" if top_k is None else f", top-k {top_k}")
+        label = {"threshold": f"threshold {threshold}", "top_prob_threshold": f"top_prob, threshold {threshold}"}.get(
+            rule, rule) + ("" if top_k is None else f", top-k {top_k}")
         row = {"rule": label, "G": G, "steps": steps, "T": temperature}
         for draws in ("all", "committed"):
             exact, est, leaves = exact_and_estimated(model, G, steps, remasking, temperature, threshold, draws, top_k)
