@@ -328,7 +328,8 @@ def write_report(results: dict, out: Path) -> None:
         lines.append(f"| {method} ({len(runs)} seeds{lr}) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} | "
                      + (f"{statistics.mean(step_s):.2f} |" if step_s else " |"))
     lines += time_lines(results)
-    for reference in ("agrpo", "atpo", "sync"):  # the paper's estimator, its reallocation; sync for async designs
+    named = [m for m in ("agrpo", "atpo", "sync") if m in by_method(results)]  # the paper's estimator, its
+    for reference in named or list(by_method(results))[:1]:  # reallocation, sync for async designs; else the first
         lines += separation_lines(results, reference)
     lines += tuning
     if results.get("overrides"):
@@ -357,7 +358,7 @@ def time_lines(results: dict) -> list[str]:
 
 def tuning_lines(results: dict) -> list[str]:
     """A design's tuning runs: each method's mean final held-out accuracy per lr, the chosen one in bold."""
-    if not results.get("lrs") or results["lrs"] == [None]:
+    if not results.get("lrs") or results["lrs"] == [None] or not results.get("tuning_seeds"):
         return []
     chosen = chosen_lrs(results)
     lines = ["", f"Tuning (seeds {results['tuning_seeds']}): mean final held-out accuracy per lr", "",
