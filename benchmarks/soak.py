@@ -32,6 +32,8 @@ At every held-out step evaluated by the soak and by all references (m steps; ste
 out), the soak must lie within the simultaneous 95% prediction interval of one more run: the references'
 mean ± t(1 - 0.025/m, df) x s x sqrt(1 + 1/n) (Bonferroni over the m steps), s the within-step standard
 deviation pooled over the steps (n references, df = m x (n - 1)).
+The soak and its references must run the same commit (the preset's decoding changed to top_prob on 2026-12-06,
+after the committed soak and references, which ran random-order decoding).
 """
 from __future__ import annotations
 
