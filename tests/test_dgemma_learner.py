@@ -17,20 +17,12 @@ from common.trajectory import Trajectory
 from learner.losses import build_loss
 from learner.losses.uniform_agrpo import uniform_agrpo_loss
 from rollout.uniform_sampler import decoding_of, generate_canvases, generate_uniform
+from tests.test_dgemma import model  # noqa: F401 - the fixture: the tiny preset with peaked distributions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PAD, EOS = 0, 2
 SAMPLER = SamplerConfig(gen_length=12, block_length=4, steps=18, uniform=dict(entropy_bound=6.0, confidence_threshold=5.0))
 GROUP = 3
-
-
-@pytest.fixture(scope="module")
-def model():
-    """The tiny preset with peaked distributions (canvases turn stable and stop early)."""
-    model = M.build_model(M.preset_config("tiny-dgemma"), seed=0).eval()
-    with torch.no_grad():
-        model.model.decoder.norm.weight.mul_(12)
-    return model
 
 
 def _prompts(seed: int) -> list[list[int]]:

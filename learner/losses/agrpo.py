@@ -155,10 +155,5 @@ class AgrpoLoss(StepwiseLoss):
     """AGRPO: steps drawn uniformly (i.i.d. or stratified) or by entropy importance sampling; unbiased."""
 
     def select_steps(self, batch, eligible_BT, gen):
-        k = self.cfg.k_steps
-        if self.cfg.step_sampling == "uniform":
-            return step_sel.uniform_steps(eligible_BT, k, gen)
-        if self.cfg.step_sampling == "stratified":
-            return step_sel.stratified_steps(eligible_BT, k, gen)
-        probs_BT = step_sel.entropy_step_probs(batch.entropy_BG, batch.unmask_step_BG, eligible_BT)
-        return step_sel.proportional_steps(probs_BT, k, gen)
+        return step_sel.agrpo_steps(self.cfg.step_sampling, eligible_BT, self.cfg.k_steps, gen, lambda: (
+            step_sel.entropy_step_probs(batch.entropy_BG, batch.unmask_step_BG, eligible_BT)))

@@ -79,6 +79,17 @@ def stratified_steps(eligible_BT: torch.Tensor, k: int, gen: torch.Generator) ->
     return _finish(order_BT, idx_BK, size_BK.double(), size_BK > 0)
 
 
+def agrpo_steps(sampling: str, eligible_BT: torch.Tensor, k: int, gen: torch.Generator,
+                entropy_probs) -> tuple[torch.Tensor, torch.Tensor]:
+    """AGRPO's k steps by ``algorithm.step_sampling``: i.i.d. uniform, stratified, or drawn proportionally to
+    ``entropy_probs()`` (a [B, T] distribution, computed only then) with importance weights; all unbiased."""
+    if sampling == "uniform":
+        return uniform_steps(eligible_BT, k, gen)
+    if sampling == "stratified":
+        return stratified_steps(eligible_BT, k, gen)
+    return proportional_steps(entropy_probs(), k, gen)
+
+
 def proportional_steps(probs_BT: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """k draws from per-row step distributions ``probs_BT`` (zero off the eligible steps), weighted
     1 / (k p(t)) so the estimate is unbiased for the full sum.

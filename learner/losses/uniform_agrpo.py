@@ -120,14 +120,12 @@ class UniformAgrpoLoss(UniformStepLoss):
     mean) or proportional to the step's mean entropy, importance-weighted; unbiased."""
 
     def select_steps(self, batch, eligible_BT, gen):
-        k = self.cfg.k_steps
-        if self.cfg.step_sampling == "uniform":
-            return step_sel.uniform_steps(eligible_BT, k, gen)
-        if self.cfg.step_sampling == "stratified":
-            return step_sel.stratified_steps(eligible_BT, k, gen)
-        h_BT = batch.step_entropy_BT.detach().cpu().double() * eligible_BT
-        floor_B = 1e-6 * h_BT.sum(1) / eligible_BT.sum(1).clamp(min=1) + 1e-12  # every acting step stays reachable
-        return step_sel.proportional_steps((h_BT + floor_B[:, None]) * eligible_BT, k, gen)
+        def entropy_probs():  # each acting step's recorded mean entropy; a floor keeps every one reachable
+            h_BT = batch.step_entropy_BT.detach().cpu().double() * eligible_BT
+            floor_B = 1e-6 * h_BT.sum(1) / eligible_BT.sum(1).clamp(min=1) + 1e-12
+            return (h_BT + floor_B[:, None]) * eligible_BT
+
+        return step_sel.agrpo_steps(self.cfg.step_sampling, eligible_BT, self.cfg.k_steps, gen, entropy_probs)
 
 
 class UniformAtpoLoss(UniformStepLoss):
