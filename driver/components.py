@@ -22,7 +22,7 @@ def build_learner(cfg: UnmaskConfig, tokenizer, transport: str):
     from learner.group import LearnerGroup
     from learner.losses import build_loss
 
-    canvases = family_of(policy_config(cfg.model)).attention == "encoder_decoder"
+    canvases = family_of(policy_config(cfg.model)).canvases
     if canvases and cfg.learner.num_ranks > 1:
         raise RunError("a DiffusionGemma policy trains on one learner rank for now (its tied encoder/decoder is not "
                        "sharded yet): set learner.num_ranks=1")

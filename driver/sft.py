@@ -86,7 +86,7 @@ def sft(cfg: UnmaskConfig) -> int:
     trackers = build_trackers(cfg.run, run_dir, cfg.model_dump(mode="json"))
     metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=[trackers])
     connect_ray(cfg.run.ray_address)
-    canvases = family_of(policy_config(cfg.model)).attention == "encoder_decoder"
+    canvases = family_of(policy_config(cfg.model)).canvases
     learner = LearnerGroup(cfg.learner, cfg.model, seed=cfg.run.seed, ref_model=False,
                            loss_factory=functools.partial(build_sft_loss, mask_id=tokenizer.mask_id, eps=cfg.sft.eps,
                                                           position_ids=cfg.sampler.position_ids,

@@ -176,7 +176,7 @@ class LearnerRank:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        if family_of(model).attention != "encoder_decoder":  # DiffusionGemma's encoder and decoder layers share
+        if not family_of(model).canvases:  # DiffusionGemma's encoder and decoder layers share
             for block in model.blocks:  # their parameters: one root unit holds both (FSDP2 shards shared ones once)
                 fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -74,7 +74,7 @@ class Generator:
         from rollout.sampler import generate
 
         tok = self.tokenizer
-        if family_of(self.model).attention == "encoder_decoder":  # uniform-noise canvases (DiffusionGemma)
+        if family_of(self.model).canvases:  # uniform-noise canvases (DiffusionGemma)
             from rollout.uniform_sampler import generate_canvases
 
             return generate_canvases(self.model, prompt_rows, sampler_cfg or self.sampler_cfg, eos_id=tok.eos_id,

@@ -25,8 +25,8 @@ from contextlib import nullcontext
 import torch
 
 from common.config.sampler import SamplerConfig
-from common.rao_blackwell import commit_floor, uncommitted_logp
 from common.model.family import family_of
+from common.rao_blackwell import commit_floor, uncommitted_logp
 from common.step_layout import block_starts, packed_positions, query_columns
 from common.trajectory import Trajectory
 from rollout.kernels import sample_rows, support_cutoff
@@ -435,7 +435,7 @@ def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed
     B, R = token_BR.shape
     if config.remasking == "origin":
         return valid_BR & (counter_uniform(seed, row_ids_N).view(B, R) < p_transfer)
-    score_BR = _remask_score(config.remasking, stats, seed, row_ids_N, pos_BR.reshape(-1), logits_NV).view(B, R)
+    raw_BR = score_BR = _remask_score(config.remasking, stats, seed, row_ids_N, pos_BR.reshape(-1), logits_NV).view(B, R)
     if config.remasking_temperature > 0:  # sampling without replacement ~ softmax(score / temperature)
         u_BR = counter_uniform(seed, row_ids_N, _REMASK_GUMBEL_SALT).view(B, R)
         score_BR = score_BR / config.remasking_temperature - torch.log(-torch.log(u_BR))
@@ -447,9 +447,8 @@ def _choose(config: SamplerConfig, stats, token_BR, valid_BR, n_B, demoted, seed
     rank_BR = torch.empty_like(order_BR).scatter_(1, order_BR, torch.arange(R, device=order_BR.device).expand(B, R))
     commit_BR = valid_BR & (rank_BR < (n_B if isinstance(n_B, int) else n_B[:, None]))
     if config.threshold is not None:  # on the remasking's own statistic under top_prob (so it reads no draw)
-        above_N = _remask_score("top_prob", stats, seed, row_ids_N, None, logits_NV) if config.remasking == "top_prob" \
-            else stats.confidence_N
-        commit_BR |= valid_BR & (above_N.view(B, R) > config.threshold)
+        above_BR = raw_BR if config.remasking == "top_prob" else stats.confidence_N.view(B, R)
+        commit_BR |= valid_BR & (above_BR > config.threshold)
     return commit_BR
 
 

@@ -58,12 +58,13 @@ def generate_uniform(model, prompt_ids: torch.Tensor, d: UniformDecoding, eos_to
             rec.canvas[:, k, s] = canvas
             rec.active[:, k, s] = ~done & ~finished_seq
             logits = decoder_logits(model, canvas, sc, ctx.cache, mask_mapping, dec_pos, temperature(d.steps - s, d))
-            draws = torch.multinomial(torch.softmax(logits, -1, dtype=torch.float32).view(-1, V), 1).view(B, C)
+            probs = torch.softmax(logits, -1, dtype=torch.float32)
+            draws = torch.multinomial(probs.view(-1, V), 1).view(B, C)
             new_argmax = logits.argmax(-1)
             entropy_BC = torch.distributions.Categorical(logits=logits).entropy()
             accepted = accept(entropy_BC, d.entropy_bound)
             rec.entropy[:, k, s] = entropy_BC.mean(-1)
-            top2_BC2 = torch.softmax(logits, -1, dtype=torch.float32).topk(2, -1).values
+            top2_BC2 = probs.topk(2, -1).values
             rec.margin[:, k, s] = (top2_BC2[..., 0] - top2_BC2[..., 1]).mean(-1)
             noise = torch.randint(0, V, (B, C), device=device)
             new_canvas = torch.where(accepted, draws, noise)  # the rest is renoised

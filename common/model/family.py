@@ -32,6 +32,12 @@ class ModelFamily:
     routed: bool = False  # a mixture of experts: the sampler can record its routing (``model.routing``/``replaying``)
     native: bool = False  # transformers' own model class (DiffusionGemma): its loader reads and writes checkpoints
 
+    @property
+    def canvases(self) -> bool:
+        """Decodes uniform-noise canvases (DiffusionGemma): its own sampler, losses and SFT objective, and one
+        FSDP unit (its encoder and decoder layers share their parameters)."""
+        return self.attention == "encoder_decoder"
+
     def block_size(self, config) -> int | None:
         """Block length of block-causal attention (None for bidirectional families)."""
         return int(config.block_size) if self.attention == "block_causal" else None
@@ -39,7 +45,7 @@ class ModelFamily:
     def check_sampler(self, sampler, config) -> None:
         """Refuse, in one line, a decoding this family's attention cannot run as the policy it claims to be."""
         size = self.block_size(config)
-        if self.attention == "encoder_decoder":  # uniform-noise canvases: a block is the model's canvas
+        if self.canvases:  # a block is the model's canvas
             if sampler.block_length != config.canvas_length:
                 raise ValueError(f"{self.name} decodes canvases of canvas_length {config.canvas_length}: set "
                                  f"sampler.block_length={config.canvas_length} (sampler.steps = steps a canvas x canvases)")

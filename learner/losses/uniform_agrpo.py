@@ -33,9 +33,6 @@ def _terms(model, prompt_ids_BP, rec: CanvasRecord, d: UniformDecoding, advantag
     return per_row_B, ratio_BKS[scored_BKS], low[scored_BKS], high[scored_BKS]
 
 
-
-
-
 def uniform_agrpo_loss(model, prompt_ids_BP: torch.Tensor, rec: CanvasRecord, d: UniformDecoding,
                        advantages_B: torch.Tensor, *, total_samples: int, exact: bool = True,
                        clip_low: float = 0.2, clip_high: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
