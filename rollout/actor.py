@@ -196,7 +196,7 @@ class RolloutWorker:
         ``group`` is the rendezvous the learner published (host, port, world_size, backend, bucket_bytes)
         plus this actor's rank and the group's ``id``; a new id means the driver rebuilt the group.
         """
-        from rollout.weight_sync import NcclReceiver
+        from rollout.weight_sync import NcclReceiver, staging_copy
 
         start = time.perf_counter()
         with self._staging_lock:  # waits for a swap in progress; rollouts never wait for a broadcast
@@ -214,7 +214,7 @@ class RolloutWorker:
             if group.get("lora_scales") is not None:  # adapters only: stage them in the merge's buffers
                 self._staging = self._adapter_merge(group["layout"], group["lora_scales"]).buffers
             elif self._staging is None:  # one extra copy of the weights, allocated once
-                self._staging = {k: torch.empty_like(v) for k, v in self.gen.model.state_dict().items()}
+                self._staging = staging_copy(self.gen.model)
             version = self.receivers["nccl"].receive_into(self._staging)
         except BaseException:
             with self._staging_lock:
@@ -227,6 +227,8 @@ class RolloutWorker:
 
     def _apply_staged(self) -> None:
         """Swap in the newest broadcast version, if one arrived since the last rollout."""
+        from rollout.weight_sync import copy_into
+
         with self._staging_lock:
             # Not by version number: a learner rebuilt from a checkpoint sends an older version again.
             if self._receiving or self._staged_count == self._applied_count:
@@ -234,9 +236,7 @@ class RolloutWorker:
             if self._merge is not None and self._staging is self._merge.buffers:
                 self._merge.apply(self.gen.model)
             else:
-                with torch.no_grad():
-                    for name, target in self.gen.model.state_dict().items():
-                        target.copy_(self._staging[name])
+                copy_into(self.gen.model, self._staging)
             self.version, self._applied_count = self._staged_version, self._staged_count
 
     def rollout(self, items: list, call_tag: str) -> dict[str, Any]:

@@ -134,6 +134,18 @@ class NcclReceiver(WeightReceiver):
         self._group = None
 
 
+def staging_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An uninitialised second copy of the model's state, for an update to land in beside a running rollout."""
+    return {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+
+
+def copy_into(model: torch.nn.Module, staged: dict[str, torch.Tensor]) -> None:
+    """Swap a staged copy (``staging_copy``) into the model, in place: between rollouts, never during one."""
+    with torch.no_grad():
+        for name, target in model.state_dict().items():
+            target.copy_(staged[name])
+
+
 class PrefetchBuffer:
     """A rollout actor's double buffer for full-weights updates (object_store / cuda_ipc): ``fill`` receives an
     update into a second copy of the weights (on the actor's weights thread, beside a running rollout);
@@ -152,7 +164,7 @@ class PrefetchBuffer:
             if update.transport not in self._receivers:
                 self._receivers[update.transport] = build_receiver(update.transport)
             if self._buffers is None:  # one extra copy of the weights, allocated once
-                self._buffers = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+                self._buffers = staging_copy(model)
             self._receivers[update.transport].receive_into(self._buffers, update)
             self._key = _update_key(update)
 
@@ -160,9 +172,7 @@ class PrefetchBuffer:
         with self._lock:
             if self._key is None or self._key != _update_key(update):
                 return False
-            with torch.no_grad():
-                for name, target in model.state_dict().items():
-                    target.copy_(self._buffers[name])
+            copy_into(model, self._buffers)
             self._key = None
             return True
 
