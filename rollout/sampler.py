@@ -298,12 +298,16 @@ class _Decoder:
         # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
         x_BL.scatter_(1, col_BR, torch.where(commit_BR, token_BR, block_BK.gather(1, idx_BR)))
         self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
+        discarded_BR = valid_BR & ~commit_BR
         rb_N = None
-        if self.rao_blackwell:
+        if self.rao_blackwell:  # scored on the discarded rows only: the others' values are never read
             floor_B, last_B = commit_floor(stats.confidence_N.view(B, width), commit_BR, pos_BR)
-            rb_N = uncommitted_logp(logits_NV, floor_B.repeat_interleave(width), last_B.repeat_interleave(width),
-                                    pos_BR.reshape(-1), config.temperature, cutoff_N)
-        self.rec.write_discarded(i, pos_BR, valid_BR & ~commit_BR, token_BR, stats, cutoff_N, rb_N)
+            rows = discarded_BR.reshape(-1).nonzero().squeeze(1)
+            rb_N = logits_NV.new_zeros(B * width, dtype=torch.float32)
+            rb_N[rows] = uncommitted_logp(logits_NV[rows], floor_B.repeat_interleave(width)[rows],
+                                          last_B.repeat_interleave(width)[rows], pos_BR.reshape(-1)[rows],
+                                          config.temperature, None if cutoff_N is None else cutoff_N[rows])
+        self.rec.write_discarded(i, pos_BR, discarded_BR, token_BR, stats, cutoff_N, rb_N)
         return kv
 
     def _block_causal_hidden(self, cols_BK, kv, i: int):
