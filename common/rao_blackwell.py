@@ -17,13 +17,15 @@ from __future__ import annotations
 import torch
 
 
-def commit_floor(conf_BR: torch.Tensor, commit_BR: torch.Tensor, pos_BR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample: the confidence s of its n-th (least confident) committed draw and that draw's position (the
-    largest among equal confidences, since ties commit the lower position first); +inf / -1 with none."""
-    conf_BR = torch.where(commit_BR, conf_BR.float(), float("inf"))
-    floor_B = conf_BR.amin(1)
-    at_floor_BR = commit_BR & (conf_BR == floor_B[:, None])
-    last_B = torch.where(at_floor_BR, pos_BR, -1).amax(1)
+def commit_floor(conf_N: torch.Tensor, commit_N: torch.Tensor, pos_N: torch.Tensor, sample_N: torch.Tensor,
+                 num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (rows grouped by ``sample_N``): the confidence s of its n-th (least confident) committed draw
+    and that draw's position (the largest among equal confidences, since ties commit the lower position first);
+    +inf / -1 with none."""
+    conf_N = torch.where(commit_N, conf_N.float(), float("inf"))
+    floor_B = conf_N.new_full((num_samples,), float("inf")).scatter_reduce(0, sample_N, conf_N, "amin")
+    at_floor_N = commit_N & (conf_N == floor_B[sample_N])
+    last_B = pos_N.new_full((num_samples,), -1).scatter_reduce(0, sample_N, torch.where(at_floor_N, pos_N, -1), "amax")
     return floor_B, last_B
 
 

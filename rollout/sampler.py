@@ -301,11 +301,11 @@ class _Decoder:
         discarded_BR = valid_BR & ~commit_BR
         rb_N = None
         if self.rao_blackwell:  # scored on the discarded rows only: the others' values are never read
-            floor_B, last_B = commit_floor(stats.confidence_N.view(B, width), commit_BR, pos_BR)
+            sample_N, pos_N = torch.arange(B, device=pos_BR.device).repeat_interleave(width), pos_BR.reshape(-1)
+            floor_B, last_B = commit_floor(stats.confidence_N, commit_BR.reshape(-1), pos_N, sample_N, B)
             rows = discarded_BR.reshape(-1).nonzero().squeeze(1)
             rb_N = logits_NV.new_zeros(B * width, dtype=torch.float32)
-            rb_N[rows] = uncommitted_logp(logits_NV[rows], floor_B.repeat_interleave(width)[rows],
-                                          last_B.repeat_interleave(width)[rows], pos_BR.reshape(-1)[rows],
+            rb_N[rows] = uncommitted_logp(logits_NV[rows], floor_B[sample_N[rows]], last_B[sample_N[rows]], pos_N[rows],
                                           config.temperature, None if cutoff_N is None else cutoff_N[rows])
         self.rec.write_discarded(i, pos_BR, discarded_BR, token_BR, stats, cutoff_N, rb_N)
         return kv

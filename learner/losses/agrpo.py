@@ -131,15 +131,7 @@ class StepwiseLoss(PolicyLoss):
         if micro.banned_ids:
             x_NV = x_NV.index_fill(1, torch.tensor(micro.banned_ids, device=x_NV.device), float("-inf"))
         conf_N = torch.softmax(x_NV.detach(), -1).gather(1, rows.token_N[:, None])[:, 0]
-        # per sample: its committed rows' floor (one "row" per sample, the committed draws its positions)
-        B = int(rows.b_N.max()) + 1
-        conf_BN = torch.full((B, len(conf_N)), float("inf"), device=conf_N.device)
-        pos_BN = torch.full((B, len(conf_N)), -1, dtype=torch.long, device=conf_N.device)
-        cols = torch.arange(len(conf_N), device=conf_N.device)
-        conf_BN[rows.b_N, cols], pos_BN[rows.b_N, cols] = conf_N, rows.g_N
-        commit_BN = torch.zeros_like(conf_BN, dtype=torch.bool)
-        commit_BN[rows.b_N, cols] = rows.committed_N
-        floor_B, last_B = commit_floor(conf_BN, commit_BN, pos_BN)
+        floor_B, last_B = commit_floor(conf_N, rows.committed_N, rows.g_N, rows.b_N, int(rows.b_N.max()) + 1)
         d_N = ~rows.committed_N
         rb_D = uncommitted_logp(x_NV[d_N], floor_B[rows.b_N[d_N]], last_B[rows.b_N[d_N]], rows.g_N[d_N],
                                 micro.temperature, rows.cutoff_N[d_N])
