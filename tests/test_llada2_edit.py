@@ -103,3 +103,14 @@ def test_editing_needs_the_threshold_and_the_sequence_grid():
     cfg = SamplerConfig(gen_length=8, block_length=4, steps=8, block_grid="sequence", threshold=0.5, edit_threshold=0.5,
                         max_post_edit_steps=3)
     assert cfg.steps_per_round == 4 + 3
+
+
+def test_training_with_editing_is_refused_in_one_line(caplog):
+    """The learner does not rebuild edited states (nor score the draws at committed positions), so a run with
+    editing on stops before building anything; evaluation decodes with it."""
+    from common.config import load_config
+    from driver.train import train
+
+    cfg = load_config("tiny_countdown_moe", ["sampler.edit_threshold=0.5", "sampler.max_post_edit_steps=4"])
+    assert train(cfg) == 2
+    assert "sampler.edit_threshold (LLaDA2.1 token editing) cannot be trained on yet" in caplog.text
