@@ -114,3 +114,69 @@ def test_training_with_editing_is_refused_in_one_line(caplog):
     cfg = load_config("tiny_countdown_moe", ["sampler.edit_threshold=0.5", "sampler.max_post_edit_steps=4"])
     assert train(cfg) == 2
     assert "sampler.edit_threshold (LLaDA2.1 token editing) cannot be trained on yet" in caplog.text
+
+
+# --- what an exact score needs with editing: enumeration on a tabular policy (independent of the sampler's code)
+
+def _enumerate_editing(theta, temperature, threshold, edit_threshold, max_post, V, G=2):
+    """Every path of one block of G completion positions decoded with M2T + T2T (G steps, then edit-only steps),
+    the policy a table of logits per state. Returns (log-prob of every draw, of the masked positions' draws, of
+    the committed and edited draws, whether it edited, final tokens) per path."""
+    MASKED = V
+    paths = []
+
+    def logits(x):
+        return theta[x[0] * (V + 1) + x[1]]
+
+    def walk(x, i, post, lp_all, lp_masked, lp_kept, edited):
+        masked = [j for j in range(G) if x[j] == MASKED]
+        post += not masked
+        if post > max_post or i == G + max_post:
+            paths.append((lp_all, lp_masked, lp_kept, edited, x))
+            return
+        lg = logits(x)
+        logp = torch.log_softmax(lg / temperature, -1)
+        conf = torch.softmax(lg.detach(), -1)  # the rule's statistic: the draw's probability at temperature 1
+        for draws in torch.cartesian_prod(*[torch.arange(V)] * G).tolist():
+            c = [float(conf[j, d]) for j, d in enumerate(draws)]
+            commit = [j for j in masked if c[j] > threshold] or ([max(masked, key=lambda j: c[j])] if masked else [])
+            edit = [j for j in range(G) if j not in masked and draws[j] != x[j] and c[j] > edit_threshold]
+            y = tuple(draws[j] if j in commit or j in edit else x[j] for j in range(G))
+            d = [logp[j, dj] for j, dj in enumerate(draws)]
+            step = (lp_all + sum(d), lp_masked + sum(d[j] for j in masked),
+                    lp_kept + sum(d[j] for j in commit + edit), edited or bool(edit))
+            if not masked and not edit:  # the block ends: an edit-only step that changed nothing
+                paths.append((*step, y))
+            else:
+                walk(y, i + 1, post, *step)
+
+    walk((MASKED,) * G, 0, 0, 0.0, 0.0, 0.0, False)
+    return paths
+
+
+def test_with_editing_only_scoring_every_draw_the_rule_read_is_the_exact_gradient():
+    """E[R * grad log pi] against grad E[R] by exact enumeration (V = 3, two positions, T = 0.7, thresholds 0.5 and
+    0.6, one post-edit step). Every draw (masked and committed positions) gives the gradient; scoring only the masked positions'
+    draws (the rule before editing), or only the committed and edited tokens, does not: the draws at committed
+    positions that did not edit decided that nothing changed."""
+    V = 3
+    theta = torch.randn((V + 1) ** 2, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    theta.requires_grad_(True)
+    reward = torch.randn(V, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    paths = _enumerate_editing(theta, 0.7, threshold=0.5, edit_threshold=0.6, max_post=1, V=V)
+    R = torch.stack([reward[x] for *_, x in paths])
+    prob = torch.stack([lp for lp, *_ in paths]).exp()
+    edited = torch.tensor([p[3] for p in paths])
+    p_edit = float(prob.detach()[edited].sum())
+    assert abs(float(prob.detach().sum()) - 1) < 1e-12 and 0.05 < p_edit < 0.95
+    exact = torch.autograd.grad((prob * R).sum(), theta, retain_graph=True)[0]
+
+    def expected_score(k):  # E[R * grad log pi_k] with the draws scored by variant k
+        return torch.autograd.grad((prob.detach() * R * torch.stack([p[k] for p in paths])).sum(), theta,
+                                   retain_graph=True)[0]
+
+    rel = [float((expected_score(k) - exact).norm() / exact.norm()) for k in range(3)]
+    assert rel[0] < 1e-12
+    assert rel[1] > 0.05 and rel[2] > 0.05, rel
+    print(f"paths {len(paths)}, P(edit) {p_edit:.3f}, relative error masked-only {rel[1]:.3f}, "
+          f"committed+edited only {rel[2]:.3f}")
