@@ -4,7 +4,8 @@ x = [prompt | MASK x G] is decoded block by block; each of a block's ``steps / n
 model once, scores only the block's still-masked positions (their hidden states are gathered before the
 output head, so the vocabulary projection is [N, D] -> [N, V], never [B, L, D] -> [B, L, V]), draws a token
 for each through the fused kernel ``rollout.kernels.sample_rows`` and commits some of them (by confidence,
-at random, by margin, by entropy, by a confidence threshold, or Dream's per-position ``origin`` rule).
+at random, by margin, by entropy, by a confidence threshold, or Dream's per-position ``origin`` rule; with
+``edit_threshold``, LLaDA2.1's token editing, the step scores the whole block and may also replace committed tokens).
 What differs between families is configuration, not code: where the logits of a position sit (the model's
 ``logit_shift``: Dream's column i - 1), where blocks start (``block_grid``: at the completion for LLaDA and
 Dream, every K positions from the prompt's start for SDAR, so a row's first block can hold its prompt's
@@ -123,7 +124,7 @@ def generate(
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
     ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids`` and
     the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the sampled
-    distributions; ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
+    distributions (with editing also ``step_edited_BT``, the tokens each step edited: a count, not a rebuild); ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
     refuses it, the learner rebuilds no guidance). The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
