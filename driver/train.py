@@ -325,6 +325,10 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
         log.error("unmask: sampler.cfg_scale > 0 cannot be trained on (the learner cannot rebuild guided "
                   "distributions); use guidance only with `unmask eval`")
         return 2
+    if cfg.sampler.edit_threshold is not None:
+        log.error("unmask: sampler.edit_threshold (LLaDA2.1 token editing) cannot be trained on yet (the learner does "
+                  "not rebuild edited states); use editing only with `unmask eval`")
+        return 2
     try:
         if resume:
             run_dir = Path(resume).resolve()

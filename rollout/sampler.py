@@ -4,7 +4,8 @@ x = [prompt | MASK x G] is decoded block by block; each of a block's ``steps / n
 model once, scores only the block's still-masked positions (their hidden states are gathered before the
 output head, so the vocabulary projection is [N, D] -> [N, V], never [B, L, D] -> [B, L, V]), draws a token
 for each through the fused kernel ``rollout.kernels.sample_rows`` and commits some of them (by confidence,
-at random, by margin, by entropy, by a confidence threshold, or Dream's per-position ``origin`` rule).
+at random, by margin, by entropy, by a confidence threshold, or Dream's per-position ``origin`` rule; with
+``edit_threshold``, LLaDA2.1's token editing, the step scores the whole block and may also replace committed tokens).
 What differs between families is configuration, not code: where the logits of a position sit (the model's
 ``logit_shift``: Dream's column i - 1), where blocks start (``block_grid``: at the completion for LLaDA and
 Dream, every K positions from the prompt's start for SDAR, so a row's first block can hold its prompt's
@@ -123,7 +124,7 @@ def generate(
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
     ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids`` and
     the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the sampled
-    distributions; ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
+    distributions (with editing also ``step_edited_BT``, the tokens each step edited: a count, not a rebuild); ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
     refuses it, the learner rebuilds no guidance). The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
@@ -168,7 +169,7 @@ class _Decoder:
         device = prompt_BP.device
         B, P = prompt_BP.shape
         G, K, spb = config.gen_length, config.block_length, config.steps_per_block
-        T = config.num_rounds * spb
+        T = config.num_rounds * config.steps_per_round
         self.model, self.config, self.mask_id, self.seed = model, config, mask_id, seed
         self.prompt_BP, self.prompt_mask_BP, self.B, self.P = prompt_BP, prompt_mask_BP, B, P
         self.shift = model.logit_shift  # the logits of column c score the token at c + shift
@@ -185,6 +186,8 @@ class _Decoder:
         self.attn_BL, self.pos_BL = attn_BL, pos_BL
         self.forward = _forward_fn(model, config.compile_forward)
         self.rec = _Records(B, G, T, device, discard_slots=spb - 1)
+        if config.edit_threshold is not None:
+            self.rec.step_edited_BT = torch.zeros(B, T, dtype=torch.long, device=device)
         if config.record_routing:
             self.rec.start_routing(P + G, K, len(model.moe_layers) * model.config.num_experts_per_tok)
         self.active_B = torch.ones(B, dtype=torch.bool, device=device)
@@ -208,6 +211,8 @@ class _Decoder:
         config, K, spb = self.config, self.config.block_length, self.config.steps_per_block
         refresh, kv = self.config.cache_refresh or spb, self.kv
         start_B = block_starts(self.prompt_mask_BP, block, K, config.block_grid)
+        if config.edit_threshold is not None:
+            return self._edit_block(block, start_B)
         fixed = self.uniform and config.threshold is None and config.transfer == "linear"
         for i in range(spb):
             if i == 0 and config.open_block == "first_position":  # the block's first position alone
@@ -223,6 +228,29 @@ class _Decoder:
             kv = self._step(block, i, start_B, width, n_B, kv, anchor=i % refresh == 0)
         if not self.uniform:
             self.kv = kv  # the sequence grid keeps one cache across blocks
+
+    def _edit_block(self, block: int, start_B) -> None:
+        """LLaDA2.1's joint threshold decoding of a block (sequence grid): every step scores the whole block,
+        commits masked positions by the threshold rule and edits committed ones (``_step``); a row whose block has
+        no mask left spends a post-edit step, at most ``max_post_edit_steps``, and its block ends at the first such
+        step that changes nothing (the public ``generate``'s loop, per row)."""
+        config, kv = self.config, self.kv
+        # rows whose block may still change: not stopped (those are all EOS), and not past the end (a row whose prompt
+        # fills whole blocks leaves the last round empty)
+        edit_B = self.active_B & (start_B < self.x_BL.shape[1])
+        post_B = torch.zeros_like(start_B)
+        for i in range(config.steps_per_round):
+            _, block_BK, masked_BK = self._window(start_B)
+            remaining_B = masked_BK.sum(1)
+            idle_B = edit_B & remaining_B.eq(0)
+            post_B += idle_B
+            edit_B &= post_B <= config.max_post_edit_steps
+            if not bool(edit_B.any()):  # host sync
+                break
+            n_B = self._counts(i, remaining_B) if i < config.steps_per_block else 0  # masks end within the steps
+            kv = self._step(block, i, start_B, config.block_length, n_B, kv, anchor=False, edit_B=edit_B)
+            edit_B &= ~idle_B | self._window(start_B)[1].ne(block_BK).any(1)
+        self.kv = kv
 
     def _window(self, start_B):
         """The block's columns [B, K] per row, its tokens, and which of them are masked completion positions.
@@ -248,10 +276,12 @@ class _Decoder:
             n_B = ((remaining_B + steps_left - 1) // steps_left).clamp(min=1)
         return torch.minimum(n_B, remaining_B)
 
-    def _step(self, block: int, i: int, start_B, width: int, n_B, kv, anchor: bool):
-        """One denoising step: forward, output head on the block's masked rows, sample, commit, record."""
+    def _step(self, block: int, i: int, start_B, width: int, n_B, kv, anchor: bool, edit_B=None):
+        """One denoising step: forward, output head on the block's masked rows, sample, commit, record. With
+        ``edit_B`` (rows that may edit; ``width`` is then the block, so every column is scored) a committed
+        completion token is also replaced by its draw when that differs and is confident enough (LLaDA2.1's T2T)."""
         config, x_BL, B = self.config, self.x_BL, self.B
-        t, shift = block * config.steps_per_block + i, self.shift
+        t, shift = block * config.steps_per_round + i, self.shift
         cols_BK, block_BK, masked_BK = self._window(start_B)
         # masked positions first, in position order (stable sort)
         idx_BR = torch.argsort(masked_BK.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
@@ -296,7 +326,13 @@ class _Decoder:
 
         # --- write tokens and records; a scored position that is not committed keeps its token (a row
         # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
-        x_BL.scatter_(1, col_BR, torch.where(commit_BR, token_BR, block_BK.gather(1, idx_BR)))
+        held_BR, write_BR = block_BK.gather(1, idx_BR), commit_BR
+        if edit_B is not None:  # the block's own completion columns (not ones wrapped back from past the end)
+            editable_BR = ~valid_BR & (col_BR >= self.P) & (col_BR >= start_B[:, None]) & edit_B[:, None]
+            edit_BR = editable_BR & token_BR.ne(held_BR) & (stats.confidence_N.view(B, width) > config.edit_threshold)
+            self.rec.step_edited_BT[:, t] = edit_BR.sum(1)
+            write_BR = commit_BR | edit_BR
+        x_BL.scatter_(1, col_BR, torch.where(write_BR, token_BR, held_BR))
         self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
         discarded_BR = valid_BR & ~commit_BR
         rb_N = None
@@ -307,7 +343,8 @@ class _Decoder:
             rb_N = logits_NV.new_zeros(B * width, dtype=torch.float32)
             rb_N[rows] = uncommitted_logp(logits_NV[rows], floor_B[sample_N[rows]], last_B[sample_N[rows]], pos_N[rows],
                                           config.temperature, None if cutoff_N is None else cutoff_N[rows])
-        self.rec.write_discarded(i, pos_BR, discarded_BR, token_BR, stats, cutoff_N, rb_N)
+        if i < config.steps_per_block:  # post-edit steps have no masked position, so no discarded draw
+            self.rec.write_discarded(i, pos_BR, discarded_BR, token_BR, stats, cutoff_N, rb_N)
         return kv
 
     def _block_causal_hidden(self, cols_BK, kv, i: int):
@@ -354,7 +391,8 @@ class _Decoder:
             block_grid=config.block_grid,
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
                     "cache": config.cache, "cache_refresh": config.cache_refresh, "open_block": config.open_block,
-                    **rec.routing_extras()},
+                    **rec.routing_extras(),
+                    **({} if rec.step_edited_BT is None else {"step_edited_BT": rec.step_edited_BT})},
         )
 
 
@@ -479,6 +517,7 @@ class _Records:
         self.step_committed_BT = torch.zeros(B, T, dtype=torch.long, device=device)
         self.routing_settled_BLR: torch.Tensor | None = None  # allocated by start_routing
         self.routing_step_BTKR: torch.Tensor | None = None
+        self.step_edited_BT: torch.Tensor | None = None  # tokens each step edited (allocated when editing)
 
     @property
     def unmask_step_BG(self) -> torch.Tensor:

@@ -95,6 +95,17 @@ class SamplerConfig(Section):
         description="With a threshold, the fewest tokens a step commits: 'remaining' = ceil(masked / steps left) "
         "(Fast-dLLM-style; a block always finishes in its steps); 'schedule' = the linear schedule's count for the "
         "step (SDAR's low_confidence_dynamic).")
+    edit_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="LLaDA2.1's token editing (token-to-token, beside the threshold's mask-to-token commits): at every "
+        "step a committed completion token of the current block is replaced by the step's draw there when the draw "
+        "differs and its confidence exceeds this; after the block has no masks left, up to max_post_edit_steps "
+        "edit-only steps run, and the block ends at the first that changes nothing. None: no editing. Decoding only: "
+        "`unmask train` refuses it (the learner does not yet rebuild edited states).")
+    max_post_edit_steps: int = Field(
+        default=16, ge=0,
+        description="With edit_threshold, the most edit-only steps a block runs after its last mask is committed "
+        "(LLaDA2.1's max_post_steps; its model card recommends 16, and more than 5). Each step is one forward.")
     cfg_scale: float = Field(default=0.0, ge=0.0, description="Classifier-free guidance scale (0 disables).")
     logits_eos_inf: bool = Field(default=False, description="LLaDA option: never sample EOS.")
     confidence_eos_eot_inf: bool = Field(
@@ -167,6 +178,11 @@ class SamplerConfig(Section):
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    @property
+    def steps_per_round(self) -> int:
+        """Step indices a block's round owns: its steps, plus the post-edit steps when editing."""
+        return self.steps_per_block + (self.max_post_edit_steps if self.edit_threshold is not None else 0)
+
     @model_validator(mode="after")
     def _schedule(self) -> "SamplerConfig":
         if self.gen_length % self.block_length and self.block_grid == "completion":
@@ -197,6 +213,9 @@ class SamplerConfig(Section):
             raise ValueError("stop_after_eos and stop_on_eos_block are two stopping rules; set one")
         if self.remasking == "origin" and (self.transfer != "timestep" or self.threshold is not None):
             raise ValueError("remasking: origin is Dream's timestep rule; set transfer: timestep and no threshold")
+        if self.edit_threshold is not None and (self.threshold is None or self.block_grid != "sequence"):
+            raise ValueError("edit_threshold is LLaDA2.1's joint threshold decoding of block-diffusion models; set "
+                             "threshold and block_grid: sequence, or unset edit_threshold")
         if self.top_k is not None and self.temperature == 0.0:
             raise ValueError("top_k has no effect at temperature 0; unset it or raise the temperature")
         return self

@@ -228,9 +228,9 @@ def _d1_items(task: Task) -> list[Item]:
     return everything
 
 
-# The papers decode greedily with low-confidence remasking, no guidance and no confidence threshold.
+# The papers decode greedily with low-confidence remasking, no guidance, no confidence threshold and no editing.
 _PAPER_DECODING = {"block_length": 32, "remasking": "low_confidence", "temperature": 0.0, "top_k": None, "top_p": None,
-                   "threshold": None, "cfg_scale": 0.0}
+                   "threshold": None, "cfg_scale": 0.0, "edit_threshold": None}
 
 PROTOCOLS: dict[str, Protocol] = {
     "ours": Protocol(name="ours", source="this repository: the task's prompt and reward, the run's sampler",
