@@ -32,9 +32,9 @@ def acting_steps(active_BKS: torch.Tensor) -> torch.Tensor:
 def step_logps(model, prompt_ids: torch.Tensor, rec: CanvasRecord, d: UniformDecoding, exact: bool = True,
                scored: torch.Tensor | None = None, passes_KS: torch.Tensor | None = None) -> torch.Tensor:
     """Float [B, K, S]: log pi(action | state) of the ``scored`` steps (default: the active ones), zero elsewhere.
-    ``passes_KS`` (default: the steps some row scores) are the steps the rebuild differentiates, each with a term
-    in the output (zero where not scored): a plan other learner ranks share runs the same forwards on every rank.
-    Steps before a canvas's last one run without gradient unless ``exact`` needs it."""
+    ``passes_KS`` (default: the steps some row scores) are the steps differentiated, each with a term in the output
+    (zero where not scored), so that a plan learner ranks share makes the same graph on each. A canvas runs up to
+    its last such step; the steps before it that are not in ``passes_KS`` run without gradient unless ``exact``."""
     scored = rec.active if scored is None else scored & rec.active
     passes_KS = scored.any(0) if passes_KS is None else passes_KS
     P, C = prompt_ids.shape[1], model.config.canvas_length
