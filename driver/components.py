@@ -23,9 +23,6 @@ def build_learner(cfg: UnmaskConfig, tokenizer, transport: str):
     from learner.losses import build_loss
 
     canvases = family_of(policy_config(cfg.model)).canvases
-    if canvases and cfg.learner.num_ranks > 1:
-        raise RunError("a DiffusionGemma policy trains on one learner rank for now (its tied encoder/decoder is not "
-                       "sharded yet): set learner.num_ranks=1")
     loss_factory = functools.partial(build_loss, cfg.algorithm, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id,
                                      eos_id=tokenizer.eos_id, canvases=canvases)
     learner = LearnerGroup(cfg.learner, cfg.model, loss_factory=loss_factory, seed=cfg.run.seed,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from learner.canvas_steps import backward_by_prompt_length
+
 
 def uniform_sft_loss(model, prompt_ids_BP: torch.Tensor, completion_ids_BG: torch.Tensor,
                      gen: torch.Generator, prompt_mask_BP: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,19 +36,20 @@ def uniform_sft_loss(model, prompt_ids_BP: torch.Tensor, completion_ids_BG: torc
         clean_BL = torch.ones_like(prefix_BL[:, prompt_ids_BP.shape[1]:], dtype=torch.bool)
         enc_BL = torch.cat([prompt_mask_BP.bool(), clean_BL], 1)
         keys = dict(attention_mask=enc_BL, decoder_attention_mask=torch.nn.functional.pad(enc_BL, (0, C), value=True))
-    sc_logits = None
-    if self_cond_B.any():
-        with torch.no_grad():
-            sc_logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC, **keys).logits
+    # the gradient-free pass runs even when no row reads it (they get zeros, as with no logits): every call
+    # makes the same two forwards, which learner ranks rely on to stay in step
+    with torch.no_grad():
+        sc_logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC, **keys).logits
     logits = model(input_ids=prefix_BL, decoder_input_ids=noisy_BC, self_conditioning_logits=sc_logits,
-                   self_conditioning_mask=self_cond_B if sc_logits is not None else None, **keys).logits
+                   self_conditioning_mask=self_cond_B, **keys).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), target_BC.reshape(-1))
 
 
 class UniformNoiseSFT:
     """``uniform_sft_loss`` behind the learner's interface (``unmask sft`` of a DiffusionGemma base). Rows are
     trained unpadded, in buckets of equal prompt length, as the sampler decodes them (positions count columns);
-    each bucket draws its canvas, noise and self-conditioning from the step seed and its prompt length."""
+    each bucket draws its canvas, noise and self-conditioning from the step seed and its prompt length. A learner
+    rank with fewer buckets than another makes zero-weight passes (``canvas_steps.backward_by_prompt_length``)."""
 
     def prepare(self, batch, *, seed: int, epoch: int = 0):
         out = batch.select(slice(None))
@@ -54,17 +57,17 @@ class UniformNoiseSFT:
         return out
 
     def backward(self, model, micro, *, total_samples: int, ref_model=None, before_backward=None) -> dict[str, float]:
-        device = next(model.parameters()).device
-        lengths_B = micro.prompt_mask_BP.sum(1)
-        buckets = sorted(set(lengths_B.tolist()))
-        total = 0.0
-        for i, n in enumerate(buckets):
-            rows = (lengths_B == n).nonzero()[:, 0]
-            prompt = micro.prompt_ids_BP[rows, micro.prompt_ids_BP.shape[1] - n:].to(device)
+        P = micro.prompt_ids_BP.shape[1]
+
+        def loss(n, rows, _):
             gen = torch.Generator().manual_seed(micro.extras["sft_seed"] * 1_000_003 + n)
-            loss = uniform_sft_loss(model, prompt, micro.completion_ids_BG[rows].to(device), gen) * len(rows) / total_samples
-            if before_backward is not None:
-                before_backward(i == len(buckets) - 1)
-            loss.backward()
-            total += float(loss.detach())
+            return uniform_sft_loss(model, micro.prompt_ids_BP[rows, P - n:], micro.completion_ids_BG[rows],
+                                    gen) * len(rows) / total_samples
+
+        def idle(_):  # one row, one prompt token, one canvas: the same two forwards, zero weight
+            tokens = torch.zeros(1, 1 + model.config.canvas_length, dtype=torch.long, device=micro.prompt_ids_BP.device)
+            return uniform_sft_loss(model, tokens[:, :1], tokens[:, 1:], torch.Generator().manual_seed(0)) * 0.0
+
+        total = backward_by_prompt_length(micro, lambda rows: torch.ones(1, dtype=torch.bool), loss, idle,
+                                          before_backward)
         return {"loss": total, "samples": float(len(micro))}

@@ -8,7 +8,8 @@ Step semantics: every rank receives the whole batch and, for each of ``inner_epo
 ``micro_batch_tokens // (P + G)`` samples, and calls ``loss.backward`` per micro-batch with
 ``total_samples`` = the global batch size. Every rank runs the same number of micro-batches (FSDP's
 collectives must pair up); a rank short of samples replays one row with ``total_samples=inf`` (zero
-weight). The loss must therefore run the same number of forward/backward passes for every micro-batch.
+weight). The loss must therefore run the same number of forward/backward passes for every micro-batch, or agree
+on them with the other ranks (the canvas losses: ``learner.canvas_steps.backward_by_prompt_length``).
 """
 from __future__ import annotations
 

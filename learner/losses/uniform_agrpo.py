@@ -12,21 +12,23 @@ import torch
 from common.model.dgemma.modeling import UniformDecoding
 from common.model.dgemma.record import CanvasRecord
 from common.trajectory import Trajectory
-from learner.canvas_steps import acting_steps, step_logps
+from learner.canvas_steps import acting_steps, backward_by_prompt_length, idle_step_logps, step_logps
 from learner.losses import steps as step_sel
 from learner.losses.agrpo import _epoch_seed
 from learner.losses.base import MetricSums, PolicyLoss, clipped_pg, per_sample_extra
 
 
 def _terms(model, prompt_ids_BP, rec: CanvasRecord, d: UniformDecoding, advantages_B, exact: bool, clip_low: float,
-           clip_high: float, weights_BKS: torch.Tensor | None = None):
+           clip_high: float, weights_BKS: torch.Tensor | None = None, passes_KS: torch.Tensor | None = None):
     """Per-row loss (the ``weights_BKS``-weighted sum over the scored steps; default the mean over the acting steps)
-    and the scored steps' ratio, low- and high-clipped flags."""
+    and the scored steps' ratio, low- and high-clipped flags. ``passes_KS``: ``step_logps``'s."""
     acting_BKS = acting_steps(rec.active)
     if weights_BKS is None:
         weights_BKS = acting_BKS / acting_BKS.sum((1, 2), keepdim=True).clamp(min=1)
     scored_BKS = weights_BKS > 0
-    logp_BKS = step_logps(model, prompt_ids_BP, rec, d, exact=exact, scored=scored_BKS)
+    logp_BKS = step_logps(model, prompt_ids_BP, rec, d, exact=exact, scored=scored_BKS, passes_KS=passes_KS)
+    # unscored steps at ratio 1: zero weight times an overflowed ratio would be NaN
+    logp_BKS = torch.where(scored_BKS, logp_BKS, rec.logp)
     adv_BKS = advantages_B.float()[:, None, None].expand_as(logp_BKS)
     loss_BKS, ratio_BKS, low, high = clipped_pg(logp_BKS, rec.logp, adv_BKS, clip_low, clip_high)
     per_row_B = (loss_BKS * weights_BKS).sum((1, 2))
@@ -60,7 +62,8 @@ class UniformStepLoss(PolicyLoss):
     """AGRPO / ATPO on canvases behind the learner's interface: ``prepare`` adds group advantages and the weighted
     steps each row is scored at (``select_steps``: the masked families' selectors over the acting steps, T = K x S;
     weights summing, in expectation, to each acting step's 1/T_i of AGRPO's mean), ``backward`` rebuilds each prompt
-    length's rows (one encoder cache each) and backpropagates their share."""
+    length's rows (one encoder cache each) and backpropagates their share, in step with the other learner ranks
+    (``learner.canvas_steps.backward_by_prompt_length``)."""
 
     def select_steps(self, batch: Trajectory, eligible_BT: torch.Tensor, gen: torch.Generator):
         raise NotImplementedError
@@ -87,25 +90,26 @@ class UniformStepLoss(PolicyLoss):
         t_min, t_max = micro.extras["canvas_t_range"]
         S = micro.extras["canvas_BKSC"].shape[2]
         d = UniformDecoding(steps=S, t_min=t_min, t_max=t_max)
+        exact = self.cfg.canvas_score == "exact"
         advantages_B = per_sample_extra(micro, "advantages_B")
         weights_BKS = per_sample_extra(micro, "step_weights_BKS")
-        lengths_B = micro.prompt_mask_BP.sum(1)
-        m = MetricSums()
-        loss_total = 0.0
         ratios, lows, highs = [], [], []
-        buckets = sorted(set(lengths_B.tolist()))
-        for i, n in enumerate(buckets):
-            rows = (lengths_B == n).nonzero()[:, 0]
+
+        def plan(rows):
+            passes_KS = (weights_BKS[rows] > 0).any(0)  # the steps these rows are scored at
+            passes_KS[0, 0] |= not passes_KS.any()  # none: one unscored pass, so every micro-batch backpropagates
+            return passes_KS
+
+        def loss(n, rows, passes_KS):
             prompt, rec = canvas_record(micro, rows, n)
-            per_row, ratio_N, low_N, high_N = _terms(model, prompt, rec, d, advantages_B[rows], self.cfg.canvas_score == "exact",
-                                                     self.clip_low, self.clip_high, weights_BKS[rows])
-            loss = per_row.sum() / total_samples
-            if before_backward is not None:
-                before_backward(i == len(buckets) - 1)
-            loss.backward()
-            loss_total += float(loss.detach())
+            per_row, ratio_N, low_N, high_N = _terms(model, prompt, rec, d, advantages_B[rows], exact, self.clip_low,
+                                                     self.clip_high, weights_BKS[rows], passes_KS)
             ratios.append(ratio_N), lows.append(low_N), highs.append(high_N)
-        m.add("loss", loss_total)
+            return per_row.sum() / total_samples
+
+        m = MetricSums()
+        m.add("loss", backward_by_prompt_length(micro, plan, loss, lambda p: idle_step_logps(model, p, d, exact),
+                                                before_backward))
         m.add("samples", len(micro))
         m.add("steps", (weights_BKS > 0).sum())
         m.token_stats(torch.cat(ratios), torch.cat(lows), torch.cat(highs))
