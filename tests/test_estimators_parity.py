@@ -219,24 +219,31 @@ def test_espo_masks_are_distributed_like_the_public_ones(tiny):
 # --- BGPO
 
 
-@pytest.mark.parametrize("setting", ["recipe", "strata_tight_clip"])
-def test_bgpo_matches_public_code(tiny, setting):
-    """DARE's actor and loss: old ELBOs of every mask from the rollout policy, then one backward per mask under the
-    updated policy; the public masks fed to ours (the tail after the first EOS is out of attention on both sides)."""
-    rec = load_fixture("bgpo", tiny)
+def bgpo_against_public(model, rec: dict, setting: str):
+    """Our BGPO on a fixture setting's inputs and public masks: old ELBOs of every mask from the rollout policy
+    (``model``), then one backward per mask under the updated policy. Returns (metrics, prepared batch, policy)."""
     s, run = rec["settings"][setting], rec["runs"][setting]
-    policy = H.perturbed(tiny, seed=s["noise_seed"], scale=s["noise"])
+    policy = H.perturbed(model, seed=s["noise_seed"], scale=s["noise"])
     cfg = BgpoConfig(num_mc=s["mc_num"], strata=s["n_l"], clip_eps=s["clip"], dual_clip=s["clip_c"])
     loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
     batch = loss.prepare(fixture_batch(rec), seed=0)
-    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
     masked_BEMG = torch.tensor(run["masked_BMG"], dtype=torch.bool)[:, None]
     assert batch.extras["bgpo_masked_BEMG"].shape == masked_BEMG.shape
     batch.extras["bgpo_masked_BEMG"] = masked_BEMG
     batch.extras["bgpo_ratio_BEM"] = torch.tensor(run["ratio_BM"])[:, None]
-    loss.backward(tiny, batch, total_samples=len(batch))  # first visit, rollout policy: old ELBOs
-    tiny.zero_grad()
-    m = loss.backward(policy, batch, total_samples=len(batch))
+    loss.backward(model, batch, total_samples=len(batch))  # first visit, rollout policy: old ELBOs
+    model.zero_grad()
+    return loss.backward(policy, batch, total_samples=len(batch)), batch, policy
+
+
+@pytest.mark.parametrize("setting", ["recipe", "strata_tight_clip"])
+def test_bgpo_matches_public_code(tiny, setting):
+    """DARE's actor and loss against ours on its masks (the tail after the first EOS out of attention on both
+    sides); tests/fixtures/estimators/bgpo/diffs.py prints how close."""
+    rec = load_fixture("bgpo", tiny)
+    run = rec["runs"][setting]
+    m, batch, policy = bgpo_against_public(tiny, rec, setting)
+    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
     assert m["abs_log_ratio_sum"] > 0
     # the public clip fractions are token-weighted means, ours counts (sample, mask) terms: both zero or both not
     assert (m["clipped_tokens"] > 0) == (run["pg_clipfrac"] > 0)
