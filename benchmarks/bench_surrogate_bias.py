@@ -1,5 +1,5 @@
 """Bias of the sequence-likelihood surrogates (d1 one-pass = diffu-GRPO's and wd1's likelihood, coupled-GRPO,
-SPG, ESPO) and of TraceRL's merged steps against the exact policy gradient, by the exact enumeration of
+SPG, ESPO, BGPO) and of TraceRL's merged steps against the exact policy gradient, by the exact enumeration of
 tests/test_loss_unbiased.py.
 
 Every trajectory of the tiny 6-token LLaDA (one block, 2 tokens in 2 steps, random and low-confidence
@@ -15,6 +15,7 @@ biased under low-confidence, and shrink 2 merges the two steps into one row at t
 
     python -m benchmarks.bench_surrogate_bias --draws 200 --out benchmarks/results/surrogate_bias.md
     python -m benchmarks.bench_surrogate_bias --draws 200 --only TraceRL --out benchmarks/results/surrogate_bias_tracerl.md
+    python -m benchmarks.bench_surrogate_bias --draws 25 --only BGPO --out benchmarks/results/surrogate_bias_bgpo.md
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def parse(argv=None):
 
 
 def surrogate_configs():
-    from common.config import AgrpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, TraceRLConfig
+    from common.config import (AgrpoConfig, BgpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig,
+                               TraceRLConfig)
 
     return {
         "AGRPO, every draw (control)": AgrpoConfig(k_steps=8, normalize="sum", eligible_steps="all", draws="all"),
@@ -43,6 +45,7 @@ def surrogate_configs():
         "SPG, EUBO, block 1": SpgConfig(negative_bound="eubo", block_length=1, inner_epochs=1),
         "SPG, mix, random masking": SpgConfig(masking="random", inner_epochs=1),
         "ESPO": EspoConfig(beta_kl=0.0, inner_epochs=1),
+        "BGPO (16 masks a draw)": BgpoConfig(),
         "TraceRL, rl_sdar defaults (shrink 1)": TraceRLConfig(beta_kl=0.0, std_normalize=False),
         "TraceRL, shrink 2": TraceRLConfig(shrink=2, beta_kl=0.0, std_normalize=False),
     }

@@ -47,6 +47,7 @@ METHODS = {
     "coupled_grpo": ["algorithm={name: coupled_grpo}"],
     "spg": ["algorithm={name: spg}"],
     "espo": ["algorithm={name: espo}"],
+    "bgpo": ["algorithm={name: bgpo}"],
     # TraceRL: every step of the trajectory, committed tokens (rl_sdar.py's defaults: exact where committed-only is)
     "tracerl": ["algorithm={name: tracerl}"],
     "tracerl_llada": ["algorithm={name: tracerl, variant: llada, shrink: 8}"],  # rl_llada.yaml: a surrogate

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import CoupledGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig, Wd1Config
+from common.config import BgpoConfig, CoupledGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig, Wd1Config
 from common.trajectory import Trajectory
 from learner.losses import build_loss
 from tests.fixtures.estimators import public_harness as H
@@ -214,6 +214,64 @@ def test_espo_masks_are_distributed_like_the_public_ones(tiny):
     totals = masks_BEMG.double().sum((0, 3)).reshape(-1)
     assert float(totals.mean()) == pytest.approx(rec["mask_frequency"]["total_mean"], rel=0.02)
     assert float(totals.var()) == pytest.approx(rec["mask_frequency"]["total_var"], rel=0.15)
+
+
+# --- BGPO
+
+
+def bgpo_against_public(model, rec: dict, setting: str):
+    """Our BGPO on a fixture setting's inputs and public masks: old ELBOs of every mask from the rollout policy
+    (``model``), then one backward per mask under the updated policy. Returns (metrics, prepared batch, policy)."""
+    s, run = rec["settings"][setting], rec["runs"][setting]
+    policy = H.perturbed(model, seed=s["noise_seed"], scale=s["noise"])
+    cfg = BgpoConfig(num_mc=s["mc_num"], strata=s["n_l"], clip_eps=s["clip"], dual_clip=s["clip_c"])
+    loss = build_loss(cfg, mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
+    batch = loss.prepare(fixture_batch(rec), seed=0)
+    masked_BEMG = torch.tensor(run["masked_BMG"], dtype=torch.bool)[:, None]
+    assert batch.extras["bgpo_masked_BEMG"].shape == masked_BEMG.shape
+    batch.extras["bgpo_masked_BEMG"] = masked_BEMG
+    batch.extras["bgpo_ratio_BEM"] = torch.tensor(run["ratio_BM"])[:, None]
+    loss.backward(model, batch, total_samples=len(batch))  # first visit, rollout policy: old ELBOs
+    model.zero_grad()
+    return loss.backward(policy, batch, total_samples=len(batch)), batch, policy
+
+
+@pytest.mark.parametrize("setting", ["recipe", "strata_tight_clip"])
+def test_bgpo_matches_public_code(tiny, setting):
+    """DARE's actor and loss against ours on its masks (the tail after the first EOS out of attention on both
+    sides); tests/fixtures/estimators/bgpo/diffs.py prints how close."""
+    rec = load_fixture("bgpo", tiny)
+    run = rec["runs"][setting]
+    m, batch, policy = bgpo_against_public(tiny, rec, setting)
+    assert torch.allclose(batch.extras["advantages_B"], torch.tensor(rec["advantages"]))
+    assert m["abs_log_ratio_sum"] > 0
+    # the public clip fractions are token-weighted means, ours counts (sample, mask) terms: both zero or both not
+    assert (m["clipped_tokens"] > 0) == (run["pg_clipfrac"] > 0)
+    assert (m["dual_clipped"] > 0) == (run["pg_clipfrac_lower"] > 0) == (setting == "strata_tight_clip")
+    scale = float(batch.extras["advantages_B"].abs().mean())
+    assert_matches(m, run, policy, f"bgpo {setting}", loss_scale=scale)
+
+
+def test_bgpo_masks_are_distributed_like_the_public_ones(tiny):
+    """Stratified counts over [1, n] (n = tokens up to the first EOS) and uniform positions among those n: per
+    (sample, position) masking frequency within 5 standard errors of the public draws', and each sample's total
+    count over its 16 masks with the public mean and variance (0 where n divides into the 16 strata)."""
+    rec = load_fixture("bgpo", tiny)
+    f = rec["mask_frequency"]
+    n = f["seeds"]
+    loss = build_loss(BgpoConfig(inner_epochs=n, num_mc=f["num_mc"], strata=f["strata"]), mask_id=H.MASK, pad_id=H.PAD,
+                      eos_id=H.EOS)
+    masks_BEMG = loss.prepare(fixture_batch(rec), seed=0).extras["bgpo_masked_BEMG"]
+    freq = masks_BEMG.double().mean((1, 2))
+    public = torch.tensor(f["frequency_BG"], dtype=torch.float64)
+    assert torch.equal(freq == 0, public == 0)  # nothing after the first EOS
+    se = ((freq * (1 - freq) + public * (1 - public)) / (n * f["num_mc"])).sqrt()
+    assert ((freq - public).abs() <= 5 * se + 1e-12).all(), (freq - public).abs().max()
+    totals_EB = masks_BEMG.double().sum((2, 3)).T
+    assert torch.allclose(totals_EB.mean(0), torch.tensor(f["total_mean_B"], dtype=torch.float64), rtol=0.01)
+    public_var = torch.tensor(f["total_var_B"], dtype=torch.float64)
+    assert torch.equal(totals_EB.var(0) == 0, public_var == 0)
+    assert torch.allclose(totals_EB.var(0), public_var, rtol=0.35)
 
 
 # --- JustGRPO

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.config import (
-    AgrpoConfig, AtpoConfig, CoupledGrpoConfig, EspoConfig, JustGrpoConfig, LearnerConfig, ModelConfig, SpgConfig,
+    AgrpoConfig, AtpoConfig, BgpoConfig, CoupledGrpoConfig, EspoConfig, JustGrpoConfig, LearnerConfig, ModelConfig, SpgConfig,
     TraceRLConfig, Wd1Config,
 )
 from learner.losses import build_loss
@@ -21,7 +21,7 @@ CONFIGS = {"agrpo": AgrpoConfig(k_steps=3, beta_kl=0.05), "atpo": AtpoConfig(k_s
 # old values cached at the first visit meet an updated policy.
 SURROGATES = {"wd1": Wd1Config(inner_epochs=2), "coupled_grpo": CoupledGrpoConfig(), "spg": SpgConfig(inner_epochs=2),
               "espo": EspoConfig(num_mc=2), "tracerl": TraceRLConfig(inner_epochs=2),
-              "justgrpo": JustGrpoConfig(inner_epochs=2)}
+              "justgrpo": JustGrpoConfig(inner_epochs=2), "bgpo": BgpoConfig(num_mc=2, strata=2, inner_epochs=2)}
 
 
 def loss_factory(name, **overrides):

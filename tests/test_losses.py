@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from common.config import AgrpoConfig, AtpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, Wd1Config
+from common.config import AgrpoConfig, AtpoConfig, BgpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, SpgConfig, Wd1Config
 from common.model import build_model, preset_config
 from learner.losses import build_loss, select_rows
 from learner.losses import steps as S
@@ -301,7 +301,8 @@ FAMILY_ROLLOUTS = {  # each family decoded its own way (tests/test_families.py h
 @pytest.mark.parametrize("preset", list(FAMILY_ROLLOUTS))
 @pytest.mark.parametrize("cfg", [AgrpoConfig(k_steps=3, beta_kl=0.05), AtpoConfig(k_steps=2, selection="sample"),
                                  DiffuGrpoConfig(beta_kl=0.04), Wd1Config(), CoupledGrpoConfig(),
-                                 SpgConfig(masking="random"), EspoConfig()], ids=lambda c: c.name)
+                                 SpgConfig(masking="random"), EspoConfig(), BgpoConfig(num_mc=2, strata=2)],
+                         ids=lambda c: c.name)
 def test_every_estimator_runs_on_every_family_and_ignores_the_split(preset, cfg):
     family_model = build_model(preset_config(preset), seed=0)
     traj = rollout(family_model, B=6, G=8, steps=8, pad_rows=2, **FAMILY_ROLLOUTS[preset])
@@ -334,6 +335,8 @@ def test_every_estimator_runs_on_every_family_and_ignores_the_split(preset, cfg)
         SpgConfig(negative_bound="elbo", masking="block_all", block_length=2),
         EspoConfig(clip_eps=0.05, beta_kl=0.05),
         EspoConfig(num_mc=2, coupled=False, baseline="mean", inner_epochs=1),
+        BgpoConfig(num_mc=4, strata=2, clip_eps=0.05, dual_clip=1.02),
+        BgpoConfig(num_mc=2, strata=1, normalize="sample_mean", mask_per_epoch=True, inner_epochs=2),
     ],
     ids=lambda c: c.name,
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from common.config.algorithm import (
-    AgrpoConfig, AlgorithmConfig, AtpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig,
+    AgrpoConfig, AlgorithmConfig, AtpoConfig, BgpoConfig, CoupledGrpoConfig, DiffuGrpoConfig, EspoConfig, JustGrpoConfig, SpgConfig, TraceRLConfig,
     Wd1Config,
 )
 from common.config.base import Section
@@ -38,7 +38,7 @@ class UnmaskConfig(Section):
 
 
 __all__ = [
-    "AgrpoConfig", "AlgorithmConfig", "AtpoConfig", "ConfigError", "CoupledGrpoConfig", "DiffuGrpoConfig",
+    "AgrpoConfig", "AlgorithmConfig", "AtpoConfig", "BgpoConfig", "ConfigError", "CoupledGrpoConfig", "DiffuGrpoConfig",
     "EspoConfig", "JustGrpoConfig", "LearnerConfig", "SpgConfig", "TraceRLConfig", "Wd1Config",
     "LoraConfig", "ModelConfig", "QueueConfig", "RolloutConfig", "RunConfig", "SamplerConfig", "Section", "SftConfig",
     "TaskConfig", "UnmaskConfig", "apply_overrides", "load_config",

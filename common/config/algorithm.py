@@ -264,6 +264,41 @@ class EspoConfig(_PolicyGradient, _LooAdvantage):
     )
 
 
+class BgpoConfig(_PolicyGradient):
+    """BGPO (boundary-guided): per Monte-Carlo mask, the ELBO over the completion up to its first EOS; the ratio
+    of each mask's ELBO / G to its old value is replaced by a bound (1 + d for A > 0, exp(d) for A <= 0) so the
+    loss is a sum over masks, one backward each (yjyddq/DARE `llada_dp_actor_bgpo.py`, `compute_policy_loss_bgpo`)."""
+
+    name: Literal["bgpo"] = "bgpo"
+    std_normalize: bool = Field(
+        default=True, description="Divide group advantages by the group's unbiased std + 1e-6 (verl's GRPO, "
+        "norm_adv_by_std_in_grpo: true).")
+    beta_kl: float = Field(default=0.0, ge=0.0, le=0.0, description="No KL term (use_kl_loss: false in every DARE BGPO recipe): 0.")
+    dual_clip: float = Field(
+        default=3.0, gt=1.0,
+        description="Dual-clip bound c for A < 0: a mask's loss is at most -A c (clip_ratio_c, 3.0 in verl).")
+    num_mc: int = Field(default=16, ge=1, description="Monte-Carlo masks per sample (mc_num; 16 in DARE's recipes), one forward + backward each.")
+    strata: int = Field(
+        default=16, ge=1,
+        description="Masks whose masked counts are stratified together (n_l; 16 in the recipes): num_mc / strata "
+        "independent groups, each with counts x_m = ((round(k + m n / strata) - 1) mod n) + 1, k ~ U{1..n}, "
+        "n = the sample's tokens up to its first EOS.",
+    )
+    normalize: Literal["token_mean", "sample_mean"] = Field(
+        default="token_mean",
+        description="token_mean: each sample weighted by its tokens up to the first EOS over the batch's (verl's "
+        "loss_agg_mode token-mean, the recipes'); sample_mean: every sample alike (seq-mean-token-mean).",
+    )
+    mask_per_epoch: bool = Field(
+        default=False, description="New masks at every inner epoch; false (DARE: forward_process runs once per batch) reuses epoch 0's.")
+
+    @model_validator(mode="after")
+    def _whole_strata(self) -> "BgpoConfig":
+        if self.num_mc % self.strata:
+            raise ValueError(f"num_mc {self.num_mc} must be a multiple of strata {self.strata} (n_l)")
+        return self
+
+
 class TraceRLConfig(_PolicyGradient):
     """TraceRL (Gen-Verse/dLLM-RL `train/rl_sdar.py`, `train/rl_llada.py`): PPO-clip on the committed tokens of
     every (group of) denoising step(s) of the trajectory, each scored at the state before its step; ratio and KL
@@ -305,7 +340,7 @@ class JustGrpoConfig(_Decoupled):
 
 
 AlgorithmConfig = Annotated[
-    Union[AgrpoConfig, AtpoConfig, DiffuGrpoConfig, Wd1Config, CoupledGrpoConfig, SpgConfig, EspoConfig, TraceRLConfig,
-          JustGrpoConfig],
+    Union[AgrpoConfig, AtpoConfig, DiffuGrpoConfig, Wd1Config, CoupledGrpoConfig, SpgConfig, EspoConfig, BgpoConfig,
+          TraceRLConfig, JustGrpoConfig],
     Field(discriminator="name"),
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from learner.losses.agrpo import AgrpoLoss
 from learner.losses.atpo import AtpoLoss
 from learner.losses.base import PolicyLoss, select_rows
+from learner.losses.bgpo import BgpoLoss
 from learner.losses.coupled_grpo import CoupledGrpoLoss
 from learner.losses.diffu_grpo import DiffuGrpoLoss
 from learner.losses.espo import EspoLoss
@@ -28,6 +29,7 @@ LOSSES: dict[str, type[PolicyLoss]] = {
     "coupled_grpo": CoupledGrpoLoss,
     "spg": SpgLoss,
     "espo": EspoLoss,
+    "bgpo": BgpoLoss,
     "tracerl": TraceRLLoss,
     "justgrpo": JustGrpoLoss,
 }
@@ -53,7 +55,7 @@ def build_loss(cfg, *, mask_id: int | None, pad_id: int, eos_id: int | None = No
 
 
 __all__ = [
-    "CANVAS_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "UniformAtpoLoss", "Wd1Loss",
+    "CANVAS_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "BgpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "UniformAtpoLoss", "Wd1Loss",
     "build_loss",
     "select_rows",
 ]

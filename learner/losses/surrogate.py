@@ -30,15 +30,18 @@ def token_logprobs(model, ids_BL: torch.Tensor, attn_BL: torch.Tensor, pos_BL, t
     return logits_BGV.gather(2, tokens_BG[..., None])[..., 0] - torch.logsumexp(logits_BGV, dim=-1)
 
 
-def masked_logprobs(model, micro: Trajectory, masked_NBL: torch.Tensor, mask_id: int) -> torch.Tensor:
+def masked_logprobs(model, micro: Trajectory, masked_NBL: torch.Tensor, mask_id: int,
+                    attend_BG: torch.Tensor | None = None) -> torch.Tensor:
     """[N, B, G] log-probs of the clean completion tokens, one forward of the N x B masked copies of the rows
-    (``masked_NBL`` True = replaced by the mask id; prompt padding stays excluded from attention)."""
+    (``masked_NBL`` True = replaced by the mask id; prompt padding stays excluded from attention, and so do the
+    completion positions where ``attend_BG`` is False: BGPO's tail after the first EOS)."""
     device = next(model.parameters()).device
     N, B, L = masked_NBL.shape
     comp_BG = micro.completion_ids_BG.to(device)
     clean_BL = torch.cat([micro.prompt_ids_BP.to(device), comp_BG], 1)
     ids_NBL = clean_BL.expand(N, B, L).masked_fill(masked_NBL.to(device), mask_id)
-    attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), torch.ones_like(comp_BG, dtype=torch.bool)], 1)
+    attend_BG = torch.ones_like(comp_BG, dtype=torch.bool) if attend_BG is None else attend_BG.to(device).bool()
+    attn_BL = torch.cat([micro.prompt_mask_BP.to(device).bool(), attend_BG], 1)
     attn_NBL = attn_BL.expand(N, B, L)
     # positions as the sampler numbered them (see learner.step_states.state_inputs)
     packed = micro.extras.get("position_ids", "absolute") == "packed"
@@ -98,16 +101,17 @@ class FirstVisitCache:
         self._key = None
         self._values: dict[tuple[int, int], torch.Tensor] = {}
 
-    def get(self, micro: Trajectory, epoch: int, current: torch.Tensor, score_epoch) -> torch.Tensor:
+    def get(self, micro: Trajectory, epoch: int, current: torch.Tensor | None, score_epoch) -> torch.Tensor:
         """[B, ...] old values for ``epoch``; ``score_epoch(e)`` computes a (no-grad) value of epoch e's masks,
-        ``current`` is this epoch's value from the pass with gradient (detached here)."""
+        ``current`` is this epoch's value from the pass with gradient (detached here; None: scored like the other
+        epochs, for a loss that needs its old values before its passes with gradient)."""
         key = micro.extras.get("batch_key")
         if key != self._key:
             self._key, self._values = key, {}
         rows = micro.extras["row_id_B"].tolist()
         if any((r, epoch) not in self._values for r in rows):
             for e in range(int(micro.extras["num_epochs"])):
-                if e == epoch:
+                if e == epoch and current is not None:
                     values = current.detach()
                 else:
                     with torch.no_grad():
