@@ -1,11 +1,13 @@
 """benchmarks.rl_compare keeps every run when invocations of one setup write into the same --out at once."""
 import json
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 
 from benchmarks.compare_plots import mean_ci95
-from benchmarks.rl_compare import record_run
+from benchmarks.rl_compare import METHODS, load_design, record_run
+from common.config import load_config
 
 
 def _header(seeds):
@@ -175,3 +177,15 @@ def test_a_design_refuses_overlapping_seeds_and_options_it_fixes(tmp_path):
     for extra in (["--seeds", "0", "5"], ["--steps", "3"], ["--set", "learner.lr=1"]):
         with pytest.raises(SystemExit):
             parse(["--design", str(design), "--out", "x", *extra])
+
+
+@pytest.mark.parametrize("path", sorted(Path("benchmarks/designs").glob("*.json")), ids=lambda p: p.stem)
+def test_every_registered_design_can_run_as_registered(path):
+    """A committed design loads (no variant shadows a method, seeds apart) and each of its methods, with the
+    design's overrides and every lr it tries, is a valid config of its preset: a registered comparison cannot
+    fail at its first run."""
+    design = load_design(path)
+    for method in design["methods"]:
+        for lr in design["lrs"]:
+            load_config(design["config"], {**METHODS, **design["variants"]}[method] + design["overrides"]
+                        + [f"learner.lr={lr}"])
