@@ -12,7 +12,9 @@ setting with an algorithm's). The tool then runs every method at every lr on the
 its mean final held-out accuracy there (ties: the lr listed first), and runs the chosen lr on the evaluation
 seeds; only those enter the table. The design's hash is part of the setup, so a changed design (another
 seed added after looking) cannot write into the same --out. ``--methods`` may name a subset of the design's
-methods (one invocation per method on a 2-core box); runs already recorded are not run again.
+methods; runs already recorded are not run again. Several invocations of one setup may run at once into one
+--out (one per core): each claims a run before it trains it (``--out``/claims), so no run is made twice, and an
+invocation waits for the runs another one holds before it ends.
 
 Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
 same base checkpoint and config (default configs/tiny_countdown.yaml), and is evaluated greedily on the
@@ -26,6 +28,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -55,6 +58,7 @@ METHODS = {
     "justgrpo": ["algorithm={name: justgrpo}", "sampler.remasking=sequential"],
 }
 DEFAULT_METHODS = ["agrpo", "atpo", "atpo_unbiased", "diffu_grpo"]
+POLL_S = 30.0  # how often an invocation looks again for the runs another one holds
 
 
 DESIGN_KEYS = {"config", "steps", "methods", "seeds", "tuning_seeds", "lrs"}
@@ -160,12 +164,22 @@ def main(argv=None) -> int:
         results["runs"] = json.loads((out / "results.json").read_text())["runs"]
         args.methods = []
 
-    def run(method: str, seed: int, lr: float | None, phase: str) -> int:
-        nonlocal results
+    def run(method: str, seed: int, lr: float | None, phase: str) -> str:
+        """One run unless it is recorded ("done") or another live invocation holds it ("claimed"); "failed"."""
         key = (method, seed, lr, phase)
         if any(_key(r) == key for r in record_run(out, results, None)["runs"]):
-            return 0  # recorded by an earlier or concurrent invocation of this design
+            return "done"  # recorded by an earlier or concurrent invocation of this design
         name = f"{method}-s{seed}" if lr is None else f"{method}-lr{lr:g}-s{seed}"
+        claim = out / "claims" / f"{name}-{phase}"
+        if not take_claim(claim):
+            return "claimed"
+        try:
+            return train_one(method, seed, lr, phase, name)
+        finally:
+            claim.unlink(missing_ok=True)
+
+    def train_one(method: str, seed: int, lr: float | None, phase: str, name: str) -> str:
+        nonlocal results
         t0 = time.time()
         cfg = load_config(args.config, {**METHODS, **args.variants}[method] + args.overrides + ([f"learner.lr={lr}"] if lr else []) + [
             f"run.root={out / 'runs'}", f"run.name={name}", f"run.seed={seed}",
@@ -173,7 +187,7 @@ def main(argv=None) -> int:
             f"run.eval_sampling_steps={sampling_steps}"])
         if train(cfg) != 0:  # not an assert: python -O would remove the training with it
             print(f"rl_compare: the {method} run of seed {seed} failed (its log is above); stopping", file=sys.stderr)
-            return 1
+            return "failed"
         run_dir = sorted((out / "runs").glob(f"{name}-*"))[-1]
         records = read_metrics(run_dir / "metrics.jsonl")
         step_s = [r["step_time_s"] for r in records if "step_time_s" in r]
@@ -185,20 +199,39 @@ def main(argv=None) -> int:
             "at_steps": {str(r["eval_sampling_steps"]): r["eval_accuracy_at_steps"] for r in records
                          if "eval_sampling_steps" in r},
         })
-        return 0
+        return "ran"
+
+    def run_each(method: str, plan: list[tuple]) -> str:
+        """The plan's runs in order: "failed" at the first failure, else "claimed" if another invocation holds one."""
+        states = set()
+        for seed, lr, phase in plan:
+            states.add(run(method, seed, lr, phase))
+            if "failed" in states:
+                return "failed"
+        return "claimed" if "claimed" in states else "done"
 
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        for method in args.methods:
-            if args.design_sha:  # tuning first, on its own seeds; then the chosen lr on the evaluation seeds
-                for lr in args.lrs:
-                    for seed in args.tuning_seeds:
-                        if run(method, seed, lr, "tune"):
-                            return 1
-                results["chosen_lr"] = chosen_lrs(record_run(out, results, None), args.methods)
-            for seed in args.seeds:
-                if run(method, seed, results.get("chosen_lr", {}).get(method), "eval"):
+        # Passes over the plan until every run is recorded: a run another invocation holds, or the evaluation
+        # runs of a method whose tuning another still runs, wait for a later pass.
+        while True:
+            waiting = False
+            for method in args.methods:
+                if args.design_sha:  # tuning first, on its own seeds; then the chosen lr on the evaluation seeds
+                    if run_each(method, [(seed, lr, "tune") for lr in args.lrs for seed in args.tuning_seeds]) == "failed":
+                        return 1
+                    results["chosen_lr"] = chosen_lrs(record_run(out, results, None), args.methods)
+                    if method not in results["chosen_lr"]:
+                        waiting = True
+                        continue
+                lr = results.get("chosen_lr", {}).get(method)
+                state = run_each(method, [(seed, lr, "eval") for seed in args.seeds])
+                if state == "failed":
                     return 1
+                waiting |= state == "claimed"
+            if not waiting:
+                break
+            time.sleep(POLL_S)
     finally:
         ray.shutdown()
     results = record_run(out, results, None)
@@ -216,6 +249,30 @@ def main(argv=None) -> int:
                                  title=f"zones of confusion, policy version {int(versions[pick][0])}")
     plot_all(results, out)
     return 0
+
+
+def take_claim(path: Path) -> bool:
+    """Claims one run for this invocation (a file naming its process, checked and written under a lock); False
+    while another live process holds it. A dead holder's claim, left by a killed invocation, is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            holder = int(path.read_text())
+            if holder != os.getpid() and _alive(holder):
+                return False
+        path.write_text(str(os.getpid()))
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def time_shares(records: list[dict]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """benchmarks.rl_compare keeps every run when invocations of one setup write into the same --out at once."""
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,58 @@ def test_every_registered_design_can_run_as_registered(path):
         for lr in design["lrs"]:
             load_config(design["config"], {**METHODS, **design["variants"]}[method] + design["overrides"]
                         + [f"learner.lr={lr}"])
+
+
+def test_a_claim_is_held_by_a_live_process_and_taken_over_from_a_dead_one(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.rl_compare import take_claim
+
+    claim = tmp_path / "claims" / "agrpo-lr0.0001-s100-tune"
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    claim.parent.mkdir()
+    claim.write_text(str(other.pid))
+    assert not take_claim(claim)  # another invocation is training it
+    other.communicate(b"")  # ... and dies without recording it
+    assert take_claim(claim) and claim.read_text() == str(os.getpid())
+    assert take_claim(claim)  # this invocation's own claim
+
+
+def test_invocations_sharing_a_design_make_each_run_once(tmp_path, monkeypatch):
+    """A run another live invocation holds is not trained here; the evaluation runs wait for its tuning run to be
+    recorded and then take the lr it helped choose."""
+    import subprocess
+    import sys
+    import time
+
+    import driver.evaluate
+    import driver.train
+    from benchmarks.rl_compare import main
+
+    _no_evaluation(monkeypatch)
+    monkeypatch.setattr(driver.evaluate, "evaluate_checkpoint",
+                        lambda cfg, steps_list, *a, **k: {s: {"accuracy": 0.1} for s in steps_list})
+    calls = []
+    monkeypatch.setattr(driver.train, "train", _fake_train(calls, lambda lr: {1e-5: 0.2, 1e-4: 0.3}[lr]))
+    design = tmp_path / "design.json"
+    design.write_text(json.dumps({"config": "tiny_countdown", "steps": 2, "methods": ["agrpo"], "lrs": [1e-5, 1e-4],
+                                  "tuning_seeds": [100], "seeds": [0, 1]}))
+    out = tmp_path / "out"
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    (out / "claims").mkdir(parents=True)
+    (out / "claims" / "agrpo-lr0.0001-s100-tune").write_text(str(other.pid))
+    waits = []
+
+    def other_finishes(seconds):  # while this invocation waits, the other records its run and exits
+        waits.append(seconds)
+        results = json.loads((out / "results.json").read_text())
+        record_run(out, results, {"method": "agrpo", "seed": 100, "lr": 1e-4, "phase": "tune", "curve": [(2, 0.3)]})
+        other.communicate(b"")
+        (out / "claims" / "agrpo-lr0.0001-s100-tune").unlink()
+
+    monkeypatch.setattr(time, "sleep", other_finishes)
+    assert main(["--design", str(design), "--out", str(out)]) == 0
+    assert len(waits) == 1
+    assert [(lr, seed) for _, lr, seed in calls] == [(1e-5, 100), (1e-4, 0), (1e-4, 1)]
+    assert not list((out / "claims").glob("agrpo*"))
