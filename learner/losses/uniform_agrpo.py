@@ -50,12 +50,11 @@ def canvas_record(micro: Trajectory, rows: torch.Tensor, prompt_len: int) -> tup
     """The unpadded prompts [b, prompt_len] and the ``CanvasRecord`` of ``rows`` of a canvas batch (the sampler
     decoded each prompt without padding: ``rollout.uniform_sampler.generate_canvases``)."""
     prompt = micro.prompt_ids_BP[rows, micro.prompt_ids_BP.shape[1] - prompt_len:]
-    active = per_sample_extra(micro, "active_BKS")[rows]
     return prompt, CanvasRecord(
         canvas=micro.extras["canvas_BKSC"][rows], draws=micro.extras["draws_BKSC"][rows],
-        accepted=micro.extras["accepted_BKSC"][rows], active=active, logp=micro.extras["step_logp_BKS"][rows],
-        sequences=torch.cat([prompt, micro.completion_ids_BG[rows]], 1), prompt_mask=None,
-        canvases=int(active.any(-1).any(0).nonzero().max()) + 1 if active.any() else 0)
+        accepted=micro.extras["accepted_BKSC"][rows], active=per_sample_extra(micro, "active_BKS")[rows],
+        logp=micro.extras["step_logp_BKS"][rows],
+        sequences=torch.cat([prompt, micro.completion_ids_BG[rows]], 1), prompt_mask=None)
 
 
 class UniformStepLoss(PolicyLoss):
