@@ -124,7 +124,8 @@ def generate(
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
     ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids`` and
     the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the sampled
-    distributions (with editing also ``step_edited_BT``, the tokens each step edited: a count, not a rebuild); ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
+    distributions (with editing also ``step_edited_BT``, the tokens each step edited: a count, not a
+    rebuild); ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
     refuses it, the learner rebuilds no guidance). The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
@@ -239,8 +240,8 @@ class _Decoder:
         # fills whole blocks leaves the last round empty)
         edit_B = self.active_B & (start_B < self.x_BL.shape[1])
         post_B = torch.zeros_like(start_B)
+        _, block_BK, masked_BK = self._window(start_B)
         for i in range(config.steps_per_round):
-            _, block_BK, masked_BK = self._window(start_B)
             remaining_B = masked_BK.sum(1)
             idle_B = edit_B & remaining_B.eq(0)
             post_B += idle_B
@@ -249,7 +250,9 @@ class _Decoder:
                 break
             n_B = self._counts(i, remaining_B) if i < config.steps_per_block else 0  # masks end within the steps
             kv = self._step(block, i, start_B, config.block_length, n_B, kv, anchor=False, edit_B=edit_B)
-            edit_B &= ~idle_B | self._window(start_B)[1].ne(block_BK).any(1)
+            _, after_BK, masked_BK = self._window(start_B)  # also the next step's block
+            edit_B &= ~idle_B | after_BK.ne(block_BK).any(1)
+            block_BK = after_BK
         self.kv = kv
 
     def _window(self, start_B):
