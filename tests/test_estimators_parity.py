@@ -259,8 +259,8 @@ def test_bgpo_masks_are_distributed_like_the_public_ones(tiny):
     rec = load_fixture("bgpo", tiny)
     f = rec["mask_frequency"]
     n = f["seeds"]
-    loss = build_loss(BgpoConfig(inner_epochs=n, num_mc=f["num_mc"], strata=f["strata"]), mask_id=H.MASK, pad_id=H.PAD,
-                      eos_id=H.EOS)
+    loss = build_loss(BgpoConfig(inner_epochs=n, mask_per_epoch=True, num_mc=f["num_mc"], strata=f["strata"]),
+                      mask_id=H.MASK, pad_id=H.PAD, eos_id=H.EOS)
     masks_BEMG = loss.prepare(fixture_batch(rec), seed=0).extras["bgpo_masked_BEMG"]
     freq = masks_BEMG.double().mean((1, 2))
     public = torch.tensor(f["frequency_BG"], dtype=torch.float64)

@@ -53,11 +53,13 @@ class BgpoLoss(MaskedSurrogateLoss):
     """BGPO's per-mask bounded ratios of ELBOs, one forward + backward per mask."""
 
     def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
-        """Advantages and every epoch's ``num_mc`` masks per sample (``bgpo_masked_BEMG``) with their ratios x/n."""
+        """Advantages and the ``num_mc`` masks per sample (``bgpo_masked_BEMG``) with their ratios x/n: every
+        epoch's with ``mask_per_epoch``, else the batch's one set (``epoch_draws``)."""
         out = self._prepare_common(batch, epoch)
         device = batch.completion_ids_BG.device
         B, G = batch.completion_ids_BG.shape
-        E, M, S = self.cfg.inner_epochs, self.cfg.num_mc, self.cfg.strata
+        E = self.cfg.inner_epochs if self.cfg.mask_per_epoch else 1
+        M, S = self.cfg.num_mc, self.cfg.strata
         n_B = out.extras["completion_mask_BG"].sum(1).cpu()
         gen = torch.Generator().manual_seed(int(seed))
         masked_BEMG = torch.zeros(B, E, M, G, dtype=torch.bool)
