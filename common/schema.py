@@ -31,6 +31,11 @@ Column notes:
   ``canvas_logp`` (behaviour log-prob of the accepted draws), K x S; per step and position ``canvas_tokens``
   (what the decoder read), ``canvas_draws`` and ``canvas_accepted``, K x S x C; ``canvas_t_range`` the
   temperature schedule's [t_min, t_max]. The per-step columns above then hold the K x S canvas steps.
+- Token editing (v7, LLaDA2.1's ``sampler.edit_threshold``; empty lists otherwise), T x K per row (K the block
+  length, the step's block window in column order): ``edit_before`` the tokens the block held before the step,
+  ``edit_draws`` the draw the step's rules read there (-1: none), ``edit_logp`` / ``edit_cutoff`` its behaviour
+  log-prob and support cut-off. ``completion_ids`` holds the final tokens and ``unmask_step`` each position's first
+  commit.
 """
 from __future__ import annotations
 
@@ -51,8 +56,9 @@ if TYPE_CHECKING:
 # torch is imported inside the two conversion functions only: the replay queue actor needs the schema and
 # validate_group but never torch, and importing torch costs seconds and hundreds of MB per actor.
 
-SCHEMA_VERSION = 6  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
-# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts; v6: uniform-noise canvases, `discard_rb_logp`
+SCHEMA_VERSION = 7  # v2: `filled` and `position_ids`; v3: the discarded draws (exact score function), `cache`;
+# v4: `block_grid`, `open_block`; v5: the routing of mixtures of experts; v6: uniform-noise canvases, `discard_rb_logp`;
+# v7: token editing
 VERSION_KEY = b"unmask.schema_version"
 TIMING_KEYS = ("gen_seconds", "reward_seconds")
 _INT16_MAX = np.iinfo(np.int16).max
@@ -103,6 +109,10 @@ SCHEMA = pa.schema(
         pa.field("canvas_draws", pa.list_(_i32), nullable=False),
         pa.field("canvas_accepted", pa.list_(pa.bool_()), nullable=False),
         pa.field("canvas_t_range", pa.list_(_f32), nullable=False),
+        pa.field("edit_before", pa.list_(_i32), nullable=False),
+        pa.field("edit_draws", pa.list_(_i32), nullable=False),
+        pa.field("edit_logp", pa.list_(_f32), nullable=False),
+        pa.field("edit_cutoff", pa.list_(_f32), nullable=False),
         pa.field("gen_seconds", _f32, nullable=False),
         pa.field("reward_seconds", _f32, nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -201,6 +211,19 @@ def _canvas_columns(traj: Trajectory) -> dict[str, pa.Array]:
     return {**columns, "canvas_t_range": _fixed_list(t_range, _f32)}
 
 
+EDIT = {"edit_before": ("edit_before_BTK", _i32), "edit_draws": ("edit_draws_BTK", _i32),
+        "edit_logp": ("edit_logp_BTK", _f32), "edit_cutoff": ("edit_cutoff_BTK", _f32)}
+
+
+def _edit_columns(traj: Trajectory) -> dict[str, pa.Array]:
+    """A token-editing rollout's record (``rollout.sampler``'s ``edit_*_BTK``), or empty lists."""
+    B = len(traj)
+    if "edit_draws_BTK" not in traj.extras:
+        return {name: pa.array([[]] * B, pa.list_(t)) for name, (_, t) in EDIT.items()}
+    return {name: _fixed_list(traj.extras[key].cpu().numpy().reshape(B, -1).astype(t.to_pandas_dtype()), t)
+            for name, (key, t) in EDIT.items()}
+
+
 def _real_columns(traj: Trajectory) -> np.ndarray:
     """[B, P + G] bool: the real (non-padding) columns of the sampler's sequence."""
     B, G = traj.completion_ids_BG.shape
@@ -266,6 +289,7 @@ def group_to_record_batch(
         "open_block": pa.array([str(traj.extras.get("open_block", "schedule"))] * B, pa.string()),
         **_routing_columns(traj),
         **_canvas_columns(traj),
+        **_edit_columns(traj),
         "gen_seconds": pa.array(np.full(B, timings["gen_seconds"], dtype=np.float32)),
         "reward_seconds": pa.array(np.full(B, timings["reward_seconds"], dtype=np.float32)),
         "created_at": pa.array([now] * B, pa.timestamp("us", tz="UTC")),
@@ -373,6 +397,12 @@ def validate_group(rb: pa.RecordBatch) -> None:
     if not np.array_equal(_lengths(rb.column("routing_step")), want):
         raise ValueError("routing_step must hold T x block_length x routing_width entries per row (none unrecorded)")
     _validate_canvases(rb, step_len[0])
+    edit_len = {name: _lengths(rb.column(name)) for name in EDIT}
+    if any(n.any() for n in edit_len.values()):
+        want = step_len[0] * rb.column("block_length").to_numpy()
+        for name, n in edit_len.items():
+            if not np.array_equal(n, want):
+                raise ValueError(f"{name} must hold T x block_length entries per row on a token-editing rollout")
     steps = rb.column("unmask_step").flatten().to_numpy()
     if steps.size and (steps.min() < 0 or steps.max() >= step_len[0]):
         raise ValueError(f"unmask_step values must lie in [0, T={step_len[0]})")
@@ -556,6 +586,7 @@ def table_to_trajectory(table: pa.Table, pad_id: int) -> Trajectory:
             "open_block": str(_uniform_scalar(table, "open_block")),
             **_routing(table, B, prompt_ids_BP.shape[1] + G, T, block_length),
             **_canvases(table, B),
+            **_edits(table, B, T, block_length),
         },
     )
 
@@ -590,3 +621,14 @@ def _canvases(table: pa.Table, B: int) -> dict:
         raise ValueError("canvas_t_range differs across rows; one learner batch must use one sampler setting")
     out["canvas_t_range"] = (float(t_range[0, 0]), float(t_range[0, 1]))
     return out
+
+
+def _edits(table: pa.Table, B: int, T: int, K: int) -> dict:
+    """A token-editing rollout's record as the sampler made it, or nothing."""
+    import torch
+
+    if not _lengths(_column(table, "edit_draws")).any():
+        return {}
+    dtypes = {_i32: torch.int64, _f32: torch.float32}
+    return {key: _tensor(_uniform_list(table, name, B).reshape(B, T, K), dtypes[t]) for name, (key, t) in EDIT.items()}
+

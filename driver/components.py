@@ -24,7 +24,8 @@ def build_learner(cfg: UnmaskConfig, tokenizer, transport: str):
 
     canvases = family_of(policy_config(cfg.model)).canvases
     loss_factory = functools.partial(build_loss, cfg.algorithm, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id,
-                                     eos_id=tokenizer.eos_id, canvases=canvases)
+                                     eos_id=tokenizer.eos_id, canvases=canvases,
+                                     editing=cfg.sampler.edit_threshold is not None)
     learner = LearnerGroup(cfg.learner, cfg.model, loss_factory=loss_factory, seed=cfg.run.seed,
                            ref_model=cfg.algorithm.beta_kl > 0)
     log.info("learner group: %d rank(s), algorithm %s, weight transport %s%s", cfg.learner.num_ranks,

@@ -319,15 +319,17 @@ def train(cfg: UnmaskConfig, resume: str | None = None) -> int:
     """Build everything, run the loop, close in ``finally``. Returns the process exit code."""
     from common.threads import set_cpu_threads
     from driver.runtime import connect_ray, new_run_dir, setup_logging
+    from learner.losses import EDIT_LOSSES
 
     setup_logging()
     if cfg.sampler.cfg_scale > 0:
         log.error("unmask: sampler.cfg_scale > 0 cannot be trained on (the learner cannot rebuild guided "
                   "distributions); use guidance only with `unmask eval`")
         return 2
-    if cfg.sampler.edit_threshold is not None:
-        log.error("unmask: sampler.edit_threshold (LLaDA2.1 token editing) cannot be trained on yet (the learner does "
-                  "not rebuild edited states); use editing only with `unmask eval`")
+    if cfg.sampler.edit_threshold is not None and cfg.algorithm.name not in EDIT_LOSSES:
+        log.error("unmask: sampler.edit_threshold (LLaDA2.1 token editing) trains with algorithm.name %s only (its "
+                  "exact score of every draw the rules read); set algorithm.name=agrpo or unset edit_threshold",
+                  " or ".join(EDIT_LOSSES))
         return 2
     try:
         if resume:

@@ -32,16 +32,44 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     reference (None), "packed" = real tokens only. No guidance: guided rollouts are never trained on.
     """
     device = traj.completion_ids_BG.device if device is None else device
-    unmask_BG = traj.unmask_step_BG.to(device)
     step_B1 = torch.as_tensor(step, device=device).reshape(-1, 1)
-    comp_BG = traj.completion_ids_BG.to(device).masked_fill(unmask_BG >= step_B1, mask_id)
-    ids_BL = torch.cat([traj.prompt_ids_BP.to(device), comp_BG], dim=1)
+    if "edit_before_BTK" in traj.extras:
+        ids_BL = edited_state(traj, step_B1.expand(len(traj), 1)[:, 0], mask_id, device)
+    else:
+        unmask_BG = traj.unmask_step_BG.to(device)
+        comp_BG = traj.completion_ids_BG.to(device).masked_fill(unmask_BG >= step_B1, mask_id)
+        ids_BL = torch.cat([traj.prompt_ids_BP.to(device), comp_BG], dim=1)
     prompt_mask_BP = traj.prompt_mask_BP.to(device).bool()
     if bool(prompt_mask_BP.all()):
         return ids_BL, None, None
-    attn_BL = torch.cat([prompt_mask_BP, torch.ones_like(comp_BG, dtype=torch.bool)], dim=1)
+    attn_BL = torch.cat([prompt_mask_BP, torch.ones_like(traj.completion_ids_BG, dtype=torch.bool, device=device)], dim=1)
     pos_BL = packed_positions(attn_BL) if traj.extras.get("position_ids", "absolute") == "packed" else None
     return ids_BL, attn_BL, pos_BL
+
+
+def edited_state(traj: Trajectory, step_B: torch.Tensor, mask_id: int, device) -> torch.Tensor:
+    """[B, L] ids before step ``step_B`` of a trajectory decoded with token editing (``sampler.edit_threshold``):
+    finished blocks hold their final tokens (a block is edited only while it decodes), the step's block what the
+    sampler recorded before the step (``edit_before_BTK``), later blocks masks."""
+    step_B = step_B.to(device).clamp(min=0)  # -1 marks a padding step: any valid step will do
+    start_B, cols_BK = step_window(traj, step_B, device)
+    P = traj.prompt_ids_BP.shape[1]
+    comp_BG = traj.completion_ids_BG.to(device)
+    later_BG = P + torch.arange(comp_BG.shape[1], device=device) >= start_B[:, None]
+    ids_BL = torch.cat([traj.prompt_ids_BP.to(device), comp_BG.masked_fill(later_BG, mask_id)], dim=1)
+    before_BK = traj.extras["edit_before_BTK"].to(device)[torch.arange(len(traj), device=device), step_B]
+    return ids_BL.scatter(1, cols_BK, before_BK)
+
+
+def step_window(traj: Trajectory, step_B: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first column [B] of the block step ``step_B`` decoded, and the block's columns [B, K] as the sampler's
+    ``_window`` reads them (a last block past the sequence's end points K columns back, at its previous block)."""
+    K, L = traj.block_length, traj.prompt_ids_BP.shape[1] + traj.completion_ids_BG.shape[1]
+    step_B = step_B.to(device).clamp(min=0)
+    start_B = (block_starts(traj.prompt_mask_BP.to(device), 0, K, traj.block_grid)
+               + (step_B // steps_per_block(traj)) * K)
+    cols_BK = start_B[:, None] + torch.arange(K, device=device)
+    return start_B, torch.where(cols_BK < L, cols_BK, cols_BK - K)
 
 
 def completion_blocks(traj: Trajectory) -> tuple[torch.Tensor, int]:
@@ -78,9 +106,7 @@ def replayed_routing(traj: Trajectory, step_B: torch.Tensor, device) -> torch.Te
     step_BTKR = traj.extras["routing_step_BTKR"].to(device).long()
     B, L, R = settled_BLR.shape
     K, step_B = traj.block_length, step_B.clamp(min=0)
-    start_B = block_starts(traj.prompt_mask_BP.to(device), 0, K, traj.block_grid) + (step_B // steps_per_block(traj)) * K
-    cols_BK = start_B[:, None] + torch.arange(K, device=device)
-    cols_BK = torch.where(cols_BK < L, cols_BK, cols_BK - K)  # the sampler's window (common to _window)
+    start_B, cols_BK = step_window(traj, step_B, device)
     before_BL1 = (torch.arange(L, device=device) < start_B[:, None])[..., None]
     routing_BLR = torch.where(before_BL1, settled_BLR, -1)
     block_BKR = step_BTKR[torch.arange(B, device=device), step_B]

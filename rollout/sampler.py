@@ -124,8 +124,8 @@ def generate(
     so a block always finishes within its steps, and steps a row no longer needs record 0 committed.
     ``extras`` holds ``filled_BG`` (EOS filled by ``stop_on_eos_block``, never sampled), ``position_ids`` and
     the cache rule (``cache``, ``cache_refresh``): the learner needs them all to rebuild the sampled
-    distributions (with editing also ``step_edited_BT``, the tokens each step edited: a count, not a
-    rebuild); ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
+    distributions (with editing also ``edit_*_BTK``: each step's block before it and the draws its rules read, from
+    which the learner rebuilds every state and action, and ``step_edited_BT``, a count); ``cfg_scale`` only says guidance was on (a guided rollout is for evaluation: `unmask train`
     refuses it, the learner rebuilds no guidance). The draws a step
     made and did not commit are recorded too (``discard_*_BGS``): under a commit rule that reads them they
     are part of the action the learner scores.
@@ -188,7 +188,7 @@ class _Decoder:
         self.forward = _forward_fn(model, config.compile_forward)
         self.rec = _Records(B, G, T, device, discard_slots=spb - 1)
         if config.edit_threshold is not None:
-            self.rec.step_edited_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+            self.rec.start_editing(T, K)
         if config.record_routing:
             self.rec.start_routing(P + G, K, len(model.moe_layers) * model.config.num_experts_per_tok)
         self.active_B = torch.ones(B, dtype=torch.bool, device=device)
@@ -333,7 +333,7 @@ class _Decoder:
         if edit_B is not None:  # the block's own completion columns (not ones wrapped back from past the end)
             editable_BR = ~valid_BR & (col_BR >= self.P) & (col_BR >= start_B[:, None]) & edit_B[:, None]
             edit_BR = editable_BR & token_BR.ne(held_BR) & (stats.confidence_N.view(B, width) > config.edit_threshold)
-            self.rec.step_edited_BT[:, t] = edit_BR.sum(1)
+            self.rec.write_edit_step(t, idx_BR, block_BK, valid_BR | editable_BR, edit_BR, token_BR, stats, cutoff_N)
             write_BR = commit_BR | edit_BR
         x_BL.scatter_(1, col_BR, torch.where(write_BR, token_BR, held_BR))
         self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
@@ -395,7 +395,7 @@ class _Decoder:
             extras={"filled_BG": rec.filled_BG, "position_ids": config.position_ids, "cfg_scale": config.cfg_scale,
                     "cache": config.cache, "cache_refresh": config.cache_refresh, "open_block": config.open_block,
                     **rec.routing_extras(),
-                    **({} if rec.step_edited_BT is None else {"step_edited_BT": rec.step_edited_BT})},
+                    **rec.edit_extras()},
         )
 
 
@@ -520,7 +520,8 @@ class _Records:
         self.step_committed_BT = torch.zeros(B, T, dtype=torch.long, device=device)
         self.routing_settled_BLR: torch.Tensor | None = None  # allocated by start_routing
         self.routing_step_BTKR: torch.Tensor | None = None
-        self.step_edited_BT: torch.Tensor | None = None  # tokens each step edited (allocated when editing)
+        self.step_edited_BT: torch.Tensor | None = None  # the editing record (allocated by start_editing)
+        self.edit: dict[str, torch.Tensor] | None = None
 
     @property
     def unmask_step_BG(self) -> torch.Tensor:
@@ -571,6 +572,30 @@ class _Records:
             return {}
         return {"routing_settled_BLR": self.routing_settled_BLR[:, :-1].contiguous(),
                 "routing_step_BTKR": self.routing_step_BTKR}
+
+    def start_editing(self, T: int, K: int) -> None:
+        """Token editing's record, per step and block column (k of the block's window): the token held before the
+        step, the draw the step's rules read there (-1: none; a masked position's draw is read by the threshold
+        rule, a committed one's by the edit rule), its behaviour log-prob and support cut-off; and how many tokens
+        each step edited."""
+        B, device = self.step_BG.shape[0], self.step_BG.device
+        self.step_edited_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.edit = {"edit_before_BTK": torch.zeros(B, T, K, dtype=torch.long, device=device),
+                     "edit_draws_BTK": torch.full((B, T, K), -1, dtype=torch.long, device=device),
+                     "edit_logp_BTK": torch.zeros(B, T, K, dtype=torch.float32, device=device),
+                     "edit_cutoff_BTK": torch.full((B, T, K), float("-inf"), dtype=torch.float32, device=device)}
+
+    def write_edit_step(self, t: int, idx_BR, block_BK, read_BR, edit_BR, token_BR, stats, cutoff_N) -> None:
+        B, R = idx_BR.shape
+        self.step_edited_BT[:, t] = edit_BR.sum(1)
+        self.edit["edit_before_BTK"][:, t] = block_BK
+        self.edit["edit_draws_BTK"][:, t].scatter_(1, idx_BR, torch.where(read_BR, token_BR, -1))
+        self.edit["edit_logp_BTK"][:, t].scatter_(1, idx_BR, stats.logp_N.float().view(B, R))
+        if cutoff_N is not None:
+            self.edit["edit_cutoff_BTK"][:, t].scatter_(1, idx_BR, cutoff_N.float().view(B, R))
+
+    def edit_extras(self) -> dict:
+        return {} if self.edit is None else {"step_edited_BT": self.step_edited_BT, **self.edit}
 
     def write_discarded(self, slot: int, pos_BR, discarded_BR, token_BR, stats, cutoff_N, rb_N=None) -> None:
         """Record the draws of step ``slot`` of the block that were not committed (they stay masked), and with

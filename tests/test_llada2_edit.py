@@ -1,5 +1,5 @@
 """LLaDA2.1 token editing (sampler.edit_threshold): token for token the public 2.1 ``generate`` at temperature 0
-(tests/fixtures/llada2_edit), per row in a batch, and refused for training."""
+(tests/fixtures/llada2_edit), per row in a batch; what an exact score needs (enumeration), and the learner scoring it."""
 import json
 from pathlib import Path
 
@@ -105,15 +105,92 @@ def test_editing_needs_the_threshold_and_the_sequence_grid():
     assert cfg.steps_per_round == 4 + 3
 
 
-def test_training_with_editing_is_refused_in_one_line(caplog):
-    """The learner does not rebuild edited states (nor score the draws at committed positions), so a run with
-    editing on stops before building anything; evaluation decodes with it."""
+def test_training_with_editing_takes_agrpo_only_and_says_so_in_one_line(caplog):
+    """Only AGRPO scores every draw the editing rules read; another estimator stops the run before anything is built,
+    and the learner's loss factory refuses it too."""
     from common.config import load_config
     from driver.train import train
+    from learner.losses import build_loss
 
-    cfg = load_config("tiny_countdown_moe", ["sampler.edit_threshold=0.5", "sampler.max_post_edit_steps=4"])
+    cfg = load_config("tiny_countdown_moe", ["sampler.edit_threshold=0.5", "sampler.max_post_edit_steps=4",
+                                             "algorithm.name=atpo"])
     assert train(cfg) == 2
-    assert "sampler.edit_threshold (LLaDA2.1 token editing) cannot be trained on yet" in caplog.text
+    assert "sampler.edit_threshold (LLaDA2.1 token editing) trains with algorithm.name agrpo only" in caplog.text
+    with pytest.raises(ValueError, match="does not score token editing"):
+        build_loss(cfg.algorithm, mask_id=MASK, pad_id=PAD, editing=True)
+
+
+def _edited_batch(model, temperature=1.0):
+    """Rows of four prompt lengths decoded with editing at temperature > 0, two groups of two through the wire
+    format, and the model inputs of every step the sampler ran (captured from its forward calls)."""
+    from common.schema import group_to_record_batch, table_to_trajectory
+    from rollout.sampler import pad_rows
+    import pyarrow as pa
+
+    case = _cases()[6]
+    prompts = [c["prompt"] for c in _cases()[:4]]
+    cfg = _config(case, gen_length=16, steps=16, temperature=temperature, max_post_edit_steps=3)
+    inputs = []
+    hidden = model.hidden_states
+    model.hidden_states = lambda ids, *a, **k: inputs.append(ids.clone()) or hidden(ids, *a, **k)
+    try:
+        ids, mask = pad_rows(prompts, PAD)
+        traj = generate(model, ids, mask, cfg, mask_id=MASK, eos_id=case["eos_id"], pad_id=PAD, seed=3)
+    finally:
+        del model.hidden_states
+    groups = [group_to_record_batch(traj.select(slice(b, b + 2)), group_id=str(b), task="t", worker_id="w",
+                                    policy_version=0, rewards=[0.0, 1.0], correct=[False, True], components={},
+                                    timings={"gen_seconds": 0.0, "reward_seconds": 0.0}) for b in (0, 2)]
+    return traj, table_to_trajectory(pa.Table.from_batches(groups), PAD), inputs
+
+
+def test_the_learner_rebuilds_every_edited_state_and_scores_every_draw_the_rules_read_with_ratio_one(model):
+    """Through the wire format: the state the learner builds for each step is the model input the sampler ran it on,
+    and its log-prob of every draw a step's rules read (masked positions and decoded ones) is the sampler's."""
+    from learner.losses.actions import step_rows
+    from learner.losses.base import sampler_logprobs
+    from learner.step_states import policy_hidden, state_inputs
+
+    traj, batch, inputs = _edited_batch(model)
+    for key in ("edit_before_BTK", "edit_draws_BTK", "edit_logp_BTK", "edit_cutoff_BTK"):
+        assert torch.equal(batch.extras[key], traj.extras[key]), key
+    reads_BT = batch.extras["edit_draws_BTK"].ge(0).any(-1)
+    ran_T = reads_BT.any(0).nonzero()[:, 0].tolist()  # every step the batch ran reads a draw on some row
+    assert len(ran_T) == len(inputs) and int(traj.extras["step_edited_BT"].sum()) > 0
+    P, B = batch.prompt_ids_BP.shape[1], len(batch)
+    decoded_reads = 0
+    for t, want_BL in zip(ran_T, inputs):
+        step_B = torch.full((B,), t)
+        ids_BL, _, _ = state_inputs(batch, step_B, MASK)
+        live_B = reads_BT[:, t]  # rows that stopped hold EOS where the sampler's kept masks: never scored
+        assert torch.equal(ids_BL[live_B], want_BL[live_B]), t
+        rows = step_rows(batch, step_B, live_B, discarded=True, device="cpu")
+        assert len(rows.b_N) == int(batch.extras["edit_draws_BTK"][:, t].ge(0).sum())
+        decoded_reads += int((~rows.committed_N).sum())
+        with torch.no_grad():
+            h = policy_hidden(model, batch, step_B, MASK, "cpu").rows(rows.b_N, P + rows.g_N)
+            logp_N = sampler_logprobs(model.vocab_logits(h), rows.token_N, temperature=batch.temperature,
+                                      cutoff_N=rows.cutoff_N, banned_ids=tuple(batch.banned_ids))
+        torch.testing.assert_close(logp_N, rows.old_logp_N, rtol=0, atol=2e-5)
+    assert decoded_reads > 0
+
+
+def test_agrpo_trains_on_edited_rollouts_with_ratio_one(model):
+    """AGRPO with k above T takes every step that read a draw once: each read is one ratio-1 token of the loss."""
+    from common.config.algorithm import AgrpoConfig
+    from learner.losses import build_loss
+
+    _, batch, _ = _edited_batch(model)
+    loss = build_loss(AgrpoConfig(k_steps=64), mask_id=MASK, pad_id=PAD, eos_id=_cases()[6]["eos_id"], editing=True)
+    prepared = loss.prepare(batch, seed=0)
+    model.zero_grad()
+    metrics = loss.backward(model, prepared, total_samples=len(batch))
+    assert metrics["tokens"] == int(batch.extras["edit_draws_BTK"].ge(0).sum())
+    assert metrics["ratio_sum"] == pytest.approx(metrics["tokens"], rel=1e-5)
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
+    with pytest.raises(ValueError, match="with token editing the exact action is every draw"):
+        build_loss(AgrpoConfig(draws="committed"), mask_id=MASK, pad_id=PAD, editing=True).backward(
+            model, prepared, total_samples=len(batch))
 
 
 # --- what an exact score needs with editing: enumeration on a tabular policy (independent of the sampler's code)

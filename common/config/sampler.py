@@ -100,8 +100,8 @@ class SamplerConfig(Section):
         description="LLaDA2.1's token editing (token-to-token, beside the threshold's mask-to-token commits): at every "
         "step a committed completion token of the current block is replaced by the step's draw there when the draw "
         "differs and its confidence exceeds this; after the block has no masks left, up to max_post_edit_steps "
-        "edit-only steps run, and the block ends at the first that changes nothing. None: no editing. Decoding only: "
-        "`unmask train` refuses it (the learner does not yet rebuild edited states).")
+        "edit-only steps run, and the block ends at the first that changes nothing. None: no editing. Trains with "
+        "algorithm.name agrpo (exact: every draw the rules read is scored in its recorded state).")
     max_post_edit_steps: int = Field(
         default=16, ge=0,
         description="With edit_threshold, the most edit-only steps a block runs after its last mask is committed "

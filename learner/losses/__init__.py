@@ -35,15 +35,23 @@ LOSSES: dict[str, type[PolicyLoss]] = {
 }
 
 
+# Token editing (LLaDA2.1): AGRPO scores every draw a step's rules read, in the state the sampler recorded (exact).
+# ATPO's step scores read the masked positions' statistics, which post-edit steps do not have.
+EDIT_LOSSES = ("agrpo",)
+
 # Uniform-noise canvases (DiffusionGemma) have no mask token: their estimators, by algorithm name.
 CANVAS_LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": UniformAgrpoLoss, "atpo": UniformAtpoLoss}
 
 
 def build_loss(cfg, *, mask_id: int | None, pad_id: int, eos_id: int | None = None,
-               canvases: bool = False) -> PolicyLoss:
+               canvases: bool = False, editing: bool = False) -> PolicyLoss:
     """The loss for an ``algorithm:`` variant (``common.config.algorithm``). ``eos_id`` defines the eligible
     steps (those committing a non-EOS token) and d1's completion mask; None treats EOS like any token.
-    ``canvases``: the policy decodes uniform-noise canvases (DiffusionGemma)."""
+    ``canvases``: the policy decodes uniform-noise canvases (DiffusionGemma); ``editing``: its rollouts edit
+    decoded tokens (LLaDA2.1, ``sampler.edit_threshold``)."""
+    if editing and cfg.name not in EDIT_LOSSES:
+        raise ValueError(f"algorithm.name={cfg.name} does not score token editing (sampler.edit_threshold); choose "
+                         f"one of {sorted(EDIT_LOSSES)} or unset edit_threshold")
     if canvases:
         if cfg.name not in CANVAS_LOSSES:
             raise ValueError(f"algorithm.name={cfg.name} has no form for uniform-noise canvases (DiffusionGemma) yet; "
@@ -55,7 +63,7 @@ def build_loss(cfg, *, mask_id: int | None, pad_id: int, eos_id: int | None = No
 
 
 __all__ = [
-    "CANVAS_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "BgpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "UniformAtpoLoss", "Wd1Loss",
+    "CANVAS_LOSSES", "EDIT_LOSSES", "LOSSES", "AgrpoLoss", "AtpoLoss", "BgpoLoss", "CoupledGrpoLoss", "DiffuGrpoLoss", "EspoLoss", "JustGrpoLoss", "PolicyLoss", "SpgLoss", "TraceRLLoss", "UniformAgrpoLoss", "UniformAtpoLoss", "Wd1Loss",
     "build_loss",
     "select_rows",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.step_states import completion_blocks
+from learner.step_states import completion_blocks, step_window
 from common.trajectory import Trajectory
 from learner.losses.base import sampled_tokens
 
@@ -24,7 +24,8 @@ from learner.losses.base import sampled_tokens
 @dataclass
 class StepRows:
     """Scored rows of one step per sample: sample b_N, completion position g_N, the drawn token, its
-    behaviour log-prob and cut-off, and whether it was committed (False: a discarded draw)."""
+    behaviour log-prob and cut-off, and whether it was committed (False: a discarded draw; under token editing,
+    whether the position was masked before the step: False for a draw the edit rule read at a decoded one)."""
 
     b_N: torch.Tensor
     g_N: torch.Tensor
@@ -34,9 +35,24 @@ class StepRows:
     committed_N: torch.Tensor
 
 
+def editing(micro: Trajectory) -> bool:
+    """The batch was decoded with token editing (``sampler.edit_threshold``): its record is ``edit_*_BTK``."""
+    return "edit_draws_BTK" in micro.extras
+
+
+def edit_read_steps(micro: Trajectory) -> torch.Tensor:
+    """[B, T] bool: the steps of an editing trajectory that read a draw (every step that ran for the row)."""
+    return micro.extras["edit_draws_BTK"].ge(0).any(-1)
+
+
 def scores_discarded(micro: Trajectory, draws: str) -> bool:
     """Whether a step's action includes its discarded draws under the ``draws`` option (auto/all/committed/
     rao_blackwell)."""
+    if editing(micro):
+        if draws not in ("auto", "all"):
+            raise ValueError(f"algorithm.draws={draws}: with token editing the exact action is every draw the step's "
+                             "rules read (masked and decoded positions); set algorithm.draws=auto")
+        return True
     if draws == "committed":
         return False
     if draws == "rao_blackwell" and micro.discard_rb_logp_BGS is None:
@@ -57,6 +73,8 @@ def step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, *
     with ``discarded``, the draws it made at the block's other still-masked positions (with ``rao_blackwell``
     their behaviour log-prob is that of their uncommitted set, ``common.rao_blackwell``)."""
     step_B, active_B = step_B.to(device), active_B.to(device)
+    if editing(micro):
+        return _edit_step_rows(micro, step_B, active_B, device)
     unmask_BG = micro.unmask_step_BG.to(device)
     commit_BG = (unmask_BG == step_B[:, None]) & active_B[:, None] & sampled_tokens(micro).to(device)
     b_N, g_N = commit_BG.nonzero(as_tuple=True)
@@ -79,3 +97,18 @@ def step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, *
         logp_D = behaviour_BGS.to(device).gather(2, slot_BG1)[..., 0][b_D, g_D].float()
         parts.append((b_D, g_D, ids_BG[b_D, g_D], logp_D, cutoff_D, torch.zeros_like(b_D, dtype=torch.bool)))
     return StepRows(*(torch.cat(cols) for cols in zip(*parts)))
+
+
+def _edit_step_rows(micro: Trajectory, step_B: torch.Tensor, active_B: torch.Tensor, device) -> StepRows:
+    """Token editing: every draw the step's rules read in its block (the threshold rule at masked positions, the edit
+    rule at decoded ones), as the sampler recorded them (``edit_*_BTK``)."""
+    step_B = step_B.clamp(min=0)
+    pick = lambda key: micro.extras[key].to(device)[torch.arange(len(micro), device=device), step_B]  # noqa: E731
+    draws_BK = pick("edit_draws_BTK")
+    b_N, k_N = (draws_BK.ge(0) & active_B[:, None]).nonzero(as_tuple=True)
+    _, cols_BK = step_window(micro, step_B, device)
+    g_N = cols_BK[b_N, k_N] - micro.prompt_ids_BP.shape[1]
+    masked_N = micro.unmask_step_BG.to(device)[b_N, g_N] >= step_B[b_N]  # first committed at this step or later
+    return StepRows(b_N, g_N, draws_BK[b_N, k_N], pick("edit_logp_BTK")[b_N, k_N].float(),
+                    pick("edit_cutoff_BTK")[b_N, k_N].float(), masked_N)
+

@@ -13,7 +13,7 @@ from common.rao_blackwell import commit_floor, uncommitted_logp
 from common.trajectory import Trajectory
 from learner.step_states import policy_hidden
 from learner.losses import steps as step_sel
-from learner.losses.actions import scores_discarded, step_rows
+from learner.losses.actions import edit_read_steps, editing, scores_discarded, step_rows
 from learner.losses.base import (
     MetricSums,
     PolicyLoss,
@@ -41,10 +41,13 @@ class StepwiseLoss(PolicyLoss):
         each inner epoch draws its own steps."""
         out = batch.select(slice(None))
         out.extras = dict(batch.extras)
-        eligible_BT = step_sel.eligible_steps(
-            batch.unmask_step_BG, batch.completion_ids_BG, batch.num_steps, self.eos_id, sampled_tokens(batch),
-            rule=self.cfg.eligible_steps,
-        )
+        if editing(batch):  # every step that read a draw: EOS-only steps too (a step may edit anywhere in its block)
+            eligible_BT = edit_read_steps(batch)
+        else:
+            eligible_BT = step_sel.eligible_steps(
+                batch.unmask_step_BG, batch.completion_ids_BG, batch.num_steps, self.eos_id, sampled_tokens(batch),
+                rule=self.cfg.eligible_steps,
+            )
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         steps_BK, weights_BK = self.select_steps(batch, eligible_BT.cpu(), gen)
         if self.cfg.normalize == "step_mean":  # the weights estimate the sum over T_i steps; make it the mean
