@@ -19,8 +19,8 @@ class Trajectory:
     probability margin of that distribution, and the support cut-off (a raw-logit threshold between the
     smallest logit top-k/top-p kept and the largest it dropped, so "keep logits >= cutoff" rebuilds the
     support despite rounding; -inf when the whole vocabulary was eligible). Per step (``_BT``): mean
-    entropy and mean margin over the block's still-masked positions before the step, and how many
-    tokens the step committed.
+    entropy and mean margin over the block's still-masked positions before the step (with token editing over
+    every position whose draw the step's rules read), and how many tokens the step committed.
 
     Discarded draws (``_BGS``, S = steps per block - 1): at every step the sampler draws a token at each
     still-masked position of the block and commits only some; slot s of position g holds the token drawn

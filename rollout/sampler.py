@@ -329,14 +329,15 @@ class _Decoder:
 
         # --- write tokens and records; a scored position that is not committed keeps its token (a row
         # with fewer masked positions than ``width`` also gathers committed ones: never re-mask them)
-        held_BR, write_BR = block_BK.gather(1, idx_BR), commit_BR
+        held_BR, write_BR, read_BR = block_BK.gather(1, idx_BR), commit_BR, None
         if edit_B is not None:  # the block's own completion columns (not ones wrapped back from past the end)
             editable_BR = ~valid_BR & (col_BR >= self.P) & (col_BR >= start_B[:, None]) & edit_B[:, None]
             edit_BR = editable_BR & token_BR.ne(held_BR) & (stats.confidence_N.view(B, width) > config.edit_threshold)
-            self.rec.write_edit_step(t, idx_BR, block_BK, valid_BR | editable_BR, edit_BR, token_BR, stats, cutoff_N)
+            read_BR = valid_BR | editable_BR
+            self.rec.write_edit_step(t, idx_BR, block_BK, read_BR, edit_BR, token_BR, stats, cutoff_N)
             write_BR = commit_BR | edit_BR
         x_BL.scatter_(1, col_BR, torch.where(write_BR, token_BR, held_BR))
-        self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N)
+        self.rec.write(t, pos_BR, valid_BR, commit_BR, stats, cutoff_N, read_BR)
         discarded_BR = valid_BR & ~commit_BR
         rb_N = None
         if self.rao_blackwell:  # scored on the discarded rows only: the others' values are never read
@@ -530,8 +531,9 @@ class _Records:
     def token_stat(self, f: int) -> torch.Tensor:
         return self.stats_FBG[f, :, : self.G].contiguous()
 
-    def write(self, t: int, pos_BR, valid_BR, commit_BR, stats, cutoff_N) -> None:
-        """Record step t: the candidates' statistics, and their means over the block's still-masked rows.
+    def write(self, t: int, pos_BR, valid_BR, commit_BR, stats, cutoff_N, stat_BR=None) -> None:
+        """Record step t: the candidates' statistics, and their means over the block's still-masked rows (or over
+        ``stat_BR``: with token editing, every position whose draw the step's rules read).
 
         Every candidate is written each step; a position stops being a candidate once committed, so the
         value it keeps is the one of its commit step.
@@ -542,7 +544,7 @@ class _Records:
         values_FBR = torch.stack(per_row).float().view(len(per_row), B, R)
         self.stats_FBG[: len(per_row)].scatter_(2, dest_BR.expand(len(per_row), B, R), values_FBR)
         self.step_BG.scatter_(1, dest_BR, t)
-        valid_f_BR = valid_BR.float()
+        valid_f_BR = (valid_BR if stat_BR is None else stat_BR).float()
         n_valid_B = valid_f_BR.sum(1).clamp(min=1)
         self.step_stats_2BT[:, :, t] = (values_FBR[1:3] * valid_f_BR).sum(-1) / n_valid_B
         self.step_committed_BT[:, t] = commit_BR.sum(1)

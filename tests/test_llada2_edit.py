@@ -106,16 +106,16 @@ def test_editing_needs_the_threshold_and_the_sequence_grid():
 
 
 def test_training_with_editing_takes_agrpo_only_and_says_so_in_one_line(caplog):
-    """Only AGRPO scores every draw the editing rules read; another estimator stops the run before anything is built,
-    and the learner's loss factory refuses it too."""
+    """Only AGRPO and ATPO score every draw the editing rules read; another estimator stops the run before anything
+    is built, and the learner's loss factory refuses it too."""
     from common.config import load_config
     from driver.train import train
     from learner.losses import build_loss
 
     cfg = load_config("tiny_countdown_moe", ["sampler.edit_threshold=0.5", "sampler.max_post_edit_steps=4",
-                                             "algorithm.name=atpo"])
+                                             "algorithm={name: diffu_grpo}"])
     assert train(cfg) == 2
-    assert "sampler.edit_threshold (LLaDA2.1 token editing) trains with algorithm.name agrpo only" in caplog.text
+    assert "sampler.edit_threshold (LLaDA2.1 token editing) trains with algorithm.name agrpo or atpo only" in caplog.text
     with pytest.raises(ValueError, match="does not score token editing"):
         build_loss(cfg.algorithm, mask_id=MASK, pad_id=PAD, editing=True)
 
@@ -175,14 +175,22 @@ def test_the_learner_rebuilds_every_edited_state_and_scores_every_draw_the_rules
     assert decoded_reads > 0
 
 
-def test_agrpo_trains_on_edited_rollouts_with_ratio_one(model):
-    """AGRPO with k above T takes every step that read a draw once: each read is one ratio-1 token of the loss."""
-    from common.config.algorithm import AgrpoConfig
+@pytest.mark.parametrize("algo", ["agrpo", "atpo"])
+def test_agrpo_and_atpo_train_on_edited_rollouts_with_ratio_one(model, algo):
+    """With k above T every step that read a draw is taken once (ATPO's sampling covers them all too): each read is
+    one ratio-1 token of the loss. ATPO's step statistics are over the draws the rules read, so post-edit steps (no
+    mask left) are scored from their edit draws, not as empty steps."""
+    from common.config.algorithm import AgrpoConfig, AtpoConfig
     from learner.losses import build_loss
 
     _, batch, _ = _edited_batch(model)
-    loss = build_loss(AgrpoConfig(k_steps=64), mask_id=MASK, pad_id=PAD, eos_id=_cases()[6]["eos_id"], editing=True)
+    reads_BT = batch.extras["edit_draws_BTK"].ge(0).any(-1)
+    post_BT = reads_BT & (batch.unmask_step_BG.max(1).values[:, None] < torch.arange(batch.num_steps))
+    assert bool(post_BT.any()) and bool((batch.step_entropy_BT[post_BT] > 0).all())
+    cfg = AgrpoConfig(k_steps=64) if algo == "agrpo" else AtpoConfig(k_steps=64, selection="topk")
+    loss = build_loss(cfg, mask_id=MASK, pad_id=PAD, eos_id=_cases()[6]["eos_id"], editing=True)
     prepared = loss.prepare(batch, seed=0)
+    assert torch.equal(prepared.extras["eligible_steps_B"], reads_BT.sum(1))
     model.zero_grad()
     metrics = loss.backward(model, prepared, total_samples=len(batch))
     assert metrics["tokens"] == int(batch.extras["edit_draws_BTK"].ge(0).sum())

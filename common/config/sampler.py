@@ -101,7 +101,7 @@ class SamplerConfig(Section):
         "step a committed completion token of the current block is replaced by the step's draw there when the draw "
         "differs and its confidence exceeds this; after the block has no masks left, up to max_post_edit_steps "
         "edit-only steps run, and the block ends at the first that changes nothing. None: no editing. Trains with "
-        "algorithm.name agrpo (exact: every draw the rules read is scored in its recorded state).")
+        "algorithm.name agrpo or atpo (exact: every draw the rules read is scored in its recorded state).")
     max_post_edit_steps: int = Field(
         default=16, ge=0,
         description="With edit_threshold, the most edit-only steps a block runs after its last mask is committed "

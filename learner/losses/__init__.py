@@ -35,9 +35,9 @@ LOSSES: dict[str, type[PolicyLoss]] = {
 }
 
 
-# Token editing (LLaDA2.1): AGRPO scores every draw a step's rules read, in the state the sampler recorded (exact).
-# ATPO's step scores read the masked positions' statistics, which post-edit steps do not have.
-EDIT_LOSSES = ("agrpo",)
+# Token editing (LLaDA2.1): AGRPO and ATPO score every draw a step's rules read, in the state the sampler recorded
+# (exact; ATPO's step statistics are then over those draws). The surrogates have no edit form.
+EDIT_LOSSES = ("agrpo", "atpo")
 
 # Uniform-noise canvases (DiffusionGemma) have no mask token: their estimators, by algorithm name.
 CANVAS_LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": UniformAgrpoLoss, "atpo": UniformAtpoLoss}
