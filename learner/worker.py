@@ -205,6 +205,9 @@ class LearnerRank:
         total = len(batch)
         if total == 0:
             raise ValueError("learner step got an empty batch")
+        if "edit_draws_BTK" in batch.extras and not getattr(self.loss, "scores_edits", False):
+            raise ValueError(f"the batch was decoded with token editing (sampler.edit_threshold), which "
+                             f"{type(self.loss).__name__} does not score; train it with algorithm.name agrpo or atpo")
         if self.cfg.routing == "recompute":  # the router chooses again: the sampler's record is not read
             batch = dataclasses.replace(batch, extras={k: v for k, v in batch.extras.items()
                                                        if k not in ("routing_settled_BLR", "routing_step_BTKR")})

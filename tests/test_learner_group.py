@@ -95,6 +95,20 @@ def test_nan_guard_skips_then_stops(local_group):
         rank.step(make_batch(), step_seed=2)
 
 
+def test_a_loss_without_an_edit_form_refuses_a_token_editing_batch(local_group):
+    """A batch decoded with token editing reaching a surrogate (a config mismatch) stops in one line instead of
+    training on the first commits as if nothing was edited."""
+    from common.config.algorithm import DiffuGrpoConfig
+    from learner.losses import build_loss
+
+    rank = local_rank(learner_cfg(), loss_factory=functools.partial(build_loss, DiffuGrpoConfig(), mask_id=MASK,
+                                                                    pad_id=PAD))
+    batch = make_batch()
+    batch.extras["edit_draws_BTK"] = torch.full((len(batch), batch.num_steps, 4), -1)
+    with pytest.raises(ValueError, match="decoded with token editing .* DiffuGrpoLoss does not score"):
+        rank.step(batch, step_seed=0)
+
+
 def test_lora_trains_only_adapters_and_syncs_merged_weights(local_group, tmp_path):
     cfg = learner_cfg(lora={"enabled": True, "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "ff_out"]})
     rank = local_rank(cfg)

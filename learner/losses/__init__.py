@@ -37,7 +37,7 @@ LOSSES: dict[str, type[PolicyLoss]] = {
 
 # Token editing (LLaDA2.1): AGRPO and ATPO score every draw a step's rules read, in the state the sampler recorded
 # (exact; ATPO's step statistics are then over those draws). The surrogates have no edit form.
-EDIT_LOSSES = ("agrpo", "atpo")
+EDIT_LOSSES = tuple(name for name, loss in LOSSES.items() if loss.scores_edits)
 
 # Uniform-noise canvases (DiffusionGemma) have no mask token: their estimators, by algorithm name.
 CANVAS_LOSSES: dict[str, type[PolicyLoss]] = {"agrpo": UniformAgrpoLoss, "atpo": UniformAtpoLoss}

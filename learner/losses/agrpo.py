@@ -33,6 +33,8 @@ class StepwiseLoss(PolicyLoss):
     backward are shared, so AGRPO and ATPO differ only in where the budget goes.
     """
 
+    scores_edits = True
+
     def select_steps(self, batch: Trajectory, eligible_BT: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -28,6 +28,8 @@ class PolicyLoss(ABC):
     optimizer step, so its collectives do not grow with the passes a loss makes (K sampled steps).
     """
 
+    scores_edits = False  # scores token-editing rollouts (every draw the rules read, in its recorded state)
+
     def __init__(self, cfg, *, mask_id: int, pad_id: int, eos_id: int | None = None):
         self.cfg = cfg
         self.mask_id = int(mask_id)

@@ -26,6 +26,8 @@ from learner.losses.base import sampled_tokens
 class JustGrpoLoss(StepwiseLoss):
     """Every step of a sequential trajectory, weighted 1 / (G (n_valid + 1e-5)) x B (the backward divides by B)."""
 
+    scores_edits = False  # left-to-right decoding commits one token a step and edits none
+
     def prepare(self, batch: Trajectory, *, seed: int, epoch: int = 0) -> Trajectory:
         drawn_BG = sampled_tokens(batch)
         _check_sequential(batch.unmask_step_BG, drawn_BG)
