@@ -292,7 +292,8 @@ class RolloutWorker:
                 "rejected_prompts": rejected, "rejected_ids": rejected_ids, "dropped_ids": dropped, "tokens": tokens,
                 "gen_seconds": t_gen, "reward_seconds": t_reward, "version": self.version,
                 "reward": sum(r.total for r in rewards) / len(rewards),
-                "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards)}
+                "accuracy": sum(bool(r.correct) for r in rewards) / len(rewards),
+                **({"edited_tokens": int(traj.extras["step_edited_BT"].sum())} if "step_edited_BT" in traj.extras else {})}
 
     def evaluate(self, items: list, sampler_overrides: dict[str, Any] | None = None, seed: int = 0) -> list[dict]:
         """Greedy (or configured) decoding of held-out items in ``rollout.eval_batch_tokens`` batches
