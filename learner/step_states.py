@@ -26,7 +26,8 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     """The sampler's model input before step ``step`` (int, or [B] per-sample steps): ids [B, L], attention
     mask, positions.
 
-    Completion tokens committed at a step >= t are masked again; the prompt stays left-padded with its
+    Completion tokens committed at a step >= t are masked again (with token editing the step's block is the one
+    the sampler recorded, ``edited_state``); the prompt stays left-padded with its
     padding excluded from attention (no mask at all for an unpadded batch, the sampler's kernel path),
     and positions follow ``extras["position_ids"]``: "absolute" = 0..L-1 per column as LLaDA's
     reference (None), "packed" = real tokens only. No guidance: guided rollouts are never trained on.
