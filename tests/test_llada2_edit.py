@@ -120,7 +120,7 @@ def test_training_with_editing_takes_agrpo_only_and_says_so_in_one_line(caplog):
         build_loss(cfg.algorithm, mask_id=MASK, pad_id=PAD, editing=True)
 
 
-def _edited_batch(model, temperature=1.0):
+def _edited_batch(model, temperature=1.0, cache="none"):
     """Rows of four prompt lengths decoded with editing at temperature > 0, two groups of two through the wire
     format, and the model inputs of every step the sampler ran (captured from its forward calls)."""
     from common.schema import group_to_record_batch, table_to_trajectory
@@ -129,7 +129,7 @@ def _edited_batch(model, temperature=1.0):
 
     case = _cases()[6]
     prompts = [c["prompt"] for c in _cases()[:4]]
-    cfg = _config(case, gen_length=16, steps=16, temperature=temperature, max_post_edit_steps=3)
+    cfg = _config(case, cache=cache, gen_length=16, steps=16, temperature=temperature, max_post_edit_steps=3)
     inputs = []
     hidden = model.hidden_states
     model.hidden_states = lambda ids, *a, **k: inputs.append(ids.clone()) or hidden(ids, *a, **k)
@@ -144,14 +144,16 @@ def _edited_batch(model, temperature=1.0):
     return traj, table_to_trajectory(pa.Table.from_batches(groups), PAD), inputs
 
 
-def test_the_learner_rebuilds_every_edited_state_and_scores_every_draw_the_rules_read_with_ratio_one(model):
-    """Through the wire format: the state the learner builds for each step is the model input the sampler ran it on,
-    and its log-prob of every draw a step's rules read (masked positions and decoded ones) is the sampler's."""
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_the_learner_rebuilds_every_edited_state_and_scores_every_draw_the_rules_read_with_ratio_one(model, cache):
+    """Through the wire format: the state the learner builds for each step is the model input the sampler ran it on
+    (without a cache, where each step's forward reads the whole state), and its log-prob of every draw a step's rules
+    read (masked positions and decoded ones) is the sampler's, also when the sampler ran its block-causal cache."""
     from learner.losses.actions import step_rows
     from learner.losses.base import sampler_logprobs
     from learner.step_states import policy_hidden, state_inputs
 
-    traj, batch, inputs = _edited_batch(model)
+    traj, batch, inputs = _edited_batch(model, cache=cache)
     for key in ("edit_before_BTK", "edit_draws_BTK", "edit_logp_BTK", "edit_cutoff_BTK"):
         assert torch.equal(batch.extras[key], traj.extras[key]), key
     reads_BT = batch.extras["edit_draws_BTK"].ge(0).any(-1)
@@ -161,9 +163,10 @@ def test_the_learner_rebuilds_every_edited_state_and_scores_every_draw_the_rules
     decoded_reads = 0
     for t, want_BL in zip(ran_T, inputs):
         step_B = torch.full((B,), t)
-        ids_BL, _, _ = state_inputs(batch, step_B, MASK)
         live_B = reads_BT[:, t]  # rows that stopped hold EOS where the sampler's kept masks: never scored
-        assert torch.equal(ids_BL[live_B], want_BL[live_B]), t
+        if cache == "none":
+            ids_BL, _, _ = state_inputs(batch, step_B, MASK)
+            assert torch.equal(ids_BL[live_B], want_BL[live_B]), t
         rows = step_rows(batch, step_B, live_B, discarded=True, device="cpu")
         assert len(rows.b_N) == int(batch.extras["edit_draws_BTK"][:, t].ge(0).sum())
         decoded_reads += int((~rows.committed_N).sum())
