@@ -55,9 +55,13 @@ class LocalCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rcl", dir="/tmp")  # short: Ray's socket paths have a length limit
         # One raylet at a time, each waited for by its own log line: two starting at once, or a probe driver
         # (a new process and a Ray connection per try), took longer than any fixed wait on a loaded 2-core box.
-        for name in self.specs:
-            self.start_node(name)
-        self.wait_nodes(len(self.specs))  # once, to confirm they all registered
+        try:
+            for name in self.specs:
+                self.start_node(name)
+            self.wait_nodes(len(self.specs))  # once, to confirm they all registered
+        except BaseException:  # a node that fails to start must not leave the started ones running
+            self.stop()
+            raise
 
     def start_node(self, name: str) -> None:
         head = name == next(iter(self.specs))
