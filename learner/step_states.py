@@ -34,7 +34,7 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     """
     device = traj.completion_ids_BG.device if device is None else device
     step_B1 = torch.as_tensor(step, device=device).reshape(-1, 1)
-    if "edit_before_BTK" in traj.extras:
+    if editing(traj):
         ids_BL = edited_state(traj, step_B1.expand(len(traj), 1)[:, 0], mask_id, device)
     else:
         unmask_BG = traj.unmask_step_BG.to(device)
@@ -46,6 +46,11 @@ def state_inputs(traj: Trajectory, step, mask_id: int, device=None):
     attn_BL = torch.cat([prompt_mask_BP, torch.ones_like(traj.completion_ids_BG, dtype=torch.bool, device=device)], dim=1)
     pos_BL = packed_positions(attn_BL) if traj.extras.get("position_ids", "absolute") == "packed" else None
     return ids_BL, attn_BL, pos_BL
+
+
+def editing(traj: Trajectory) -> bool:
+    """The batch was decoded with token editing (``sampler.edit_threshold``): its record is ``edit_*_BTK``."""
+    return "edit_draws_BTK" in traj.extras
 
 
 def edited_state(traj: Trajectory, step_B: torch.Tensor, mask_id: int, device) -> torch.Tensor:

@@ -30,10 +30,12 @@ from common.model import family_of, to_dtype
 from common.trajectory import Trajectory
 from common.weights import WeightUpdate, flat_layout
 from learner import checkpoint as ckpt
+from learner.losses import EDIT_LOSSES
 from learner.losses.base import PolicyLoss, select_rows
 from learner.losses.offpolicy import LAG_KEY, lag_metrics, policy_lag, weight_summary
 from learner.lora import apply_lora, is_adapter, lora_scales
 from learner.optim import build_optimizer, lr_at, set_lr
+from learner.step_states import editing
 from learner.weight_sync import build_sender
 
 log = logging.getLogger("unmask.learner")
@@ -205,9 +207,10 @@ class LearnerRank:
         total = len(batch)
         if total == 0:
             raise ValueError("learner step got an empty batch")
-        if "edit_draws_BTK" in batch.extras and not getattr(self.loss, "scores_edits", False):
+        if editing(batch) and not getattr(self.loss, "scores_edits", False):
             raise ValueError(f"the batch was decoded with token editing (sampler.edit_threshold), which "
-                             f"{type(self.loss).__name__} does not score; train it with algorithm.name agrpo or atpo")
+                             f"{type(self.loss).__name__} does not score; train it with algorithm.name "
+                             f"{' or '.join(EDIT_LOSSES)}")
         if self.cfg.routing == "recompute":  # the router chooses again: the sampler's record is not read
             batch = dataclasses.replace(batch, extras={k: v for k, v in batch.extras.items()
                                                        if k not in ("routing_settled_BLR", "routing_step_BTKR")})

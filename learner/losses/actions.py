@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.step_states import completion_blocks, step_window
+from learner.step_states import completion_blocks, editing, step_window
 from common.trajectory import Trajectory
 from learner.losses.base import sampled_tokens
 
@@ -33,11 +33,6 @@ class StepRows:
     old_logp_N: torch.Tensor
     cutoff_N: torch.Tensor
     committed_N: torch.Tensor
-
-
-def editing(micro: Trajectory) -> bool:
-    """The batch was decoded with token editing (``sampler.edit_threshold``): its record is ``edit_*_BTK``."""
-    return "edit_draws_BTK" in micro.extras
 
 
 def edit_read_steps(micro: Trajectory) -> torch.Tensor:
