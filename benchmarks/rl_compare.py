@@ -4,6 +4,7 @@
     python -m benchmarks.rl_compare --config tiny_sudoku --steps 30 --seeds 0 1 2 --out docs/results/sudoku
     python -m benchmarks.rl_compare --config tiny_sudoku --methods agrpo --set learner.lr=3e-5 --out ...  # ablation
     python -m benchmarks.rl_compare --design benchmarks/designs/estimators.json --out docs/results/estimators
+    python -m benchmarks.rl_compare --join docs/results/estimators docs/results/estimators_bgpo --out docs/results/all
 
 A design file pre-registers a comparison (``load_design``): config, steps, methods, the learning rates tried
 and the tuning seeds they are tried on, and the evaluation seeds (n fixed before anything runs, apart from
@@ -14,7 +15,9 @@ seeds; only those enter the table. The design's hash is part of the setup, so a 
 seed added after looking) cannot write into the same --out. ``--methods`` may name a subset of the design's
 methods; runs already recorded are not run again. Several invocations of one setup may run at once into one
 --out (one per core): each claims a run before it trains it (``--out``/claims), so no run is made twice, and an
-invocation waits for the runs another one holds before it ends.
+invocation waits for the runs another one holds before it ends. ``--join`` puts the evaluation runs of several
+--out directories into one table and plots, training nothing (designs registered apart, e.g. a method added
+later); they must agree on task, budget, evaluation seeds, sampling steps and the base's accuracy.
 
 Every method gets the same rollout budget (steps x groups_per_step x group_size trajectories) from the
 same base checkpoint and config (default configs/tiny_countdown.yaml), and is evaluated greedily on the
@@ -103,7 +106,15 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     p.add_argument("--report-only", action="store_true",
                    help="re-evaluate the base model and rewrite the report and plots from results.json")
+    p.add_argument("--join", nargs="+", type=Path, metavar="DIR",
+                   help="no runs: one table and plots in --out of these --out directories' evaluation runs")
     args = p.parse_args(argv)
+    if args.join:
+        given = [f"--{k}" for k in ("design", "steps", "seeds", "methods", "config", "overrides")
+                 if getattr(args, k) is not None] + (["--report-only"] if args.report_only else [])
+        if given:
+            p.error(f"--join takes only --out; {', '.join(given).replace('--overrides', '--set')} belong to the runs")
+        return args
     args.lrs, args.tuning_seeds, args.design_sha, args.variants = [None], [], None, {}
     if args.design is None:
         if args.methods and set(args.methods) - set(METHODS):
@@ -132,6 +143,18 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.join:
+        try:
+            results = join_results([json.loads((d / "results.json").read_text()) for d in args.join], args.join)
+        except (OSError, ValueError) as err:
+            print(f"rl_compare: {err}", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_report(results, out)
+        plot_all(results, out)
+        return 0
     import ray
 
     from common.config import load_config
@@ -275,6 +298,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+JOIN_KEYS = ("task", "steps", "budget_trajectories", "eval_items", "sampling_steps", "seeds", "base")
+
+
+def join_results(parts: list[dict], sources: list) -> dict:
+    """The evaluation runs of several comparisons as one: each part must agree with the first on
+    ``JOIN_KEYS`` (the same task, budget, evaluation seeds, sampling steps and base accuracy), and a method
+    may come from one part only. Raises ValueError naming the first disagreement."""
+    first = parts[0]
+    for part, source in zip(parts[1:], sources[1:]):
+        for key in JOIN_KEYS:
+            if part.get(key) != first.get(key):
+                raise ValueError(f"{source} has {key} {part.get(key)}, {sources[0]} {first.get(key)}: only "
+                                 "comparisons of one task, budget, seed set and base join")
+    owner: dict[str, str] = {}
+    runs = []
+    for part, source in zip(parts, sources):
+        for run in evaluation_runs(part)["runs"]:
+            if owner.setdefault(run["method"], str(source)) != str(source):
+                raise ValueError(f"method {run['method']} is in {owner[run['method']]} and {source}: rename one")
+            runs.append(run)
+    joined = [{"dir": str(s), "config": p.get("config"), "overrides": p.get("overrides", []),
+               "design": p.get("design"), "design_sha256": p.get("design_sha256"), "chosen_lr": p.get("chosen_lr")}
+              for p, s in zip(parts, sources)]
+    return {**{k: first.get(k) for k in JOIN_KEYS}, "joined": joined, "runs": runs}
+
+
 def time_shares(records: list[dict]) -> dict[str, float]:
     """Training wall seconds (first to last learner step) and the learner's and rollout workers' idle shares
     over it: 1 - learner step seconds / wall, 1 - rollout generate seconds / (workers x wall)."""
@@ -392,6 +441,12 @@ def write_report(results: dict, out: Path) -> None:
     lines += tuning
     if results.get("overrides"):
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
+    for part in reversed(results.get("joined", [])):
+        lines.insert(0, f"- {part['dir']}: config {part['config']}" + (f" with {' '.join(part['overrides'])}"
+                        if part["overrides"] else "") + (f", design {part['design']} (sha256 {part['design_sha256']})"
+                        if part["design"] else "") + "\n")
+    if results.get("joined"):
+        lines.insert(0, "The evaluation runs of these comparisons (their tuning is in each one's results.md):\n")
     if results.get("design"):
         lines.insert(0, f"Pre-registered design {results['design']} (sha256 {results['design_sha256']}): evaluation "
                         f"seeds {results['seeds']}, tuning seeds {results['tuning_seeds']}, lrs {results['lrs']}\n")

@@ -245,3 +245,37 @@ def test_invocations_sharing_a_design_make_each_run_once(tmp_path, monkeypatch):
     assert len(waits) == 1
     assert [(lr, seed) for _, lr, seed in calls] == [(1e-5, 100), (1e-4, 0), (1e-4, 1)]
     assert not list((out / "claims").glob("agrpo*"))
+
+
+def _evaluated(methods, seeds, base16=0.11, tune=()):
+    runs = [{"method": m, "seed": s, "lr": 1e-4, "phase": "eval", "minutes": 1.0, "learner_s_per_step": 0.5,
+             "curve": [(0, 0.1), (20, 0.1 + 0.01 * s)], "at_steps": {"4": 0.1, "8": 0.1, "16": 0.1 + 0.01 * s}}
+            for m in methods for s in seeds]
+    runs += [{"method": m, "seed": 100, "lr": 1e-4, "phase": "tune", "curve": [(20, 0.5)], "at_steps": {}} for m in tune]
+    return {"task": "countdown", "config": "tiny_countdown", "overrides": [], "steps": 20, "budget_trajectories": 2560,
+            "eval_items": 256, "sampling_steps": [4, 8, 16], "seeds": list(seeds),
+            "base": {"4": 0.07, "8": 0.1, "16": base16}, "runs": runs}
+
+
+def test_join_puts_the_evaluation_runs_of_comparisons_of_one_setup_into_one_table(tmp_path, capsys):
+    from benchmarks.rl_compare import main
+
+    for name, part in (("a", _evaluated(["agrpo", "atpo"], range(3), tune=["agrpo"])), ("b", _evaluated(["bgpo"], range(3))),
+                       ("c", _evaluated(["bgpo2"], range(3), base16=0.2)), ("d", _evaluated(["atpo"], range(3)))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(part))
+    assert main(["--join", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    joined = json.loads((tmp_path / "ab" / "results.json").read_text())
+    assert sorted({r["method"] for r in joined["runs"]}) == ["agrpo", "atpo", "bgpo"]
+    assert all(r["phase"] == "eval" for r in joined["runs"]) and len(joined["runs"]) == 9
+    report = (tmp_path / "ab" / "results.md").read_text()
+    assert "| bgpo (3 seeds, lr 0.0001) |" in report and str(tmp_path / "b") in report
+    assert (tmp_path / "ab" / "final_accuracy.png").is_file()
+    capsys.readouterr()
+    assert main(["--join", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has base" in err
+    assert main(["--join", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 2
+    assert "method atpo is in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--join", str(tmp_path / "a"), "--methods", "agrpo", "--out", str(tmp_path / "x")])
