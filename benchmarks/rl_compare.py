@@ -422,17 +422,20 @@ def write_report(results: dict, out: Path) -> None:
     tuning = tuning_lines(results)
     results = evaluation_runs(results)
     steps = results["sampling_steps"]
-    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + f" | per seed at {steps[-1]} | minutes/run "
-             "| learner s/step |",
-             "|---" * (len(steps) + 4) + "|",
-             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | | |"]
+    lines = ["| model | " + " | ".join(f"{s} steps" for s in steps) + f" | per seed at {steps[-1]} | at step 0 "
+             "| minutes/run | learner s/step |",
+             "|---" * (len(steps) + 5) + "|",
+             "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | | | |"]
     for method, runs in by_method(results).items():
         cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
         per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
+        # Held-out accuracy before the first update, under the method's own decoding (JustGRPO's is sequential).
+        start = [dict(r["curve"])[0] for r in runs if 0 in dict(r["curve"])]
         minutes = statistics.mean(r["minutes"] for r in runs)
         step_s = [r["learner_s_per_step"] for r in runs if r.get("learner_s_per_step") is not None]
         lr = f", lr {runs[0]['lr']:g}" if runs[0].get("lr") else ""
-        lines.append(f"| {method} ({len(runs)} seeds{lr}) | " + " | ".join(cells) + f" | {per_seed} | {minutes:.1f} | "
+        lines.append(f"| {method} ({len(runs)} seeds{lr}) | " + " | ".join(cells) + f" | {per_seed} | "
+                     + (f"{100 * statistics.mean(start):.1f}" if start else "") + f" | {minutes:.1f} | "
                      + (f"{statistics.mean(step_s):.2f} |" if step_s else " |"))
     lines += time_lines(results)
     named = [m for m in ("agrpo", "atpo", "sync") if m in by_method(results)]  # the paper's estimator, its
