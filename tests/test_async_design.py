@@ -20,6 +20,27 @@ def test_the_registered_designs_load_and_every_variant_is_a_valid_config(path):
         assert cfg.queue.max_staleness == (0 if name == "sync" else int(name[5]))
         assert cfg.algorithm.correction == ("decoupled" if name.endswith("decoupled") else "none")
     assert parse(["--design", str(path), "--methods", "async1", "--out", "x"]).methods == ["async1"]
+    assert design["lrs"] == [cfg.learner.lr] and design["tuning_seeds"] == []  # one lr: nothing to tune
+
+
+def test_a_design_with_one_lr_and_no_tuning_seeds_runs_only_its_evaluation_seeds(tmp_path, monkeypatch):
+    import driver.evaluate
+    import driver.train
+    from benchmarks.rl_compare import main
+    from tests.test_rl_compare import _fake_train, _no_evaluation
+
+    _no_evaluation(monkeypatch)
+    monkeypatch.setattr(driver.evaluate, "evaluate_checkpoint",
+                        lambda cfg, steps_list, *a, **k: {s: {"accuracy": 0.1} for s in steps_list})
+    calls = []
+    monkeypatch.setattr(driver.train, "train", _fake_train(calls, lambda lr: 0.2))
+    design = tmp_path / "design.json"
+    design.write_text(json.dumps({"config": "tiny_countdown", "steps": 2, "methods": ["sync", "async1"], "lrs": [1e-4],
+                                  "tuning_seeds": [], "seeds": [0, 1], "variants": {
+                                      "sync": ["queue.max_staleness=0"], "async1": ["queue.max_staleness=1"]}}))
+    assert main(["--design", str(design), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(calls) == sorted((f"{m}-lr0.0001-s{s}", 1e-4, s) for m in ("sync", "async1") for s in (0, 1))
+    assert "Tuning" not in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_a_variant_may_not_shadow_a_method(tmp_path):
