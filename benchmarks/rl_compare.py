@@ -298,19 +298,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-JOIN_KEYS = ("task", "steps", "budget_trajectories", "eval_items", "sampling_steps", "seeds", "base")
+JOIN_KEYS = ("task", "steps", "budget_trajectories", "eval_items", "sampling_steps", "seeds")
 
 
 def join_results(parts: list[dict], sources: list) -> dict:
     """The evaluation runs of several comparisons as one: each part must agree with the first on
-    ``JOIN_KEYS`` (the same task, budget, evaluation seeds, sampling steps and base accuracy), and a method
-    may come from one part only. Raises ValueError naming the first disagreement."""
+    ``JOIN_KEYS`` (the same task, budget, evaluation seeds and sampling steps) and start from the same base:
+    the same base row, or (a part whose methods all decode otherwise than its preset, so its base row was
+    evaluated under another decoding than its runs) runs whose step-0 held-out accuracy is the first part's
+    base at the full step count. A method may come from one part only. Raises ValueError naming the first
+    disagreement."""
     first = parts[0]
+    full = str(first["sampling_steps"][-1])
     for part, source in zip(parts[1:], sources[1:]):
         for key in JOIN_KEYS:
             if part.get(key) != first.get(key):
                 raise ValueError(f"{source} has {key} {part.get(key)}, {sources[0]} {first.get(key)}: only "
                                  "comparisons of one task, budget, seed set and base join")
+        starts = {dict(r["curve"]).get(0) for r in evaluation_runs(part)["runs"]}
+        if part.get("base") != first.get("base") and starts != {first["base"][full]}:
+            raise ValueError(f"{source} has base {part.get('base')} and its runs start at {sorted(starts, key=str)}, "
+                             f"{sources[0]} base {first.get('base')}: only comparisons of one base join")
     owner: dict[str, str] = {}
     runs = []
     for part, source in zip(parts, sources):
@@ -318,10 +326,10 @@ def join_results(parts: list[dict], sources: list) -> dict:
             if owner.setdefault(run["method"], str(source)) != str(source):
                 raise ValueError(f"method {run['method']} is in {owner[run['method']]} and {source}: rename one")
             runs.append(run)
-    joined = [{"dir": str(s), "config": p.get("config"), "overrides": p.get("overrides", []),
+    joined = [{"dir": str(s), "config": p.get("config"), "overrides": p.get("overrides", []), "base": p.get("base"),
                "design": p.get("design"), "design_sha256": p.get("design_sha256"), "chosen_lr": p.get("chosen_lr")}
               for p, s in zip(parts, sources)]
-    return {**{k: first.get(k) for k in JOIN_KEYS}, "joined": joined, "runs": runs}
+    return {**{k: first.get(k) for k in (*JOIN_KEYS, "base")}, "joined": joined, "runs": runs}
 
 
 def time_shares(records: list[dict]) -> dict[str, float]:
@@ -445,9 +453,11 @@ def write_report(results: dict, out: Path) -> None:
     if results.get("overrides"):
         lines.insert(0, f"RL runs with {' '.join(results['overrides'])}\n")
     for part in reversed(results.get("joined", [])):
+        other_base = part["base"] != results["base"]  # its runs start at the table's base (join_results)
         lines.insert(0, f"- {part['dir']}: config {part['config']}" + (f" with {' '.join(part['overrides'])}"
                         if part["overrides"] else "") + (f", design {part['design']} (sha256 {part['design_sha256']})"
-                        if part["design"] else "") + "\n")
+                        if part["design"] else "") + (f"; its base row ({', '.join(f'{100 * v:.1f}' for v in part['base'].values())}) "
+                        "was decoded otherwise than its runs, which start at this table's base" if other_base else "") + "\n")
     if results.get("joined"):
         lines.insert(0, "The evaluation runs of these comparisons (their tuning is in each one's results.md):\n")
     if results.get("design"):

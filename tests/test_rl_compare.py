@@ -249,7 +249,7 @@ def test_invocations_sharing_a_design_make_each_run_once(tmp_path, monkeypatch):
 
 def _evaluated(methods, seeds, base16=0.11, tune=()):
     runs = [{"method": m, "seed": s, "lr": 1e-4, "phase": "eval", "minutes": 1.0, "learner_s_per_step": 0.5,
-             "curve": [(0, 0.1), (20, 0.1 + 0.01 * s)], "at_steps": {"4": 0.1, "8": 0.1, "16": 0.1 + 0.01 * s}}
+             "curve": [(0, base16), (20, 0.1 + 0.01 * s)], "at_steps": {"4": 0.1, "8": 0.1, "16": 0.1 + 0.01 * s}}
             for m in methods for s in seeds]
     runs += [{"method": m, "seed": 100, "lr": 1e-4, "phase": "tune", "curve": [(20, 0.5)], "at_steps": {}} for m in tune]
     return {"task": "countdown", "config": "tiny_countdown", "overrides": [], "steps": 20, "budget_trajectories": 2560,
@@ -275,6 +275,14 @@ def test_join_puts_the_evaluation_runs_of_comparisons_of_one_setup_into_one_tabl
     assert main(["--join", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has base" in err
+    # A part whose base row came from another decoding than its runs joins when the runs start at the table's base.
+    other = _evaluated(["bgpo3"], range(3), base16=0.16)
+    for run in other["runs"]:
+        run["curve"][0] = (0, 0.11)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text(json.dumps(other))
+    assert main(["--join", str(tmp_path / "a"), str(tmp_path / "e"), "--out", str(tmp_path / "ae")]) == 0
+    assert "its base row (7.0, 10.0, 16.0) was decoded otherwise" in (tmp_path / "ae" / "results.md").read_text()
     assert main(["--join", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 2
     assert "method atpo is in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
