@@ -115,7 +115,7 @@ def parse(argv=None):
         if given:
             p.error(f"--join takes only --out; {', '.join(given).replace('--overrides', '--set')} belong to the runs")
         return args
-    args.lrs, args.tuning_seeds, args.design_sha, args.variants = [None], [], None, {}
+    args.lrs, args.tuning_seeds, args.design_sha, args.variants, args.design_methods = [None], [], None, {}, []
     if args.design is None:
         if args.methods and set(args.methods) - set(METHODS):
             p.error(f"--methods {sorted(set(args.methods) - set(METHODS))} unknown; choose from {sorted(METHODS)}")
@@ -134,7 +134,7 @@ def parse(argv=None):
         p.error(str(err))
     if args.methods and set(args.methods) - set(design["methods"]):
         p.error(f"--methods {sorted(set(args.methods) - set(design['methods']))} are not in the design")
-    args.methods = args.methods or design["methods"]
+    args.methods, args.design_methods = args.methods or design["methods"], design["methods"]
     for key in ("steps", "seeds", "config", "overrides", "lrs", "tuning_seeds", "variants"):
         setattr(args, key, design[key])
     args.design_sha = design["sha256"]
@@ -166,6 +166,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config, args.overrides)  # the base decodes as the RL runs do (e.g. remasking)
+    # A design whose every method decodes one way (e.g. its variants all set remasking) has its base decode so too
+    # (its whole method list: an invocation running a subset evaluates the same base).
+    samplers = {load_config(args.config, {**METHODS, **args.variants}[m] + args.overrides).sampler.model_dump_json()
+                for m in args.design_methods}
+    if len(samplers) == 1:
+        base_cfg = base_cfg.model_copy(update={"sampler": type(base_cfg.sampler).model_validate_json(samplers.pop())})
     sampling_steps = [base_cfg.sampler.gen_length // 4, base_cfg.sampler.gen_length // 2, base_cfg.sampler.gen_length]
     results: dict = {"config": args.config, "overrides": args.overrides, "task": base_cfg.task.name, "steps": args.steps, "seeds": args.seeds, "sampling_steps": sampling_steps,
                      "budget_trajectories": args.steps * base_cfg.learner.groups_per_step * base_cfg.rollout.group_size,

@@ -287,3 +287,26 @@ def test_join_puts_the_evaluation_runs_of_comparisons_of_one_setup_into_one_tabl
     assert "method atpo is in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--join", str(tmp_path / "a"), "--methods", "agrpo", "--out", str(tmp_path / "x")])
+
+
+def test_a_design_whose_methods_all_decode_one_way_evaluates_its_base_that_way(tmp_path, monkeypatch):
+    """BGPO's Countdown design rolls out and evaluates in random order through its one variant: its base row must
+    be decoded so too, not by the preset's decoding (its first report had a top_prob base above random runs)."""
+    import driver.evaluate
+    import driver.train
+    from benchmarks.rl_compare import main
+
+    _no_evaluation(monkeypatch)
+    decoded = []
+    monkeypatch.setattr(driver.evaluate, "evaluate_checkpoint", lambda cfg, steps_list, *a, **k: decoded.append(
+        cfg.sampler.remasking) or {s: {"accuracy": 0.1} for s in steps_list})
+    monkeypatch.setattr(driver.train, "train", _fake_train([], lambda lr: 0.2))
+    for name, variants, expected in (("one", {"bgpo_random": ["algorithm={name: bgpo}", "sampler.remasking=random"]}, "random"),
+                                     ("two", {"a": ["sampler.remasking=random"], "b": []}, "top_prob")):
+        design = tmp_path / f"{name}.json"
+        design.write_text(json.dumps({"config": "tiny_countdown", "steps": 2, "methods": sorted(variants), "lrs": [1e-4],
+                                      "tuning_seeds": [], "seeds": [0], "variants": variants}))
+        decoded.clear()
+        # a subset of the design's methods evaluates the base of the whole design
+        assert main(["--design", str(design), "--methods", sorted(variants)[0], "--out", str(tmp_path / name)]) == 0
+        assert decoded == [expected], name
