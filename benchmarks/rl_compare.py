@@ -266,6 +266,7 @@ def main(argv=None) -> int:
     results = record_run(out, results, None)
     if args.design_sha:
         results["chosen_lr"] = chosen_lrs(results)
+        results = record_run(out, results, None)  # kept in the file (--report-only starts without it)
     write_report(results, out)
     results = evaluation_runs(results)
     first = next((r["run_dir"] for r in results["runs"] if r["method"] == "agrpo"), None)

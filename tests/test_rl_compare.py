@@ -160,6 +160,8 @@ def test_a_design_tunes_on_its_own_seeds_then_runs_the_chosen_lr_on_the_register
     # Running it again adds nothing (every run is recorded); a changed design is refused in one line.
     calls.clear()
     assert main(["--design", str(design), "--out", str(out)]) == 0 and calls == []
+    assert main(["--design", str(design), "--out", str(out), "--report-only"]) == 0 and calls == []
+    assert json.loads((out / "results.json").read_text())["chosen_lr"] == {"agrpo": 1e-4, "diffu_grpo": 1e-4}
     design.write_text(json.dumps({**json.loads(design.read_text()), "seeds": [0, 1, 2, 3]}))
     assert main(["--design", str(design), "--out", str(out)]) == 2
     assert json.loads((out / "results.json").read_text()) == results
