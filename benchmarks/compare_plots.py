@@ -28,7 +28,7 @@ STYLE = {
     "justgrpo": ("#98df8a", "JustGRPO"),
 }
 OTHER_COLOURS = ("#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79", "#637939")
-SEED_LINES_UP_TO = 5  # curve plots draw each seed's line only for this many methods or fewer (else unreadable)
+CROWDED = 5  # a figure of more methods draws no per-seed lines and a two-column legend (else unreadable)
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of its two-sided 95% Student-t confidence interval (0 for one value)."""
     from scipy import stats
@@ -53,13 +53,11 @@ def separation(a: list[float], b: list[float]) -> dict:
             "overlap": ma - ha <= mb + hb and mb - hb <= ma + ha, "seeds_needed": need}
 
 
-def _style(method: str, others: list[str] = ()) -> tuple[str | None, str]:
-    """Colour and display name; a method STYLE does not know (a design's variant) takes the next free colour by
-    its place in ``others`` (the figure's methods), so no two share one."""
-    if method in STYLE:
-        return STYLE[method]
-    unknown = [m for m in others if m not in STYLE]
-    return (OTHER_COLOURS[unknown.index(method) % len(OTHER_COLOURS)] if method in unknown else None), method
+def _styles(methods) -> dict[str, tuple[str, str]]:
+    """Colour and display name of each of a figure's methods; those STYLE does not know (a design's variants)
+    take OTHER_COLOURS in turn, so no two share one."""
+    others = iter(OTHER_COLOURS * len(methods))
+    return {m: STYLE[m] if m in STYLE else (next(others), m) for m in methods}
 
 
 def by_method(results: dict) -> dict[str, list[dict]]:
@@ -88,7 +86,7 @@ def plot_curves(series: dict[str, list[dict]], base: float, ylabel: str, path: P
         color = (colors or {}).get(label)
         line, = ax.plot(steps, [m for m, _ in stats], "o-", color=color, label=f"{label} (n={len(runs)})")
         ax.fill_between(steps, [m - h for m, h in stats], [m + h for m, h in stats], color=line.get_color(), alpha=0.12)
-        for r in runs if len(series) <= SEED_LINES_UP_TO else ():
+        for r in runs if len(series) <= CROWDED else ():
             ax.plot(*zip(*r["curve"]), color=line.get_color(), alpha=0.3, lw=0.8)
     ax.axhline(base, color="gray", ls="--", label="base (SFT)")
     ax.set_xlabel("learner step")
@@ -96,16 +94,17 @@ def plot_curves(series: dict[str, list[dict]], base: float, ylabel: str, path: P
     ax.set_ylim(0, None)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", ncol=1 if len(series) <= SEED_LINES_UP_TO else 2)
+    ax.legend(fontsize=8, loc="lower right", ncol=1 if len(series) <= CROWDED else 2)
     _save(plt, fig, path)
 
 
 def plot_rl_curves(results: dict, path: Path) -> None:
     methods = by_method(results)
-    series = {_style(m, list(methods))[1]: runs for m, runs in methods.items()}
-    colors = {_style(m, list(methods))[1]: _style(m, list(methods))[0] for m in methods}
+    styles = _styles(methods)
+    series = {styles[m][1]: runs for m, runs in methods.items()}
+    colors = {name: colour for colour, name in styles.values()}
     full = results["sampling_steps"][-1]
-    seeds = ", thin lines = single seeds" if len(methods) <= SEED_LINES_UP_TO else ""
+    seeds = ", thin lines = single seeds" if len(methods) <= CROWDED else ""
     plot_curves(series, results["base"][str(full)], f"held-out accuracy (greedy, {full} sampling steps)", path,
                 f"{_setting(results)}\nmean over seeds, shaded 95% interval{seeds}", colors)
 
@@ -119,10 +118,11 @@ def plot_sampling_steps(results: dict, path: Path) -> None:
     steps = results["sampling_steps"]
     ax.plot(steps, [results["base"][str(s)] for s in steps], "s--", color="gray", label="base (SFT)")
     methods = by_method(results)
+    styles = _styles(methods)
     for i, (m, runs) in enumerate(methods.items()):
         stats = [mean_ci95([r["at_steps"][str(s)] for r in runs]) for s in steps]
         shift = [s * 2 ** (0.04 * (i - (len(methods) - 1) / 2)) for s in steps]  # keep the bars apart
-        color, name = _style(m, list(methods))
+        color, name = styles[m]
         ax.errorbar(shift, [a for a, _ in stats], yerr=[h for _, h in stats], fmt="o-", capsize=3, color=color,
                     label=f"{name} (n={len(runs)})")
     ax.set_xscale("log", base=2)
@@ -132,7 +132,7 @@ def plot_sampling_steps(results: dict, path: Path) -> None:
     ax.set_ylim(0, None)
     ax.set_title(f"{_setting(results)}\nafter RL: mean and 95% interval over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", ncol=1 if len(methods) <= SEED_LINES_UP_TO else 2)
+    ax.legend(fontsize=8, loc="lower right", ncol=1 if len(methods) <= CROWDED else 2)
     _save(plt, fig, path)
 
 
@@ -143,16 +143,17 @@ def plot_final(results: dict, path: Path) -> None:
     plt = _plt()
     full = str(results["sampling_steps"][-1])
     methods = by_method(results)
+    styles = _styles(methods)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.85 * len(methods) + 1.5), 4.5))
     for x, (m, runs) in enumerate(methods.items()):
         values = [r["at_steps"][full] for r in runs]
         mean, half = mean_ci95(values)
-        color, _ = _style(m, list(methods))
+        color, _ = styles[m]
         ax.scatter([x + 0.15] * len(values), values, color=color, alpha=0.5, s=14)
         ax.errorbar([x], [mean], yerr=[half], fmt="o", capsize=6, color=color, ms=8)
         ax.annotate(f"{100 * mean:.1f}\n±{100 * half:.1f}", (x - 0.12, mean), ha="right", va="center", fontsize=8)
     ax.axhline(results["base"][full], color="gray", ls="--", label=f"base (SFT) {100 * results['base'][full]:.1f}")
-    ax.set_xticks(range(len(methods)), [f"{_style(m)[1].replace(' (', chr(10) + '(')}\nn={len(r)}"
+    ax.set_xticks(range(len(methods)), [f"{styles[m][1].replace(' (', chr(10) + '(')}\nn={len(r)}"
                                         for m, r in methods.items()], fontsize=8)
     ax.set_xlim(-0.7, len(methods) - 0.4)
     ax.set_ylabel(f"held-out accuracy (greedy, {full} sampling steps)")

@@ -305,6 +305,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def start_accuracy(run: dict) -> float | None:
+    """A run's held-out accuracy at step 0, before its first update, under its method's own decoding (JustGRPO's
+    is sequential); None if it was not evaluated there."""
+    return dict(run["curve"]).get(0)
+
+
 JOIN_KEYS = ("task", "steps", "budget_trajectories", "eval_items", "sampling_steps", "seeds")
 
 
@@ -322,7 +328,7 @@ def join_results(parts: list[dict], sources: list) -> dict:
             if part.get(key) != first.get(key):
                 raise ValueError(f"{source} has {key} {part.get(key)}, {sources[0]} {first.get(key)}: only "
                                  "comparisons of one task, budget, seed set and base join")
-        starts = {dict(r["curve"]).get(0) for r in evaluation_runs(part)["runs"]}
+        starts = {start_accuracy(r) for r in evaluation_runs(part)["runs"]}
         if part.get("base") != first.get("base") and starts != {first["base"][full]}:
             raise ValueError(f"{source} has base {part.get('base')} and its runs start at {sorted(starts, key=str)}, "
                              f"{sources[0]} base {first.get('base')}: only comparisons of one base join")
@@ -444,8 +450,7 @@ def write_report(results: dict, out: Path) -> None:
     for method, runs in by_method(results).items():
         cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
         per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
-        # Held-out accuracy before the first update, under the method's own decoding (JustGRPO's is sequential).
-        start = [dict(r["curve"])[0] for r in runs if 0 in dict(r["curve"])]
+        start = [a for a in map(start_accuracy, runs) if a is not None]
         minutes = statistics.mean(r["minutes"] for r in runs)
         step_s = [r["learner_s_per_step"] for r in runs if r.get("learner_s_per_step") is not None]
         lr = f", lr {runs[0]['lr']:g}" if runs[0].get("lr") else ""
