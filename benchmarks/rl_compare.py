@@ -15,7 +15,8 @@ seeds; only those enter the table. The design's hash is part of the setup, so a 
 seed added after looking) cannot write into the same --out. ``--methods`` may name a subset of the design's
 methods; runs already recorded are not run again. Several invocations of one setup may run at once into one
 --out (one per core): each claims a run before it trains it (``--out``/claims), so no run is made twice, and an
-invocation waits for the runs another one holds before it ends. ``--join`` puts the evaluation runs of several
+invocation waits for the runs another one holds before it ends. Before each run it prints how many of the
+planned runs are recorded and the run time left at their mean. ``--join`` puts the evaluation runs of several
 --out directories into one table and plots, training nothing (designs registered apart, e.g. a method added
 later); they must agree on task, budget, evaluation seeds, sampling steps and the base's accuracy.
 
@@ -196,12 +197,15 @@ def main(argv=None) -> int:
     def run(method: str, seed: int, lr: float | None, phase: str) -> str:
         """One run unless it is recorded ("done") or another live invocation holds it ("claimed"); "failed"."""
         key = (method, seed, lr, phase)
-        if any(_key(r) == key for r in record_run(out, results, None)["runs"]):
+        recorded = record_run(out, results, None)
+        if any(_key(r) == key for r in recorded["runs"]):
             return "done"  # recorded by an earlier or concurrent invocation of this design
         name = f"{method}-s{seed}" if lr is None else f"{method}-lr{lr:g}-s{seed}"
         claim = out / "claims" / f"{name}-{phase}"
         if not take_claim(claim):
             return "claimed"
+        print(f"rl_compare: {name} ({phase}) next; "
+              f"{progress(recorded, args.methods, args.lrs, args.tuning_seeds, args.seeds)}", flush=True)
         try:
             return train_one(method, seed, lr, phase, name)
         finally:
@@ -279,6 +283,21 @@ def main(argv=None) -> int:
                                  title=f"zones of confusion, policy version {int(versions[pick][0])}")
     plot_all(results, out)
     return 0
+
+
+def progress(results: dict, methods: list, lrs: list, tuning_seeds: list, seeds: list) -> str:
+    """How far the comparison of ``methods`` is: runs recorded of those planned (every lr on every tuning seed,
+    then the evaluation seeds), and the run time left at the recorded runs' mean minutes. Run time, not wall
+    clock: invocations running at once share it."""
+    planned = len(methods) * (len(lrs) * len(tuning_seeds) + len(seeds))
+    recorded = [r for r in results["runs"] if r["method"] in methods]
+    minutes = [r["minutes"] for r in recorded if r.get("minutes")]
+    line = f"{len(recorded)} of {planned} runs recorded"
+    if minutes:
+        left = max(planned - len(recorded), 0)
+        mean = statistics.mean(minutes)
+        line += f", {mean:.1f} min a run: about {left * mean / 60:.1f} h of runs left"
+    return line
 
 
 def take_claim(path: Path) -> bool:

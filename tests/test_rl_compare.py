@@ -135,7 +135,8 @@ def _fake_train(calls, accuracy_of_lr):
     return train
 
 
-def test_a_design_tunes_on_its_own_seeds_then_runs_the_chosen_lr_on_the_registered_ones(tmp_path, monkeypatch):
+def test_a_design_tunes_on_its_own_seeds_then_runs_the_chosen_lr_on_the_registered_ones(tmp_path, monkeypatch,
+                                                                                         capsys):
     import driver.evaluate
     import driver.train
     from benchmarks.rl_compare import main
@@ -154,6 +155,11 @@ def test_a_design_tunes_on_its_own_seeds_then_runs_the_chosen_lr_on_the_register
     assert sorted(tuned) == sorted([(lr, s) for lr in (1e-5, 1e-4, 1e-3) for s in (100, 101)] * 2)
     evaluated = [(lr, seed) for name, lr, seed in calls if seed < 100]
     assert evaluated == [(1e-4, s) for s in (0, 1, 2)] * 2  # the best tuning lr, on the registered seeds only
+    # Each run says where the comparison stands: 2 methods x (3 lrs x 2 tuning seeds + 3 seeds) = 18 runs.
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rl_compare: ")]
+    assert progress[0] == "rl_compare: agrpo-lr1e-05-s100 (tune) next; 0 of 18 runs recorded"
+    assert progress[-1].startswith("rl_compare: diffu_grpo-lr0.0001-s2 (eval) next; 17 of 18 runs recorded, ")
+    assert len(progress) == 18 and progress[-1].endswith("h of runs left")
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text().split("Tuning")[0]
     assert "agrpo (3 seeds, lr 0.0001)" in table and "30.0" in table and "20.0" not in table
