@@ -79,3 +79,68 @@ def test_the_async_simulation_on_cases_worked_by_hand():
     # one group a call and many workers under a large budget: the learner is the bottleneck, never idle
     fast = simulate(Shape(prompts_per_call=1), workers=64, max_staleness=4)
     assert fast["step_s"] == pytest.approx(learn) and fast["learner_idle"] == pytest.approx(0, abs=1e-9)
+
+
+NOISE = [-0.02, -0.01, 0.0, 0.01, 0.02, -0.015, 0.015, 0.0]  # one spread for every variant's eight seeds
+
+
+def _task(tmp_path, task: str, variants: dict[str, tuple[float, float]]) -> dict:
+    """A comparison's results.json: each variant's (mean accuracy, mean wall seconds) over eight seeds, from the
+    registered async design's variants."""
+    design = tmp_path / "design.json"
+    design.write_bytes(Path("benchmarks/designs/async_countdown.json").read_bytes())
+    runs = [{"method": m, "seed": i, "lr": 1e-4, "phase": "eval", "at_steps": {"16": acc + e},
+             "train_wall_s": wall * (1 + e)} for m, (acc, wall) in variants.items() for i, e in enumerate(NOISE)]
+    return {"task": task, "design": str(design), "design_sha256": load_design(design)["sha256"],
+            "sampling_steps": [4, 8, 16], "runs": runs}
+
+
+def test_the_default_is_the_fastest_variant_as_accurate_as_sync_on_every_task(tmp_path):
+    from benchmarks.async_default import choose, qualification
+
+    both = {"sync": (0.20, 300), "async1": (0.20, 200), "async2": (0.195, 150), "async4": (0.15, 100)}
+    tasks = {"countdown": _task(tmp_path, "countdown", both), "sudoku": _task(tmp_path, "sudoku", both)}
+    table = qualification(tasks["countdown"])
+    assert table["async1"]["qualifies"] and table["async2"]["qualifies"]
+    assert table["async4"]["faster"] and not table["async4"]["accurate"]  # 5 points worse, separate: out
+    assert choose(tasks)[0] == "async2"
+    # async1 within 5% of async2's wall time: the smaller staleness is chosen instead
+    close = {**both, "async1": (0.20, 155)}
+    assert choose({"countdown": _task(tmp_path, "countdown", close), "sudoku": _task(tmp_path, "sudoku", close)})[0] == "async1"
+    # qualifying on one task only is not enough: the default stays synchronous
+    slow = {**both, "async1": (0.20, 300), "async2": (0.195, 300)}
+    pick, why = choose({"countdown": _task(tmp_path, "countdown", both), "sudoku": _task(tmp_path, "sudoku", slow)})
+    assert pick == "sync" and "stays synchronous" in why
+
+
+def test_a_mean_loss_over_one_point_disqualifies_even_inside_the_interval(tmp_path):
+    from benchmarks.async_default import qualification
+
+    wide = _task(tmp_path, "countdown", {"sync": (0.20, 300), "async1": (0.188, 200)})
+    for r in wide["runs"]:  # four times the spread: the interval of sync - async1 reaches below 0
+        r["at_steps"]["16"] = 0.20 + 4 * (r["at_steps"]["16"] - 0.20) if r["method"] == "sync" else r["at_steps"]["16"]
+    q = qualification(wide)["async1"]
+    assert q["accuracy"]["diff_low"] < 0 and q["accuracy"]["diff"] > 0.01 and not q["qualifies"]
+
+
+def test_the_decoupled_correction_is_chosen_only_if_more_accurate_on_every_task(tmp_path):
+    from benchmarks.async_default import choose
+
+    better = {"sync": (0.20, 300), "async1": (0.20, 200), "async1_decoupled": (0.205, 201)}
+    mixed = {"sync": (0.20, 300), "async1": (0.20, 200), "async1_decoupled": (0.199, 199)}
+    assert choose({"a": _task(tmp_path, "a", better), "b": _task(tmp_path, "b", better)})[0] == "async1_decoupled"
+    pick, why = choose({"a": _task(tmp_path, "a", better), "b": _task(tmp_path, "b", mixed)})
+    assert pick == "async1" and "correction none" in why  # decoupled is the faster on b, but not more accurate
+
+
+def test_the_report_refuses_results_of_a_changed_design(tmp_path, capsys):
+    from benchmarks.async_default import main
+
+    results = _task(tmp_path, "countdown", {"sync": (0.20, 300), "async1": (0.20, 200)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path / "out"), "--out", str(tmp_path / "default.md")]) == 0
+    assert "**Default: async1**" in (tmp_path / "default.md").read_text()
+    Path(results["design"]).write_text(Path(results["design"]).read_text().replace('"steps": 60', '"steps": 61'))
+    assert main([str(tmp_path / "out")]) == 2
+    assert "changed since these results were made" in capsys.readouterr().err
