@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
 from benchmarks.compare_plots import by_method, separation
 from benchmarks.rl_compare import evaluation_runs, load_design
+from common.config import load_config
 
 REFERENCE = "sync"
 MAX_MEAN_LOSS = 0.01  # sync - v in accuracy (a fraction): at most +1.0 point
@@ -38,11 +38,8 @@ def staleness(results: dict) -> dict[str, int]:
     if design["sha256"] != results["design_sha256"]:
         raise ValueError(f"{results['design']} changed since these results were made (sha256 {design['sha256']}, "
                          f"results {results['design_sha256']}); use the design file they were made with")
-    out = {}
-    for name, overrides in design["variants"].items():
-        found = [int(m.group(1)) for o in overrides if (m := re.fullmatch(r"queue\.max_staleness=(\d+)", o))]
-        out[name] = found[-1] if found else 0
-    return out
+    return {name: load_config(design["config"], overrides + design["overrides"]).queue.max_staleness
+            for name, overrides in design["variants"].items()}
 
 
 def qualification(results: dict) -> dict[str, dict]:
@@ -65,9 +62,10 @@ def qualification(results: dict) -> dict[str, dict]:
     return table
 
 
-def choose(tasks: dict[str, dict]) -> tuple[str, str]:
-    """The default variant and why, from each task's results (task name -> results.json)."""
-    tables = {t: qualification(r) for t, r in tasks.items()}
+def choose(tasks: dict[str, dict], tables: dict[str, dict] | None = None) -> tuple[str, str]:
+    """The default variant and why, from each task's results (task name -> results.json) and, where the caller
+    has them, each task's ``qualification`` table."""
+    tables = tables or {t: qualification(r) for t, r in tasks.items()}
     lag = staleness(next(iter(tasks.values())))
     variants = set.intersection(*(set(t) for t in tables.values()))
     qualifying = sorted(v for v in variants if all(t[v]["qualifies"] for t in tables.values()))
@@ -93,19 +91,19 @@ def choose(tasks: dict[str, dict]) -> tuple[str, str]:
 
 
 def report(tasks: dict[str, dict]) -> str:
-    lines = []
+    lines, tables = [], {t: qualification(r) for t, r in tasks.items()}
     for task, results in tasks.items():
         lines += [f"### {task}: sync minus each variant, final held-out accuracy at {results['sampling_steps'][-1]} "
                   "sampling steps (points) and training wall time (s), Welch 95% intervals", "",
                   "| variant | accuracy | as accurate | wall s | faster | qualifies |", "|---|---|---|---|---|---|"]
-        for v, q in sorted(qualification(results).items()):
+        for v, q in sorted(tables[task].items()):
             a, w = q["accuracy"], q["wall"]
             lines.append(f"| {v} | {100 * a['diff']:+.1f} [{100 * a['diff_low']:+.1f}, {100 * a['diff_high']:+.1f}] | "
                          f"{'yes' if q['accurate'] else 'no'} | {w['diff']:+.0f} [{w['diff_low']:+.0f}, "
                          f"{w['diff_high']:+.0f}] | {'yes' if q['faster'] else 'no'} | "
                          f"{'**yes**' if q['qualifies'] else 'no'} |")
         lines.append("")
-    pick, why = choose(tasks)
+    pick, why = choose(tasks, tables)
     return "\n".join(lines + [f"**Default: {pick}**: {why}."]) + "\n"
 
 
