@@ -451,7 +451,7 @@ def record_run(out: Path, results: dict, run: dict | None) -> dict:
         return results
 
 
-def _mean_ci(values: list[float]) -> str:
+def accuracy_cell(values: list[float]) -> str:
     mean, half = mean_ci95(values)
     if len(values) == 1:
         return f"{100 * mean:.1f}"
@@ -467,7 +467,7 @@ def write_report(results: dict, out: Path) -> None:
              "|---" * (len(steps) + 5) + "|",
              "| base (SFT) | " + " | ".join(f"{100 * results['base'][str(s)]:.1f}" for s in steps) + " | | | | |"]
     for method, runs in by_method(results).items():
-        cells = [_mean_ci([r["at_steps"][str(s)] for r in runs]) for s in steps]
+        cells = [accuracy_cell([r["at_steps"][str(s)] for r in runs]) for s in steps]
         per_seed = ", ".join(f"{100 * r['at_steps'][str(steps[-1])]:.1f}" for r in runs)
         start = [a for a in map(start_accuracy, runs) if a is not None]
         minutes = statistics.mean(r["minutes"] for r in runs)
