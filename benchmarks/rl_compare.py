@@ -302,13 +302,14 @@ def progress(results: dict, methods: list, lrs: list, tuning_seeds: list, seeds:
 
 def take_claim(path: Path) -> bool:
     """Claims one run for this invocation (a file naming its process, checked and written under a lock); False
-    while another live process holds it. A dead holder's claim, left by a killed invocation, is taken over."""
+    while another live process holds it. A dead holder's claim, left by a killed invocation, is taken over, and so is
+    one that names no process (cut short by a crash while it was written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():
-            holder = int(path.read_text())
-            if holder != os.getpid() and _alive(holder):
+            holder = path.read_text().strip()
+            if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder)):
                 return False
         path.write_text(str(os.getpid()))
         return True

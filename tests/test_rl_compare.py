@@ -214,6 +214,8 @@ def test_a_claim_is_held_by_a_live_process_and_taken_over_from_a_dead_one(tmp_pa
     other.communicate(b"")  # ... and dies without recording it
     assert take_claim(claim) and claim.read_text() == str(os.getpid())
     assert take_claim(claim)  # this invocation's own claim
+    claim.write_text("")  # a holder that crashed while writing its claim
+    assert take_claim(claim) and claim.read_text() == str(os.getpid())
 
 
 def test_invocations_sharing_a_design_make_each_run_once(tmp_path, monkeypatch):
