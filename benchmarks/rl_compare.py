@@ -16,7 +16,8 @@ seed added after looking) cannot write into the same --out. ``--methods`` may na
 methods; runs already recorded are not run again. Several invocations of one setup may run at once into one
 --out (one per core): each claims a run before it trains it (``--out``/claims), so no run is made twice, and an
 invocation waits for the runs another one holds before it ends. Before each run it prints how many of the
-planned runs are recorded and the run time left at their mean. ``--join`` puts the evaluation runs of several
+planned runs are recorded and the run time left at their mean; ``--status`` prints that, per method, without any
+outcome. ``--join`` puts the evaluation runs of several
 --out directories into one table and plots, training nothing (designs registered apart, e.g. a method added
 later); they must agree on task, budget, evaluation seeds, sampling steps and the base's accuracy.
 
@@ -107,6 +108,8 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     p.add_argument("--report-only", action="store_true",
                    help="re-evaluate the base model and rewrite the report and plots from results.json")
+    p.add_argument("--status", action="store_true", help="no runs: how far the runs in --out are, per method and "
+                   "phase, showing no outcome (no accuracy, no chosen lr), so a design can be followed unread")
     p.add_argument("--join", nargs="+", type=Path, metavar="DIR",
                    help="no runs: one table and plots in --out of these --out directories' evaluation runs")
     args = p.parse_args(argv)
@@ -155,6 +158,13 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         write_report(results, out)
         plot_all(results, out)
+        return 0
+    if args.status:
+        path = Path(args.out) / "results.json"
+        if not path.is_file():
+            print(f"rl_compare: --status: {path} does not exist (no run of this --out is recorded yet)", file=sys.stderr)
+            return 2
+        print("\n".join(status_lines(json.loads(path.read_text()), args, Path(args.out) / "claims")))
         return 0
     import ray
 
@@ -300,6 +310,24 @@ def progress(results: dict, methods: list, lrs: list, tuning_seeds: list, seeds:
     return line
 
 
+def status_lines(results: dict, args, claims: Path) -> list[str]:
+    """A design's progress without its outcomes: runs recorded of those planned, per method its tuning and
+    evaluation runs recorded, and how many runs live invocations hold now (not which: a claim names the chosen lr)."""
+    lines = [progress(results, args.methods, args.lrs, args.tuning_seeds, args.seeds)]
+    for method in args.methods:
+        phases = [r.get("phase", "eval") for r in results["runs"] if r["method"] == method]
+        tuning = f"tuning {phases.count('tune')} of {len(args.lrs) * len(args.tuning_seeds)}, " if args.tuning_seeds else ""
+        lines.append(f"  {method}: {tuning}evaluation {phases.count('eval')} of {len(args.seeds)}")
+    held = [c for c in claims.glob("*") if _holder(c) is not None]
+    return lines + [f"  running now: {len(held)} run(s) held by live invocations"]
+
+
+def _holder(claim: Path) -> int | None:
+    """The live process a claim file names, or None (a dead holder's, or one cut short while it was written)."""
+    text = claim.read_text().strip() if claim.is_file() else ""
+    return int(text) if text.isdigit() and _alive(int(text)) else None
+
+
 def take_claim(path: Path) -> bool:
     """Claims one run for this invocation (a file naming its process, checked and written under a lock); False
     while another live process holds it. A dead holder's claim, left by a killed invocation, is taken over, and so is
@@ -307,10 +335,8 @@ def take_claim(path: Path) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            holder = path.read_text().strip()
-            if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder)):
-                return False
+        if _holder(path) not in (None, os.getpid()):
+            return False
         path.write_text(str(os.getpid()))
         return True
 

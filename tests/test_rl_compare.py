@@ -173,6 +173,37 @@ def test_a_design_tunes_on_its_own_seeds_then_runs_the_chosen_lr_on_the_register
     assert json.loads((out / "results.json").read_text()) == results
 
 
+def test_status_says_how_far_a_design_is_without_its_outcomes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from benchmarks.rl_compare import main
+
+    design = tmp_path / "design.json"
+    design.write_text(json.dumps({"config": "tiny_countdown", "steps": 2, "methods": ["agrpo", "wd1"],
+                                  "lrs": [1e-5, 1e-4], "tuning_seeds": [100], "seeds": [0, 1, 2]}))
+    out = tmp_path / "out"
+    status = ["--design", str(design), "--out", str(out), "--status"]
+    assert main(status) == 2  # nothing recorded yet
+    runs = [{"method": "agrpo", "seed": s, "lr": lr, "phase": phase, "minutes": 6.0, "curve": [[2, 0.4321]]}
+            for s, lr, phase in ((100, 1e-5, "tune"), (100, 1e-4, "tune"), (0, 1e-4, "eval"))]
+    (out / "claims").mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"runs": runs}))
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    (out / "claims" / "agrpo-lr0.0001-s1-eval").write_text(str(other.pid))  # a live invocation trains it
+    (out / "claims" / "wd1-lr1e-05-s100-tune").write_text("")  # its holder crashed while writing it
+    try:
+        assert main(status) == 0
+    finally:
+        other.communicate(b"")
+    printed = capsys.readouterr().out
+    # 2 methods x (2 lrs x 1 tuning seed + 3 seeds) = 10 planned; 7 left at 6 minutes a run
+    assert printed.splitlines() == ["3 of 10 runs recorded, 6.0 min a run: about 0.7 h of runs left",
+                                    "  agrpo: tuning 2 of 2, evaluation 1 of 3", "  wd1: tuning 0 of 2, evaluation 0 of 3",
+                                    "  running now: 1 run(s) held by live invocations"]
+    assert "43.2" not in printed and "0.0001" not in printed and "1e-" not in printed  # no accuracy, no lr
+
+
 def test_a_design_refuses_overlapping_seeds_and_options_it_fixes(tmp_path):
     from benchmarks.rl_compare import parse
 
