@@ -106,16 +106,16 @@ class HeldOut:
     """A run's held-out evaluations (before training, every ``run.eval_every`` steps, after), spread over the
     rollout pool's workers on the current weights, each logged with the items behind its number."""
 
-    def __init__(self, run: RunConfig, items: list, pool, weights, metrics, ray_metrics, catch_up):
+    def __init__(self, run: RunConfig, items: list, pool, weights, metrics, ray_metrics, catch_up, sampler_steps: int):
         self.run, self.items, self.pool, self.weights = run, items, pool, weights
         self.metrics, self.ray_metrics = metrics, ray_metrics
         self.catch_up = catch_up  # sends the current weights to workers waiting for them, if the learner is idle
         self.overrides = run.held_out_decoding()
+        self.steps = self.overrides.get("steps", sampler_steps)  # the sampling steps every held-out number decodes with
 
     def before_training(self, step: int) -> None:
-        self.evaluate(step, "held-out before training")
-        for steps in self.run.eval_sampling_steps:  # the base, for accuracy_vs_steps.png
-            self.evaluate(step, f"base at {steps} sampling steps", {"steps": steps})
+        base = self.evaluate(step, "held-out before training")
+        self._at_sampling_steps(step, base, "base")  # the base, for accuracy_vs_steps.png
 
     def at(self, step: int) -> None:
         """The periodic evaluation, if ``step`` is due one (the last step's is ``after_training``)."""
@@ -125,13 +125,26 @@ class HeldOut:
     def after_training(self, step: int, run_dir: Path) -> None:
         after = self.evaluate(step, "held-out after training")
         (run_dir / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after["records"]))
+        self._at_sampling_steps(step, after, "held-out")
+
+    def _at_sampling_steps(self, step: int, res: dict, who: str) -> None:
+        """Accuracy at each of ``run.eval_sampling_steps``; at the count every held-out evaluation decodes with,
+        it is ``res`` (the same decoding, seed included), not decoded a second time."""
         for steps in self.run.eval_sampling_steps:
-            self.evaluate(step, f"held-out at {steps} sampling steps", {"steps": steps})
+            if steps == self.steps:
+                log.info("%s at %d sampling steps: the held-out evaluation's %.3f", who, steps, res["accuracy"])
+                self._log(step, res, {"steps": steps})
+            else:
+                self.evaluate(step, f"{who} at {steps} sampling steps", {"steps": steps})
 
     def evaluate(self, step: int, label: str, overrides: dict | None = None) -> dict:
         self.catch_up()
         res = evaluate_on_pool(self.pool, self.items, {**self.overrides, **(overrides or {})}, label=label,
                                skip=self.weights.awaiting, timeout=self.run.eval_timeout_s)
+        self._log(step, res, overrides)
+        return res
+
+    def _log(self, step: int, res: dict, overrides: dict | None) -> None:
         counts = {"eval_n": res["n"], "eval_missing": res["missing"]}  # the items behind the number
         record = {"step": step, "eval_accuracy": res["accuracy"], "eval_reward": res["reward"], **counts}
         if overrides:
@@ -141,7 +154,6 @@ class HeldOut:
         self.ray_metrics.record("eval_accuracy", res["accuracy"])
         if step > 0 and not overrides:
             log.info("held-out trend: %s", " -> ".join(f"{r['eval_accuracy']:.3f}" for r in self._evals()))
-        return res
 
     def _evals(self) -> list[dict]:
         from common.metrics import read_metrics

@@ -78,7 +78,8 @@ class Controller:
             self.weights.publish(state.version, block=True)
         self.metrics.log(components.placement(self.queue, self.learner, self.pool))
         self.held_out = HeldOut(cfg.run, task.eval_items(cfg.task.eval_size), self.pool, self.weights, self.metrics,
-                                self.ray_metrics, catch_up=self._catch_up_waiting_workers)
+                                self.ray_metrics, catch_up=self._catch_up_waiting_workers,
+                                sampler_steps=cfg.sampler.steps)
         self.scale = ClusterFollower(cfg.rollout)
         self.rollouts = Rollouts(cfg.rollout, self.pool, self.queue, self.ledger, self.weights, self.metrics)
         self.step_refs: list = []  # the learner step in flight (one ref per rank)

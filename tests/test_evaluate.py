@@ -118,9 +118,37 @@ def test_the_run_records_how_many_items_its_held_out_numbers_are_over(monkeypatc
     logged = []
     metrics = types.SimpleNamespace(log=logged.append, path=tmp_path / "metrics.jsonl")
     held_out = HeldOut(load_config("tiny_countdown", []).run, list(range(10)), None, types.SimpleNamespace(awaiting=set()),
-                       metrics, types.SimpleNamespace(record=lambda *a: None), catch_up=lambda: None)
+                       metrics, types.SimpleNamespace(record=lambda *a: None), catch_up=lambda: None, sampler_steps=16)
     monkeypatch.setattr(driver.evaluate, "evaluate_on_pool", lambda *a, **k: {
         "accuracy": 0.5, "reward": 0.1, "n": 6, "missing": 4, "records": []})
     held_out.evaluate(0, "held-out before training")
     held_out.evaluate(0, "base at 8 sampling steps", {"steps": 8})
     assert [(r["eval_n"], r["eval_missing"]) for r in logged] == [(6, 4), (6, 4)]
+
+
+def test_the_sampling_step_count_the_run_decodes_with_is_not_decoded_twice(monkeypatch, tmp_path):
+    import types
+
+    import driver.evaluate
+    from common.config import load_config
+    from driver.evaluate import HeldOut
+
+    logged, decoded = [], []
+    metrics = types.SimpleNamespace(log=logged.append, path=tmp_path / "metrics.jsonl")
+    metrics.path.touch()  # the trend line after training reads it
+    run = load_config("tiny_countdown", ["run.eval_sampling_steps=[4,16]"]).run
+    held_out = HeldOut(run, list(range(10)), None, types.SimpleNamespace(awaiting=set()), metrics,
+                       types.SimpleNamespace(record=lambda *a: None), catch_up=lambda: None, sampler_steps=16)
+
+    def evaluate_on_pool(pool, items, overrides, **kwargs):
+        decoded.append(overrides.get("steps"))
+        return {"accuracy": 0.25 if overrides.get("steps") == 4 else 0.5, "reward": 0.1, "n": 10, "missing": 0,
+                "records": []}
+
+    monkeypatch.setattr(driver.evaluate, "evaluate_on_pool", evaluate_on_pool)
+    held_out.before_training(0)
+    held_out.after_training(3, tmp_path)
+    assert decoded == [None, 4, None, 4]  # the held-out decoding (16 steps) once per point, not again at 16
+    at_steps = [(r["step"], r["eval_sampling_steps"], r["eval_accuracy_at_steps"]) for r in logged
+                if "eval_sampling_steps" in r]
+    assert at_steps == [(0, 4, 0.25), (0, 16, 0.5), (3, 4, 0.25), (3, 16, 0.5)]
