@@ -77,6 +77,9 @@ def table(results: dict, variance: dict[tuple[str, str], dict[str, str]]) -> str
     runs, overrides = by_method(results), method_overrides(results)
     if REFERENCE not in runs:
         raise ValueError(f"no {REFERENCE} runs: the table compares every method with {REFERENCE}")
+    unknown = [m for m in runs if m not in overrides]
+    if unknown:
+        raise ValueError(f"{unknown[0]} is neither one of rl_compare's estimators nor a variant of the results' design")
     accuracy = {m: {s: [r["at_steps"][s] for r in rs] for s in steps} for m, rs in runs.items()}
     lines = ["| method | optimizer steps / batch | lr (tuned) | " + " | ".join(f"{s} steps" for s in steps)
              + f" | AGRPO minus it at {steps[-1]} [Welch 95%] | tr Cov / \\|mean\\|^2 | cos vs AGRPO's mean gradient "
@@ -91,8 +94,6 @@ def table(results: dict, variance: dict[tuple[str, str], dict[str, str]]) -> str
         last = separate[steps[-1]]
         diff = "" if last is None else bold(f"{100 * last['diff']:+.1f} [{100 * last['diff_low']:+.1f}, "
                                             f"{100 * last['diff_high']:+.1f}]", apart[steps[-1]])
-        if method not in overrides:
-            raise ValueError(f"{method} is neither one of rl_compare's estimators nor a variant of the results' design")
         algorithm = load_config(config, overrides[method]).algorithm  # a variant is read as its estimator
         row = variance.get((config, method)) or variance.get((config, algorithm.name))
         cosine = "" if row is None else row["cos vs agrpo"]
