@@ -161,10 +161,11 @@ def main(argv=None) -> int:
         return 0
     if args.status:
         path = Path(args.out) / "results.json"
-        if not path.is_file():
-            print(f"rl_compare: --status: {path} does not exist (no run of this --out is recorded yet)", file=sys.stderr)
-            return 2
-        print("\n".join(status_lines(json.loads(path.read_text()), args, Path(args.out) / "claims")))
+        results = json.loads(path.read_text()) if path.is_file() else {"runs": []}  # a design about to start
+        try:
+            print("\n".join(status_lines(results, args, Path(args.out) / "claims")), flush=True)
+        except BrokenPipeError:  # piped to a reader that stopped early (head)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     import ray
 

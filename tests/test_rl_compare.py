@@ -184,7 +184,9 @@ def test_status_says_how_far_a_design_is_without_its_outcomes(tmp_path, capsys):
                                   "lrs": [1e-5, 1e-4], "tuning_seeds": [100], "seeds": [0, 1, 2]}))
     out = tmp_path / "out"
     status = ["--design", str(design), "--out", str(out), "--status"]
-    assert main(status) == 2  # nothing recorded yet
+    assert main(status) == 0  # nothing recorded yet: a design about to start
+    assert capsys.readouterr().out.splitlines()[:3] == ["0 of 10 runs recorded", "  agrpo: tuning 0 of 2, evaluation 0 of 3",
+                                                        "  wd1: tuning 0 of 2, evaluation 0 of 3"]
     runs = [{"method": "agrpo", "seed": s, "lr": lr, "phase": phase, "minutes": 6.0, "curve": [[2, 0.4321]]}
             for s, lr, phase in ((100, 1e-5, "tune"), (100, 1e-4, "tune"), (0, 1e-4, "eval"))]
     (out / "claims").mkdir(parents=True)
