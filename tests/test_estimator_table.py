@@ -2,14 +2,17 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.estimator_table import main, table, variance_rows
 
 HEADER = ("| preset | method | decoding (rollouts) | samples | mean reward | tr Cov | \\|mean\\|^2 | tr Cov / \\|mean\\|^2 "
           "| \\|mean\\|^2 - tr Cov / n | cos vs agrpo | backward s / sample |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
-def test_results_countdown_table_is_the_tools_output(capsys):
-    assert main(["docs/results/estimators_countdown_all"]) == 0
+@pytest.mark.parametrize("out", ["docs/results/estimators_countdown_all", "docs/results/estimators_sudoku"])
+def test_results_tables_are_the_tools_output(out, capsys):
+    assert main([out]) == 0
     printed = capsys.readouterr().out
     assert len(printed.splitlines()) == 3 + 11  # header, rule, base and the eleven estimators
     assert printed in Path("docs/RESULTS.md").read_text()
