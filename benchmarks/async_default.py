@@ -14,10 +14,16 @@ The default is the variant qualifying on every task with the lowest sum of mean 
 of smaller ``queue.max_staleness`` within 5% of that wall time is chosen instead. Of a staleness whose plain and
 ``_decoupled`` variants both qualify, the decoupled one is chosen only if its mean accuracy is higher on every
 task. If no variant qualifies on every task, the default stays synchronous.
+
+The report also gives the design's metric 4 (reported, not part of the rule): each variant's policy lag, share of
+groups trained at lag >= 2, and the importance weights' spread and truncated share, from the runs' metrics.jsonl.
+The run directories are not committed, so that summary is kept beside results.json (``staleness.json``) and read
+from there where they are gone.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -28,6 +34,7 @@ from benchmarks.rl_compare import evaluation_runs, load_design
 from common.config import load_config
 
 REFERENCE = "sync"
+STALENESS = "staleness.json"  # metric 4, per variant, kept beside results.json
 MAX_MEAN_LOSS = 0.01  # sync - v in accuracy (a fraction): at most +1.0 point
 WALL_SLACK = 0.05  # a smaller staleness within 5% of the fastest qualifying variant's wall time is chosen
 
@@ -90,7 +97,41 @@ def choose(tasks: dict[str, dict], tables: dict[str, dict] | None = None) -> tup
     return pick, why
 
 
-def report(tasks: dict[str, dict]) -> str:
+def run_staleness(metrics: Path) -> dict[str, float]:
+    """One run's staleness, from its metrics.jsonl: the mean over learner steps of the policy lag, the share of
+    trained groups at lag >= 2, and the mean over stale steps of the importance weights' std and truncated share."""
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "policy_lag_mean" in r]
+    if not steps:
+        raise ValueError(f"{metrics} has no learner step with a policy lag; was it written by this version?")
+    groups = collections.Counter()
+    for r in steps:
+        groups.update({k: n for k, n in r.items() if k.startswith("groups_lag_")})
+    stale = [r for r in steps if "is_weight_std" in r]
+    mean = lambda key, rows: statistics.mean(r[key] for r in rows) if rows else 0.0  # noqa: E731
+    return {"lag_mean": mean("policy_lag_mean", steps),
+            "lag2_share": sum(n for k, n in groups.items() if int(k.rsplit("_", 1)[1]) >= 2) / sum(groups.values()),
+            "weight_std": mean("is_weight_std", stale), "truncated_share": mean("is_truncated_share", stale)}
+
+
+def staleness_summary(out: Path, results: dict) -> dict[str, dict] | None:
+    """Each variant's staleness (``run_staleness`` averaged over its evaluation seeds). Computed from the run
+    directories under ``out/runs`` and written to ``out/staleness.json`` where they are all here; otherwise read
+    from that file; None where neither is here."""
+    runs = evaluation_runs(results)["runs"]
+    metrics = [out / "runs" / Path(r["run_dir"]).name / "metrics.jsonl" for r in runs if r.get("run_dir")]
+    if runs and len(metrics) == len(runs) and all(m.exists() for m in metrics):
+        per_run = {}
+        for r, m in zip(runs, metrics):
+            per_run.setdefault(r["method"], []).append(run_staleness(m))
+        summary = {v: {k: statistics.mean(x[k] for x in rs) for k in rs[0]} | {"runs": len(rs)}
+                   for v, rs in per_run.items()}
+        (out / STALENESS).write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+    kept = out / STALENESS
+    return json.loads(kept.read_text()) if kept.exists() else None
+
+
+def report(tasks: dict[str, dict], dirs: dict[str, Path] | None = None) -> str:
     lines, tables = [], {t: qualification(r) for t, r in tasks.items()}
     for task, results in tasks.items():
         lines += [f"### {task}: sync minus each variant, final held-out accuracy at {results['sampling_steps'][-1]} "
@@ -103,6 +144,16 @@ def report(tasks: dict[str, dict]) -> str:
                          f"{w['diff_high']:+.0f}] | {'yes' if q['faster'] else 'no'} | "
                          f"{'**yes**' if q['qualifies'] else 'no'} |")
         lines.append("")
+        summary = staleness_summary(dirs[task], results) if dirs else None
+        if summary is None:
+            lines += [f"{task}: no staleness summary (neither the run directories nor {STALENESS} are here).", ""]
+            continue
+        lines += [f"{task}: staleness of the groups trained, mean over each variant's seeds of the per-step means "
+                  "(importance weights pi_prox/pi_behav of the stale draws; truncated: above the cap)", "",
+                  "| variant | policy lag | groups at lag >= 2 | weight std | truncated |", "|---|---|---|---|---|"]
+        lines += [f"| {v} | {s['lag_mean']:.3f} | {100 * s['lag2_share']:.1f}% | {s['weight_std']:.3f} | "
+                  f"{100 * s['truncated_share']:.2f}% |" for v, s in sorted(summary.items(), key=lambda vs: (vs[0] != REFERENCE, vs[0]))]
+        lines.append("")
     pick, why = choose(tasks, tables)
     return "\n".join(lines + [f"**Default: {pick}**: {why}."]) + "\n"
 
@@ -113,13 +164,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the report here (markdown)")
     args = p.parse_args(argv)
     try:
-        tasks = {}
+        tasks, dirs = {}, {}
         for d in args.dirs:
             results = json.loads((d / "results.json").read_text())
             if not results.get("design"):
                 raise ValueError(f"{d / 'results.json'} was not made from a design; give the async designs' --out")
             tasks[results["task"]] = results
-        text = report(tasks)
+            dirs[results["task"]] = d
+        text = report(tasks, dirs)
     except (OSError, ValueError) as err:
         print(f"async_default: {err}", file=sys.stderr)
         return 2

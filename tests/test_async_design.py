@@ -144,3 +144,33 @@ def test_the_report_refuses_results_of_a_changed_design(tmp_path, capsys):
     Path(results["design"]).write_text(Path(results["design"]).read_text().replace('"steps": 60', '"steps": 61'))
     assert main([str(tmp_path / "out")]) == 2
     assert "changed since these results were made" in capsys.readouterr().err
+
+
+def test_the_staleness_summary_of_runs_worked_by_hand_is_kept_for_when_the_run_dirs_are_gone(tmp_path):
+    from benchmarks.async_default import report, run_staleness
+
+    # two learner steps of 4 groups: lags (1, 1, 2, 2) then (0, 1, 1, 1); the first step's stale draws have weights
+    # with std 0.1 and 25% above the cap, the second's std 0.3 and none above it; a rollout line between them
+    steps = [{"policy_lag_mean": 1.5, "groups_lag_1": 2.0, "groups_lag_2": 2.0, "is_weight_std": 0.1,
+              "is_truncated_share": 0.25},
+             {"event": "rollout", "gen_seconds": 1.0},
+             {"policy_lag_mean": 0.75, "groups_lag_0": 1.0, "groups_lag_1": 3.0, "is_weight_std": 0.3,
+              "is_truncated_share": 0.0}]
+    out = tmp_path / "out"
+    results = _task(tmp_path, "countdown", {"sync": (0.20, 300), "async1": (0.20, 200)})
+    for r in results["runs"]:
+        r["run_dir"] = f"elsewhere/runs/{r['method']}-s{r['seed']}"
+        (out / "runs" / f"{r['method']}-s{r['seed']}").mkdir(parents=True)
+        rows = steps if r["method"] == "async1" else [{"policy_lag_mean": 0.0, "groups_lag_0": 4.0}]
+        (out / "runs" / f"{r['method']}-s{r['seed']}" / "metrics.jsonl").write_text(
+            "\n".join(json.dumps(x) for x in rows) + "\n")
+    one = run_staleness(out / "runs" / "async1-s0" / "metrics.jsonl")
+    assert one == pytest.approx({"lag_mean": 1.125, "lag2_share": 0.25, "weight_std": 0.2, "truncated_share": 0.125})
+    row = "| async1 | 1.125 | 25.0% | 0.200 | 12.50% |"
+    assert row in report({"countdown": results}, {"countdown": out})
+    assert (out / "staleness.json").exists()
+    import shutil
+    shutil.rmtree(out / "runs")  # as on a fresh clone: the summary comes from staleness.json
+    assert row in report({"countdown": results}, {"countdown": out})
+    (out / "staleness.json").unlink()
+    assert "no staleness summary" in report({"countdown": results}, {"countdown": out})
