@@ -117,12 +117,10 @@ def staleness_summary(out: Path, results: dict) -> dict[str, dict] | None:
     """Each variant's staleness (``run_staleness`` averaged over its evaluation seeds). Computed from the run
     directories under ``out/runs`` and written to ``out/staleness.json`` where they are all here; otherwise read
     from that file; None where neither is here."""
-    runs = evaluation_runs(results)["runs"]
-    metrics = [out / "runs" / Path(r["run_dir"]).name / "metrics.jsonl" for r in runs if r.get("run_dir")]
-    if runs and len(metrics) == len(runs) and all(m.exists() for m in metrics):
-        per_run = {}
-        for r, m in zip(runs, metrics):
-            per_run.setdefault(r["method"], []).append(run_staleness(m))
+    runs = by_method(evaluation_runs(results))
+    metrics = lambda run: out / "runs" / Path(run["run_dir"]).name / "metrics.jsonl"  # noqa: E731
+    if runs and all(r.get("run_dir") and metrics(r).is_file() for rs in runs.values() for r in rs):
+        per_run = {v: [run_staleness(metrics(r)) for r in rs] for v, rs in runs.items()}
         summary = {v: {k: statistics.mean(x[k] for x in rs) for k in rs[0]} | {"runs": len(rs)}
                    for v, rs in per_run.items()}
         (out / STALENESS).write_text(json.dumps(summary, indent=1) + "\n")
@@ -151,8 +149,9 @@ def report(tasks: dict[str, dict], dirs: dict[str, Path] | None = None) -> str:
         lines += [f"{task}: staleness of the groups trained, mean over each variant's seeds of the per-step means "
                   "(importance weights pi_prox/pi_behav of the stale draws; truncated: above the cap)", "",
                   "| variant | policy lag | groups at lag >= 2 | weight std | truncated |", "|---|---|---|---|---|"]
+        order = sorted(summary, key=lambda v: (v != REFERENCE, v))
         lines += [f"| {v} | {s['lag_mean']:.3f} | {100 * s['lag2_share']:.1f}% | {s['weight_std']:.3f} | "
-                  f"{100 * s['truncated_share']:.2f}% |" for v, s in sorted(summary.items(), key=lambda vs: (vs[0] != REFERENCE, vs[0]))]
+                  f"{100 * s['truncated_share']:.2f}% |" for v, s in ((v, summary[v]) for v in order)]
         lines.append("")
     pick, why = choose(tasks, tables)
     return "\n".join(lines + [f"**Default: {pick}**: {why}."]) + "\n"
