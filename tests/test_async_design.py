@@ -174,3 +174,22 @@ def test_the_staleness_summary_of_runs_worked_by_hand_is_kept_for_when_the_run_d
     assert row in report({"countdown": results}, {"countdown": out})
     (out / "staleness.json").unlink()
     assert "no staleness summary" in report({"countdown": results}, {"countdown": out})
+
+
+def test_the_measured_presets_carry_what_the_rule_picked_from_the_committed_results():
+    """The default is the pre-registered rule's output on the committed runs, not a hand-set value: the presets the
+    comparison measured (and the schema) train with the chosen variant's staleness and correction."""
+    from benchmarks.async_default import choose
+    from common.config.queue import QueueConfig
+    tasks = {}
+    for task in ("countdown", "sudoku"):
+        results = json.loads(Path(f"docs/results/async_{task}/results.json").read_text())
+        assert len(results["runs"]) == 7 * 8  # 7 variants x 8 seeds: the comparison is complete
+        tasks[task] = results
+    pick, _ = choose(tasks)
+    for preset in ("tiny_countdown", "tiny_sudoku"):
+        measured = load_config(preset, load_design(Path(f"benchmarks/designs/async_{preset[5:]}.json"))["variants"][pick])
+        cfg = load_config(preset)
+        assert (cfg.queue.max_staleness, cfg.algorithm.correction) == (measured.queue.max_staleness,
+                                                                       measured.algorithm.correction)
+    assert QueueConfig().max_staleness == load_config("tiny_countdown").queue.max_staleness
