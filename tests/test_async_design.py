@@ -181,15 +181,15 @@ def test_the_measured_presets_carry_what_the_rule_picked_from_the_committed_resu
     comparison measured (and the schema) train with the chosen variant's staleness and correction."""
     from benchmarks.async_default import choose
     from common.config.queue import QueueConfig
-    tasks = {}
+    tasks, designs = {}, {}
     for task in ("countdown", "sudoku"):
         results = json.loads(Path(f"docs/results/async_{task}/results.json").read_text())
         assert len(results["runs"]) == 7 * 8  # 7 variants x 8 seeds: the comparison is complete
-        tasks[task] = results
+        tasks[task], designs[task] = results, load_design(Path(f"benchmarks/designs/async_{task}.json"))
     pick, _ = choose(tasks)
-    for preset in ("tiny_countdown", "tiny_sudoku"):
-        measured = load_config(preset, load_design(Path(f"benchmarks/designs/async_{preset[5:]}.json"))["variants"][pick])
-        cfg = load_config(preset)
+    for design in designs.values():
+        measured = load_config(design["config"], design["variants"][pick])
+        cfg = load_config(design["config"])
         assert (cfg.queue.max_staleness, cfg.algorithm.correction) == (measured.queue.max_staleness,
                                                                        measured.algorithm.correction)
     assert QueueConfig().max_staleness == load_config("tiny_countdown").queue.max_staleness
